@@ -1,0 +1,7 @@
+"""seekr-kernels: fused kernels for SEEKR continual learning of Llama-family models."""
+from .ops.attention_kl import AttentionKLLoss, attention_kl
+from .ops.topk import TopK
+
+__version__ = "0.1.0"
+
+__all__ = ["attention_kl", "AttentionKLLoss", "TopK", "__version__"]

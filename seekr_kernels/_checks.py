@@ -1,0 +1,229 @@
+"""Input validation shared by every attention op.
+
+Every public op funnels its arguments through :func:`check_attention_args` so that all
+backends see the same normalised, *already validated* inputs. Native code (C++/CUDA)
+is only ever called with what this module returned: it re-checks shapes cheaply, but it
+relies on this module for values (index ranges, NaN, mask contents).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fail(exc, name, msg):
+    raise exc(f"{name}: {msg}")
+
+
+def _check_float(name, t, allowed=FLOAT_DTYPES):
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, name, f"expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in allowed:
+        _fail(TypeError, name, f"dtype {t.dtype} is not supported (expected one of {list(allowed)})")
+
+
+def _check_finite(items):
+    """Raise ValueError naming the first argument holding NaN/inf (one host sync for all)."""
+    if not items:
+        return
+    flags = torch.stack([(~torch.isfinite(t)).any() if t.numel() else
+                         torch.zeros((), dtype=torch.bool, device=t.device) for _, t in items])
+    bad = flags.cpu().tolist()
+    for (name, _), b in zip(items, bad):
+        if b:
+            _fail(ValueError, name, "contains NaN or infinite values")
+
+
+def _check_index(name, t):
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, name, f"expected an integer torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        _fail(TypeError, name, f"expected an integer dtype, got {t.dtype}")
+
+
+@dataclass
+class AttnArgs:
+    """Normalised arguments of one attention op call.
+
+    heads:    int32 [B, S], -1 = empty slot
+    queries:  int32 [B, Q] absolute positions (arange(L) when the caller passed None)
+    key_mask: int32 [B, L] of 0/1
+    row_active: bool [B, S, Q] (slot holds a head and the query position is a real token)
+    """
+    q: torch.Tensor
+    k: torch.Tensor
+    heads: torch.Tensor
+    queries: torch.Tensor
+    key_mask: torch.Tensor
+    row_active: torch.Tensor
+    scale: float
+    all_queries: bool
+    B: int
+    H: int
+    Hkv: int
+    L: int
+    D: int
+    S: int
+    Q: int
+
+    @property
+    def group(self) -> int:
+        return self.H // self.Hkv
+
+
+def check_attention_args(q, k, heads, queries=None, attention_mask=None, scale=None,
+                         check_values=True) -> AttnArgs:
+    """Validate and normalise the common (q, k, heads, queries, mask, scale) contract."""
+    _check_float("q", q)
+    _check_float("k", k)
+    if q.dim() != 4:
+        _fail(ValueError, "q", f"expected shape [B, H, L, D], got {tuple(q.shape)}")
+    if k.dim() != 4:
+        _fail(ValueError, "k", f"expected shape [B, Hkv, L, D], got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        _fail(TypeError, "k", f"dtype {k.dtype} differs from q's dtype {q.dtype}")
+    if k.device != q.device:
+        _fail(ValueError, "k", f"is on {k.device}, q is on {q.device}")
+    B, H, L, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or Lk != L or Dk != D:
+        _fail(ValueError, "k", f"shape {tuple(k.shape)} does not match q {tuple(q.shape)} "
+              "(expected [B, Hkv, L, D] with q's B, L, D)")
+    if B == 0 or L == 0 or D == 0 or H == 0 or Hkv == 0:
+        _fail(ValueError, "q", f"has an empty dimension: {tuple(q.shape)}")
+    if H % Hkv != 0:
+        _fail(ValueError, "k", f"query heads H={H} are not a multiple of key heads Hkv={Hkv}")
+    dev = q.device
+
+    # heads -> int32 [B, S]
+    _check_index("heads", heads)
+    if heads.device != dev:
+        _fail(ValueError, "heads", f"is on {heads.device}, q is on {dev}")
+    if heads.dim() == 1:
+        heads = heads.unsqueeze(0).expand(B, -1)
+    elif heads.dim() == 2:
+        if heads.shape[0] != B:
+            _fail(ValueError, "heads", f"shape {tuple(heads.shape)}: first dim must be the batch size {B}")
+    else:
+        _fail(ValueError, "heads", f"expected shape [S] or [B, S], got {tuple(heads.shape)}")
+    S = heads.shape[1]
+
+    # queries -> int32 [B, Q]
+    all_queries = queries is None
+    if all_queries:
+        queries = torch.arange(L, device=dev, dtype=torch.int32).unsqueeze(0).expand(B, L)
+    else:
+        _check_index("queries", queries)
+        if queries.device != dev:
+            _fail(ValueError, "queries", f"is on {queries.device}, q is on {dev}")
+        if queries.dim() != 2 or queries.shape[0] != B:
+            _fail(ValueError, "queries", f"expected shape [B={B}, Q], got {tuple(queries.shape)}")
+    Q = queries.shape[1]
+
+    # attention_mask -> int32 [B, L]
+    if attention_mask is None:
+        key_mask = torch.ones(B, L, device=dev, dtype=torch.int32)
+    else:
+        if not isinstance(attention_mask, torch.Tensor):
+            _fail(TypeError, "attention_mask", f"expected a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            _fail(TypeError, "attention_mask", f"expected bool or integer 0/1, got {attention_mask.dtype}")
+        if attention_mask.device != dev:
+            _fail(ValueError, "attention_mask", f"is on {attention_mask.device}, q is on {dev}")
+        if tuple(attention_mask.shape) != (B, L):
+            _fail(ValueError, "attention_mask", f"expected shape [B={B}, L={L}], got {tuple(attention_mask.shape)}")
+        key_mask = attention_mask.to(torch.int32)
+
+    if scale is None:
+        scale = D ** -0.5
+    else:
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            _fail(TypeError, "scale", f"expected a float, got {type(scale).__name__}")
+        if not math.isfinite(scale) or scale <= 0:
+            _fail(ValueError, "scale", f"must be finite and > 0, got {scale}")
+
+    if check_values:
+        # One host sync for every range check.
+        hl = heads.long()
+        checks = [
+            ("heads", ((hl < -1) | (hl >= H)).any(), f"values must lie in [-1, {H}) (-1 = empty slot)"),
+        ]
+        if S > 1:
+            hs, _ = torch.sort(hl, dim=1)
+            dup = ((hs[:, 1:] == hs[:, :-1]) & (hs[:, 1:] >= 0)).any()
+            checks.append(("heads", dup, "the same head appears twice in one sample"))
+        if not all_queries and Q:
+            ql = queries.long()
+            checks.append(("queries", ((ql < 0) | (ql >= L)).any(), f"positions must lie in [0, {L})"))
+        if attention_mask is not None:
+            am = attention_mask.long()
+            checks.append(("attention_mask", ((am != 0) & (am != 1)).any(), "values must be 0 or 1"))
+        flags = torch.stack([c[1] for c in checks]).cpu().tolist()
+        for (name, _, msg), bad in zip(checks, flags):
+            if bad:
+                _fail(ValueError, name, msg)
+        _check_finite([("q", q), ("k", k)])
+
+    heads = heads.to(torch.int32).contiguous()
+    queries = queries.to(torch.int32).contiguous()
+    key_mask = key_mask.contiguous()
+    if Q:
+        qmask = torch.gather(key_mask, 1, queries.long()).bool()   # [B, Q]
+    else:
+        qmask = torch.zeros(B, 0, dtype=torch.bool, device=dev)
+    row_active = (heads >= 0).unsqueeze(2) & qmask.unsqueeze(1)    # [B, S, Q]
+    return AttnArgs(q=q, k=k, heads=heads, queries=queries, key_mask=key_mask,
+                    row_active=row_active, scale=scale, all_queries=all_queries,
+                    B=B, H=H, Hkv=Hkv, L=L, D=D, S=S, Q=Q)
+
+
+def check_teacher_rows(teacher, a: AttnArgs, check_values=True, name="teacher"):
+    """Dense teacher attention rows [B, S, Q, L], any float dtype, finite and >= 0."""
+    _check_float(name, teacher)
+    if teacher.device != a.q.device:
+        _fail(ValueError, name, f"is on {teacher.device}, q is on {a.q.device}")
+    exp = (a.B, a.S, a.Q, a.L)
+    if tuple(teacher.shape) != exp:
+        _fail(ValueError, name, f"expected shape [B, S, Q, L] = {list(exp)}, got {list(teacher.shape)}")
+    if check_values and teacher.numel():
+        flags = torch.stack([(~torch.isfinite(teacher)).any(), (teacher < 0).any()]).cpu().tolist()
+        if flags[0]:
+            _fail(ValueError, name, "contains NaN or infinite values")
+        if flags[1]:
+            _fail(ValueError, name, "contains negative probabilities")
+    return teacher
+
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        _fail(ValueError, "reduction", f"must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def reduce_rows(rows: torch.Tensor, row_active: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce per-row values [B, S, Q] (already 0 on inactive rows).
+
+    'mean' averages over active rows, 'batchmean' is (1/B) * sum_b mean over sample b's
+    active rows; a sample (or a batch) with no active row contributes 0, not NaN.
+    """
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    B = rows.shape[0]
+    if reduction == "mean":
+        n = row_active.sum().clamp_min(1).to(rows.dtype)
+        return rows.sum() / n
+    per_sample = rows.reshape(B, -1).sum(1)
+    n = row_active.reshape(B, -1).sum(1).clamp_min(1).to(rows.dtype)
+    return (per_sample / n).sum() / B

@@ -1,0 +1,1 @@
+"""The SEEKR algorithm: importance, selection, replay, losses, trainer, data, metrics."""

@@ -1,0 +1,131 @@
+"""Fused KL(teacher attention || student attention) on selected heads and query rows.
+
+Math (DESIGN.md §2), for one row r = (b, s, i), head h = heads[b, s], valid keys
+V = {j <= i, mask[b, j] = 1}, z_j = scale * q[b, h, i] . k[b, h // G, j]:
+
+    KL_r = sum_{j in V, t_j > 0} t_j log t_j - sum_{j in V} t_j z_j + T_r * lse_r,
+    T_r = sum_{j in V} t_j,   lse_r = log sum_{j in V} exp(z_j)
+
+Teacher mass on keys outside V (future or padded keys) is ignored. The fused backends
+stream over key blocks and save only lse and T per row (fp32).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._backend import resolve
+from .._checks import AttnArgs, check_attention_args, check_reduction, check_teacher_rows, reduce_rows
+
+
+def _impl(backend):
+    if backend == "triton":
+        from ..triton import attention_kl as mod
+        return mod
+    if backend in ("cpu", "cuda"):
+        from .. import _native
+        return _native.module_for(backend)
+    raise AssertionError(backend)
+
+
+class _AttentionKLFunction(torch.autograd.Function):
+    """Per-row KL [B, S, Q] from a fused backend; gradients to q and k only."""
+
+    @staticmethod
+    def forward(ctx, q, k, teacher, tmass, a: AttnArgs, backend):
+        impl = _impl(backend)
+        rows, lse, T = impl.attention_kl_fwd(a, teacher, tmass)
+        ctx.a, ctx.backend = a, backend
+        ctx.save_for_backward(teacher, lse, T)
+        ctx.mark_non_differentiable(lse, T)
+        return rows, lse, T
+
+    @staticmethod
+    def backward(ctx, grad_rows, _glse, _gT):
+        teacher, lse, T = ctx.saved_tensors
+        a = ctx.a
+        if grad_rows is None:
+            return None, None, None, None, None, None
+        grad_rows = grad_rows.float().contiguous()
+        dq, dk = _impl(ctx.backend).attention_kl_bwd(a, teacher, lse, T, grad_rows)
+        return dq, dk, None, None, None, None
+
+
+def attention_kl_rows(a: AttnArgs, teacher, tmass, backend: str):
+    """Per-row KL for validated args; ``teacher=None`` means rows = tmass * lse."""
+    if a.S == 0 or a.Q == 0:
+        return a.q.new_zeros((a.B, a.S, a.Q), dtype=torch.float32) + 0 * a.q.sum() + 0 * a.k.sum()
+    if backend == "torch":
+        return reference.attention_kl_rows(a, teacher, tmass).float()
+    if teacher is not None:
+        teacher = teacher.detach()
+    if tmass is not None:
+        tmass = tmass.detach().float().contiguous()
+    rows, _, _ = _AttentionKLFunction.apply(a.q, a.k, teacher, tmass, a, backend)
+    return rows
+
+
+def attention_kl(q, k, teacher, heads, queries=None, attention_mask=None, *, scale=None,
+                 reduction="batchmean", backend="auto", check_values=True):
+    """KL(teacher || student) attention distillation loss for selected heads and query rows.
+
+    Args:
+        q: [B, H, L, D] post-RoPE student queries (fp32, fp16, bf16 or fp64; any strides).
+        k: [B, Hkv, L, D] post-RoPE student keys, H % Hkv == 0; head h reads kv head
+            h // (H // Hkv).
+        teacher: [B, S, Q, L] teacher probabilities over all L keys (any float dtype), or a
+            :class:`seekr_kernels.TopK` of them. Gets no gradient. Mass on keys the row
+            cannot see (j > i or padded) is ignored.
+        heads: integer [S] (same for every sample) or [B, S]; -1 marks an empty slot. A head
+            out of range or repeated within a sample is a ValueError.
+        queries: integer [B, Q] absolute query positions, or None for all L rows.
+        attention_mask: [B, L] of 0/1 (bool or integer), left or right padding; None = all
+            ones. The causal mask (key j <= query i) is always applied.
+        scale: softmax scale, default D ** -0.5.
+        reduction: 'none' -> [B, S, Q] (0 on inactive rows), 'sum', 'mean' (over active
+            rows), 'batchmean' (default) = (1/B) * sum_b mean over sample b's active rows.
+            A row is active when its slot holds a head and its query is a real token. With
+            no active row, every reduction gives 0.
+        backend: 'auto' (triton on CUDA, the C++ extension on CPU, torch otherwise with
+            a warning), 'triton', 'cpu', 'cuda' or 'torch'.
+        check_values: scan inputs for NaN/inf, negative teacher mass and out-of-range
+            indices (one host sync). Turn off only for inputs already known to be valid.
+
+    Returns:
+        fp32 loss (scalar, or [B, S, Q] for reduction='none').
+
+    The fused backends never allocate an [L, L] matrix or a full student row: the forward
+    pass streams key blocks with an online log-sum-exp and saves only lse and the teacher
+    mass per row. The Triton and C++ backward passes are deterministic (no atomics).
+    """
+    a = check_attention_args(q, k, heads, queries, attention_mask, scale, check_values)
+    check_reduction(reduction)
+    from .topk import TopK  # local: topk imports this module
+    if isinstance(teacher, TopK):
+        from .topk import attention_kl_topk_rows
+        rows = attention_kl_topk_rows(a, teacher, _resolve(backend, q), check_values)
+    else:
+        check_teacher_rows(teacher, a, check_values)
+        rows = attention_kl_rows(a, teacher, None, _resolve(backend, q))
+    return reduce_rows(rows, a.row_active, reduction)
+
+
+def _resolve(backend, q):
+    return resolve(backend, q.device, "attention_kl", supported=("triton", "cpu", "cuda", "torch"))
+
+
+class AttentionKLLoss(torch.nn.Module):
+    """Module form of :func:`attention_kl`: ``AttentionKLLoss()(q, k, teacher, heads, ...)``."""
+
+    def __init__(self, reduction="batchmean", scale=None, backend="auto"):
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        self.scale = scale
+        self.backend = backend
+
+    def forward(self, q, k, teacher, heads, queries=None, attention_mask=None):
+        return attention_kl(q, k, teacher, heads, queries, attention_mask, scale=self.scale,
+                            reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}, backend={self.backend!r}"

@@ -1,0 +1,1 @@
+"""Triton kernels, one file per kernel family. Imported lazily: triton is optional on CPU."""
