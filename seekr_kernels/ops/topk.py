@@ -1,15 +1,279 @@
-"""Compact teacher: the k largest entries of each row. (Placeholder: being built, issue 3.)"""
+"""Compact teacher: the k largest entries of each row, for attention rows and for logits.
+
+A :class:`TopK` stands in for a dense teacher tensor ``x [..., N]`` wherever an op accepts
+one (``attention_kl``, ``logits_kl``). It keeps, per row of the last dimension,
+
+* ``values  [..., k]``  the k largest entries (x's dtype),
+* ``indices [..., k]``  their positions in ``[0, N)`` (int32),
+* ``full_size``         N,
+* ``kind``              ``"probs"`` (x holds probabilities, e.g. attention rows) or
+  ``"logits"`` (x holds unnormalised log-probabilities, e.g. LM logits),
+* ``lse [...]``         fp32, logits only: ``logsumexp(x, -1)`` of the dense row, so the
+  exact probability of every kept entry, ``exp(value - lse)``, is recoverable,
+* ``mass [...]``        fp32, probs only (optional): ``sum(x, -1)`` of the dense row, the
+  total teacher mass; lets a consumer know how much mass the dropped entries held.
+
+What is approximated when k < N is decided by each consumer and documented there; for
+attention see :func:`attention_kl_topk_rows`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+KINDS = ("probs", "logits")
 
-@dataclass
+# from_dense works through the rows in chunks so that its fp32 temporaries (for logsumexp
+# of bf16 logits) stay bounded, whatever the size of x.
+_CHUNK_ELEMS = 1 << 24
+
+
+def _fail(exc, name, msg):
+    raise exc(f"{name}: {msg}")
+
+
+@dataclass(eq=False)
 class TopK:
+    """k largest entries of each row of a dense teacher tensor (see the module docstring).
+
+    Construct with :meth:`from_dense`, or directly from tensors (the constructor checks
+    shapes, dtypes and devices; :meth:`check` also checks values, at one host sync).
+    """
     values: torch.Tensor
     indices: torch.Tensor
+    full_size: int
+    kind: str = "probs"
+    lse: Optional[torch.Tensor] = None
+    mass: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        v, i = self.values, self.indices
+        if not isinstance(v, torch.Tensor):
+            _fail(TypeError, "values", f"expected a torch.Tensor, got {type(v).__name__}")
+        if not v.dtype.is_floating_point:
+            _fail(TypeError, "values", f"expected a floating dtype, got {v.dtype}")
+        if not isinstance(i, torch.Tensor):
+            _fail(TypeError, "indices", f"expected a torch.Tensor, got {type(i).__name__}")
+        if i.dtype.is_floating_point or i.dtype.is_complex or i.dtype == torch.bool:
+            _fail(TypeError, "indices", f"expected an integer dtype, got {i.dtype}")
+        if v.dim() < 1:
+            _fail(ValueError, "values", "expected at least one dimension [..., k]")
+        if tuple(i.shape) != tuple(v.shape):
+            _fail(ValueError, "indices", f"shape {tuple(i.shape)} differs from values {tuple(v.shape)}")
+        if i.device != v.device:
+            _fail(ValueError, "indices", f"is on {i.device}, values are on {v.device}")
+        if isinstance(self.full_size, bool) or not isinstance(self.full_size, int):
+            try:
+                fs = int(self.full_size)
+                if fs != self.full_size:
+                    raise ValueError
+            except (TypeError, ValueError):
+                _fail(TypeError, "full_size", f"expected an int, got {self.full_size!r}")
+            self.full_size = fs
+        if self.full_size < 1:
+            _fail(ValueError, "full_size", f"must be >= 1, got {self.full_size}")
+        k = v.shape[-1]
+        if not 1 <= k <= self.full_size:
+            _fail(ValueError, "values", f"last dim k={k} must lie in [1, full_size={self.full_size}]")
+        if self.full_size > 2 ** 31 - 1:
+            _fail(ValueError, "full_size", "does not fit int32 indices")
+        if self.kind not in KINDS:
+            _fail(ValueError, "kind", f"must be one of {KINDS}, got {self.kind!r}")
+        if i.dtype != torch.int32:
+            self.indices = i.to(torch.int32)
+        for name in ("lse", "mass"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                _fail(TypeError, name, f"expected a torch.Tensor, got {type(t).__name__}")
+            if not t.dtype.is_floating_point:
+                _fail(TypeError, name, f"expected a floating dtype, got {t.dtype}")
+            if tuple(t.shape) != tuple(v.shape[:-1]):
+                _fail(ValueError, name, f"expected shape {tuple(v.shape[:-1])} (values without "
+                      f"the last dim), got {tuple(t.shape)}")
+            if t.device != v.device:
+                _fail(ValueError, name, f"is on {t.device}, values are on {v.device}")
+            if t.dtype not in (torch.float32, torch.float64):
+                setattr(self, name, t.float())
+        if self.kind == "logits":
+            if self.lse is None:
+                _fail(ValueError, "lse", "a TopK of kind 'logits' needs the rows' log-sum-exp "
+                      "(TopK.from_dense computes it)")
+            if self.mass is not None:
+                _fail(ValueError, "mass", "is for kind 'probs' only")
+        elif self.lse is not None:
+            _fail(ValueError, "lse", "is for kind 'logits' only (kind 'probs' may carry mass)")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, x: torch.Tensor, k: int, kind: str = "probs") -> "TopK":
+        """Keep the k largest entries of every row of ``x [..., N]`` (no gradient).
+
+        ``kind="probs"``: x holds probabilities (>= 0); the row sums are kept as ``mass``.
+        ``kind="logits"``: x holds logits; the exact row log-sum-exp is kept as ``lse``.
+        Ties are broken by torch.topk. Values keep x's dtype; lse/mass are fp32 (fp64 for
+        fp64 x).
+        """
+        if not isinstance(x, torch.Tensor):
+            _fail(TypeError, "x", f"expected a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            _fail(TypeError, "x", f"expected a floating dtype, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] == 0:
+            _fail(ValueError, "x", f"expected shape [..., N] with N >= 1, got {tuple(x.shape)}")
+        if kind not in KINDS:
+            _fail(ValueError, "kind", f"must be one of {KINDS}, got {kind!r}")
+        N = x.shape[-1]
+        if isinstance(k, bool) or not isinstance(k, int):
+            _fail(TypeError, "k", f"expected an int, got {type(k).__name__}")
+        if not 1 <= k <= N:
+            _fail(ValueError, "k", f"must lie in [1, {N}] (the size of x's last dim), got {k}")
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        lead = x.shape[:-1]
+        x2 = x.detach().reshape(-1, N)
+        R = x2.shape[0]
+        values = x2.new_empty((R, k))
+        indices = torch.empty((R, k), dtype=torch.int64, device=x.device)
+        red = torch.empty((R,), dtype=acc, device=x.device)
+        step = max(1, _CHUNK_ELEMS // N)
+        for r0 in range(0, R, step):
+            xc = x2[r0:r0 + step]
+            vc, ic = torch.topk(xc, k, dim=-1)
+            values[r0:r0 + step] = vc
+            indices[r0:r0 + step] = ic
+            if kind == "logits":
+                red[r0:r0 + step] = torch.logsumexp(xc.to(acc), dim=-1)
+            else:
+                red[r0:r0 + step] = xc.sum(-1, dtype=acc)
+        values = values.reshape(*lead, k)
+        indices = indices.to(torch.int32).reshape(*lead, k)
+        red = red.reshape(lead)
+        if kind == "logits":
+            return cls(values, indices, N, kind, lse=red)
+        return cls(values, indices, N, kind, mass=red)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the dense tensor this stands for: ``values.shape[:-1] + (full_size,)``."""
+        return torch.Size((*self.values.shape[:-1], self.full_size))
+
+    @property
+    def row_shape(self) -> torch.Size:
+        return self.values.shape[:-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def dim(self) -> int:
+        return self.values.dim()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors (values, indices, lse/mass)."""
+        n = 0
+        for t in (self.values, self.indices, self.lse, self.mass):
+            if t is not None:
+                n += t.numel() * t.element_size()
+        return n
+
+    def __repr__(self):
+        extra = " +lse" if self.lse is not None else (" +mass" if self.mass is not None else "")
+        return (f"TopK(kind={self.kind!r}, shape={list(self.shape)}, k={self.k}, "
+                f"dtype={self.dtype}, device={self.device}{extra})")
+
+    # ------------------------------------------------------------------ conversions
+    def to(self, device=None, dtype=None, non_blocking=False) -> "TopK":
+        """A copy on ``device`` and/or with values cast to ``dtype`` (indices stay int32)."""
+        def mv(t, dt=None):
+            if t is None:
+                return None
+            return t.to(device=device if device is not None else t.device,
+                        dtype=dt if dt is not None else t.dtype, non_blocking=non_blocking)
+        if dtype is not None and not dtype.is_floating_point:
+            _fail(TypeError, "dtype", f"expected a floating dtype, got {dtype}")
+        return TopK(mv(self.values, dtype), mv(self.indices), self.full_size, self.kind,
+                    lse=mv(self.lse), mass=mv(self.mass))
+
+    def probs(self) -> torch.Tensor:
+        """Probabilities of the kept entries, [..., k] fp32 (fp64 for fp64 lse/values).
+
+        probs: the values themselves; logits: ``exp(values - lse)`` (exact, not renormalised).
+        """
+        if self.kind == "logits":
+            return torch.exp(self.values.to(self.lse.dtype) - self.lse.unsqueeze(-1))
+        acc = torch.float64 if self.values.dtype == torch.float64 else torch.float32
+        return self.values.to(acc)
+
+    def log_probs(self) -> torch.Tensor:
+        """Exact log-probabilities of the kept entries (logits only), [..., k]."""
+        if self.kind != "logits":
+            raise ValueError("kind: log_probs() needs a TopK of kind 'logits'; use probs()")
+        return self.values.to(self.lse.dtype) - self.lse.unsqueeze(-1)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense [..., N] tensor this stands for, in values' dtype.
+
+        probs: kept entries at their positions, 0 elsewhere (dropped mass is not spread).
+        logits: kept logits at their positions; the dropped mass ``1 - sum(exp(v - lse))``
+        is spread evenly over the N - k dropped positions, so the dense row has exactly
+        the stored lse and softmax gives the exact probabilities of the kept entries.
+        (A row whose kept entries hold all the mass gets -inf at the dropped positions.)
+        With k = N both are exact round trips.
+        """
+        idx = self.indices.long()
+        if self.kind == "probs":
+            out = self.values.new_zeros(self.shape)
+            return out.scatter_(-1, idx, self.values)
+        N, k = self.full_size, self.k
+        if k == N:
+            fill = torch.full(self.row_shape, float("-inf"), dtype=self.lse.dtype, device=self.device)
+        else:
+            kept = torch.logsumexp(self.values.to(self.lse.dtype), dim=-1)        # log kept mass
+            # log(exp(lse) - exp(kept)) - log(N - k), computed stably
+            rest = self.lse + torch.log1p(-torch.exp((kept - self.lse).clamp_max(0.0)))
+            fill = rest - torch.log(torch.tensor(float(N - k), dtype=self.lse.dtype))
+        out = fill.unsqueeze(-1).expand(self.shape).to(self.values.dtype).clone()
+        return out.scatter_(-1, idx, self.values)
+
+    # ------------------------------------------------------------------ validation
+    def check(self, name: str = "teacher", check_values: bool = True) -> "TopK":
+        """Value checks at one host sync: indices in [0, N), no repeated index in a row,
+        finite values (and lse/mass), probs >= 0. Raises ValueError naming ``name``."""
+        if not check_values or self.values.numel() == 0:
+            return self
+        il = self.indices.long()
+        checks = [
+            ("indices", ((il < 0) | (il >= self.full_size)).any(),
+             f"values must lie in [0, full_size={self.full_size})"),
+            ("values", (~torch.isfinite(self.values)).any(), "contain NaN or infinite values"),
+        ]
+        if self.k > 1:
+            s, _ = torch.sort(il, dim=-1)
+            checks.append(("indices", (s[..., 1:] == s[..., :-1]).any(), "repeat a position within a row"))
+        if self.kind == "probs":
+            checks.append(("values", (self.values < 0).any(), "contain negative probabilities"))
+        if self.lse is not None:
+            checks.append(("lse", (~torch.isfinite(self.lse)).any(), "contains NaN or infinite values"))
+        if self.mass is not None:
+            checks.append(("mass", ((~torch.isfinite(self.mass)) | (self.mass < 0)).any(),
+                           "must be finite and >= 0"))
+        flags = torch.stack([c[1] for c in checks]).cpu().tolist()
+        for (field, _, msg), bad in zip(checks, flags):
+            if bad:
+                raise ValueError(f"{name}: TopK {field} {msg}")
+        return self
 
 
 def attention_kl_topk_rows(a, teacher, backend, check_values=True):
