@@ -276,5 +276,144 @@ class TopK:
         return self
 
 
-def attention_kl_topk_rows(a, teacher, backend, check_values=True):
-    raise NotImplementedError("TopK teachers are not supported yet")
+# ---------------------------------------------------------------------- attention-KL
+
+#: Approximation used when the TopK teacher dropped mass (k < L); see attention_kl_topk_rows.
+_MODES = ("kept", "renorm", "full_lse", "kept_value_full_grad")
+_DEFAULT_MODE = "kept"
+
+# Rows of gathered keys are processed in chunks of at most this many elements, so the
+# [.., k, D] gather never exists for all rows at once.
+_GATHER_ELEMS = 1 << 22
+
+
+class _WeightedKeys(torch.autograd.Function):
+    """kbar[b, s, q] = sum_c w[b, s, q, c] * k[b, kvh[b, s], idx[b, s, q, c]]  ->  [B, S, Q, D].
+
+    Gradient to k only (w is the detached teacher). Forward and backward gather the k
+    selected keys of a chunk of rows at a time and keep nothing but the inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, k, w, kvh, idx):
+        B, S, Q, K = idx.shape
+        D = k.shape[-1]
+        bi = torch.arange(B, device=k.device)[:, None, None, None]
+        kv = kvh[:, :, None, None]
+        kbar = torch.empty(B, S, Q, D, device=k.device, dtype=w.dtype)
+        step = max(1, _GATHER_ELEMS // max(1, B * S * K * D))
+        for q0 in range(0, Q, step):
+            kg = k[bi, kv, idx[:, :, q0:q0 + step]]                        # [B, S, c, K, D]
+            kbar[:, :, q0:q0 + step] = torch.einsum("bsqc,bsqcd->bsqd", w[:, :, q0:q0 + step],
+                                                    kg.to(w.dtype))
+        ctx.save_for_backward(w, kvh, idx)
+        ctx.kshape, ctx.kdtype = k.shape, k.dtype
+        return kbar
+
+    @staticmethod
+    def backward(ctx, g):
+        w, kvh, idx = ctx.saved_tensors
+        B, S, Q, K = idx.shape
+        D = ctx.kshape[-1]
+        dk = torch.zeros(ctx.kshape, device=g.device, dtype=w.dtype)
+        bi = torch.arange(B, device=g.device)[:, None, None, None]
+        kv = kvh[:, :, None, None]
+        g = g.to(w.dtype)
+        step = max(1, _GATHER_ELEMS // max(1, B * S * K * D))
+        for q0 in range(0, Q, step):
+            ic = idx[:, :, q0:q0 + step]
+            contrib = w[:, :, q0:q0 + step, :, None] * g[:, :, q0:q0 + step, None, :]
+            dk.index_put_((bi.expand_as(ic), kv.expand_as(ic), ic), contrib, accumulate=True)
+        return dk.to(ctx.kdtype), None, None, None
+
+
+def _check_attention_teacher(teacher: TopK, a, check_values):
+    if teacher.kind != "probs":
+        raise ValueError(f"teacher: a TopK attention teacher must be of kind 'probs' "
+                         f"(attention probabilities), got kind {teacher.kind!r}")
+    exp = (a.B, a.S, a.Q, a.L)
+    if tuple(teacher.shape) != exp:
+        raise ValueError(f"teacher: TopK stands for shape {list(teacher.shape)}, expected "
+                         f"[B, S, Q, L] = {list(exp)}")
+    if teacher.device != a.q.device:
+        raise ValueError(f"teacher: TopK is on {teacher.device}, q is on {a.q.device}")
+    teacher.check("teacher", check_values)
+
+
+def attention_kl_topk_rows(a, teacher: TopK, backend, check_values=True, mode=None):
+    """Per-row attention KL [B, S, Q] against a TopK teacher (validated args ``a``).
+
+    Let K be the kept entries of a row that are valid keys (entries at future or padded
+    keys are ignored, as in the dense path), t their teacher probabilities, T_K = sum t.
+    The student part needs only the k kept scores and the row lse:
+
+        KL_r = sum_K t log t - sum_K t z_j + T * lse_r
+
+    z_j = scale * q_row . k_j is computed in torch for the kept keys only (no [.., L]
+    tensor); the T * lse term comes from the fused kernels (``attention_kl_rows`` with
+    ``teacher=None``), which never materialise a row either.
+
+    With k = L nothing is dropped and the result (value and gradient) equals the dense
+    teacher's. With k < L the dropped teacher mass is treated as follows (``mode``):
+
+    * ``kept`` (default): T = T_K, the kept mass, no renormalisation. The row is the exact
+      KL of the dense teacher minus the dropped entries' terms sum_drop t log(t / p).
+    * ``renorm``: kept probabilities rescaled to the dense row's valid mass (needs mass).
+    * ``full_lse``: T = the dense row's valid mass (needs mass): exact gradient on kept
+      keys, but the value is off by (dropped mass) * lse.
+    * ``kept_value_full_grad``: value of ``kept``, gradient of ``full_lse``.
+
+    ``benchmarks/bench_teacher.py`` measures all four against the dense teacher.
+    """
+    mode = _DEFAULT_MODE if mode is None else mode
+    if mode not in _MODES:
+        raise ValueError(f"mode: must be one of {_MODES}, got {mode!r}")
+    from .attention_kl import attention_kl_rows
+    _check_attention_teacher(teacher, a, check_values)
+    acc = torch.float64 if a.q.dtype == torch.float64 else torch.float32
+    dev = a.q.device
+    idx = teacher.indices.long()                                       # [B, S, Q, K]
+    bi = torch.arange(a.B, device=dev)[:, None, None, None]
+    pos = a.queries.long()[:, None, :, None]
+    valid = (idx <= pos) & a.key_mask.bool()[bi, idx] & a.row_active[..., None]
+    t = torch.where(valid, teacher.values.detach().to(acc), torch.zeros((), dtype=acc, device=dev))
+    tk = t.sum(-1)                                                      # T_K  [B, S, Q]
+    tlogt = torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))),
+                        torch.zeros_like(t)).sum(-1)
+
+    if mode == "kept":
+        tmass = tk
+    else:
+        if teacher.mass is None:
+            raise ValueError(f"teacher: mode {mode!r} needs TopK.mass (the dense row sums)")
+        # Dense valid mass: the row's total less what the kept entries hold on invalid keys
+        # (exact for captured rows, which put no mass on invalid keys).
+        kept_invalid = torch.where(valid, torch.zeros_like(t), teacher.values.detach().to(acc)).sum(-1)
+        tv = torch.where(a.row_active, (teacher.mass.to(acc) - kept_invalid).clamp_min(0),
+                         torch.zeros_like(tk))
+        tv = torch.maximum(tv, tk)
+        if mode == "renorm":
+            ratio = torch.where(tk > 0, tv / torch.where(tk > 0, tk, torch.ones_like(tk)),
+                                torch.zeros_like(tk))
+            t = t * ratio[..., None]
+            tlogt = torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))),
+                                torch.zeros_like(t)).sum(-1)
+            tmass = tv
+        else:
+            tmass = tv
+
+    h = a.heads.long().clamp_min(0)
+    bq = torch.arange(a.B, device=dev)[:, None, None]
+    q_rows = a.q[bq, h[:, :, None], a.queries.long()[:, None, :]]       # [B, S, Q, D]
+    kbar = _WeightedKeys.apply(a.k, t, h // a.group, idx)              # [B, S, Q, D]
+    tz = a.scale * (q_rows.to(acc) * kbar).sum(-1)
+
+    lse_rows = attention_kl_rows(a, None, tmass.float() if acc == torch.float32 else tmass, backend)
+    if mode == "kept_value_full_grad":
+        # lse_rows = T_V * lse; shift the value to T_K * lse without touching the gradient.
+        lse = torch.where(tmass > 0, lse_rows.detach().to(acc) / torch.where(tmass > 0, tmass,
+                          torch.ones_like(tmass)), torch.zeros_like(tmass))
+        lse_rows = lse_rows - ((tmass - tk) * lse).to(lse_rows.dtype)
+    rows = tlogt - tz + lse_rows.to(acc)
+    rows = torch.where(a.row_active, rows, torch.zeros_like(rows))
+    return rows.to(lse_rows.dtype)

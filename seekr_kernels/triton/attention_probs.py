@@ -1,0 +1,138 @@
+"""Triton kernel for teacher capture: softmax rows of selected heads and query rows.
+
+One program per (tile of BLOCK_M selected query rows, sample x slot), two passes over
+key blocks (DESIGN.md §2, last paragraph):
+
+* pass 1 streams key blocks up to the tile's last query position and keeps the online
+  max / sum of exp per row, i.e. lse over the valid keys j <= i with mask[b, j] = 1;
+* pass 2 recomputes the scores block by block and writes p_j = exp(z_j - lse) for valid
+  keys and 0 for future or padded keys; blocks past the tile's last position, and whole
+  rows of empty slots or padded queries, are written as zeros without any compute.
+
+Only the [B, S, Q, L] output is ever written; nothing of size [H, L, L] exists.
+Scores are kept in base 2 (z * log2(e)) so both passes use exp2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import AttnArgs
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+    # UPCAST: the interpreter's bf16 tl.dot is wrong (triton 3.9 multiplies the raw bit
+    # patterns), so under TRITON_INTERPRET bf16 tiles are multiplied as fp32 copies.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PREC).to(ACC)
+
+
+@triton.jit
+def _scores2(q, K, kbase, offs_n, offs_d, stride_kl, stride_kd, KMASK, b, L, D, pos, active,
+             scale2, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """Base-2 scores z * log2(e) of one key block, -inf where the row may not see the key."""
+    n_in = offs_n < L
+    k = tl.load(K + kbase + offs_n[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
+                mask=n_in[:, None] & (offs_d[None, :] < D), other=0.0)
+    kreal = tl.load(KMASK + b * L + offs_n, mask=n_in, other=0) != 0
+    z = _dot(q, tl.trans(k), DOT_PREC, UPCAST, ACC) * scale2
+    valid = active[:, None] & (offs_n[None, :] <= pos[:, None]) & (kreal & n_in)[None, :]
+    return tl.where(valid, z, float("-inf")), valid
+
+
+@triton.jit
+def _probs_kernel(Q, K, HEADS, QPOS, KMASK, OUT,
+                  stride_qb, stride_qh, stride_ql, stride_qd,
+                  stride_kb, stride_kh, stride_kl, stride_kd,
+                  S, Qn, L, D, G, scale2,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bs = tl.program_id(1)          # b * S + s
+    b = pid_bs // S
+    h = tl.load(HEADS + pid_bs)
+    hh = tl.maximum(h, 0)              # empty slots read head 0 but have no active row
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    m_in = offs_m < Qn
+    pos = tl.load(QPOS + b * Qn + offs_m, mask=m_in, other=0)
+    qreal = tl.load(KMASK + b * L + pos, mask=m_in, other=0) != 0
+    # Broadcast the head before comparing: a scalar bool in a mask trips the interpreter.
+    active = m_in & qreal & ((offs_m * 0 + h) >= 0)
+
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + hh.to(tl.int64) * stride_qh
+                + pos[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd,
+                mask=active[:, None] & (offs_d[None, :] < D), other=0.0)
+    kbase = b64 * stride_kb + (hh // G).to(tl.int64) * stride_kh
+
+    # Causal skip: no row of the tile sees a key past its last active position.
+    hi = tl.max(tl.where(active, pos, -1), axis=0) + 1
+
+    # Pass 1: base-2 log-sum-exp over the valid keys, online.
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    for start_n in range(0, hi, BLOCK_N):
+        z, valid = _scores2(q, K, kbase, start_n + offs_n0, offs_d, stride_kl, stride_kd, KMASK,
+                            b, L, D, pos, active, scale2, DOT_PREC, UPCAST, ACC)
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), axis=1)
+        m_i = m_new
+    # Rows without a valid key (inactive) get lse 0; pass 2 writes zeros for them anyway.
+    lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+
+    # Pass 2: p = exp2(z - lse2) on valid keys, 0 on the others.
+    row_base = (pid_bs.to(tl.int64) * Qn + offs_m) * L          # int64 offsets into OUT
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        z, valid = _scores2(q, K, kbase, offs_n, offs_d, stride_kl, stride_kd, KMASK,
+                            b, L, D, pos, active, scale2, DOT_PREC, UPCAST, ACC)
+        p = tl.where(valid, tl.exp2(z - lse2[:, None]), 0.0)
+        tl.store(OUT + row_base[:, None] + offs_n[None, :], p.to(OUT.dtype.element_ty),
+                 mask=m_in[:, None] & (offs_n[None, :] < L))
+    # Keys past the tile's horizon: zeros, no compute (the whole row for inactive tiles).
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], OUT.dtype.element_ty)
+    for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, L, BLOCK_N):
+        offs_n = start_n + offs_n0
+        tl.store(OUT + row_base[:, None] + offs_n[None, :], zeros,
+                 mask=m_in[:, None] & (offs_n[None, :] < L))
+
+
+def _config(a: AttnArgs):
+    """Tile sizes. tl.dot needs every block dimension >= 16; D is padded to a power of 2."""
+    block_d = max(16, triton.next_power_of_2(a.D))
+    if a.q.is_cuda:
+        block_m, block_n = (64, 64) if block_d <= 128 else (32, 32)
+        num_warps = 4
+    else:  # interpreter: numpy per program, so fewer and larger tiles run faster
+        block_m = min(64, max(16, triton.next_power_of_2(a.Q)))
+        block_n = min(64, max(16, triton.next_power_of_2(a.L)))
+        num_warps = 1
+    # fp32/fp64 inputs: exact products (no TF32), so the rows match the reference.
+    prec = "ieee" if a.q.dtype in (torch.float32, torch.float64) else "tf32"
+    upcast = (not a.q.is_cuda) and a.q.dtype == torch.bfloat16
+    acc = tl.float64 if a.q.dtype == torch.float64 else tl.float32
+    return block_m, block_n, block_d, prec, upcast, acc, num_warps
+
+
+def attention_probs(a: AttnArgs, out_dtype: torch.dtype) -> torch.Tensor:
+    """Softmax rows [B, S, Q, L] (contiguous, ``out_dtype``) for validated args."""
+    out = torch.empty(a.B, a.S, a.Q, a.L, device=a.q.device, dtype=out_dtype)
+    if out.numel() == 0:
+        return out
+    bm, bn, bd, prec, up, acc, nw = _config(a)
+    grid = (triton.cdiv(a.Q, bm), a.B * a.S)
+    _probs_kernel[grid](a.q, a.k, a.heads, a.queries, a.key_mask, out,
+                        *a.q.stride(), *a.k.stride(),
+                        a.S, a.Q, a.L, a.D, a.group, a.scale * _LOG2E,
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, ACC=acc,
+                        num_warps=nw)
+    return out
