@@ -51,16 +51,22 @@ class _AttentionKLFunction(torch.autograd.Function):
         return dq, dk, None, None, None, None
 
 
+def out_dtype(q):
+    """Losses are fp32 whatever the input; fp64 inputs (gradcheck) keep fp64."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def attention_kl_rows(a: AttnArgs, teacher, tmass, backend: str):
     """Per-row KL for validated args; ``teacher=None`` means rows = tmass * lse."""
     if a.S == 0 or a.Q == 0:
-        return a.q.new_zeros((a.B, a.S, a.Q), dtype=torch.float32) + 0 * a.q.sum() + 0 * a.k.sum()
-    if backend == "torch":
-        return reference.attention_kl_rows(a, teacher, tmass).float()
+        return a.q.new_zeros((a.B, a.S, a.Q), dtype=out_dtype(a.q)) + 0 * a.q.sum() + 0 * a.k.sum()
+    # The teacher is a fixed target: no gradient flows to it on any backend.
     if teacher is not None:
         teacher = teacher.detach()
     if tmass is not None:
-        tmass = tmass.detach().float().contiguous()
+        tmass = tmass.detach().to(out_dtype(a.q)).contiguous()
+    if backend == "torch":
+        return reference.attention_kl_rows(a, teacher, tmass).to(out_dtype(a.q))
     rows, _, _ = _AttentionKLFunction.apply(a.q, a.k, teacher, tmass, a, backend)
     return rows
 
@@ -92,7 +98,7 @@ def attention_kl(q, k, teacher, heads, queries=None, attention_mask=None, *, sca
             indices (one host sync). Turn off only for inputs already known to be valid.
 
     Returns:
-        fp32 loss (scalar, or [B, S, Q] for reduction='none').
+        fp32 loss (scalar, or [B, S, Q] for reduction='none'); fp64 for fp64 inputs.
 
     The fused backends never allocate an [L, L] matrix or a full student row: the forward
     pass streams key blocks with an online log-sum-exp and saves only lse and the teacher
