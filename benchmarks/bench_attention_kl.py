@@ -1,0 +1,181 @@
+"""Forward + backward time and peak memory of the fused attention-KL loss.
+
+Compared at Llama-2-7B attention shapes (H = 32, D = 128, S = 4 selected heads, B = 1)
+against
+  (a) `eager`: what the published SEEKR code does — eager attention for all H heads
+      ([B, H, L, L], fp32 softmax), index_select of heads and rows, log(p + 1e-8),
+      KLDivLoss('batchmean') per sample, divided by B;
+  (b) `torch-selected`: plain PyTorch on the selected heads only ([B, S, Q, L]).
+
+    python benchmarks/bench_attention_kl.py              # CPU: L in 512, 1024, 2048
+    python benchmarks/bench_attention_kl.py --gpu        # CUDA: bf16, L up to 8192
+
+Each point runs in a fresh subprocess (see common.py for how peak memory is measured).
+Writes benchmarks/results/attention_kl_<device>.csv and .png and prints the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _inputs(L, Q, H, D, S, dtype, device):
+    import torch
+
+    from seekr_kernels import reference
+    from seekr_kernels._checks import check_attention_args
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(1, H, L, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    k = torch.randn(1, H, L, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    heads = torch.tensor([3, 9, 17, 30], device=device)[:S]
+    queries = None if Q >= L else torch.sort(torch.randperm(L, generator=g)[:Q]).values[None].to(device)
+    mask = torch.ones(1, L, dtype=torch.long, device=device)
+    with torch.no_grad():
+        tq = torch.randn(1, H, L, D, generator=g).to(device=device, dtype=dtype)
+        ta = check_attention_args(tq, k.detach(), heads, queries, mask)
+        teacher = reference.attention_probs(ta, dtype)
+    return q, k, teacher, heads, queries, mask
+
+
+def eager_published(q, k, teacher, heads, queries, mask):
+    import torch
+
+    B, H, L, D = q.shape
+    z = (q @ k.transpose(-1, -2)).float() * D ** -0.5
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    z = z.masked_fill(~(causal & mask.bool()[:, None, None, :]), torch.finfo(torch.float32).min)
+    p = torch.softmax(z, dim=-1)
+    sel = p.index_select(1, heads)
+    if queries is not None:
+        sel = sel.index_select(2, queries[0])
+    kl = torch.nn.KLDivLoss(reduction="batchmean")
+    loss = sum(kl(torch.log(sel[b] + 1e-8).flatten(0, 1), teacher[b].float().flatten(0, 1))
+               for b in range(B)) / B
+    return loss
+
+
+def point(method, L, Q, H=32, D=128, S=4, dtype="float32", device="cpu", reps=3):
+    """One measurement, run inside a fresh process."""
+    import torch
+
+    import seekr_kernels as sk
+
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    q, k, teacher, heads, queries, mask = _inputs(L, Q, H, D, S, dt, device)
+
+    def step():
+        q.grad = k.grad = None
+        if method == "eager":
+            loss = eager_published(q, k, teacher, heads, queries, mask)
+        else:
+            backend = "torch" if method == "torch-selected" else method
+            loss = sk.attention_kl(q, k, teacher, heads, queries, mask, backend=backend,
+                                   check_values=False)
+        loss.backward()
+        return loss
+
+    peak, ms = common.measure(step, device=device, warmup=1, reps=reps)
+    loss = float(step())
+    rows = S * min(Q, L)
+    # Keys a row sees: all-rows causal -> (L + 1) / 2 on average; a random subset likewise.
+    visible = (L + 1) / 2
+    flops = 3 * 2 * rows * visible * D   # z = qk^T, dq = dz k, dk = dz^T q (recomputes not counted)
+    return {"method": method, "L": L, "Q": min(Q, L), "H": H, "D": D, "S": S, "dtype": dtype,
+            "device": device, "ms": round(ms, 3), "peak_mib": round(peak, 1),
+            "gflops": round(flops / (ms * 1e-3) / 1e9, 2), "loss": loss}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true", help="run on CUDA (bf16, L up to 8192)")
+    ap.add_argument("--lengths", type=int, nargs="*", default=None)
+    ap.add_argument("--methods", nargs="*", default=None)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args()
+
+    import torch
+
+    from seekr_kernels import _backend
+    device = "cuda" if args.gpu else "cpu"
+    dtype = "bfloat16" if args.gpu else "float32"
+    lengths = args.lengths or ([1024, 2048, 4096, 8192] if args.gpu else [512, 1024, 2048])
+    if args.methods:
+        methods = args.methods
+    else:
+        methods = ["eager", "torch-selected"]
+        for b in (["triton", "cuda"] if args.gpu else ["cpu"]):
+            if _backend.available(b, torch.device(device))[0]:
+                methods.append(b)
+    print(f"machine: {common.machine()}")
+    mm = common.matmul_gflops(device, getattr(torch, dtype))
+    print(f"torch.matmul [1024x128]x[128x1024] {dtype}: {mm:.1f} GFLOP/s")
+    rows = []
+    for L in lengths:
+        for Q in (100, L):
+            for m in methods:
+                r = common.run_isolated("bench_attention_kl", "point",
+                                        dict(method=m, L=L, Q=Q, dtype=dtype, device=device, reps=args.reps))
+                r.update(method=m, L=L, Q=min(Q, L), matmul_gflops=round(mm, 1))
+                rows.append(r)
+                if "error" in r:
+                    print(f"L={L:5d} Q={min(Q, L):5d} {m:15s} ERROR {r['error']}")
+                else:
+                    print(f"L={L:5d} Q={min(Q, L):5d} {m:15s} {r['ms']:10.2f} ms {r['peak_mib']:10.1f} MiB "
+                          f"{r['gflops']:8.2f} GFLOP/s  loss={r['loss']:.5f}")
+    path = os.path.join(args.out, f"attention_kl_{device}.csv")
+    common.write_csv(path, rows)
+    print(f"wrote {path}")
+    _ratios(rows, [m for m in methods if m not in ("eager", "torch-selected")])
+    _plot(rows, os.path.join(args.out, f"attention_kl_{device}.png"))
+
+
+def _ratios(rows, fused):
+    ok = {(r["method"], r["L"], r["Q"]): r for r in rows if "error" not in r}
+    print("\nratios (baseline / fused): >1 means the fused backend wins")
+    for f in fused:
+        for (m, L, Q), r in sorted(ok.items(), key=lambda x: (x[0][1], x[0][2])):
+            if m != f:
+                continue
+            for base in ("eager", "torch-selected"):
+                b = ok.get((base, L, Q))
+                if b:
+                    print(f"  {f:7s} vs {base:15s} L={L:5d} Q={Q:5d}: time x{b['ms'] / r['ms']:6.2f}  "
+                          f"memory x{b['peak_mib'] / max(r['peak_mib'], 0.1):7.1f}")
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    ok = [r for r in rows if "error" not in r and r["Q"] == r["L"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for m in sorted({r["method"] for r in ok}):
+        pts = sorted((r["L"], r["ms"], r["peak_mib"]) for r in ok if r["method"] == m)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        axes[1].plot([p[0] for p in pts], [max(p[2], 0.1) for p in pts], marker="o", label=m)
+    for ax, t in zip(axes, ["fwd+bwd time (ms)", "peak extra memory (MiB)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L (Q = L)")
+        ax.set_title(t)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
