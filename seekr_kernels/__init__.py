@@ -5,3 +5,5 @@ from .ops.topk import TopK
 __version__ = "0.1.0"
 
 __all__ = ["attention_kl", "AttentionKLLoss", "TopK", "__version__"]
+from .ops.attention_probs import attention_probs  # noqa: E402
+__all__ += ["attention_probs"]
