@@ -1,0 +1,379 @@
+"""Run configuration: nested dataclasses loaded from YAML (or a dict), validated by key.
+
+Every unknown key and every value of the wrong type or out of range is a
+:class:`ConfigError` naming the key by its dotted path (``train.lr``, ``tasks[2].path``).
+
+Example ``run.yaml``::
+
+    method: seekr                 # sft | replay | replay+logits | seekr
+    output_dir: runs/trace
+    seed: 42
+    model:
+      path: /models/llama-2-7b    # local Hugging Face directory; omit for a tiny Llama
+    tasks:
+      - {name: C-STANCE, path: data/TRACE/C-STANCE, epochs: 5}
+      - {name: FOMC, path: data/TRACE/FOMC, epochs: 3, metric: prefix}
+    train: {batch_size: 16, lr: 1.0e-5, precision: auto}
+    replay: {ratio: 0.01}
+    distill: {logits_weight: 0.5, attn_weight: 1000, head_budget: 128, query_budget: 100}
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+METHODS = ("sft", "replay", "replay+logits", "seekr")
+
+
+class ConfigError(ValueError):
+    """A config key that is unknown, of the wrong type or out of range (message names it)."""
+
+
+@dataclass
+class ModelConfig:
+    """Where the model comes from.
+
+    ``path``: a local Hugging Face model directory (``from_pretrained``, no downloads).
+    Without it a small Llama is built from ``arch`` (LlamaConfig fields) with the built-in
+    character tokenizer over ``alphabet``.
+    """
+    path: Optional[str] = None
+    tokenizer: Optional[str] = None
+    arch: dict = field(default_factory=dict)
+    alphabet: Optional[str] = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class TaskSpec:
+    name: Optional[str] = None
+    path: Optional[str] = None
+    epochs: Optional[int] = None
+    metric: str = "exact_match"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. ``batch_size`` is the global batch of one optimiser step (all ranks and
+    accumulation micro-steps together); each micro-step on each rank sees
+    ``batch_size / (world_size * grad_accum)`` samples."""
+    batch_size: int = 16
+    grad_accum: int = 1
+    epochs: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    schedule: str = "constant"          # constant | linear | cosine
+    warmup_steps: int = 0
+    max_grad_norm: float = 0.0          # 0: no clipping
+    max_prompt_len: int = 512
+    max_answer_len: int = 512
+    pad_to_multiple_of: int = 8
+    precision: str = "auto"             # auto (bf16 autocast on CUDA) | fp32 | bf16
+    gradient_checkpointing: bool = False
+    shuffle: bool = True
+
+
+@dataclass
+class ReplayConfig:
+    """Replay memory. ``ratio`` < 1 is a fraction of each task's training set, >= 1 a count.
+    ``cycle`` 0 means the published default: train batches per epoch // replay batches."""
+    ratio: float = 0.01
+    cycle: int = 0
+    batch_size: Optional[int] = None    # default: train.batch_size
+
+
+@dataclass
+class DistillConfig:
+    """SEEKR losses and budgets. Budgets ``None`` follow the published Llama-2-7B setting
+    scaled to the model: 3/4 of the layers, 1/8 of all heads; ``query_budget`` 0 = all rows."""
+    logits_weight: float = 0.5
+    attn_weight: float = 1000.0
+    layer_budget: Optional[int] = None
+    head_budget: Optional[int] = None
+    query_budget: int = 100
+    sensitivity_region: str = "full"     # full | causal
+    sensitivity_batch_size: int = 1
+    teacher_logits_topk: int = 0         # 0: dense teacher logits
+    backend: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    batch_size: int = 32
+    max_new_tokens: Optional[int] = None   # default: train.max_answer_len
+    max_samples: Optional[int] = None
+    keep_predictions: int = 5
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    tensorboard: bool = False
+    every: int = 1
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"               # ddp | fsdp (used when launched by torchrun)
+    backend: str = "auto"               # auto: nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class RunConfig:
+    method: str = "seekr"
+    output_dir: str = "seekr-run"
+    seed: int = 42
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    keep_checkpoints: str = "last"      # last | all
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: list = field(default_factory=list)   # list[TaskSpec]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RunConfig":
+        """Check values (ranges, choices); raise :class:`ConfigError` naming the key."""
+        _validate(self)
+        return self
+
+
+_LIST_TYPES = {("RunConfig", "tasks"): TaskSpec}
+
+
+def _err(key, msg):
+    raise ConfigError(f"{key}: {msg}")
+
+
+def _coerce(value, tp, key):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            _err(key, f"expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _err(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            _err(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            _err(key, f"expected a number, got {value!r}")
+        if isinstance(value, str):
+            try:   # YAML reads "1e-5" (no dot) as a string
+                return float(value)
+            except ValueError:
+                _err(key, f"expected a number, got {value!r}")
+        if not isinstance(value, (int, float)):
+            _err(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _err(key, f"expected a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            _err(key, f"expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            _err(key, f"expected a list, got {type(value).__name__}")
+        return list(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            _err(key, f"unknown key (known: {', '.join(sorted(names))})")
+        sub = _LIST_TYPES.get((cls.__name__, k))
+        if sub is not None:
+            if not isinstance(v, list):
+                _err(key, f"expected a list, got {type(v).__name__}")
+            items = []
+            for i, item in enumerate(v):
+                ik = f"{key}[{i}]"
+                if isinstance(item, str):
+                    item = {"path": item}
+                if not isinstance(item, (dict, sub)):
+                    _err(ik, f"expected a mapping, got {type(item).__name__}")
+                items.append(item if isinstance(item, sub) else _build(sub, item, ik))
+            kwargs[k] = items
+        else:
+            kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _choice(key, v, options):
+    if v not in options:
+        _err(key, f"must be one of {list(options)}, got {v!r}")
+
+
+def _positive(key, v, allow_zero=False):
+    if v is None:
+        return
+    if (v < 0) if allow_zero else (v <= 0):
+        _err(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+
+def _validate(c: RunConfig):
+    _choice("method", c.method, METHODS)
+    _choice("keep_checkpoints", c.keep_checkpoints, ("last", "all"))
+    if not (c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:")):
+        _err("device", f"must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+    _choice("model.dtype", c.model.dtype, ("float32", "bfloat16", "float16"))
+    t = c.train
+    for k in ("batch_size", "grad_accum", "epochs", "max_prompt_len", "max_answer_len", "pad_to_multiple_of"):
+        _positive(f"train.{k}", getattr(t, k))
+    _positive("train.lr", t.lr)
+    for k in ("weight_decay", "warmup_steps", "max_grad_norm"):
+        _positive(f"train.{k}", getattr(t, k), allow_zero=True)
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+        _err("train.betas", f"expected two numbers in [0, 1), got {t.betas!r}")
+    _choice("train.schedule", t.schedule, ("constant", "linear", "cosine"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    if t.batch_size % t.grad_accum:
+        _err("train.grad_accum", f"must divide train.batch_size={t.batch_size}, got {t.grad_accum}")
+    r = c.replay
+    if not (math.isfinite(r.ratio) and r.ratio > 0):
+        _err("replay.ratio", f"must be > 0 (a fraction < 1 or a count >= 1), got {r.ratio}")
+    if r.ratio >= 1 and not float(r.ratio).is_integer():
+        _err("replay.ratio", f"a count (>= 1) must be a whole number, got {r.ratio}")
+    _positive("replay.cycle", r.cycle, allow_zero=True)
+    _positive("replay.batch_size", r.batch_size)
+    d = c.distill
+    for k in ("logits_weight",):
+        if not 0 <= getattr(d, k) <= 1:
+            _err(f"distill.{k}", f"must lie in [0, 1], got {getattr(d, k)}")
+    _positive("distill.attn_weight", d.attn_weight, allow_zero=True)
+    _positive("distill.layer_budget", d.layer_budget)
+    _positive("distill.head_budget", d.head_budget)
+    _positive("distill.query_budget", d.query_budget, allow_zero=True)
+    _positive("distill.sensitivity_batch_size", d.sensitivity_batch_size)
+    _positive("distill.teacher_logits_topk", d.teacher_logits_topk, allow_zero=True)
+    _choice("distill.sensitivity_region", d.sensitivity_region, ("full", "causal"))
+    _choice("distill.backend", d.backend, ("auto", "triton", "cpu", "cuda", "torch"))
+    e = c.eval
+    _choice("eval.split", e.split, ("train", "eval", "test"))
+    _positive("eval.batch_size", e.batch_size)
+    _positive("eval.max_new_tokens", e.max_new_tokens)
+    _positive("eval.max_samples", e.max_samples)
+    _positive("eval.keep_predictions", e.keep_predictions, allow_zero=True)
+    _positive("log.every", c.log.every)
+    _choice("distributed.strategy", c.distributed.strategy, ("ddp", "fsdp"))
+    _choice("distributed.backend", c.distributed.backend, ("auto", "gloo", "nccl"))
+    if not c.tasks:
+        _err("tasks", "at least one task is needed")
+    for i, ts in enumerate(c.tasks):
+        if not ts.path:
+            _err(f"tasks[{i}].path", "is required")
+        _positive(f"tasks[{i}].epochs", ts.epochs)
+    names = [ts.name or _default_name(ts.path) for ts in c.tasks]
+    if len(set(names)) != len(names):
+        _err("tasks", f"task names must be unique, got {names}")
+    if c.model.arch:
+        from transformers import LlamaConfig
+        known = set(LlamaConfig().to_dict())
+        for k in c.model.arch:
+            if k not in known:
+                _err(f"model.arch.{k}", "unknown LlamaConfig field")
+
+
+def _default_name(path):
+    import os
+    return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+
+
+def from_dict(data: dict, validate: bool = True) -> RunConfig:
+    """Build a :class:`RunConfig` from a plain dict (e.g. parsed YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    cfg = _build(RunConfig, data)
+    return cfg.validate() if validate else cfg
+
+
+def load_config(path: str, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML (or JSON) config file; ``overrides`` (dotted keys) are applied on top.
+
+    Relative task and model paths are resolved against the config file's directory.
+    """
+    import os
+
+    import yaml
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for k, v in (overrides or {}).items():
+        set_dotted(data, k, v)
+    base = os.path.dirname(os.path.abspath(path))
+
+    def rel(p):
+        return p if p is None or os.path.isabs(p) else os.path.join(base, p)
+
+    try:
+        cfg = from_dict(data, validate=False)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for ts in cfg.tasks:
+        if ts.path and not os.path.exists(ts.path) and os.path.exists(rel(ts.path)):
+            ts.path = rel(ts.path)
+    for attr in ("path", "tokenizer"):
+        p = getattr(cfg.model, attr)
+        if p and not os.path.exists(p) and os.path.exists(rel(p)):
+            setattr(cfg.model, attr, rel(p))
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """``set_dotted(d, "train.lr", 1e-4)`` sets d["train"]["lr"], creating mappings."""
+    parts = key.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{key}: {p} is not a mapping")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def task_name(spec: TaskSpec) -> str:
+    return spec.name or _default_name(spec.path)

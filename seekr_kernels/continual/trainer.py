@@ -1,0 +1,1050 @@
+"""Continual fine-tuning over a sequence of tasks: sft, replay, replay+logits and SEEKR.
+
+One :class:`ContinualTrainer` runs a whole task stream::
+
+    from seekr_kernels.continual.config import load_config
+    from seekr_kernels.continual.trainer import ContinualTrainer
+    results = ContinualTrainer(load_config("run.yaml")).run()
+    results["OP"], results["BWT"], results["matrix"]
+
+Per task t (the published recipe, jinghan1he/SEEKR ``training/seekr.py``):
+
+1. a seeded replay subset of task t's training data is drawn (``replay.ratio``) and, for
+   SEEKR, its query rows (``distill.query_budget``) and the pre-task attention of every
+   head on them (for forgettability);
+2. the model trains on task t (AdamW, warm-up + schedule, gradient accumulation, bf16
+   autocast on CUDA, optional gradient checkpointing); every ``replay.cycle`` steps one
+   extra optimiser step runs on a replay batch mixed from the memory of earlier tasks,
+   with loss ``(1 - a) CE + a logits-KL + b attention-KL`` (``replay``: CE only,
+   ``replay+logits``: b = 0). Default cycle: train batches per epoch // replay batches;
+3. after the task: task sensitivity and forgettability of every head on the new replay
+   samples update the accumulated importance, heads are reselected under the layer/head
+   budgets, and the teacher (logits and the selected heads' attention rows) is captured
+   for the new samples, which join the memory;
+4. every task seen so far is evaluated (a row of the accuracy matrix); the checkpoint,
+   the memory and the run state are written atomically.
+
+Resume: a run restarted with the same config and ``output_dir`` continues after the last
+complete task. Every task reseeds all RNGs from (seed, task index) and builds a fresh
+optimiser, and everything carried across tasks (weights, memory, importance) is saved
+exactly, so a resumed run ends with the same weights and numbers as an uninterrupted one.
+
+Distributed (``torchrun``): DDP by default, FSDP2 (``fully_shard`` per decoder layer) with
+``distributed.strategy: fsdp``. Every rank draws the same global batches and replay
+batches and takes its slice; losses are normalised by global counts so N processes give
+the gradient of the single-process global batch; importance statistics are all-reduced;
+only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import string
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import metrics as M
+from .config import RunConfig, TaskSpec, task_name
+from .data import (CharTokenizer, Encoded, EncodedDataset, Task, collate, epoch_batches, load_task,
+                   load_tokenizer, shard)
+from .evaluate import evaluate_examples
+from .losses import ce_sum, logits_kl_mean, replay_objective
+
+STATE_VERSION = 1
+DEFAULT_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
+
+#: The tiny Llama built when no model path is given.
+TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                 tie_word_embeddings=True)
+
+
+# ============================================================================ setup helpers
+
+def task_seed(seed: int, t: int) -> int:
+    """The seed of task t: every RNG is reset from it when the task starts."""
+    return (int(seed) * 1000003 + 7919 * (t + 1)) % (2 ** 31 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % (2 ** 32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def build_tokenizer(mcfg):
+    """The run's tokenizer: a local HF tokenizer, or the built-in char tokenizer."""
+    if mcfg.tokenizer:
+        return load_tokenizer(mcfg.tokenizer)
+    if mcfg.path:
+        return load_tokenizer(mcfg.path)
+    return CharTokenizer(mcfg.alphabet or DEFAULT_ALPHABET)
+
+
+def build_model(mcfg, tokenizer, seed: int = 0):
+    """A causal LM from a local HF directory, or a tiny Llama from ``mcfg.arch``."""
+    dtype = getattr(torch, mcfg.dtype)
+    if mcfg.path:
+        from transformers import AutoModelForCausalLM
+        if not os.path.isdir(mcfg.path):
+            raise FileNotFoundError(f"model.path: {mcfg.path} is not a directory (models load from local "
+                                    "Hugging Face directories only)")
+        try:
+            return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, dtype=dtype,
+                                                        attn_implementation=mcfg.attn_implementation)
+        except TypeError:  # transformers < 4.56 spells it torch_dtype
+            return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, torch_dtype=dtype,
+                                                        attn_implementation=mcfg.attn_implementation)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    arch = {**TINY_ARCH, **(mcfg.arch or {}), "vocab_size": tokenizer.vocab_size,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    cfg = LlamaConfig(**arch)
+    cfg._attn_implementation = mcfg.attn_implementation
+    with _fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No 'Writing model shards' progress bar inside our own progress output."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _fork_rng():
+    state = torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a torch.distributed job (world 1 when not launched)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owned: bool = False
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (returned on t's device; the collective runs on ``self.device``)."""
+        if self.world > 1:
+            x = t.to(self.device)
+            torch.distributed.all_reduce(x)
+            return x.to(t.device)
+        return t
+
+    def close(self):
+        if self.owned and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def setup_distributed(cfg: RunConfig) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = cfg.distributed.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+    dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), owned=True)
+
+
+def _device(cfg: RunConfig, d: Dist) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.device == "cuda":
+        return torch.device(f"cuda:{d.local_rank}")
+    return torch.device(cfg.device)
+
+
+def _schedule(kind: str, warmup: int, total: int):
+    def f(step):
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - frac)
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    return f
+
+
+def _param_groups(model, weight_decay):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if (p.dim() < 2 or "norm" in n.lower() or n.endswith(".bias")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _n_targets(e: Encoded) -> int:
+    """Next-token targets of one example: every answer token that has a token before it."""
+    return len(e.answer_ids) - (0 if e.prompt_ids else 1)
+
+
+def _atomic_replace_dir(tmp: str, final: str):
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ============================================================================ replay store
+
+@dataclass
+class _Sample:
+    prompt_ids: list
+    answer_ids: list
+    task: int
+    logits: Optional[torch.Tensor] = None      # [A, V] dense teacher logits at target positions
+    topk: Optional[tuple] = None               # (values [A,k], indices [A,k] int32, lse [A]) instead
+    queries: Optional[torch.Tensor] = None     # [Q] int positions within the sample; None = all
+    attn: dict = field(default_factory=dict)   # {layer: [S_l, Q, len]} teacher rows
+
+    @property
+    def length(self):
+        return len(self.prompt_ids) + len(self.answer_ids)
+
+
+class ReplayStore:
+    """The replay memory: per task, the samples, their teacher and the task's heads.
+
+    Batches mix tasks; each sample carries its own task's heads, so a batch's per-layer
+    heads are ``[B, S]`` with -1 slots. Saved as one directory per task (safetensors
+    tensors + JSON manifest), each written atomically.
+    """
+
+    FORMAT = 1
+
+    def __init__(self):
+        self.tasks: list = []       # [{"name", "heads": {l: LongTensor}, "samples": [_Sample]}]
+
+    def __len__(self):
+        return sum(len(t["samples"]) for t in self.tasks)
+
+    def add_task(self, name: str, samples: list, heads: dict):
+        self.tasks.append({"name": name, "heads": {int(l): h.long().cpu() for l, h in heads.items()},
+                           "samples": samples})
+
+    def flat(self) -> list:
+        return [(ti, si) for ti, t in enumerate(self.tasks) for si in range(len(t["samples"]))]
+
+    def sample(self, key) -> _Sample:
+        return self.tasks[key[0]]["samples"][key[1]]
+
+    def layers(self, keys) -> list:
+        ls = set()
+        for k in keys:
+            ls.update(self.tasks[k[0]]["heads"])
+        return sorted(ls)
+
+    def batch(self, keys, pad_token_id, pad_to_multiple_of=1, layers=(), logits=False, vocab=None) -> dict:
+        """A left-padded replay batch with teachers aligned to it."""
+        samples = [self.sample(k) for k in keys]
+        enc = [Encoded(s.prompt_ids, s.answer_ids) for s in samples]
+        b = collate(enc, pad_token_id, pad_to_multiple_of)
+        B, L = b["input_ids"].shape
+        pads = [L - s.length for s in samples]
+        if logits:
+            if samples[0].topk is not None:
+                from ..ops.topk import TopK
+                k = samples[0].topk[0].shape[-1]
+                vals = torch.zeros(B, L, k, dtype=samples[0].topk[0].dtype)
+                idx = torch.zeros(B, L, k, dtype=torch.int32)
+                lse = torch.zeros(B, L, dtype=torch.float32)
+                for i, (s, p) in enumerate(zip(samples, pads)):
+                    a0 = max(p, p + len(s.prompt_ids) - 1)
+                    A = s.topk[0].shape[0]
+                    vals[i, a0:a0 + A], idx[i, a0:a0 + A], lse[i, a0:a0 + A] = s.topk
+                b["teacher_logits"] = TopK(vals, idx, int(vocab), "logits", lse)
+            else:
+                V = samples[0].logits.shape[-1]
+                t = torch.zeros(B, L, V, dtype=samples[0].logits.dtype)
+                for i, (s, p) in enumerate(zip(samples, pads)):
+                    a0 = max(p, p + len(s.prompt_ids) - 1)
+                    t[i, a0:a0 + s.logits.shape[0]] = s.logits
+                b["teacher_logits"] = t
+        if layers:
+            Qs = [L if s.queries is None else int(s.queries.numel()) for s in samples]
+            Qm = max(Qs)
+            all_rows = all(s.queries is None for s in samples)
+            q = torch.zeros(B, Qm, dtype=torch.long)    # padded slots -> position 0 (padding)
+            for i, (s, p) in enumerate(zip(samples, pads)):
+                rel = torch.arange(s.length) if s.queries is None else s.queries.long()
+                q[i, :rel.numel()] = rel + p
+            heads, teach = {}, {}
+            for l in layers:
+                S = max([1] + [int(self.tasks[k[0]]["heads"].get(l, torch.empty(0)).numel()) for k in keys])
+                h = torch.full((B, S), -1, dtype=torch.long)
+                t = torch.zeros(B, S, Qm if not all_rows else L, L, dtype=torch.float32)
+                for i, (k, s, p) in enumerate(zip(keys, samples, pads)):
+                    th = self.tasks[k[0]]["heads"].get(l)
+                    if th is None or l not in s.attn:
+                        continue
+                    rows = s.attn[l]                       # [S_l, Q_s, len]
+                    h[i, :th.numel()] = th
+                    if all_rows:
+                        t[i, :rows.shape[0], p:, p:] = rows
+                    else:
+                        t[i, :rows.shape[0], :rows.shape[1], p:] = rows
+                heads[l], teach[l] = h, t
+            b["heads"], b["teacher_attn"] = heads, teach
+            b["queries"] = None if all_rows else q
+        return b
+
+    # ---------------------------------------------------------------- persistence
+    def save_task(self, root: str, ti: int) -> int:
+        """Write task ``ti`` to ``root/task-NNN`` atomically; returns bytes on disk."""
+        from safetensors.torch import save_file
+        t = self.tasks[ti]
+        final = os.path.join(root, f"task-{ti:03d}")
+        tmp = f"{final}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        tensors = {}
+        meta = []
+        for i, s in enumerate(t["samples"]):
+            tensors[f"{i}.prompt"] = torch.tensor(s.prompt_ids, dtype=torch.int64)
+            tensors[f"{i}.answer"] = torch.tensor(s.answer_ids, dtype=torch.int64)
+            if s.logits is not None:
+                tensors[f"{i}.logits"] = s.logits.contiguous()
+            if s.topk is not None:
+                for name, x in zip(("values", "indices", "lse"), s.topk):
+                    tensors[f"{i}.topk.{name}"] = x.contiguous()
+            if s.queries is not None:
+                tensors[f"{i}.queries"] = s.queries.contiguous()
+            for l, r in s.attn.items():
+                tensors[f"{i}.attn.{l}"] = r.contiguous()
+            meta.append({"attn_layers": sorted(s.attn)})
+        for l, h in t["heads"].items():
+            tensors[f"heads.{l}"] = h.contiguous()
+        save_file(tensors, os.path.join(tmp, "memory.safetensors"))
+        import hashlib
+        with open(os.path.join(tmp, "memory.safetensors"), "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        M.write_json(os.path.join(tmp, "manifest.json"), {
+            "format": self.FORMAT, "task": t["name"], "index": ti, "n": len(t["samples"]),
+            "heads": sorted(t["heads"]), "samples": meta, "sha256": digest})
+        _atomic_replace_dir(tmp, final)
+        return sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
+
+    def load_task(self, root: str, ti: int, name: str):
+        """Read ``root/task-NNN``; refuses a missing, corrupt or mismatched directory."""
+        from safetensors.torch import load_file
+        d = os.path.join(root, f"task-{ti:03d}")
+        man_p = os.path.join(d, "manifest.json")
+        try:
+            with open(man_p, encoding="utf-8") as f:
+                man = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise RuntimeError(f"{man_p}: cannot read the replay memory manifest ({e})") from None
+        if man.get("format") != self.FORMAT or man.get("task") != name or man.get("index") != ti:
+            raise RuntimeError(f"{d}: replay memory belongs to task {man.get('task')!r} #{man.get('index')} "
+                               f"(format {man.get('format')}), expected {name!r} #{ti}")
+        import hashlib
+        p = os.path.join(d, "memory.safetensors")
+        with open(p, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != man.get("sha256"):
+                raise RuntimeError(f"{p}: checksum mismatch (corrupt or truncated replay memory)")
+        ts = load_file(p)
+        samples = []
+        for i, sm in enumerate(man["samples"]):
+            topk = None
+            if f"{i}.topk.values" in ts:
+                topk = tuple(ts[f"{i}.topk.{n}"] for n in ("values", "indices", "lse"))
+            samples.append(_Sample(ts[f"{i}.prompt"].tolist(), ts[f"{i}.answer"].tolist(), ti,
+                                   ts.get(f"{i}.logits"), topk, ts.get(f"{i}.queries"),
+                                   {int(l): ts[f"{i}.attn.{l}"] for l in sm["attn_layers"]}))
+        heads = {int(l): ts[f"heads.{l}"] for l in man["heads"]}
+        self.add_task(name, samples, heads)
+
+
+# ============================================================================ SEEKR pieces
+
+def _eager_attention_probs(query, key, scale, padding_mask):
+    B, H, L, D = query.shape
+    G = H // key.shape[1]
+    kr = key.repeat_interleave(G, 1)
+    z = torch.matmul(query.float(), kr.float().transpose(-1, -2)) * scale
+    causal = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()
+    valid = causal[None, None]
+    if padding_mask is not None:
+        valid = valid & padding_mask.bool()[:, None, None, :]
+    z = z.masked_fill(~valid, float("-inf"))
+    p = torch.softmax(z, -1)
+    return torch.nan_to_num(p, nan=0.0)
+
+
+def _sensitivity_observer():
+    from ..llama import AttentionObserver
+
+    class Sensitivity(AttentionObserver):
+        needs_grad = True
+
+        def __init__(self, n_layers, n_heads):
+            super().__init__(None)
+            self.acc = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+
+        def on_attention(self, layer_idx, module, query, key, value, attn_output, padding_mask):
+            p = _eager_attention_probs(query, key, module.scaling, padding_mask)
+            G = query.shape[1] // value.shape[1]
+
+            def hook(g, layer=layer_idx):
+                # Published definition: mean of (dL/dA)^2 over the head's L x L map, per sample.
+                self.acc[layer] += (g.double() ** 2).mean((2, 3)).sum(0).cpu()
+
+            p.register_hook(hook)
+            out = torch.matmul(p.to(value.dtype), value.repeat_interleave(G, 1))
+            return out.transpose(1, 2).contiguous().to(attn_output.dtype)
+
+    return Sensitivity
+
+
+def _select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int) -> dict:
+    """Published rule: top layers by summed importance, then top heads across them."""
+    try:
+        from .selection import select_heads
+        return {int(l): torch.as_tensor(h).long() for l, h in
+                select_heads(importance, layer_budget, head_budget).items()}
+    except ImportError:
+        pass
+    n_layers, n_heads = importance.shape
+    lsum = importance.sum(1)
+    layers = torch.sort(torch.argsort(-lsum, stable=True)[:layer_budget]).values
+    sub = importance[layers].flatten()
+    pos = torch.argsort(-sub, stable=True)[:head_budget]
+    out = {}
+    for p in sorted(pos.tolist()):
+        l, h = int(layers[p // n_heads]), p % n_heads
+        out.setdefault(l, []).append(h)
+    return {l: torch.tensor(sorted(h), dtype=torch.long) for l, h in out.items()}
+
+
+# ============================================================================ the trainer
+
+class ContinualTrainer:
+    """Runs a task stream with one method and writes checkpoints, memory and results.
+
+    Args:
+        config: a :class:`RunConfig` (validated here).
+        model, tokenizer: optional; built from ``config.model`` otherwise.
+        tasks: optional list of :class:`Task`; loaded from ``config.tasks`` otherwise.
+        quiet: no progress bars or prints (the JSON-lines log is still written).
+    """
+
+    def __init__(self, config: RunConfig, model=None, tokenizer=None, tasks: Optional[list] = None,
+                 quiet: bool = False):
+        self.cfg = config
+        if tasks is not None and not config.tasks:
+            config.tasks = [TaskSpec(name=t.name, path=f"<{t.name}>", metric=t.metric) for t in tasks]
+        config.validate()
+        self.dist = setup_distributed(config)
+        self.device = _device(config, self.dist)
+        self.dist.device = self.device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.quiet = quiet
+        self.method = config.method
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.model)
+        self.tasks = tasks if tasks is not None else [
+            load_task(ts.path, task_name(ts), ts.metric) for ts in config.tasks]
+        self.task_names = [t.name for t in self.tasks]
+        self.model = model if model is not None else build_model(config.model, self.tokenizer, config.seed)
+        self.out = config.output_dir
+        tr = config.train
+        if tr.batch_size < self.dist.world * tr.grad_accum:
+            raise ValueError(f"train.batch_size={tr.batch_size} is smaller than world size x grad_accum "
+                             f"= {self.dist.world * tr.grad_accum}")
+        self.autocast = None
+        if tr.precision == "bf16" or (tr.precision == "auto" and self.device.type == "cuda"):
+            self.autocast = torch.bfloat16
+        self.memory = ReplayStore()
+        n_layers = self.model.config.num_hidden_layers
+        n_heads = self.model.config.num_attention_heads
+        self.importance = torch.zeros(n_layers, n_heads, dtype=torch.float32)
+        self.heads: dict = {}
+        self.rows: list = []
+        self.loglik_rows: list = []
+        self._tb = None
+        self._log_f = None
+
+    # ---------------------------------------------------------------- small utilities
+    def _print(self, *a):
+        if self.dist.main and not self.quiet:
+            print(*a, flush=True)
+
+    def log(self, **rec):
+        if not self.dist.main:
+            return
+        rec.setdefault("time", round(time.time(), 3))
+        if self._log_f is None:
+            os.makedirs(self.out, exist_ok=True)
+            self._log_f = open(os.path.join(self.out, "log.jsonl"), "a", encoding="utf-8")
+        self._log_f.write(json.dumps(rec) + "\n")
+        self._log_f.flush()
+        if self._tb is not None and "step" in rec:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time", "task", "epoch"):
+                    self._tb.add_scalar(f"{rec.get('kind', 'train')}/{k}", v, rec["global_step"])
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
+
+    @property
+    def base(self):
+        """The plain model (under DDP the wrapped module; FSDP2 shards in place)."""
+        m = self.train_model
+        return m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
+
+    def _uses_patch(self):
+        return self.method == "seekr"
+
+    # ---------------------------------------------------------------- model preparation
+    def _prepare_model(self):
+        m = self.model.to(self.device)
+        if self._uses_patch():
+            from ..llama import patch_llama
+            m = patch_llama(m)
+        if self.cfg.train.gradient_checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.config.use_cache = False
+        self.model = m
+        if self.dist.world > 1:
+            if self.cfg.distributed.strategy == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+                for layer in m.model.layers:
+                    fully_shard(layer)
+                fully_shard(m)
+                self.train_model = m
+            else:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                self.train_model = DDP(m, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.train_model = m
+        self._fsdp = self.dist.world > 1 and self.cfg.distributed.strategy == "fsdp"
+
+    def _state_dict(self):
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.base.state_dict().items()}
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> dict:
+        """Train (or resume) the whole stream; returns the results dict."""
+        cfg = self.cfg
+        if cfg.log.tensorboard and self.dist.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(self.out, "tensorboard"))
+            except Exception as e:  # tensorboard not installed
+                warnings.warn(f"log.tensorboard: TensorBoard is unavailable ({e}); logging to log.jsonl only")
+        start = self._resume()
+        self._prepare_model()
+        T = len(self.tasks)
+        if start:
+            self._print(f"resuming after task {start}/{T} ({self.task_names[start - 1]})")
+            self.log(kind="resume", completed=start)
+        t0 = time.time()
+        try:
+            for t in range(start, T):
+                self._run_task(t)
+        finally:
+            if self._log_f is not None:
+                self._log_f.close()
+                self._log_f = None
+            if self._tb is not None:
+                self._tb.close()
+        res = self.results()
+        res["seconds"] = time.time() - t0
+        return res
+
+    def results(self) -> dict:
+        T = len(self.tasks)
+        out = {"method": self.method, "tasks": self.task_names, "complete": len(self.rows) == T,
+               "matrix": M.partial_matrix(self.rows, T), "loglik": M.partial_matrix(self.loglik_rows, T)}
+        if len(self.rows) == T:
+            out["OP"] = M.overall_performance(out["matrix"])
+            out["BWT"] = M.backward_transfer(out["matrix"])
+        return out
+
+    # ---------------------------------------------------------------- one task
+    def _run_task(self, t: int):
+        cfg, task = self.cfg, self.tasks[t]
+        seed_everything(task_seed(cfg.seed, t))
+        tr = cfg.train
+        ds = EncodedDataset(task.train, self.tokenizer, tr.max_prompt_len, tr.max_answer_len)
+        replay_idx = self._replay_indices(len(ds), t) if self.method != "sft" else []
+        new = [_Sample(ds[i].prompt_ids, ds[i].answer_ids, t) for i in replay_idx]
+        if self.method == "seekr":
+            self._choose_queries(new, t)
+            before = self._all_head_rows(new)
+        epochs = cfg.tasks[t].epochs or tr.epochs
+        t_start = time.time()
+        self._fit(t, ds, epochs)
+        if self.method == "seekr":
+            sens = self._sensitivity(new)
+            after = self._all_head_rows(new)
+            forget = self._forgettability(before, after)
+            self.importance += sens * forget
+            L, H = self.importance.shape
+            lb = cfg.distill.layer_budget or max(1, round(0.75 * L))
+            hb = cfg.distill.head_budget or max(1, (L * H) // 8)
+            if lb > L or hb > min(lb, L) * H:
+                raise ValueError(f"distill: budgets layer_budget={lb}, head_budget={hb} exceed the model "
+                                 f"({L} layers x {H} heads)")
+            self.heads = _select_heads(self.importance, lb, hb)
+            self.log(kind="heads", task=t, heads={str(l): h.tolist() for l, h in self.heads.items()})
+        if self.method in ("replay+logits", "seekr"):
+            self._capture_teacher(new, self.heads if self.method == "seekr" else {})
+        if self.method != "sft":
+            self.memory.add_task(task.name, new, self.heads if self.method == "seekr" else {})
+        row, ll = self._evaluate_upto(t)
+        self.rows.append(row)
+        self.loglik_rows.append(ll)
+        self.log(kind="eval", task=t, name=task.name, scores=row, loglik=ll,
+                 train_seconds=round(time.time() - t_start, 3))
+        self._print(f"[{self.method}] after task {t + 1}/{len(self.tasks)} ({task.name}): "
+                    + ", ".join(f"{n}={s:.3f}" for n, s in zip(self.task_names, row)))
+        self._save(t)
+
+    def _replay_indices(self, n: int, t: int) -> list:
+        r = self.cfg.replay.ratio
+        k = int(n * r) if r < 1 else int(r)
+        k = max(1, min(n, k))
+        g = torch.Generator().manual_seed(task_seed(self.cfg.seed, t) + 1)
+        return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+    def _choose_queries(self, samples, t):
+        qb = self.cfg.distill.query_budget
+        g = torch.Generator().manual_seed(task_seed(self.cfg.seed, t) + 2)
+        for s in samples:
+            if qb == 0 or s.length <= qb:
+                s.queries = None
+            else:
+                s.queries = torch.sort(torch.randperm(s.length, generator=g)[:qb]).values
+
+    # ---------------------------------------------------------------- training loop
+    def _global_batches(self, n, epoch, t, bs):
+        bl = epoch_batches(n, bs, task_seed(self.cfg.seed, t), epoch, shuffle=self.cfg.train.shuffle)
+        need = self.dist.world * self.cfg.train.grad_accum
+        if bl and len(bl[-1]) < need:   # every rank and micro-step needs a sample
+            bl.pop()
+        return bl
+
+    def _fit(self, t: int, ds: EncodedDataset, epochs: int):
+        cfg, tr = self.cfg, self.cfg.train
+        model = self.train_model
+        model.train()
+        opt = torch.optim.AdamW(_param_groups(self.base, tr.weight_decay), lr=tr.lr, betas=tuple(tr.betas))
+        n_batches = len(self._global_batches(len(ds), 0, t, tr.batch_size))
+        if n_batches == 0:
+            raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
+                             f"{self.dist.world * tr.grad_accum}+ samples")
+        mem = self.memory.flat()
+        rbs = cfg.replay.batch_size or tr.batch_size
+        cycle, replay_per_epoch = 0, 0
+        if mem and self.method != "sft":
+            n_rb = max(1, len(mem) // rbs) if len(mem) >= self.dist.world * tr.grad_accum else 0
+            if n_rb:
+                cycle = cfg.replay.cycle or max(1, n_batches // n_rb)
+                replay_per_epoch = n_batches // cycle
+        total = epochs * (n_batches + replay_per_epoch)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tr.schedule, tr.warmup_steps, total))
+        rng = random.Random(task_seed(cfg.seed, t) + 3)
+        replay_queue: list = []
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc=f"{self.method} {t + 1}/{len(self.tasks)} {self.task_names[t]}",
+                   disable=not (self.dist.main and cfg.log.progress and not self.quiet), leave=False,
+                   dynamic_ncols=True)
+        gstep = 0
+        for epoch in range(epochs):
+            for step, gb in enumerate(self._global_batches(len(ds), epoch, t, tr.batch_size)):
+                if cycle and (step + 1) % cycle == 0:
+                    if len(replay_queue) < rbs:
+                        order = mem[:]
+                        rng.shuffle(order)
+                        replay_queue.extend(order)
+                    rb, replay_queue[:rbs] = replay_queue[:rbs], []
+                    rec = self._replay_step(rb, opt, sched)
+                    gstep += 1
+                    bar.update(1)
+                    if gstep % cfg.log.every == 0:
+                        self.log(kind="replay", task=t, epoch=epoch, step=step, global_step=gstep, **rec)
+                loss = self._train_step([ds[i] for i in gb], opt, sched)
+                gstep += 1
+                bar.update(1)
+                if gstep % cfg.log.every == 0 or gstep == total:
+                    self.log(kind="train", task=t, epoch=epoch, step=step, global_step=gstep, loss=loss,
+                             lr=sched.get_last_lr()[0])
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.close()
+        opt.zero_grad(set_to_none=True)
+
+    def _micro(self, items):
+        """This rank's micro-batches of a global batch (list of lists)."""
+        mine = shard(list(range(len(items))), self.dist.rank, self.dist.world)
+        acc = self.cfg.train.grad_accum
+        return [shard(mine, k, acc) for k in range(acc)]
+
+    def _sync_ctx(self, k, n):
+        m = self.train_model
+        if k < n - 1 and isinstance(m, torch.nn.parallel.DistributedDataParallel):
+            return m.no_sync()
+        return contextlib.nullcontext()
+
+    def _optimizer_step(self, opt, sched):
+        tr = self.cfg.train
+        if tr.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), tr.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _forward(self, b):
+        return self.train_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                position_ids=b["position_ids"], use_cache=False)
+
+    def _train_step(self, items, opt, sched) -> float:
+        N = sum(_n_targets(e) for e in items)
+        W = self.dist.world
+        micro = self._micro(items)
+        total = torch.zeros((), dtype=torch.float64)
+        for k, mb in enumerate(micro):
+            b = collate([items[i] for i in mb], self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of)
+            b = {kk: v.to(self.device) for kk, v in b.items()}
+            with self._sync_ctx(k, len(micro)), self._autocast():
+                out = self._forward(b)
+                s = ce_sum(out.logits, b["labels"])
+            (s * (W / N)).backward()
+            total += s.detach().double().cpu()
+        self._optimizer_step(opt, sched)
+        return float(self.dist.all_reduce(total)) / N
+
+    def _replay_step(self, keys, opt, sched) -> dict:
+        cfg = self.cfg
+        d = cfg.distill
+        method = self.method
+        samples = [self.memory.sample(k) for k in keys]
+        N = sum(len(s.answer_ids) - (0 if s.prompt_ids else 1) for s in samples)
+        B = len(keys)
+        W = self.dist.world
+        layers = self.memory.layers(keys) if method == "seekr" else []
+        want_logits = method in ("replay+logits", "seekr")
+        micro = self._micro(keys)
+        sums = torch.zeros(3, dtype=torch.float64)
+        for k, mb in enumerate(micro):
+            mk = [keys[i] for i in mb]
+            b = self.memory.batch(mk, self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of, layers,
+                                  logits=want_logits, vocab=self.base.config.vocab_size)
+            dev = {kk: v.to(self.device) for kk, v in b.items() if isinstance(v, torch.Tensor)}
+            with self._sync_ctx(k, len(micro)), self._autocast():
+                if layers:
+                    from ..llama import distill_attention
+                    teacher = {l: t.to(self.device) for l, t in b["teacher_attn"].items()}
+                    heads = {l: h.to(self.device) for l, h in b["heads"].items()}
+                    q = None if b["queries"] is None else b["queries"].to(self.device)
+                    with distill_attention(self.base, heads, q, teacher, dev["attention_mask"],
+                                           backend=d.backend) as dctx:
+                        out = self._forward(dev)
+                    attn = dctx.loss() * (len(mk) / B)
+                else:
+                    out = self._forward(dev)
+                    attn = None
+                labels = dev["labels"]
+                ce = ce_sum(out.logits, labels) / N
+                lkl = None
+                if want_logits:
+                    tl = b["teacher_logits"].to(self.device)
+                    n_loc = int((labels[:, 1:] != -100).sum())
+                    lkl = logits_kl_mean(out.logits, tl, labels) * (n_loc / N)
+                loss = replay_objective(method, ce, lkl, attn, d.logits_weight, d.attn_weight)
+            (loss * W).backward()
+            sums += torch.tensor([float(ce.detach()), float(lkl.detach()) if lkl is not None else 0.0,
+                                  float(attn.detach()) if attn is not None else 0.0], dtype=torch.float64)
+        self._optimizer_step(opt, sched)
+        sums = self.dist.all_reduce(sums)
+        rec = {"ce": float(sums[0])}
+        if want_logits:
+            rec["logits_kl"] = float(sums[1])
+        if layers:
+            rec["attn_kl"] = float(sums[2])
+        return rec
+
+    # ---------------------------------------------------------------- SEEKR statistics
+    def _sensitivity_chunks(self, samples, bs):
+        """This rank's share of the samples in chunks of ``bs``, plus weight-0 filler chunks so
+        every rank runs the same number of passes (FSDP needs matched collectives)."""
+        n = len(samples)
+        mine = [samples[i] for i in shard(list(range(n)), self.dist.rank, self.dist.world)]
+        chunks = [(mine[i:i + bs], 1.0) for i in range(0, len(mine), bs)]
+        need = -(-(-(-n // self.dist.world)) // bs)
+        return chunks + [([samples[0]], 0.0)] * (need - len(chunks))
+
+    def _sensitivity(self, samples) -> torch.Tensor:
+        """Mean (dL/dA)^2 per head over the replay samples, normalised per layer (published)."""
+        model = self.base
+        was = model.training
+        model.eval()
+        L, H = self.importance.shape
+        acc = torch.zeros(L, H, dtype=torch.float64)
+        try:
+            from .importance import measure_sensitivity
+        except ImportError:
+            measure_sensitivity = None
+        for chunk, w in self._sensitivity_chunks(samples, self.cfg.distill.sensitivity_batch_size):
+            b = collate([Encoded(s.prompt_ids, s.answer_ids) for s in chunk], self.tokenizer.pad_token_id)
+            b = {k: v.to(self.device) for k, v in b.items()}
+            if measure_sensitivity is not None:
+                with measure_sensitivity(model, region=self.cfg.distill.sensitivity_region) as m:
+                    self._sens_forward(model, b).backward()
+                acc += m.scores.double().cpu() * (w * len(chunk))
+            else:
+                from ..llama import observe_attention
+                obs = _sensitivity_observer()(L, H)
+                with observe_attention(model, obs, b["attention_mask"]):
+                    loss = self._sens_forward(model, b)
+                loss.backward()
+                acc += obs.acc * w
+            model.zero_grad(set_to_none=True)
+        acc = self.dist.all_reduce(acc) / max(1, len(samples))
+        model.train(was)
+        acc = acc / acc.sum(1, keepdim=True).clamp_min(1e-30)
+        return acc.float()
+
+    def _sens_forward(self, model, b):
+        with self._autocast():
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                        position_ids=b["position_ids"], use_cache=False)
+            return ce_sum(out.logits, b["labels"]) / (b["labels"][:, 1:] != -100).sum().clamp_min(1)
+
+    @torch.no_grad()
+    def _all_head_rows(self, samples) -> list:
+        """Every head's attention rows at the samples' query rows: per sample {l: [H, Q, len]}."""
+        from ..llama import capture_attention
+        model = self.base
+        was = model.training
+        model.eval()
+        L, H = self.importance.shape
+        heads = {l: torch.arange(H) for l in range(L)}
+        out = []
+        for s in samples:
+            b = collate([Encoded(s.prompt_ids, s.answer_ids)], self.tokenizer.pad_token_id)
+            b = {k: v.to(self.device) for k, v in b.items()}
+            q = None if s.queries is None else s.queries[None].to(self.device)
+            with capture_attention(model, heads, q, b["attention_mask"], device="cpu",
+                                   backend=self.cfg.distill.backend) as c, self._autocast():
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                      position_ids=b["position_ids"], use_cache=False)
+            out.append({l: r[0].float() for l, r in c.rows.items()})
+        model.train(was)
+        return out
+
+    def _forgettability(self, before, after) -> torch.Tensor:
+        """Mean (A_before - A_after)^2 per head over the replay samples' query rows."""
+        L, H = self.importance.shape
+        acc = torch.zeros(L, H, dtype=torch.float64)
+        for b_, a_ in zip(before, after):
+            for l in range(L):
+                acc[l] += ((b_[l].double() - a_[l].double()) ** 2).mean((1, 2))
+        return (acc / max(1, len(before))).float()
+
+    @torch.no_grad()
+    def _capture_teacher(self, samples, heads):
+        """Teacher logits (and selected heads' attention rows) of the new replay samples."""
+        model = self.base
+        was = model.training
+        model.eval()
+        topk = self.cfg.distill.teacher_logits_topk
+        bs = self.cfg.eval.batch_size
+        for i in range(0, len(samples), bs):
+            chunk = samples[i:i + bs]
+            b = collate([Encoded(s.prompt_ids, s.answer_ids) for s in chunk], self.tokenizer.pad_token_id)
+            Lb = b["input_ids"].shape[1]
+            b = {k: v.to(self.device) for k, v in b.items()}
+            pads = [Lb - s.length for s in chunk]
+            ctx = contextlib.nullcontext()
+            if heads:
+                from ..llama import capture_attention
+                all_rows = all(s.queries is None for s in chunk)
+                q = None
+                if not all_rows:
+                    Qm = max(Lb if s.queries is None else s.queries.numel() for s in chunk)
+                    q = torch.zeros(len(chunk), Qm, dtype=torch.long)
+                    for j, (s, p) in enumerate(zip(chunk, pads)):
+                        rel = torch.arange(s.length) if s.queries is None else s.queries
+                        q[j, :rel.numel()] = rel + p
+                    q = q.to(self.device)
+                ctx = capture_attention(model, {l: h.to(self.device) for l, h in heads.items()}, q,
+                                        b["attention_mask"], device="cpu", backend=self.cfg.distill.backend)
+            with ctx as c, self._autocast():
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                            position_ids=b["position_ids"], use_cache=False)
+            logits = out.logits.float().cpu()
+            for j, (s, p) in enumerate(zip(chunk, pads)):
+                a0 = max(p, p + len(s.prompt_ids) - 1)
+                A = len(s.answer_ids) - (0 if s.prompt_ids else 1)
+                lg = logits[j, a0:a0 + A].clone()
+                if topk:
+                    from ..ops.topk import TopK
+                    tk = TopK.from_dense(lg, min(topk, lg.shape[-1]), kind="logits")
+                    s.topk = (tk.values.contiguous(), tk.indices.to(torch.int32).contiguous(),
+                              tk.lse.float().contiguous())
+                else:
+                    s.logits = lg
+                if heads:
+                    Q = s.length if s.queries is None else s.queries.numel()
+                    s.attn = {l: (r[j][:, p:, p:] if s.queries is None else r[j][:, :Q, p:]).clone().float()
+                              for l, r in c.rows.items()}
+        model.train(was)
+
+    # ---------------------------------------------------------------- evaluation
+    def _evaluate_upto(self, t: int):
+        e, tr = self.cfg.eval, self.cfg.train
+        row, ll = [], []
+        for j in range(t + 1):
+            task = self.tasks[j]
+            exs = task.split(e.split) or task.eval or task.test or task.train
+            if e.max_samples:
+                exs = exs[: e.max_samples]
+            r = evaluate_examples(self.base, self.tokenizer, exs, metric=task.metric,
+                                  max_prompt_len=tr.max_prompt_len, max_answer_len=tr.max_answer_len,
+                                  batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, device=self.device,
+                                  autocast_dtype=self.autocast, keep_predictions=e.keep_predictions,
+                                  sharded_model=self._fsdp)
+            row.append(r["score"])
+            ll.append(r["loglik"])
+            if j == t and r["predictions"]:
+                self.log(kind="samples", task=t, predictions=r["predictions"])
+        return row, ll
+
+    # ---------------------------------------------------------------- persistence
+    def _state_path(self):
+        return os.path.join(self.out, "state.json")
+
+    def _fingerprint(self):
+        c = self.cfg
+        return {"method": c.method, "seed": c.seed, "tasks": self.task_names,
+                "replay_ratio": c.replay.ratio}
+
+    def _save(self, t: int):
+        sd = self._state_dict()           # collective under FSDP: every rank calls it
+        if self.dist.main:
+            ck_root = os.path.join(self.out, "checkpoints")
+            os.makedirs(ck_root, exist_ok=True)
+            name = f"task-{t:03d}"
+            final = os.path.join(ck_root, name)
+            tmp = f"{final}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            with _quiet_transformers():
+                self.base.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            self.tokenizer.save(tmp)
+            from safetensors.torch import save_file
+            save_file({"importance": self.importance.contiguous()}, os.path.join(tmp, "seekr_state.safetensors"))
+            _atomic_replace_dir(tmp, final)
+            mem_bytes = 0
+            if self.method != "sft":
+                mem_bytes = self.memory.save_task(os.path.join(self.out, "memory"), t)
+            prev = None
+            if os.path.exists(self._state_path()):
+                with open(self._state_path(), encoding="utf-8") as f:
+                    prev = json.load(f).get("checkpoint")
+            M.write_json(self._state_path(), {
+                "version": STATE_VERSION, **self._fingerprint(), "completed": t + 1,
+                "checkpoint": os.path.join("checkpoints", name), "rows": self.rows,
+                "loglik_rows": self.loglik_rows,
+                "heads": {str(l): h.tolist() for l, h in self.heads.items()},
+                "config": self.cfg.to_dict()})
+            if prev and prev != os.path.join("checkpoints", name) and self.cfg.keep_checkpoints == "last":
+                shutil.rmtree(os.path.join(self.out, prev), ignore_errors=True)
+            self.log(kind="saved", task=t, checkpoint=final, memory_bytes=mem_bytes)
+            res = self.results()
+            M.write_json(os.path.join(self.out, "results.json"), res)
+            M.plot_heatmap(res["matrix"], os.path.join(self.out, "heatmap.png"), self.task_names,
+                           title=f"{self.method}")
+        self.dist.barrier()
+
+    def _resume(self) -> int:
+        p = self._state_path()
+        if not os.path.exists(p):
+            return 0
+        with open(p, encoding="utf-8") as f:
+            st = json.load(f)
+        fp = self._fingerprint()
+        for k, v in fp.items():
+            if st.get(k) != v:
+                raise RuntimeError(f"{p}: output_dir holds a run with {k}={st.get(k)!r}, this config has "
+                                   f"{v!r}; use another output_dir (or delete it) to start over")
+        k = int(st["completed"])
+        ck = os.path.join(self.out, st["checkpoint"])
+        from safetensors.torch import load_file
+        sd = load_file(os.path.join(ck, "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"{ck}: checkpoint does not match the model (missing {sorted(missing)}, "
+                               f"unexpected {sorted(unexpected)})")
+        if tied:
+            self.model.tie_weights()
+        self.importance = load_file(os.path.join(ck, "seekr_state.safetensors"))["importance"]
+        self.heads = {int(l): torch.tensor(h, dtype=torch.long) for l, h in st.get("heads", {}).items()}
+        self.rows = [list(r) for r in st["rows"]][:k]
+        self.loglik_rows = [list(r) for r in st["loglik_rows"]][:k]
+        if self.method != "sft":
+            for ti in range(k):
+                self.memory.load_task(os.path.join(self.out, "memory"), ti, self.task_names[ti])
+        return k
+
+
+def train(config: RunConfig, **kw) -> dict:
+    """Run :class:`ContinualTrainer` on a config; returns its results."""
+    return ContinualTrainer(config, **kw).run()
