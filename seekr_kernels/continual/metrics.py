@@ -96,8 +96,7 @@ def plot_heatmap(matrix, path: str, task_names: Sequence[str] | None = None, tit
                 arr[i, j] = float(v)
     names = list(task_names) if task_names else [f"task {j}" for j in range(T)]
     fig, ax = plt.subplots(figsize=(1.2 * T + 2.2, 1.0 * T + 1.6))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
     im = ax.imshow(np.ma.masked_invalid(arr), cmap=cmap, vmin=vmin, vmax=vmax)
     for i in range(T):
         for j in range(T):

@@ -692,15 +692,26 @@ class ContinualTrainer:
                              f"{self.dist.world * tr.grad_accum}+ samples")
         mem = self.memory.flat()
         rbs = cfg.replay.batch_size or tr.batch_size
+        need = self.dist.world * tr.grad_accum
+        rng = random.Random(task_seed(cfg.seed, t) + 3)
+
+        def replay_epoch():
+            # One pass over the memory in a fresh order, as a replay DataLoader would give; a
+            # trailing batch too small for every rank and micro-step is dropped.
+            order = mem[:]
+            rng.shuffle(order)
+            bl = [order[i:i + rbs] for i in range(0, len(order), rbs)]
+            return bl[:-1] if bl and len(bl[-1]) < need else bl
+
         cycle, replay_per_epoch = 0, 0
         if mem and self.method != "sft":
-            n_rb = max(1, len(mem) // rbs) if len(mem) >= self.dist.world * tr.grad_accum else 0
+            n_rb = len(replay_epoch())
             if n_rb:
                 cycle = cfg.replay.cycle or max(1, n_batches // n_rb)
                 replay_per_epoch = n_batches // cycle
         total = epochs * (n_batches + replay_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tr.schedule, tr.warmup_steps, total))
-        rng = random.Random(task_seed(cfg.seed, t) + 3)
+        rng.seed(task_seed(cfg.seed, t) + 3)
         replay_queue: list = []
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc=f"{self.method} {t + 1}/{len(self.tasks)} {self.task_names[t]}",
@@ -710,11 +721,9 @@ class ContinualTrainer:
         for epoch in range(epochs):
             for step, gb in enumerate(self._global_batches(len(ds), epoch, t, tr.batch_size)):
                 if cycle and (step + 1) % cycle == 0:
-                    if len(replay_queue) < rbs:
-                        order = mem[:]
-                        rng.shuffle(order)
-                        replay_queue.extend(order)
-                    rb, replay_queue[:rbs] = replay_queue[:rbs], []
+                    if not replay_queue:
+                        replay_queue = replay_epoch()
+                    rb = replay_queue.pop(0)
                     rec = self._replay_step(rb, opt, sched)
                     gstep += 1
                     bar.update(1)

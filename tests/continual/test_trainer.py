@@ -1,0 +1,207 @@
+"""End-to-end trainer runs on a tiny Llama and tiny data: every method, teacher alignment,
+resume == uninterrupted, replay memory persistence."""
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from seekr_kernels.continual.config import from_dict
+from seekr_kernels.continual.demo import make_stream, write_stream
+from seekr_kernels.continual.trainer import ContinualTrainer, ReplayStore, _Sample, _select_heads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread is as fast, and tests run two workers on two cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*falls back to the plain-PyTorch backend.*")
+        yield
+    torch.set_num_threads(n)
+
+
+TASKS = ("rev", "rot", "swp")
+
+
+def tiny_tasks(root, n_train=24, n_test=6):
+    return write_stream(make_stream(n_train, n_test, 3, TASKS, seed=1), str(root))
+
+
+def tiny_config(out, paths, method="seekr", **over):
+    d = {
+        "method": method, "output_dir": str(out), "seed": 5, "device": "cpu",
+        "model": {"arch": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "num_key_value_heads": 2,
+                           "max_position_embeddings": 32},
+                  "alphabet": "abcdefghnorstvwxpw:="},
+        "tasks": [{"name": os.path.basename(p), "path": p} for p in paths],
+        "train": {"batch_size": 8, "lr": 3e-3, "max_prompt_len": 12, "max_answer_len": 6,
+                  "pad_to_multiple_of": 1, "warmup_steps": 1, "schedule": "linear"},
+        "replay": {"ratio": 0.25},
+        "distill": {"layer_budget": 2, "head_budget": 3, "query_budget": 4, "backend": "torch"},
+        "eval": {"batch_size": 16},
+        "log": {"progress": False},
+    }
+    for k, v in over.items():
+        sec, _, key = k.partition(".")
+        if key:
+            d.setdefault(sec, {})[key] = v
+        else:
+            d[sec] = v
+    return from_dict(d)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(x) for x in f]
+
+
+@pytest.mark.parametrize("method", ["sft", "replay", "replay+logits", "seekr"])
+def test_each_method_end_to_end(tmp_path, method):
+    paths = tiny_tasks(tmp_path / "data")
+    out = tmp_path / "run"
+    res = ContinualTrainer(tiny_config(out, paths, method), quiet=True).run()
+    assert res["complete"] and res["tasks"] == list(TASKS)
+    m = res["matrix"]
+    assert len(m) == 3 and m[0][1] is None and all(0 <= v <= 1 for v in m[2])
+    assert -1 <= res["BWT"] <= 1 and 0 <= res["OP"] <= 1
+    assert os.path.isfile(out / "results.json") and os.path.isfile(out / "heatmap.png")
+    st = json.loads((out / "state.json").read_text())
+    assert st["completed"] == 3 and os.path.isdir(out / st["checkpoint"])
+    assert sorted(os.listdir(out / "checkpoints")) == ["task-002"]          # keep_checkpoints: last
+    log = read_log(out)
+    replay = [r for r in log if r["kind"] == "replay"]
+    train = [r for r in log if r["kind"] == "train"]
+    # 24 samples / batch 8 = 3 batches per epoch; memory of 6 (and then 12) samples in
+    # batches of 8 -> 1 (then 2) replay batches: cycle 3 (then 1) as in the published code.
+    assert len(train) == 9
+    if method == "sft":
+        assert not replay and not os.path.exists(out / "memory")
+    else:
+        assert len(replay) == 1 + 3
+        assert sorted(os.listdir(out / "memory")) == ["task-000", "task-001", "task-002"]
+        keys = {"replay": {"ce"}, "replay+logits": {"ce", "logits_kl"},
+                "seekr": {"ce", "logits_kl", "attn_kl"}}[method]
+        for r in replay:
+            assert keys <= set(r) and all(r[k] >= 0 and r[k] == r[k] for k in keys)
+    if method == "seekr":
+        heads = [r for r in log if r["kind"] == "heads"]
+        assert len(heads) == 3
+        assert sum(len(h) for h in heads[-1]["heads"].values()) == 3
+
+
+def test_teacher_is_aligned_with_the_batch(tmp_path):
+    """Right after capture, the model is its own teacher: logits equal, attention KL ~ 0."""
+    from seekr_kernels.continual.losses import logits_kl_mean
+    from seekr_kernels.llama import distill_attention
+    paths = tiny_tasks(tmp_path / "data")[:1]
+    tr = ContinualTrainer(tiny_config(tmp_path / "run", paths, "seekr"), quiet=True)
+    tr.run()
+    keys = tr.memory.flat()
+    b = tr.memory.batch(keys, tr.tokenizer.pad_token_id, 1, tr.memory.layers(keys), logits=True)
+    model = tr.base.eval()
+    with torch.no_grad(), distill_attention(model, b["heads"], b["queries"], b["teacher_attn"],
+                                            b["attention_mask"], backend="torch") as d:
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    position_ids=b["position_ids"], use_cache=False)
+    assert float(d.loss()) < 1e-5
+    sel = torch.zeros_like(b["labels"], dtype=torch.bool)
+    sel[:, :-1] = b["labels"][:, 1:] != -100
+    torch.testing.assert_close(out.logits[sel], b["teacher_logits"][sel], atol=1e-4, rtol=1e-4)
+    assert not b["teacher_logits"][~sel].any()
+    # logits KL against itself = the entropy of its own predictions (its minimum)
+    lkl = logits_kl_mean(out.logits, b["teacher_logits"], b["labels"])
+    p = torch.log_softmax(out.logits[sel], -1)
+    torch.testing.assert_close(lkl, -(p.exp() * p).sum(-1).mean(), atol=1e-5, rtol=1e-5)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_after(monkeypatch, n_steps):
+    orig = ContinualTrainer._train_step
+    calls = {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > n_steps:
+            raise _Crash("killed")
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(ContinualTrainer, "_train_step", step)
+
+
+@pytest.mark.parametrize("method", ["seekr", "replay+logits"])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, method):
+    paths = tiny_tasks(tmp_path / "data")
+    a = ContinualTrainer(tiny_config(tmp_path / "a", paths, method), quiet=True)
+    ra = a.run()
+    # Killed in the middle of task 2 (two tasks complete, one step into the third).
+    with monkeypatch.context() as mp:
+        _crash_after(mp, 3 + 3 + 1)
+        with pytest.raises(_Crash):
+            ContinualTrainer(tiny_config(tmp_path / "b", paths, method), quiet=True).run()
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["completed"] == 2
+    b = ContinualTrainer(tiny_config(tmp_path / "b", paths, method), quiet=True)
+    rb = b.run()
+    assert rb["matrix"] == ra["matrix"] and rb["loglik"] == ra["loglik"]
+    sa, sb = a.base.state_dict(), b.base.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert torch.equal(a.importance, b.importance)
+    assert any(json.loads(x)["kind"] == "resume" for x in open(tmp_path / "b" / "log.jsonl"))
+    # A finished run resumes to the same results without training again.
+    rc = ContinualTrainer(tiny_config(tmp_path / "b", paths, method), quiet=True).run()
+    assert rc["matrix"] == ra["matrix"]
+
+
+def test_resume_refuses_another_run(tmp_path):
+    paths = tiny_tasks(tmp_path / "data")[:1]
+    ContinualTrainer(tiny_config(tmp_path / "run", paths, "replay"), quiet=True).run()
+    with pytest.raises(RuntimeError, match="method='replay'"):
+        ContinualTrainer(tiny_config(tmp_path / "run", paths, "seekr"), quiet=True).run()
+
+
+def test_replay_memory_roundtrip_and_corruption(tmp_path):
+    m = ReplayStore()
+    s1 = _Sample([1, 5, 6], [7, 2], 0, logits=torch.randn(2, 9), queries=torch.tensor([0, 2]),
+                 attn={1: torch.rand(2, 2, 5)})
+    s2 = _Sample([1, 6], [8, 8, 2], 0, logits=torch.randn(3, 9), queries=None, attn={1: torch.rand(2, 5, 5)})
+    m.add_task("t0", [s1, s2], {1: torch.tensor([0, 3])})
+    root = str(tmp_path / "mem")
+    size = m.save_task(root, 0)
+    assert size > 0
+    m2 = ReplayStore()
+    m2.load_task(root, 0, "t0")
+    for a, b in zip(m.tasks[0]["samples"], m2.tasks[0]["samples"]):
+        assert a.prompt_ids == b.prompt_ids and a.answer_ids == b.answer_ids
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.attn[1], b.attn[1])
+    b1 = m.batch(m.flat(), 0, 1, [1], logits=True)
+    b2 = m2.batch(m2.flat(), 0, 1, [1], logits=True)
+    for k in ("input_ids", "labels", "teacher_logits", "queries"):
+        assert torch.equal(b1[k], b2[k])
+    assert torch.equal(b1["teacher_attn"][1], b2["teacher_attn"][1])
+    # Sample 2 has all rows: its padded query slots point at a padding position (0).
+    assert b1["queries"][0].tolist() == [0, 2, 0, 0, 0] and b1["queries"][1].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(RuntimeError, match="expected 'other'"):
+        ReplayStore().load_task(root, 0, "other")
+    p = os.path.join(root, "task-000", "memory.safetensors")
+    data = bytearray(open(p, "rb").read())
+    data[-3] ^= 0xFF
+    open(p, "wb").write(bytes(data))
+    with pytest.raises(RuntimeError, match="checksum"):
+        ReplayStore().load_task(root, 0, "t0")
+    with pytest.raises(RuntimeError, match="manifest"):
+        ReplayStore().load_task(root, 1, "t1")
+
+
+def test_select_heads_published_rule():
+    imp = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.05]])
+    # layer sums 1.0, 1.5, 0.05 -> layers {0, 1}; top 3 heads among them: (0,1), then ties 0.5
+    heads = _select_heads(imp, 2, 3)
+    assert {l: h.tolist() for l, h in heads.items()} == {0: [1], 1: [0, 1]}
