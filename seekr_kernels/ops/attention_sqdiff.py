@@ -1,0 +1,99 @@
+"""Squared difference of two models' attention rows, without [L, L] maps.
+
+For a selected row r = (b, s, i) with head h = heads[b, s] and valid keys
+V = {j <= i, attention_mask[b, j] = 1}, with p_x the softmax of model x's scores
+``scale * q_x[b, h, i] . k_x[b, h // G, j]`` over V (x = a, b):
+
+    rows[b, s, i] = sum_{j in V} (p_a_j - p_b_j)^2
+
+Keys outside V are 0 in both attention maps, so this is also the sum over the whole row
+of the [L, L] maps. It is the building block of SEEKR's forgettability (mean of
+(A_before - A_after)^2 over a head's attention map, see
+:func:`seekr_kernels.continual.importance.measure_forgettability`).
+
+The fused (triton) backend streams key blocks twice — the log-sum-exp of both rows,
+then the squared difference of the normalised probabilities — and writes only [B, S, Q].
+The torch backend materialises the rows of a bounded number of slots at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .. import reference
+from .._backend import resolve
+from .._checks import _check_finite, check_attention_args
+
+# torch backend: at most this many [.., L] entries per chunk of slots (x ~6 live temporaries).
+_TORCH_CHUNK = 1 << 22
+
+
+def _check_pair(name_q, name_k, q, k, a):
+    for name, t, ref in ((name_q, q, a.q), (name_k, k, a.k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from model a's dtype {ref.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{name}: is on {t.device}, model a's tensors are on {ref.device}")
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"{name}: shape {list(t.shape)} differs from model a's {list(ref.shape)}")
+
+
+def _torch_rows(a, q_b, k_b):
+    acc = torch.float64 if a.q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(a.B, a.S, a.Q, device=a.q.device, dtype=acc)
+    per_slot = max(1, a.B * a.Q * a.L)
+    step = max(1, _TORCH_CHUNK // per_slot)
+    for s0 in range(0, a.S, step):
+        s1 = min(a.S, s0 + step)
+        part = dataclasses.replace(a, heads=a.heads[:, s0:s1], row_active=a.row_active[:, s0:s1], S=s1 - s0)
+        za, valid = reference.selected_logits(part)
+        pa = reference.masked_log_softmax(za, valid).exp().masked_fill(~valid, 0.0)
+        del za
+        zb, _ = reference.selected_logits(dataclasses.replace(part, q=q_b, k=k_b))
+        pb = reference.masked_log_softmax(zb, valid).exp().masked_fill(~valid, 0.0)
+        del zb
+        rows = (pa - pb).square_().sum(-1)
+        out[:, s0:s1] = torch.where(part.row_active, rows, torch.zeros_like(rows))
+    return out
+
+
+def attention_sqdiff(q_a, k_a, q_b, k_b, heads, queries=None, attention_mask=None, *, scale=None,
+                     backend="auto", check_values=True) -> torch.Tensor:
+    """Per-row ``sum_j (p_a_j - p_b_j)^2`` of two models' attention, ``[B, S, Q]``.
+
+    Args:
+        q_a, k_a: model a's post-RoPE queries ``[B, H, L, D]`` and keys ``[B, Hkv, L, D]``
+            (fp32, fp16, bf16 or fp64; any strides); head h reads kv head h // (H // Hkv).
+        q_b, k_b: model b's, same shapes, dtype and device as model a's.
+        heads: integer ``[S]`` or ``[B, S]`` heads (-1 = empty slot). For forgettability
+            usually every head of the layer, ``arange(H)``.
+        queries: integer ``[B, Q]`` absolute query positions, or None for all L rows.
+        attention_mask: ``[B, L]`` 0/1 key padding mask (left or right padding), None =
+            all ones; the causal mask is always applied. Both models see the same tokens.
+        scale: softmax scale of both models, default D ** -0.5.
+        backend: 'auto' (triton on CUDA, torch elsewhere with a one-time warning),
+            'triton' (also CPU tensors under TRITON_INTERPRET=1) or 'torch'.
+        check_values: scan inputs for NaN/inf and out-of-range indices (one host sync).
+
+    Returns:
+        fp32 ``[B, S, Q]`` (fp64 for fp64 inputs); 0 for empty slots and padded query
+        positions. Not differentiable: it runs under ``torch.no_grad()``.
+    """
+    a = check_attention_args(q_a, k_a, heads, queries, attention_mask, scale, check_values)
+    _check_pair("q_b", "k_b", q_b, k_b, a)
+    if check_values:
+        _check_finite([("q_b", q_b), ("k_b", k_b)])
+    b = resolve(backend, a.q.device, "attention_sqdiff", supported=("triton", "torch"))
+    with torch.no_grad():
+        q_a, k_a, q_b, k_b = (t.detach() for t in (q_a, k_a, q_b, k_b))
+        a = dataclasses.replace(a, q=q_a, k=k_a)
+        if a.B * a.S * a.Q == 0:
+            acc = torch.float64 if a.q.dtype == torch.float64 else torch.float32
+            return torch.zeros(a.B, a.S, a.Q, device=a.q.device, dtype=acc)
+        if b == "triton":
+            from ..triton.attention_sqdiff import attention_sqdiff_rows
+            return attention_sqdiff_rows(a, q_b, k_b)
+        return _torch_rows(a, q_b, k_b)
