@@ -7,3 +7,9 @@ __version__ = "0.1.0"
 __all__ = ["attention_kl", "AttentionKLLoss", "TopK", "__version__"]
 from .ops.attention_probs import attention_probs  # noqa: E402
 __all__ += ["attention_probs"]
+from .ops.attention_sqdiff import attention_sqdiff  # noqa: E402
+from .continual.selection import batch_heads, select_heads  # noqa: E402
+from .continual.importance import (Importance, measure_forgettability, measure_sensitivity,  # noqa: E402
+                                   sensitivity_loss)
+__all__ += ["attention_sqdiff", "select_heads", "batch_heads", "measure_sensitivity", "measure_forgettability",
+            "sensitivity_loss", "Importance"]
