@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 
 from . import metrics as M
-from .config import RunConfig, TaskSpec, task_name
+from .config import ConfigError, RunConfig, TaskSpec, task_name
 from .data import (CharTokenizer, Encoded, EncodedDataset, Task, collate, epoch_batches, load_task,
                    load_tokenizer, shard)
 from .evaluate import evaluate_examples
@@ -171,7 +171,9 @@ class Dist:
         return t
 
     def close(self):
+        """Leave the process group (only if this object joined it); all ranks together."""
         if self.owned and torch.distributed.is_initialized():
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -447,23 +449,9 @@ def _sensitivity_observer():
 
 
 def _select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int) -> dict:
-    """Published rule: top layers by summed importance, then top heads across them."""
-    try:
-        from .selection import select_heads
-        return {int(l): torch.as_tensor(h).long() for l, h in
-                select_heads(importance, layer_budget, head_budget).items()}
-    except ImportError:
-        pass
-    n_layers, n_heads = importance.shape
-    lsum = importance.sum(1)
-    layers = torch.sort(torch.argsort(-lsum, stable=True)[:layer_budget]).values
-    sub = importance[layers].flatten()
-    pos = torch.argsort(-sub, stable=True)[:head_budget]
-    out = {}
-    for p in sorted(pos.tolist()):
-        l, h = int(layers[p // n_heads]), p % n_heads
-        out.setdefault(l, []).append(h)
-    return {l: torch.tensor(sorted(h), dtype=torch.long) for l, h in out.items()}
+    """Published rule (top layers by summed importance, then top heads across them)."""
+    from .selection import select_heads
+    return {int(l): torch.as_tensor(h).long() for l, h in select_heads(importance, layer_budget, head_budget).items()}
 
 
 # ============================================================================ the trainer
@@ -508,6 +496,15 @@ class ContinualTrainer:
         n_layers = self.model.config.num_hidden_layers
         n_heads = self.model.config.num_attention_heads
         self.importance = torch.zeros(n_layers, n_heads, dtype=torch.float32)
+        d = config.distill
+        lb = d.layer_budget or max(1, round(0.75 * n_layers))
+        hb = d.head_budget or max(1, (n_layers * n_heads) // 8)
+        if lb > n_layers:
+            raise ConfigError(f"distill.layer_budget: {lb} is more than the model's {n_layers} layers")
+        if hb > lb * n_heads:
+            raise ConfigError(f"distill.head_budget: {hb} is more than layer_budget x heads = "
+                              f"{lb} x {n_heads}")
+        self.budgets = (lb, hb)
         self.heads: dict = {}
         self.rows: list = []
         self.loglik_rows: list = []
@@ -574,8 +571,13 @@ class ContinualTrainer:
     def _state_dict(self):
         if self._fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                              cpu_offload=True))
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                            cpu_offload=True))
+            if getattr(self.model.config, "tie_word_embeddings", False):
+                # The gathered dict names the tied output embedding twice; save it once, like
+                # an unsharded model (its load path re-ties it).
+                sd.pop("lm_head.weight", None)
+            return sd
         return {k: v.detach().cpu() for k, v in self.base.state_dict().items()}
 
     # ---------------------------------------------------------------- run
@@ -637,12 +639,7 @@ class ContinualTrainer:
             forget = self._forgettability(before, after)
             self.importance += sens * forget
             L, H = self.importance.shape
-            lb = cfg.distill.layer_budget or max(1, round(0.75 * L))
-            hb = cfg.distill.head_budget or max(1, (L * H) // 8)
-            if lb > L or hb > min(lb, L) * H:
-                raise ValueError(f"distill: budgets layer_budget={lb}, head_budget={hb} exceed the model "
-                                 f"({L} layers x {H} heads)")
-            self.heads = _select_heads(self.importance, lb, hb)
+            self.heads = _select_heads(self.importance, *self.budgets)
             self.log(kind="heads", task=t, heads={str(l): h.tolist() for l, h in self.heads.items()})
         if self.method in ("replay+logits", "seekr"):
             self._capture_teacher(new, self.heads if self.method == "seekr" else {})
