@@ -13,3 +13,5 @@ from .continual.importance import (Importance, measure_forgettability, measure_s
                                    sensitivity_loss)
 __all__ += ["attention_sqdiff", "select_heads", "batch_heads", "measure_sensitivity", "measure_forgettability",
             "sensitivity_loss", "Importance"]
+from .continual.replay import ReplayMemory, ReplaySample, ReplayTask  # noqa: E402
+__all__ += ["ReplayMemory", "ReplaySample", "ReplayTask"]
