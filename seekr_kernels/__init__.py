@@ -15,3 +15,5 @@ __all__ += ["attention_sqdiff", "select_heads", "batch_heads", "measure_sensitiv
             "sensitivity_loss", "Importance"]
 from .continual.replay import ReplayMemory, ReplaySample, ReplayTask  # noqa: E402
 __all__ += ["ReplayMemory", "ReplaySample", "ReplayTask"]
+from .llama import capture_attention, distill_attention, observe_attention, patch_llama, unpatch_llama  # noqa: E402
+__all__ += ["patch_llama", "unpatch_llama", "distill_attention", "capture_attention", "observe_attention"]
