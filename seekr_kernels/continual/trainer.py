@@ -409,45 +409,6 @@ class ReplayStore:
 
 # ============================================================================ SEEKR pieces
 
-def _eager_attention_probs(query, key, scale, padding_mask):
-    B, H, L, D = query.shape
-    G = H // key.shape[1]
-    kr = key.repeat_interleave(G, 1)
-    z = torch.matmul(query.float(), kr.float().transpose(-1, -2)) * scale
-    causal = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()
-    valid = causal[None, None]
-    if padding_mask is not None:
-        valid = valid & padding_mask.bool()[:, None, None, :]
-    z = z.masked_fill(~valid, float("-inf"))
-    p = torch.softmax(z, -1)
-    return torch.nan_to_num(p, nan=0.0)
-
-
-def _sensitivity_observer():
-    from ..llama import AttentionObserver
-
-    class Sensitivity(AttentionObserver):
-        needs_grad = True
-
-        def __init__(self, n_layers, n_heads):
-            super().__init__(None)
-            self.acc = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-
-        def on_attention(self, layer_idx, module, query, key, value, attn_output, padding_mask):
-            p = _eager_attention_probs(query, key, module.scaling, padding_mask)
-            G = query.shape[1] // value.shape[1]
-
-            def hook(g, layer=layer_idx):
-                # Published definition: mean of (dL/dA)^2 over the head's L x L map, per sample.
-                self.acc[layer] += (g.double() ** 2).mean((2, 3)).sum(0).cpu()
-
-            p.register_hook(hook)
-            out = torch.matmul(p.to(value.dtype), value.repeat_interleave(G, 1))
-            return out.transpose(1, 2).contiguous().to(attn_output.dtype)
-
-    return Sensitivity
-
-
 def _select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int) -> dict:
     """Published rule (top layers by summed importance, then top heads across them)."""
     from .selection import select_heads
@@ -627,16 +588,17 @@ class ContinualTrainer:
         ds = EncodedDataset(task.train, self.tokenizer, tr.max_prompt_len, tr.max_answer_len)
         replay_idx = self._replay_indices(len(ds), t) if self.method != "sft" else []
         new = [_Sample(ds[i].prompt_ids, ds[i].answer_ids, t) for i in replay_idx]
+        before = None
         if self.method == "seekr":
             self._choose_queries(new, t)
-            before = self._all_head_rows(new)
+            before = self._pre_task_snapshot(new)
         epochs = cfg.tasks[t].epochs or tr.epochs
         t_start = time.time()
         self._fit(t, ds, epochs)
         if self.method == "seekr":
             sens = self._sensitivity(new)
-            after = self._all_head_rows(new)
-            forget = self._forgettability(before, after)
+            forget = self._forgettability(new, before)
+            del before
             self.importance += sens * forget
             L, H = self.importance.shape
             self.heads = _select_heads(self.importance, *self.budgets)
@@ -837,41 +799,95 @@ class ContinualTrainer:
         return chunks + [([samples[0]], 0.0)] * (need - len(chunks))
 
     def _sensitivity(self, samples) -> torch.Tensor:
-        """Mean (dL/dA)^2 per head over the replay samples, normalised per layer (published)."""
+        """Task sensitivity per head on the replay samples (mean over samples of the mean
+        (dL/dA)^2 over each head's map), normalised per layer as published."""
+        from .importance import measure_sensitivity, sensitivity_loss
         model = self.base
         was = model.training
         model.eval()
         L, H = self.importance.shape
-        acc = torch.zeros(L, H, dtype=torch.float64)
-        try:
-            from .importance import measure_sensitivity
-        except ImportError:
-            measure_sensitivity = None
+        sums = torch.zeros(L, H, dtype=torch.float64)
         for chunk, w in self._sensitivity_chunks(samples, self.cfg.distill.sensitivity_batch_size):
             b = collate([Encoded(s.prompt_ids, s.answer_ids) for s in chunk], self.tokenizer.pad_token_id)
             b = {k: v.to(self.device) for k, v in b.items()}
-            if measure_sensitivity is not None:
-                with measure_sensitivity(model, region=self.cfg.distill.sensitivity_region) as m:
-                    self._sens_forward(model, b).backward()
-                acc += m.scores.double().cpu() * (w * len(chunk))
-            else:
-                from ..llama import observe_attention
-                obs = _sensitivity_observer()(L, H)
-                with observe_attention(model, obs, b["attention_mask"]):
-                    loss = self._sens_forward(model, b)
-                loss.backward()
-                acc += obs.acc * w
+            with measure_sensitivity(model, region=self.cfg.distill.sensitivity_region) as m:
+                with self._autocast():
+                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                position_ids=b["position_ids"], use_cache=False)
+                # Sum of per-sample mean CE: each sample gets the gradient it gets alone.
+                sensitivity_loss(out.logits, b["labels"]).backward()
+            if w:
+                sums += m.sums.double().cpu()
             model.zero_grad(set_to_none=True)
-        acc = self.dist.all_reduce(acc) / max(1, len(samples))
+        sens = self.dist.all_reduce(sums) / max(1, len(samples))
         model.train(was)
-        acc = acc / acc.sum(1, keepdim=True).clamp_min(1e-30)
-        return acc.float()
+        return (sens / sens.sum(1, keepdim=True).clamp_min(1e-30)).float()
 
-    def _sens_forward(self, model, b):
-        with self._autocast():
-            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                        position_ids=b["position_ids"], use_cache=False)
-            return ce_sum(out.logits, b["labels"]) / (b["labels"][:, 1:] != -100).sum().clamp_min(1)
+    def _pre_task_snapshot(self, samples):
+        """What forgettability compares against: a frozen copy of the pre-task model, or
+        (FSDP, where a sharded module cannot be copied) every head's rows on the host."""
+        if self._fsdp:
+            return self._all_head_rows(samples)
+        import copy
+
+        from ..llama import patch_llama
+        base = self.base
+        # A fresh module with the same weights (the patched model holds a lock: no deepcopy).
+        with _fork_rng():
+            snap = type(base)(copy.deepcopy(base.config))
+        snap.load_state_dict(base.state_dict())
+        snap = patch_llama(snap.to(device=self.device, dtype=next(base.parameters()).dtype)).eval()
+        for p in snap.parameters():
+            p.requires_grad_(False)
+        return snap
+
+    def _forgettability(self, samples, before) -> torch.Tensor:
+        """Mean (A_before - A_after)^2 per head over the replay samples' query rows."""
+        L, H = self.importance.shape
+        if isinstance(before, list):
+            mine = shard(list(range(len(samples))), 0, 1)
+            after = self._all_head_rows(samples)
+            acc = torch.zeros(L, H, dtype=torch.float64)
+            for i in mine:
+                for l in range(L):
+                    acc[l] += ((before[i][l].double() - after[i][l].double()) ** 2).mean((1, 2))
+            return (acc / max(1, len(samples))).float()
+        from .importance import ForgettabilityMeter
+        model = self.base
+        was = model.training
+        model.eval()
+        meter = ForgettabilityMeter(normalize="sample", backend=self.cfg.distill.backend)
+        n_local = 0
+        mine = [samples[i] for i in shard(list(range(len(samples))), self.dist.rank, self.dist.world)]
+        bs = self.cfg.eval.batch_size
+        for i in range(0, len(mine), bs):
+            chunk = mine[i:i + bs]
+            b = collate([Encoded(s.prompt_ids, s.answer_ids) for s in chunk], self.tokenizer.pad_token_id)
+            Lb = b["input_ids"].shape[1]
+            inputs = {k: b[k].to(self.device) for k in ("input_ids", "attention_mask", "position_ids")}
+            inputs["use_cache"] = False
+            if any(s.queries is not None for s in chunk):
+                q, qm = self._query_table(chunk, Lb)
+                inputs["queries"], inputs["query_mask"] = q.to(self.device), qm.to(self.device)
+            with self._autocast():
+                meter.update(before, model, inputs)
+            n_local += len(chunk)
+        model.train(was)
+        sc = meter.scores.double() if n_local else torch.zeros(L, H, dtype=torch.float64)
+        return (self.dist.all_reduce(sc * n_local) / max(1, len(samples))).float()
+
+    @staticmethod
+    def _query_table(chunk, Lb):
+        """[B, Q] absolute query positions of left-padded samples, and which slots are real."""
+        Qm = max(s.length if s.queries is None else s.queries.numel() for s in chunk)
+        q = torch.zeros(len(chunk), Qm, dtype=torch.long)
+        qm = torch.zeros(len(chunk), Qm, dtype=torch.bool)
+        for j, s in enumerate(chunk):
+            p = Lb - s.length
+            rel = torch.arange(s.length) if s.queries is None else s.queries.long()
+            q[j, :rel.numel()] = rel + p
+            qm[j, :rel.numel()] = True
+        return q, qm
 
     @torch.no_grad()
     def _all_head_rows(self, samples) -> list:
@@ -894,15 +910,6 @@ class ContinualTrainer:
             out.append({l: r[0].float() for l, r in c.rows.items()})
         model.train(was)
         return out
-
-    def _forgettability(self, before, after) -> torch.Tensor:
-        """Mean (A_before - A_after)^2 per head over the replay samples' query rows."""
-        L, H = self.importance.shape
-        acc = torch.zeros(L, H, dtype=torch.float64)
-        for b_, a_ in zip(before, after):
-            for l in range(L):
-                acc[l] += ((b_[l].double() - a_[l].double()) ** 2).mean((1, 2))
-        return (acc / max(1, len(before))).float()
 
     @torch.no_grad()
     def _capture_teacher(self, samples, heads):
