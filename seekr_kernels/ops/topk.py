@@ -278,53 +278,67 @@ class TopK:
 
 # ---------------------------------------------------------------------- attention-KL
 
-#: Approximation used when the TopK teacher dropped mass (k < L); see attention_kl_topk_rows.
-_MODES = ("kept", "renorm", "full_lse", "kept_value_full_grad")
-_DEFAULT_MODE = "kept"
+#: Treatments of the teacher mass a TopK dropped (k < L); see attention_kl_topk_rows.
+_MODES = ("bucket", "kept", "renorm", "full_lse")
+_DEFAULT_MODE = "bucket"
 
-# Rows of gathered keys are processed in chunks of at most this many elements, so the
-# [.., k, D] gather never exists for all rows at once.
+# Kept scores are computed for chunks of rows so that the [.., k, D] gather of keys never
+# exists for all rows at once (forward and backward).
 _GATHER_ELEMS = 1 << 22
 
+# Added to the student's mass on the dropped bucket, P_D = 1 - sum_K p_j, before its log.
+# P_D is a difference of lse values, resolvable only down to ~1e-7 in fp32, and its gradient
+# cancels analytically on kept keys, so an unresolvable P_D amplifies rounding by 1/P_D
+# (measured: gradient errors of 1e9+ without a floor). With the floor the term stays smooth
+# and bounded; a row whose student tail is below it loses the tail's pull (gradient like
+# `kept`). 1e-7 was the best trade-off measured on the torch, cpu and triton backends
+# (tests/test_topk.py::test_bucket_with_sharpening_student_matches_fp64).
+_TAIL_FLOOR = {torch.float32: 1e-7, torch.float64: 1e-14}
 
-class _WeightedKeys(torch.autograd.Function):
-    """kbar[b, s, q] = sum_c w[b, s, q, c] * k[b, kvh[b, s], idx[b, s, q, c]]  ->  [B, S, Q, D].
 
-    Gradient to k only (w is the detached teacher). Forward and backward gather the k
-    selected keys of a chunk of rows at a time and keep nothing but the inputs.
+class _KeptScores(torch.autograd.Function):
+    """z[b, s, q, c] = scale * q_rows[b, s, q] . k[b, kvh[b, s], idx[b, s, q, c]]  ([B, S, Q, K]).
+
+    Gradients to q_rows and k; keeps only its inputs, gathers keys chunk by chunk.
     """
 
     @staticmethod
-    def forward(ctx, k, w, kvh, idx):
+    def forward(ctx, q_rows, k, kvh, idx, scale, acc):
         B, S, Q, K = idx.shape
         D = k.shape[-1]
         bi = torch.arange(B, device=k.device)[:, None, None, None]
         kv = kvh[:, :, None, None]
-        kbar = torch.empty(B, S, Q, D, device=k.device, dtype=w.dtype)
+        z = torch.empty(B, S, Q, K, device=k.device, dtype=acc)
         step = max(1, _GATHER_ELEMS // max(1, B * S * K * D))
         for q0 in range(0, Q, step):
-            kg = k[bi, kv, idx[:, :, q0:q0 + step]]                        # [B, S, c, K, D]
-            kbar[:, :, q0:q0 + step] = torch.einsum("bsqc,bsqcd->bsqd", w[:, :, q0:q0 + step],
-                                                    kg.to(w.dtype))
-        ctx.save_for_backward(w, kvh, idx)
-        ctx.kshape, ctx.kdtype = k.shape, k.dtype
-        return kbar
+            kg = k[bi, kv, idx[:, :, q0:q0 + step]].to(acc)                  # [B, S, c, K, D]
+            z[:, :, q0:q0 + step] = torch.einsum("bsqd,bsqcd->bsqc", q_rows[:, :, q0:q0 + step].to(acc), kg)
+        ctx.save_for_backward(q_rows, k, kvh, idx)
+        ctx.scale, ctx.acc = scale, acc
+        return z * scale
 
     @staticmethod
     def backward(ctx, g):
-        w, kvh, idx = ctx.saved_tensors
+        q_rows, k, kvh, idx = ctx.saved_tensors
+        acc, scale = ctx.acc, ctx.scale
         B, S, Q, K = idx.shape
-        D = ctx.kshape[-1]
-        dk = torch.zeros(ctx.kshape, device=g.device, dtype=w.dtype)
-        bi = torch.arange(B, device=g.device)[:, None, None, None]
+        D = k.shape[-1]
+        bi = torch.arange(B, device=k.device)[:, None, None, None]
         kv = kvh[:, :, None, None]
-        g = g.to(w.dtype)
+        g = g.to(acc) * scale
+        dq = torch.empty(B, S, Q, D, device=k.device, dtype=acc) if ctx.needs_input_grad[0] else None
+        dk = torch.zeros(k.shape, device=k.device, dtype=acc) if ctx.needs_input_grad[1] else None
         step = max(1, _GATHER_ELEMS // max(1, B * S * K * D))
         for q0 in range(0, Q, step):
             ic = idx[:, :, q0:q0 + step]
-            contrib = w[:, :, q0:q0 + step, :, None] * g[:, :, q0:q0 + step, None, :]
-            dk.index_put_((bi.expand_as(ic), kv.expand_as(ic), ic), contrib, accumulate=True)
-        return dk.to(ctx.kdtype), None, None, None
+            gc = g[:, :, q0:q0 + step]
+            if dq is not None:
+                dq[:, :, q0:q0 + step] = torch.einsum("bsqc,bsqcd->bsqd", gc, k[bi, kv, ic].to(acc))
+            if dk is not None:
+                contrib = gc[..., None] * q_rows[:, :, q0:q0 + step, None, :].to(acc)
+                dk.index_put_((bi.expand_as(ic), kv.expand_as(ic), ic), contrib, accumulate=True)
+        return (None if dq is None else dq.to(q_rows.dtype), None if dk is None else dk.to(k.dtype),
+                None, None, None, None)
 
 
 def _check_attention_teacher(teacher: TopK, a, check_values):
@@ -340,30 +354,42 @@ def _check_attention_teacher(teacher: TopK, a, check_values):
     teacher.check("teacher", check_values)
 
 
+def _xlogx(t):
+    return torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))), torch.zeros_like(t))
+
+
 def attention_kl_topk_rows(a, teacher: TopK, backend, check_values=True, mode=None):
     """Per-row attention KL [B, S, Q] against a TopK teacher (validated args ``a``).
 
-    Let K be the kept entries of a row that are valid keys (entries at future or padded
-    keys are ignored, as in the dense path), t their teacher probabilities, T_K = sum t.
-    The student part needs only the k kept scores and the row lse:
+    Per row, K = kept entries at valid keys (kept entries at future or padded keys are
+    ignored, as the dense path ignores teacher mass there), t their probabilities,
+    T_K = sum_K t; D = the valid keys that were not kept; T_V = the dense row's mass on
+    valid keys, known from ``teacher.mass`` (the row total) less kept mass on invalid keys;
+    delta = T_V - T_K, the dropped mass. z_j = scale * q_row . k_j, p_j = exp(z_j - lse).
 
-        KL_r = sum_K t log t - sum_K t z_j + T * lse_r
+    Default (``bucket``): the dropped keys are merged into one bucket whose teacher mass is
+    delta and whose student mass is P_D = 1 - sum_K p_j:
 
-    z_j = scale * q_row . k_j is computed in torch for the kept keys only (no [.., L]
-    tensor); the T * lse term comes from the fused kernels (``attention_kl_rows`` with
-    ``teacher=None``), which never materialise a row either.
+        KL_r = sum_K t log(t / p_j) + delta * log(delta / P_D)
 
-    With k = L nothing is dropped and the result (value and gradient) equals the dense
-    teacher's. With k < L the dropped teacher mass is treated as follows (``mode``):
+    This is the exact KL between teacher and student coarse-grained to {each kept key,
+    the rest}; by the chain rule of KL the dense value is this plus delta times the KL of
+    the two tails' shapes, so nothing but the within-tail mismatch is dropped (a lower
+    bound). Its gradient is exact on every kept key (T_V p_j - t_j) and replaces the
+    teacher's tail by the student's tail rescaled to the dropped mass (T_V p_j -
+    delta p_j / P_D), so the total pull on the tail is right. When nothing valid was
+    dropped (k >= the row's valid keys) delta is exactly 0 and the row equals the dense
+    KL, value and gradient. Without ``teacher.mass`` delta is taken as 0 (``kept``).
+    P_D enters as log(P_D + 1e-7) (1e-14 with fp64 accumulation): below that it is
+    rounding noise in fp32; such rows keep a bounded value and lose only the tail's pull.
 
-    * ``kept`` (default): T = T_K, the kept mass, no renormalisation. The row is the exact
-      KL of the dense teacher minus the dropped entries' terms sum_drop t log(t / p).
-    * ``renorm``: kept probabilities rescaled to the dense row's valid mass (needs mass).
-    * ``full_lse``: T = the dense row's valid mass (needs mass): exact gradient on kept
-      keys, but the value is off by (dropped mass) * lse.
-    * ``kept_value_full_grad``: value of ``kept``, gradient of ``full_lse``.
+    Other treatments, kept for ``benchmarks/bench_teacher.py`` which measures them all:
+    ``kept`` (delta ignored: sum_K t log(t / p), no renormalisation), ``renorm`` (kept
+    probabilities rescaled to T_V) and ``full_lse`` (sum_K t log t - sum_K t z + T_V lse).
 
-    ``benchmarks/bench_teacher.py`` measures all four against the dense teacher.
+    Only the k kept scores are computed (gathered keys, in chunks, in torch); lse comes
+    from the fused kernels (``attention_kl_rows`` with ``teacher=None``), so no [.., L]
+    row of the student is ever materialised.
     """
     mode = _DEFAULT_MODE if mode is None else mode
     if mode not in _MODES:
@@ -372,48 +398,52 @@ def attention_kl_topk_rows(a, teacher: TopK, backend, check_values=True, mode=No
     _check_attention_teacher(teacher, a, check_values)
     acc = torch.float64 if a.q.dtype == torch.float64 else torch.float32
     dev = a.q.device
-    idx = teacher.indices.long()                                       # [B, S, Q, K]
+    zero = torch.zeros((), dtype=acc, device=dev)
+    idx = teacher.indices.long()                                        # [B, S, Q, K]
     bi = torch.arange(a.B, device=dev)[:, None, None, None]
     pos = a.queries.long()[:, None, :, None]
     valid = (idx <= pos) & a.key_mask.bool()[bi, idx] & a.row_active[..., None]
-    t = torch.where(valid, teacher.values.detach().to(acc), torch.zeros((), dtype=acc, device=dev))
+    vals = teacher.values.detach().to(acc)
+    t = torch.where(valid, vals, zero)
     tk = t.sum(-1)                                                      # T_K  [B, S, Q]
-    tlogt = torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))),
-                        torch.zeros_like(t)).sum(-1)
 
-    if mode == "kept":
-        tmass = tk
+    if mode == "kept" or teacher.mass is None:
+        delta = torch.zeros_like(tk)
     else:
-        if teacher.mass is None:
-            raise ValueError(f"teacher: mode {mode!r} needs TopK.mass (the dense row sums)")
-        # Dense valid mass: the row's total less what the kept entries hold on invalid keys
-        # (exact for captured rows, which put no mass on invalid keys).
-        kept_invalid = torch.where(valid, torch.zeros_like(t), teacher.values.detach().to(acc)).sum(-1)
-        tv = torch.where(a.row_active, (teacher.mass.to(acc) - kept_invalid).clamp_min(0),
-                         torch.zeros_like(tk))
-        tv = torch.maximum(tv, tk)
-        if mode == "renorm":
-            ratio = torch.where(tk > 0, tv / torch.where(tk > 0, tk, torch.ones_like(tk)),
-                                torch.zeros_like(tk))
-            t = t * ratio[..., None]
-            tlogt = torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))),
-                                torch.zeros_like(t)).sum(-1)
-            tmass = tv
-        else:
-            tmass = tv
+        # T_V: the row total less what kept entries hold on invalid keys (exact for captured
+        # rows, which hold no mass there); rounding may put it a hair under T_K.
+        tv = teacher.mass.to(acc) - torch.where(valid, zero, vals).sum(-1)
+        delta = (tv - tk).clamp_min(0)
+        # Rows whose valid keys were all kept dropped nothing, whatever the rounding says.
+        n_valid = torch.cumsum(a.key_mask.long(), 1).gather(1, a.queries.long())[:, None, :]
+        delta = torch.where(valid.sum(-1) < n_valid, delta, zero)
+        delta = torch.where(a.row_active, delta, zero)
+    if mode == "renorm":
+        t = t * torch.where(tk > 0, (tk + delta) / torch.where(tk > 0, tk, torch.ones_like(tk)), zero)[..., None]
+        tk = tk + delta
+        delta = torch.zeros_like(tk)
 
     h = a.heads.long().clamp_min(0)
     bq = torch.arange(a.B, device=dev)[:, None, None]
-    q_rows = a.q[bq, h[:, :, None], a.queries.long()[:, None, :]]       # [B, S, Q, D]
-    kbar = _WeightedKeys.apply(a.k, t, h // a.group, idx)              # [B, S, Q, D]
-    tz = a.scale * (q_rows.to(acc) * kbar).sum(-1)
+    q_rows = a.q[bq, h[:, :, None], a.queries.long()[:, None, :]]        # [B, S, Q, D]
+    z = _KeptScores.apply(q_rows, a.k, h // a.group, idx, a.scale, acc)  # [B, S, Q, K]
+    tlogt_tz = (_xlogx(t) - t * torch.where(valid, z, zero)).sum(-1)
 
-    lse_rows = attention_kl_rows(a, None, tmass.float() if acc == torch.float32 else tmass, backend)
-    if mode == "kept_value_full_grad":
-        # lse_rows = T_V * lse; shift the value to T_K * lse without touching the gradient.
-        lse = torch.where(tmass > 0, lse_rows.detach().to(acc) / torch.where(tmass > 0, tmass,
-                          torch.ones_like(tmass)), torch.zeros_like(tmass))
-        lse_rows = lse_rows - ((tmass - tk) * lse).to(lse_rows.dtype)
-    rows = tlogt - tz + lse_rows.to(acc)
+    if mode in ("kept", "renorm"):
+        rows = tlogt_tz + attention_kl_rows(a, None, tk.to(torch.float32 if acc == torch.float32 else acc),
+                                            backend).to(acc)
+    elif mode == "full_lse":
+        rows = tlogt_tz + attention_kl_rows(a, None, (tk + delta).to(tk.dtype), backend).to(acc)
+    else:  # bucket
+        ones = a.row_active.to(acc)
+        lse = attention_kl_rows(a, None, ones, backend).to(acc)          # lse, gradient p
+        # log P_D = log(1 - sum_K p_j), computed as log(-expm1(log sum_K p_j)).
+        zk = torch.where(valid, z, torch.full((), float("-inf"), dtype=acc, device=dev))
+        log_pk = torch.logsumexp(zk, -1) - lse
+        has = delta > 0
+        log_pk = torch.where(has, log_pk, torch.full_like(log_pk, -1.0)).clamp_max(0.0)
+        log_pd = torch.log(torch.clamp_min(-torch.expm1(log_pk), 0.0) + _TAIL_FLOOR[acc])
+        tail = torch.where(has, _xlogx(delta) - delta * log_pd, zero)
+        rows = tlogt_tz + tk * lse + tail
     rows = torch.where(a.row_active, rows, torch.zeros_like(rows))
-    return rows.to(lse_rows.dtype)
+    return rows.to(torch.float64 if acc == torch.float64 else torch.float32)
