@@ -13,6 +13,11 @@ where ``a`` is the :class:`~seekr_kernels._checks.AttnArgs` of an already valida
 Each native call synchronises the stream once before returning, to read back the kernels'
 index-range error flag (bad heads/queries/mask values raise ValueError even with
 ``check_values=False``).
+
+Status: the CUDA kernels are compiled (nvcc, sm_80 and sm_90) and their source is tested on
+CPU under an emulation (tests/cuda_emu, tests/test_native_cuda.py); they have not yet been
+run on a GPU. The `gpu` tests in tests/test_native_cuda.py are the check to run when a GPU
+is available (SEEKR_TEST_GPU=1).
 """
 from __future__ import annotations
 

@@ -6,9 +6,10 @@ Three layers, so that most of it runs on machines without a GPU:
   on CPU tensors is a clear error, the extension's host-side re-checks raise ValueError
   before touching the GPU, a CPU-only import never loads CUDA libraries;
 * emulated kernels (CPU): the kernels' own source compiled by the host compiler against
-  tests/cuda_emu/cuda_emu.h (blocks run one after another on 128 OS threads, with real
-  barriers for __syncthreads and warp shuffles) and driven through the real glue: values,
-  gradients, capture, index-error flags, on small shapes;
+  tests/cuda_emu/cuda_emu.h (a block's 128 threads run as fibers, with real barriers for
+  __syncthreads and warp shuffles) and driven through the real glue: values, gradients,
+  capture, index-error flags, on small shapes; plus a ThreadSanitizer run with the threads
+  as OS threads, which catches a missing __syncthreads();
 * `gpu` tests (SEEKR_TEST_GPU=1 on a CUDA machine): the compiled kernels through the public
   ops, over the same grid as the other backends, plus long sequences, fp64 gradcheck,
   determinism and streams.
@@ -310,6 +311,7 @@ def test_emulated_kernels_match_torch(emu, B, HK, L, D, Q, pad, dtype):
     _glue_vs_reference(case, TOL[dtype])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,HK,L,D,Q,pad,dtype", [g for g in GRID if g not in EMU_GRID])
 def test_emulated_kernels_match_torch_full_grid(emu, B, HK, L, D, Q, pad, dtype):
     case = make_case(B, HK[0], HK[1], L, D, S=3, Q=Q, pad=pad, dtype=dtype, seed=L * 7 + D)
@@ -378,7 +380,8 @@ def test_emulated_kernels_have_no_shared_memory_races(tmp_path):
         pytest.skip("the CUDA emulation needs a C++20 compiler and the CUDA headers (cuda_fp16.h)")
     exe = str(tmp_path / "race_check")
     emu_dir = os.path.join(ROOT, "tests", "cuda_emu")
-    build = subprocess.run([cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", f"-I{inc}",
+    build = subprocess.run([cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", "-DSEEKR_EMU_THREADS",
+                            f"-I{inc}",
                             f"-I{emu_dir}", '-DSEEKR_CUDA_EMULATE="cuda_emu.h"',
                             os.path.join(emu_dir, "race_check.cpp"), "-o", exe],
                            capture_output=True, text=True, timeout=600)

@@ -3,21 +3,29 @@
 //
 // csrc/attention_cuda.cu includes this file instead of the CUDA runtime headers when it is
 // compiled by a host compiler with -DSEEKR_CUDA_EMULATE='"cuda_emu.h"' (see
-// tests/test_native_cuda.py). Each launch runs the grid's blocks one after another on
-// 128 OS threads (one per CUDA thread): __syncthreads() is a barrier of the block's
-// threads and warp shuffles exchange values through a barrier of the warp's 32 threads,
-// so the kernels' synchronisation is exercised as written. __shared__ variables become
-// function statics (one block runs at a time), dynamic shared memory is a heap buffer that
-// is poisoned with NaN/garbage before each block so reads of never-written data show up.
-// "Device" memory is host memory: pointers are CPU tensors' data pointers.
+// tests/test_native_cuda.py). A launch runs the grid's blocks one after another; a block's
+// 128 CUDA threads are either
+//   * fibers (default): ucontext coroutines on the calling thread, switched at every
+//     __syncthreads() and warp shuffle, so the run is deterministic and cheap even on a busy
+//     machine; or
+//   * OS threads (-DSEEKR_EMU_THREADS): truly concurrent between barriers (std::barrier), so
+//     ThreadSanitizer sees a missing __syncthreads() as a data race (race_check.cpp).
+// Either way __syncthreads() is a barrier of the block's threads and a warp shuffle exchanges
+// values through a barrier of the warp's 32 threads, so the kernels' synchronisation is
+// exercised as written. __shared__ variables become function statics (one block runs at a
+// time); dynamic shared memory is a heap buffer filled with 0xFF bytes (NaN, -1) before each
+// block, so reads of data no thread wrote show up. "Device" memory is host memory: the
+// pointers are CPU tensors' data pointers.
 //
 // What it cannot show: compilation for real GPUs (nvcc does that), timing, coalescing, bank
-// conflicts, and races between threads that the barriers happen to order here.
+// conflicts, and behaviour that depends on real warp scheduling.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <vector_types.h>
+
+#include <ucontext.h>
 
 #include <algorithm>
 #include <barrier>
@@ -50,12 +58,30 @@ namespace seekr_emu {
 
 constexpr int kMaxThreads = 1024;
 
+inline thread_local uint3 t_thread{0, 0, 0};
+inline thread_local uint3 t_block{0, 0, 0};
+
 struct State {
   int nthreads = 0;
-  std::barrier<>* block_bar = nullptr;
-  std::vector<std::barrier<>*> warp_bars;
   unsigned char slots[kMaxThreads][8];   // shuffle exchange, one slot per thread
   unsigned char* dyn = nullptr;
+#ifdef SEEKR_EMU_THREADS
+  std::barrier<>* block_bar = nullptr;
+  std::vector<std::barrier<>*> warp_bars;
+#else
+  // Fibers: a barrier is (arrivals, generation); a waiting fiber yields to the scheduler
+  // until the generation moves on.
+  ucontext_t sched;
+  std::vector<ucontext_t> ctx;
+  std::vector<std::vector<char>> stacks;
+  std::vector<char> done;
+  int current = 0;
+  int block_count = 0;
+  unsigned block_gen = 0;
+  int warp_count[kMaxThreads / 32] = {};
+  unsigned warp_gen[kMaxThreads / 32] = {};
+  unsigned long progress = 0;
+#endif
 };
 
 inline State& state() {
@@ -63,19 +89,48 @@ inline State& state() {
   return s;
 }
 
-inline thread_local uint3 t_thread{0, 0, 0};
-inline thread_local uint3 t_block{0, 0, 0};
+#ifndef SEEKR_EMU_THREADS
+inline void fiber_barrier(int& count, unsigned& gen, int n) {
+  State& s = state();
+  const unsigned mine = gen;
+  ++s.progress;
+  if (++count == n) {   // the last arrival releases the others and runs on
+    count = 0;
+    ++gen;
+    return;
+  }
+  while (gen == mine) swapcontext(&s.ctx[s.current], &s.sched);
+}
+#endif
+
+inline void block_barrier() {
+  State& s = state();
+#ifdef SEEKR_EMU_THREADS
+  s.block_bar->arrive_and_wait();
+#else
+  fiber_barrier(s.block_count, s.block_gen, s.nthreads);
+#endif
+}
+
+inline void warp_barrier(int warp) {
+  State& s = state();
+#ifdef SEEKR_EMU_THREADS
+  s.warp_bars[warp]->arrive_and_wait();
+#else
+  fiber_barrier(s.warp_count[warp], s.warp_gen[warp], 32);
+#endif
+}
 
 }  // namespace seekr_emu
 
-// CUDA builtins as thread-local variables of the emulating threads.
+// CUDA builtins as thread-local variables of the emulating threads (set on every fiber switch).
 #define threadIdx (::seekr_emu::t_thread)
 #define blockIdx (::seekr_emu::t_block)
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
-inline void __syncthreads() { seekr_emu::state().block_bar->arrive_and_wait(); }
+inline void __syncthreads() { seekr_emu::block_barrier(); }
 
 inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 
@@ -87,10 +142,10 @@ T shfl_from(T v, int src_lane, bool in_range) {
   const int tid = static_cast<int>(t_thread.x);
   const int warp = tid / 32;
   std::memcpy(s.slots[tid], &v, sizeof(T));
-  s.warp_bars[warp]->arrive_and_wait();
+  warp_barrier(warp);
   T r = v;
   if (in_range) std::memcpy(&r, s.slots[warp * 32 + src_lane], sizeof(T));
-  s.warp_bars[warp]->arrive_and_wait();   // nobody overwrites a slot before it is read
+  warp_barrier(warp);   // nobody overwrites a slot before it is read
   return r;
 }
 }  // namespace seekr_emu
@@ -123,11 +178,11 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32;
   s.slots[tid][0] = pred ? 1 : 0;
-  s.warp_bars[warp]->arrive_and_wait();
+  seekr_emu::warp_barrier(warp);
   unsigned r = 0;
   for (int l = 0; l < 32; ++l)
     if (s.slots[warp * 32 + l][0]) r |= 1u << l;
-  s.warp_bars[warp]->arrive_and_wait();
+  seekr_emu::warp_barrier(warp);
   return r;
 }
 
@@ -191,13 +246,24 @@ inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 0; return cudaSuccess; }
 
 namespace seekr_emu {
 
-// Run kernel(arg) over the grid: blocks in order, `block` threads each.
-template <class Arg>
-void launch(void (*kernel)(Arg), dim3 grid, int block, std::size_t smem, const Arg& arg) {
+inline bool bad_launch(int block, std::size_t smem) {
   if (block < 32 || block % 32 != 0 || block > kMaxThreads || smem > static_cast<std::size_t>(kOptinSmem)) {
     last_error() = cudaErrorInvalidValue;
-    return;
+    return true;
   }
+  return false;
+}
+
+// Shared memory of a fresh block: garbage (0xFF bytes: NaN for floats, -1 for ints), so the
+// tests catch reads of data no thread wrote for this block.
+inline void poison(std::size_t smem) { std::memset(state().dyn, 0xFF, smem); }
+
+#ifdef SEEKR_EMU_THREADS
+
+// Run kernel(arg) over the grid: blocks in order, `block` OS threads each.
+template <class Arg>
+void launch(void (*kernel)(Arg), dim3 grid, int block, std::size_t smem, const Arg& arg) {
+  if (bad_launch(block, smem)) return;
   State& s = state();
   std::barrier<> block_bar(block);
   std::vector<std::barrier<>*> warps;
@@ -207,28 +273,16 @@ void launch(void (*kernel)(Arg), dim3 grid, int block, std::size_t smem, const A
   s.block_bar = &block_bar;
   s.warp_bars = warps;
   s.dyn = dyn.data() + (16 - reinterpret_cast<std::uintptr_t>(dyn.data()) % 16) % 16;
-  std::mutex err_mu;
-  std::exception_ptr err;
   auto body = [&](int tid) {
     t_thread = uint3{static_cast<unsigned>(tid), 0, 0};
-    try {
-      for (unsigned by = 0; by < grid.y; ++by) {
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          if (tid == 0) {
-            // Garbage (0xFF bytes: NaN for floats, -1 for ints) in shared memory, so the
-            // tests catch reads of data no thread wrote for this block.
-            std::memset(s.dyn, 0xFF, smem);
-          }
-          block_bar.arrive_and_wait();
-          t_block = uint3{bx, by, 0};
-          kernel(arg);
-          block_bar.arrive_and_wait();
-        }
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        if (tid == 0) poison(smem);
+        block_bar.arrive_and_wait();
+        t_block = uint3{bx, by, 0};
+        kernel(arg);
+        block_bar.arrive_and_wait();
       }
-    } catch (...) {
-      std::lock_guard<std::mutex> g(err_mu);
-      if (!err) err = std::current_exception();
-      std::abort();   // other threads would wait on the barriers forever
     }
   };
   std::vector<std::thread> threads;
@@ -237,6 +291,88 @@ void launch(void (*kernel)(Arg), dim3 grid, int block, std::size_t smem, const A
   for (auto* w : warps) delete w;
   s.block_bar = nullptr;
 }
+
+#else
+
+struct FiberJob {
+  void (*run)(const void* job);
+  const void* job;
+};
+inline FiberJob& fiber_job() {
+  static FiberJob j;
+  return j;
+}
+
+inline void fiber_main(int tid) {
+  State& s = state();
+  t_thread = uint3{static_cast<unsigned>(tid), 0, 0};
+  fiber_job().run(fiber_job().job);
+  s.done[tid] = 1;
+  // Returning resumes uc_link, the scheduler.
+}
+
+// Run kernel(arg) over the grid: blocks in order, `block` fibers each, scheduled round robin
+// from this thread. A round in which no fiber arrives at a barrier or finishes is a deadlock
+// (e.g. a __syncthreads() that not every thread reaches): abort with a message.
+template <class Arg>
+void launch(void (*kernel)(Arg), dim3 grid, int block, std::size_t smem, const Arg& arg) {
+  if (bad_launch(block, smem)) return;
+  State& s = state();
+  constexpr std::size_t kStack = 256 * 1024;
+  std::vector<unsigned char> dyn(smem + 16);
+  s.nthreads = block;
+  s.dyn = dyn.data() + (16 - reinterpret_cast<std::uintptr_t>(dyn.data()) % 16) % 16;
+  s.ctx.assign(block, ucontext_t{});
+  s.stacks.resize(block);
+  for (auto& st : s.stacks) st.resize(kStack);
+  s.done.assign(block, 0);
+  struct Job {
+    void (*kernel)(Arg);
+    const Arg* arg;
+  } job{kernel, &arg};
+  fiber_job() = FiberJob{[](const void* j) {
+                           const Job* jb = static_cast<const Job*>(j);
+                           jb->kernel(*jb->arg);
+                         },
+                         &job};
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      poison(smem);
+      t_block = uint3{bx, by, 0};
+      s.block_count = 0;
+      for (auto& c : s.warp_count) c = 0;
+      for (int t = 0; t < block; ++t) {
+        s.done[t] = 0;
+        getcontext(&s.ctx[t]);
+        s.ctx[t].uc_stack.ss_sp = s.stacks[t].data();
+        s.ctx[t].uc_stack.ss_size = kStack;
+        s.ctx[t].uc_link = &s.sched;
+        makecontext(&s.ctx[t], reinterpret_cast<void (*)()>(&fiber_main), 1, t);
+      }
+      for (;;) {
+        bool all_done = true;
+        const unsigned long before = s.progress;
+        int finished = 0;
+        for (int t = 0; t < block; ++t) {
+          if (s.done[t]) continue;
+          s.current = t;
+          t_thread = uint3{static_cast<unsigned>(t), 0, 0};
+          swapcontext(&s.sched, &s.ctx[t]);
+          if (s.done[t]) ++finished;
+          else all_done = false;
+        }
+        if (all_done) break;
+        if (s.progress == before && finished == 0) {
+          std::fprintf(stderr, "cuda_emu: deadlock in block (%u, %u): threads wait on barriers "
+                               "that not every thread reaches\n", bx, by);
+          std::abort();
+        }
+      }
+    }
+  }
+}
+
+#endif
 
 }  // namespace seekr_emu
 
