@@ -318,11 +318,19 @@ def test_emulated_kernels_match_torch_full_grid(emu, B, HK, L, D, Q, pad, dtype)
     _glue_vs_reference(case, TOL[dtype])
 
 
-def test_emulated_float64_is_exact(emu):
-    # fp64 inputs accumulate in fp64, D = 24 is not a multiple of 8 (padded q/k tiles).
-    case = make_case(2, 4, 2, 37, 24, S=2, Q=6, pad="left", dtype=torch.float64,
-                     teacher_dtype=torch.float64, dup=True)
+@pytest.mark.parametrize("D", [20, 40, 72])
+def test_emulated_float64_is_exact(emu, D):
+    # fp64 inputs accumulate in fp64; head dims that are not multiples of 8 or 32 exercise
+    # the padded q/k tiles and the partial column loops of the dq/dk updates.
+    case = make_case(2, 4, 2, 37, D, S=2, Q=6, pad="left", dtype=torch.float64,
+                     teacher_dtype=torch.float64, dup=True, seed=D)
     _glue_vs_reference(case, 1e-10)
+
+
+def test_emulated_large_head_dim(emu):
+    # D = 256: more than 48 KiB of dynamic shared memory per block (opt-in path).
+    case = make_case(1, 2, 1, 40, 256, S=1, Q=None, pad="right", dtype=torch.bfloat16, empty=False)
+    _glue_vs_reference(case, TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -347,6 +355,13 @@ def test_emulated_empty_and_fully_masked(emu):
     assert (rows[1] == 0).all() and (rows[0, 0] == 0).all()
     assert (dq[1] == 0).all() and (dk[1] == 0).all()
     assert (dq[0, [0, 1, 3]] == 0).all()     # heads nobody selected: zeros, written in full
+
+
+def test_emulated_head_dim_beyond_shared_memory_is_a_value_error(emu):
+    q, k, t, heads, queries, mask = make_case(1, 2, 1, 4, 1024, S=1, Q=2)
+    a = check_attention_args(q, k, heads, queries, mask)
+    with pytest.raises(ValueError, match=r"q: head dim D=1024 needs \d+ bytes of shared memory"):
+        _native_cuda.attention_kl_fwd(a, t, None)
 
 
 @pytest.mark.parametrize("what", ["heads", "queries", "key_mask"])
