@@ -6,12 +6,14 @@ input to its answer, announced by a tag at the start of the prompt::
     rev:cadbe=  -> ebdac      reverse
     rot:cadbe=  -> dbeca      rotate left by two
     swp:cadbe=  -> acbde      swap neighbouring pairs
-    nxt:cadbe=  -> dbecf      next letter
+    ilv:cadbe=  -> cdeab      interleave: even positions, then odd ones
 
 Learning a new rule on the same inputs overwrites the old ones (sequential fine-tuning
-forgets almost everything), which is what replay and SEEKR are there to prevent. The
-position rules (reverse, rotate, swap) are carried by attention patterns, the kind of
-knowledge SEEKR's attention distillation keeps.
+forgets almost everything), which is what replay and SEEKR are there to prevent. Every
+rule is a permutation of the input: which letter to copy next is decided by attention,
+the kind of knowledge SEEKR's attention distillation keeps. (``nxt``, the next letter,
+changes the output mapping instead; it is available to ``make_stream`` but not in the
+default stream.)
 
 ``seekr demo`` builds a small Llama from a config (no downloads), runs sft, replay with
 1% and 10% memories and SEEKR with a 1% memory on the same stream from the same
@@ -34,8 +36,9 @@ RULES = {
     "rot": lambda x: x[2:] + x[:2],
     "swp": lambda x: "".join(x[i + 1] + x[i] if i + 1 < len(x) else x[i] for i in range(0, len(x), 2)),
     "nxt": lambda x: "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in x),
+    "ilv": lambda x: x[0::2] + x[1::2],
 }
-TASK_ORDER = ("rev", "rot", "swp", "nxt")
+TASK_ORDER = ("rev", "rot", "swp", "ilv")
 LETTERS = "abcdefgh"
 
 METHODS = {                      # name -> (method, replay ratio)
@@ -45,12 +48,16 @@ METHODS = {                      # name -> (method, replay ratio)
     "seekr-1%": ("seekr", 0.01),
 }
 
-#: The demo's settings; ``--quick`` shrinks them for a test-sized run.
-FULL = dict(n_train=1000, n_test=200, length=5, epochs=4, first_epochs=8, batch_size=32, lr=2e-3,
+#: The demo's settings; ``--quick`` shrinks them for a test-sized run. Losses, weights
+#: (a = 0.5, b = 1e3) and the replay cycle (train batches per epoch // replay batches) are
+#: the published defaults; the head budget is half of this small model's 16 heads.
+FULL = dict(n_train=1000, n_test=200, length=5, epochs=3, first_epochs=8, batch_size=32, lr=1e-3,
+            replay_batch_size=4,
             arch=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=4, max_position_embeddings=64),
-            layer_budget=3, head_budget=4, tasks=TASK_ORDER)
+            layer_budget=4, head_budget=8, tasks=TASK_ORDER)
 QUICK = dict(n_train=200, n_test=40, length=4, epochs=1, first_epochs=2, batch_size=20, lr=3e-3,
+             replay_batch_size=4,
              arch=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=2, max_position_embeddings=32),
              layer_budget=2, head_budget=2, tasks=TASK_ORDER[:3])
@@ -96,8 +103,9 @@ def demo_config(method: str, ratio: float, out_dir: str, data_dir: str, s: dict,
         "train": {"batch_size": s["batch_size"], "lr": s["lr"], "weight_decay": 0.0, "warmup_steps": 10,
                   "schedule": "constant", "max_prompt_len": 16, "max_answer_len": 8, "pad_to_multiple_of": 1,
                   "max_grad_norm": 1.0},
-        "replay": {"ratio": ratio},
+        "replay": {"ratio": ratio, "batch_size": s.get("replay_batch_size"), "cycle": s.get("replay_cycle", 0)},
         "distill": {"layer_budget": s["layer_budget"], "head_budget": s["head_budget"], "query_budget": 0,
+                    "attn_weight": s.get("attn_weight", 1000.0), "logits_weight": s.get("logits_weight", 0.5),
                     "backend": "auto"},
         "eval": {"batch_size": 256, "max_new_tokens": 8, "keep_predictions": 3},
         "log": {"progress": True},

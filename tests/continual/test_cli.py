@@ -1,0 +1,126 @@
+"""The `seekr` command: help, a shortened demo, train from YAML (with resume), eval, errors."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from seekr_kernels.cli import main
+
+from test_trainer import TASKS, tiny_tasks  # noqa: E402  (same folder)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*falls back to the plain-PyTorch backend.*")
+        yield
+    torch.set_num_threads(n)
+
+
+def test_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "train", "eval"):
+        assert cmd in out
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "seekr_kernels", "--help"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert r.returncode == 0 and "seekr" in r.stdout and "demo" in r.stdout
+
+
+def test_quick_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    names = ["sft", "replay-1%", "replay-10%", "seekr-1%"]
+    assert list(res["methods"]) == names
+    for n in names:
+        r = res["methods"][n]
+        assert set(r) >= {"OP", "BWT", "matrix"}
+        assert len(r["matrix"]) == 3 and r["matrix"][0][1] is None
+        assert f"{n} " in text
+        assert (out / f"heatmap-{n.replace('%', 'pct')}.png").is_file()
+    assert "OP" in text and "BWT" in text
+    assert (out / "data" / "rev" / "train.json").is_file()
+
+
+YAML = """
+method: {method}
+output_dir: {out}
+seed: 3
+device: cpu
+model:
+  arch: {{hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2,
+          num_key_value_heads: 1, max_position_embeddings: 32}}
+  alphabet: "abcdefghnorstvwxpilw:="
+tasks:
+{tasks}
+train: {{batch_size: 8, lr: 3.0e-3, max_prompt_len: 12, max_answer_len: 6, pad_to_multiple_of: 1}}
+replay: {{ratio: 0.25}}
+distill: {{layer_budget: 1, head_budget: 2, backend: torch}}
+log: {{progress: false}}
+"""
+
+
+def _yaml(tmp_path, method="seekr", extra=""):
+    paths = tiny_tasks(tmp_path / "data")[:2]
+    tasks = "\n".join(f"  - {{name: {os.path.basename(p)}, path: data/{os.path.basename(p)}}}" for p in paths)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(YAML.format(method=method, out=tmp_path / "run", tasks=tasks) + extra)
+    return str(cfg)
+
+
+def test_train_then_eval(tmp_path, capsys):
+    cfg = _yaml(tmp_path)
+    assert main(["train", "--config", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "seekr" in out and "OP" in out
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["complete"] and res["tasks"] == list(TASKS[:2])
+    # Running again resumes a finished run: nothing retrained, same numbers.
+    assert main(["train", "--config", cfg]) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["matrix"] == res["matrix"]
+    # Evaluate the run's checkpoint on its tasks, and a checkpoint directory on one task.
+    assert main(["eval", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "ev.json")]) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["tasks"][TASKS[0]]["score"] == pytest.approx(res["matrix"][-1][0])
+    ck = os.path.join(tmp_path / "run", json.loads((tmp_path / "run" / "state.json").read_text())["checkpoint"])
+    assert main(["eval", "--model", ck, "--task", str(tmp_path / "data" / TASKS[1]), "--max-answer-len", "6",
+                 "--max-prompt-len", "12"]) == 0
+    assert TASKS[1] in capsys.readouterr().out
+
+
+def test_config_error_names_key(tmp_path, capsys):
+    cfg = _yaml(tmp_path, extra="eval: {batchsize: 3}\n")
+    assert main(["train", "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "eval.batchsize: unknown key" in err
+
+
+def test_data_error_reported(tmp_path, capsys):
+    cfg = _yaml(tmp_path)
+    with open(tmp_path / "data" / TASKS[0] / "train.json", "a") as f:
+        f.write("oops")
+    assert main(["train", "--config", cfg]) == 2
+    assert "train.json" in capsys.readouterr().err
+
+
+def test_set_overrides(tmp_path):
+    cfg = _yaml(tmp_path, method="sft")
+    assert main(["train", "--config", cfg, "--set", "train.epochs=2", "--output-dir", str(tmp_path / "o2")]) == 0
+    st = json.loads((tmp_path / "o2" / "state.json").read_text())
+    assert st["config"]["train"]["epochs"] == 2 and st["method"] == "sft"
