@@ -929,11 +929,17 @@ void run_fwd(const Params& p, const Dims& d, cudaStream_t st) {
   launch(kl_fwd_kernel<TIN, ACC>, grid, fwd_smem_elems(d) * sizeof(ACC), st, p, d, "attention_kl_fwd");
 }
 
-// Scratch for the per-row dq, from the stream-ordered allocator (cudaMallocAsync; plain
-// cudaMalloc where memory pools are unsupported), freed when the call returns.
+// Scratch for the per-row dq. The caller normally passes it (the Python glue allocates it
+// with torch, so torch's allocator accounts for it); otherwise it comes from the
+// stream-ordered allocator (cudaMallocAsync; plain cudaMalloc where memory pools are
+// unsupported) and is freed when the call returns.
 class Workspace {
  public:
-  Workspace(std::size_t bytes, cudaStream_t st) : st_(st) {
+  Workspace(void* given, std::size_t bytes, cudaStream_t st) : ptr_(given), st_(st) {
+    if (ptr_ != nullptr) {
+      owned_ = false;
+      return;
+    }
     if (cudaMallocAsync(&ptr_, bytes, st) != cudaSuccess) {
       (void)cudaGetLastError();   // not a launch error of ours
       ptr_ = nullptr;
@@ -942,7 +948,7 @@ class Workspace {
     }
   }
   ~Workspace() {
-    if (ptr_ == nullptr) return;
+    if (ptr_ == nullptr || !owned_) return;
     if (async_) {
       (void)cudaFreeAsync(ptr_, st_);
     } else {
@@ -957,13 +963,14 @@ class Workspace {
  private:
   void* ptr_ = nullptr;
   cudaStream_t st_;
+  bool owned_ = true;
   bool async_ = true;
 };
 
 template <class TIN, class ACC>
 void run_bwd(const Params& p0, const Dims& d, cudaStream_t st) {
   Params p = p0;
-  Workspace ws(sizeof(ACC) * static_cast<std::size_t>(d.B) * d.S * d.Q * d.D, st);
+  Workspace ws(p0.ws, sizeof(ACC) * static_cast<std::size_t>(d.B) * d.S * d.Q * d.D, st);
   p.ws = ws.get();
   const dim3 gr(d.B * d.S, (d.Q + kBM - 1) / kBM);
   launch(kl_dqrows_kernel<TIN, ACC>, gr, dqrows_smem_elems(d) * sizeof(ACC), st, p, d, "attention_kl_bwd (dq rows)");
@@ -1036,7 +1043,7 @@ void attention_kl_bwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t teacher
                       std::uintptr_t grad_rows, std::uintptr_t dq_out, std::uintptr_t dk_out,
                       std::int64_t B, std::int64_t H, std::int64_t Hkv, std::int64_t L,
                       std::int64_t D, std::int64_t S, std::int64_t Q, std::int64_t q_dtype,
-                      double scale, std::uintptr_t stream) {
+                      double scale, std::uintptr_t stream, std::uintptr_t workspace) {
   const Dims d = check_dims(B, H, Hkv, L, D, S, Q, q_dtype, scale);
   if (teacher != 0 && (teacher_dtype < 0 || teacher_dtype > 3)) bad_arg(dtype_msg("teacher_dtype", teacher_dtype));
   need_ptr(q, "q");
@@ -1075,6 +1082,7 @@ void attention_kl_bwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t teacher
   p.grad = reinterpret_cast<const void*>(grad_rows);
   p.dq = reinterpret_cast<void*>(dq_out);
   p.dk = reinterpret_cast<void*>(dk_out);
+  p.ws = reinterpret_cast<void*>(workspace);
   p.flag = begin(st);
   SEEKR_DISPATCH(q_dtype, run_bwd, p, d, st);
   finish(p.flag, st, "attention_kl_bwd", d);

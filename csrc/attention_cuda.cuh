@@ -28,14 +28,16 @@ void attention_kl_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t teacher
                       std::uintptr_t stream);
 
 // dq [B, H, L, D] and dk [B, Hkv, L, D] in the accumulation dtype, every element written
-// (zeros where no row reaches). Deterministic: no atomics on the outputs.
+// (zeros where no row reaches). Deterministic: no atomics on the outputs. `workspace`: scratch
+// of B*S*Q*D accumulation-dtype elements for the per-row dq (an extension of the convention's
+// signature, optional: 0 = allocate it here with cudaMallocAsync).
 void attention_kl_bwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t teacher,
                       std::int64_t teacher_dtype, std::uintptr_t heads, std::uintptr_t queries,
                       std::uintptr_t key_mask, std::uintptr_t lse, std::uintptr_t tmass,
                       std::uintptr_t grad_rows, std::uintptr_t dq_out, std::uintptr_t dk_out,
                       std::int64_t B, std::int64_t H, std::int64_t Hkv, std::int64_t L,
                       std::int64_t D, std::int64_t S, std::int64_t Q, std::int64_t q_dtype,
-                      double scale, std::uintptr_t stream);
+                      double scale, std::uintptr_t stream, std::uintptr_t workspace);
 
 // Softmax rows [B, S, Q, L] of dtype out_dtype: exp(z - lse) on valid keys, 0 elsewhere and
 // on inactive rows. Every element is written.

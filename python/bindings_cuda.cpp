@@ -29,9 +29,10 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("teacher_dtype"), py::arg("heads"), py::arg("queries"), py::arg("key_mask"), py::arg("lse"),
         py::arg("tmass"), py::arg("grad_rows"), py::arg("dq_out"), py::arg("dk_out"), py::arg("B"),
         py::arg("H"), py::arg("Hkv"), py::arg("L"), py::arg("D"), py::arg("S"), py::arg("Q"),
-        py::arg("q_dtype"), py::arg("scale"), py::arg("stream") = 0,
+        py::arg("q_dtype"), py::arg("scale"), py::arg("stream") = 0, py::arg("workspace") = 0,
         py::call_guard<py::gil_scoped_release>(),
-        "dq [B, H, L, D] and dk [B, Hkv, L, D] (fp32; fp64 for fp64 q), written in full; deterministic.");
+        "dq [B, H, L, D] and dk [B, Hkv, L, D] (fp32; fp64 for fp64 q), written in full; deterministic. "
+        "workspace: B*S*Q*D accumulation-dtype scratch (0: allocated internally).");
 
   m.def("attention_probs", &seekr_cuda::attention_probs, py::arg("q"), py::arg("k"), py::arg("heads"),
         py::arg("queries"), py::arg("key_mask"), py::arg("out"), py::arg("out_dtype"), py::arg("B"),

@@ -126,7 +126,9 @@ def attention_kl_bwd(a: AttnArgs, teacher, lse, T, grad_rows):
     """Gradients of sum(grad_rows * rows) w.r.t. q and k, in q's and k's dtypes.
 
     The kernels write dq [B, H, L, D] and dk [B, Hkv, L, D] in full in fp32 (fp64 for fp64
-    q); they are cast back here. Deterministic (no atomics).
+    q); they are cast back here. Deterministic (no atomics). Needs a [B, S, Q, D] scratch for
+    the per-row dq (passed to the extension as ``workspace``, an optional trailing argument
+    beyond the convention's signature).
     """
     dev = _require_cuda(a, teacher=teacher, lse=lse, T=T, grad_rows=grad_rows)
     for name, t in (("lse", lse), ("T", T), ("grad_rows", grad_rows)):
@@ -146,12 +148,14 @@ def attention_kl_bwd(a: AttnArgs, teacher, lse, T, grad_rows):
         t_ptr, t_code = t.data_ptr(), _code("teacher", t.dtype)
     else:
         t_ptr, t_code = 0, 0
+    # Per-row dq scratch [B, S, Q, D], from torch's allocator so its memory is accounted for.
+    ws = torch.empty(a.B, a.S, a.Q, a.D, device=dev, dtype=acc)
     with _on_device(dev) as stream:
         _module().attention_kl_bwd(q.data_ptr(), k.data_ptr(), t_ptr, t_code,
                                    heads.data_ptr(), queries.data_ptr(), mask.data_ptr(),
                                    lse_c.data_ptr(), T_c.data_ptr(), g.data_ptr(),
                                    dq.data_ptr(), dk.data_ptr(),
-                                   *_dims(a), q_code, float(a.scale), stream)
+                                   *_dims(a), q_code, float(a.scale), stream, ws.data_ptr())
     return dq.to(a.q.dtype), dk.to(a.k.dtype)
 
 

@@ -209,7 +209,7 @@ class _Emulated:
         self.lib = ctypes.CDLL(path)
         self.lib.emu_last_error.restype = ctypes.c_char_p
         self.lib.emu_attention_kl_fwd.argtypes = [P, P, P, I, P, P, P, P, P, P, P] + [I] * 8 + [F, P]
-        self.lib.emu_attention_kl_bwd.argtypes = [P, P, P, I] + [P] * 8 + [I] * 8 + [F, P]
+        self.lib.emu_attention_kl_bwd.argtypes = [P, P, P, I] + [P] * 8 + [I] * 8 + [F, P, P]
         self.lib.emu_attention_probs.argtypes = [P] * 6 + [I] * 9 + [F, P]
 
     def _call(self, fn, args):

@@ -50,10 +50,10 @@ int emu_attention_kl_bwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t teac
                          std::uintptr_t lse, std::uintptr_t tmass, std::uintptr_t grad_rows,
                          std::uintptr_t dq_out, std::uintptr_t dk_out, std::int64_t B, std::int64_t H,
                          std::int64_t Hkv, std::int64_t L, std::int64_t D, std::int64_t S, std::int64_t Q,
-                         std::int64_t q_dtype, double scale, std::uintptr_t stream) {
+                         std::int64_t q_dtype, double scale, std::uintptr_t stream, std::uintptr_t workspace) {
   return guarded([&] {
     seekr_cuda::attention_kl_bwd(q, k, teacher, teacher_dtype, heads, queries, key_mask, lse, tmass, grad_rows,
-                                 dq_out, dk_out, B, H, Hkv, L, D, S, Q, q_dtype, scale, stream);
+                                 dq_out, dk_out, B, H, Hkv, L, D, S, Q, q_dtype, scale, stream, workspace);
   });
 }
 

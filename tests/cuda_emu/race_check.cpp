@@ -44,7 +44,7 @@ bool run_case(int L, int D, int Q, bool all_queries, std::mt19937& rng) {
                                 0, 0.2, 0);
   rc |= emu_attention_kl_bwd(U(q.data()), U(k.data()), U(t.data()), 0, U(heads.data()), U(queries.data()),
                              U(mask.data()), U(lse.data()), U(T.data()), U(g.data()), U(dq.data()), U(dk.data()), B,
-                             H, Hkv, L, D, S, Q, 0, 0.2, 0);
+                             H, Hkv, L, D, S, Q, 0, 0.2, 0, 0);
   rc |= emu_attention_probs(U(q.data()), U(k.data()), U(heads.data()), U(queries.data()), U(mask.data()),
                             U(p.data()), 0, B, H, Hkv, L, D, S, Q, 0, 0.2, 0);
   if (rc != 0) {
