@@ -291,6 +291,15 @@ def test_large_logits_stay_finite():
         assert_close(x, y, 1e-5, what)
 
 
+def test_teacher_mass_on_hidden_keys_is_ignored():
+    q, k, t, heads, qs, mask = make_case(2, 4, 2, 50, 16, S=2, queries="subset", pad="left", seed=12)
+    noisy = torch.rand(t.shape, generator=torch.Generator().manual_seed(3))  # mass everywhere
+    got = run("cpu", q, k, noisy, heads, qs, mask)
+    ref = run("torch", q, k, noisy, heads, qs, mask, upcast=True)
+    for x, y, what in zip(got, ref, ["rows", "dq", "dk"]):
+        assert_close(x, y, 1e-5, what)
+
+
 def test_module_for():
     cpu = _native.module_for("cpu")
     for name in ("attention_kl_fwd", "attention_kl_bwd", "attention_probs"):
