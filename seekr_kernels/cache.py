@@ -1,0 +1,356 @@
+"""Teacher caches on disk: attention rows and logits of replayed samples, dense or TopK.
+
+One cache is one ``.safetensors`` file. Its tensors:
+
+=================================  ==================================================
+``attention.<layer>.dense``        dense rows [B, S, Q, L] of one distilled layer
+``attention.<layer>.values``       TopK (kind "probs"): values, int32 indices and,
+``attention.<layer>.indices``      when kept, the dense row sums ``mass``
+``attention.<layer>.mass``
+``heads.<layer>``                  int heads of that layer, [S] or [B, S] (-1 = empty)
+``queries``                        int query positions [B, Q] (absent = all rows)
+``logits.dense``                   dense teacher logits [N, L, V]
+``logits.values`` / ``.indices``   TopK (kind "logits") with the rows' ``lse``
+``logits.lse``
+``extra.<name>``                   any caller tensors (input ids, labels, masks, ...)
+=================================  ==================================================
+
+and one metadata entry, ``seekr_teacher_cache``, a JSON header kept inside the
+safetensors header (so a cache is a single file that cannot lose its sidecar)::
+
+    {"format": "seekr-teacher-cache", "version": 1,
+     "attention": {"<layer>": {"kind": "dense"|"topk", "full_size": L, "k": k}},
+     "logits": null | {"kind": "dense"|"topk", "full_size": V, "k": k},
+     "tensors": {"<name>": {"dtype": "bfloat16", "shape": [...], "sha256": "..."}},
+     "meta": {...caller JSON...}}
+
+Integrity: writes are atomic (:func:`seekr_kernels.utils.io.atomic_path`), so a crash
+leaves the old file or the new one, never a mix. On load, safetensors rejects a truncated
+file (its header covers every byte), every tensor must be listed in the header with the
+recorded dtype and shape, and its bytes must match the recorded SHA-256. Any failure
+raises :class:`TeacherCacheError` naming the file; nothing is returned half-checked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Union
+
+import torch
+
+from .ops.topk import TopK
+from .utils.io import atomic_path
+
+FORMAT = "seekr-teacher-cache"
+VERSION = 1
+_META_KEY = "seekr_teacher_cache"
+
+Rows = Union[torch.Tensor, TopK]
+
+
+class TeacherCacheError(ValueError):
+    """A teacher cache file is truncated, corrupt, of another format version or inconsistent."""
+
+
+def _sha256(t: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    if b.numel():
+        h.update(b.numpy())
+    return h.hexdigest()
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _fail(name, msg, exc=ValueError):
+    raise exc(f"{name}: {msg}")
+
+
+def _check_int(name, t):
+    if not isinstance(t, torch.Tensor):
+        _fail(name, f"expected an integer torch.Tensor, got {type(t).__name__}", TypeError)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        _fail(name, f"expected an integer dtype, got {t.dtype}", TypeError)
+
+
+@dataclass(eq=False)
+class TeacherCache:
+    """What the teacher did on a set of replayed samples.
+
+    Args:
+        attention: ``{layer: rows}``, rows dense [B, S, Q, L] (any float dtype) or a
+            ``TopK`` of kind ``"probs"`` standing for them.
+        logits: teacher logits [N, L, V] (dense) or a ``TopK`` of kind ``"logits"``; or None.
+        heads: ``{layer: heads}`` int [S] or [B, S] (-1 = empty slot); when given, one per
+            attention layer, S matching the rows.
+        queries: int [B, Q] query positions of the rows, or None (= all L rows).
+        extra: any further named tensors to keep with the cache.
+        meta: JSON-serialisable dict (task name, model id, ...).
+
+    ``save(path)`` writes atomically; ``TeacherCache.load(path)`` verifies everything.
+    """
+    attention: Dict[int, Rows] = field(default_factory=dict)
+    logits: Optional[Rows] = None
+    heads: Dict[int, torch.Tensor] = field(default_factory=dict)
+    queries: Optional[torch.Tensor] = None
+    extra: Dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "TeacherCache":
+        """Shape/dtype/consistency checks; raises ValueError/TypeError naming the field."""
+        if not isinstance(self.attention, dict):
+            _fail("attention", f"expected a dict {{layer: rows}}, got {type(self.attention).__name__}", TypeError)
+        att = {}
+        B = Lseq = S_by = Q_by = None
+        for layer, rows in self.attention.items():
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                _fail("attention", f"layer keys must be ints >= 0, got {layer!r}", TypeError)
+            name = f"attention[{layer}]"
+            if isinstance(rows, TopK):
+                if rows.kind != "probs":
+                    _fail(name, f"a TopK of attention rows must be of kind 'probs', got {rows.kind!r}")
+                shape = tuple(rows.shape)
+            elif isinstance(rows, torch.Tensor):
+                if not rows.dtype.is_floating_point:
+                    _fail(name, f"expected floating-point rows, got {rows.dtype}", TypeError)
+                shape = tuple(rows.shape)
+            else:
+                _fail(name, f"expected a tensor [B, S, Q, L] or a TopK, got {type(rows).__name__}", TypeError)
+            if len(shape) != 4:
+                _fail(name, f"expected rows of shape [B, S, Q, L], got {list(shape)}")
+            if B is None:
+                B, Q_by, Lseq = shape[0], shape[2], shape[3]
+            elif (shape[0], shape[2], shape[3]) != (B, Q_by, Lseq):
+                _fail(name, f"shape {list(shape)} disagrees with another layer's [B, *, Q, L] = "
+                      f"{[B, '*', Q_by, Lseq]}")
+            att[layer] = rows
+        self.attention = att
+        heads = {}
+        if not isinstance(self.heads, dict):
+            _fail("heads", f"expected a dict {{layer: heads}}, got {type(self.heads).__name__}", TypeError)
+        if self.heads:
+            if set(self.heads) != set(att):
+                _fail("heads", f"layers {sorted(self.heads)} differ from the attention layers {sorted(att)}")
+            for layer, h in self.heads.items():
+                _check_int(f"heads[{layer}]", h)
+                S_by = att[layer].shape[1]
+                if h.dim() not in (1, 2) or h.shape[-1] != S_by or (h.dim() == 2 and h.shape[0] != B):
+                    _fail(f"heads[{layer}]", f"expected shape [S={S_by}] or [B={B}, S={S_by}], got "
+                          f"{list(h.shape)}")
+                heads[layer] = h
+        self.heads = heads
+        if self.queries is not None:
+            _check_int("queries", self.queries)
+            if self.queries.dim() != 2:
+                _fail("queries", f"expected shape [B, Q], got {list(self.queries.shape)}")
+            if B is not None and tuple(self.queries.shape) != (B, Q_by):
+                _fail("queries", f"shape {list(self.queries.shape)} does not match the rows' "
+                      f"[B, Q] = {[B, Q_by]}")
+        lg = self.logits
+        if lg is not None:
+            if isinstance(lg, TopK):
+                if lg.kind != "logits":
+                    _fail("logits", f"a TopK of logits must be of kind 'logits', got {lg.kind!r}")
+            elif isinstance(lg, torch.Tensor):
+                if not lg.dtype.is_floating_point:
+                    _fail("logits", f"expected floating-point logits, got {lg.dtype}", TypeError)
+            else:
+                _fail("logits", f"expected a tensor [N, L, V] or a TopK, got {type(lg).__name__}", TypeError)
+            if len(lg.shape) != 3:
+                _fail("logits", f"expected shape [N, L, V], got {list(lg.shape)}")
+            if B is not None and (lg.shape[0], lg.shape[1]) != (B, Lseq):
+                _fail("logits", f"shape {list(lg.shape)} does not match the attention rows' "
+                      f"batch and length [B, L] = {[B, Lseq]}")
+        if not isinstance(self.extra, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in self.extra.items()):
+            _fail("extra", "expected a dict {name: tensor}", TypeError)
+        try:
+            json.dumps(self.meta, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            _fail("meta", f"must be JSON-serialisable ({e})", TypeError)
+        return self
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def layers(self):
+        return sorted(self.attention)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data (what the file holds, less its header)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors()[0].values())
+
+    def to(self, device) -> "TeacherCache":
+        """A copy with every tensor on ``device``."""
+        mv = (lambda x: None if x is None else x.to(device))
+        return TeacherCache({l: r.to(device) for l, r in self.attention.items()}, mv(self.logits),
+                            {l: h.to(device) for l, h in self.heads.items()}, mv(self.queries),
+                            {k: v.to(device) for k, v in self.extra.items()}, dict(self.meta))
+
+    def __repr__(self):
+        lg = None if self.logits is None else (repr(self.logits) if isinstance(self.logits, TopK)
+                                               else f"dense{list(self.logits.shape)}")
+        return f"TeacherCache(layers={self.layers}, logits={lg}, extra={sorted(self.extra)})"
+
+    # ------------------------------------------------------------------ save
+    def _tensors(self):
+        tensors, att, logits = {}, {}, None
+
+        seen = set()
+
+        def put(name, t):
+            t = t.detach().contiguous().cpu()
+            if t.numel() and t.data_ptr() in seen:
+                t = t.clone()       # safetensors refuses tensors that share memory
+            if t.numel():
+                seen.add(t.data_ptr())
+            tensors[name] = t
+
+        for layer, rows in self.attention.items():
+            base = f"attention.{layer}"
+            if isinstance(rows, TopK):
+                put(f"{base}.values", rows.values)
+                put(f"{base}.indices", rows.indices)
+                if rows.mass is not None:
+                    put(f"{base}.mass", rows.mass)
+                att[str(layer)] = {"kind": "topk", "full_size": rows.full_size, "k": rows.k}
+            else:
+                put(f"{base}.dense", rows)
+                att[str(layer)] = {"kind": "dense", "full_size": rows.shape[-1]}
+        for layer, h in self.heads.items():
+            put(f"heads.{layer}", h)
+        if self.queries is not None:
+            put("queries", self.queries)
+        lg = self.logits
+        if isinstance(lg, TopK):
+            put("logits.values", lg.values)
+            put("logits.indices", lg.indices)
+            put("logits.lse", lg.lse)
+            logits = {"kind": "topk", "full_size": lg.full_size, "k": lg.k}
+        elif lg is not None:
+            put("logits.dense", lg)
+            logits = {"kind": "dense", "full_size": lg.shape[-1]}
+        for k, v in self.extra.items():
+            put(f"extra.{k}", v)
+        return tensors, att, logits
+
+    def save(self, path: Union[str, os.PathLike]) -> int:
+        """Write the cache to ``path`` atomically; returns the file size in bytes."""
+        from safetensors.torch import save_file
+        self.validate()
+        tensors, att, logits = self._tensors()
+        header = {
+            "format": FORMAT, "version": VERSION, "attention": att, "logits": logits,
+            "tensors": {n: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape), "sha256": _sha256(t)}
+                        for n, t in tensors.items()},
+            "meta": self.meta,
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(header, allow_nan=False)})
+        return os.path.getsize(path)
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], map_location=None, verify: bool = True) -> "TeacherCache":
+        """Read and verify a cache written by :meth:`save`.
+
+        ``map_location``: device for the tensors (default CPU). ``verify=False`` skips the
+        SHA-256 of the tensor bytes (the structural checks always run).
+        Raises FileNotFoundError for a missing file, TeacherCacheError for anything else.
+        """
+        from safetensors import safe_open
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"teacher cache {path!r} does not exist")
+
+        def bad(msg):
+            return TeacherCacheError(f"teacher cache {path!r}: {msg}")
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                names = set(f.keys())
+                raw = meta.get(_META_KEY)
+                if raw is None:
+                    raise bad("not a seekr teacher cache (no '" + _META_KEY + "' header)")
+                try:
+                    header = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    raise bad(f"corrupt header ({e})") from None
+                if not isinstance(header, dict) or header.get("format") != FORMAT:
+                    raise bad(f"not a seekr teacher cache (format {header.get('format') if isinstance(header, dict) else None!r})")
+                if header.get("version") != VERSION:
+                    raise bad(f"format version {header.get('version')!r} is not supported "
+                              f"(this build reads version {VERSION})")
+                listed = header.get("tensors", {})
+                if set(listed) != names:
+                    raise bad(f"tensors {sorted(names ^ set(listed))} are not both in the file and "
+                              "in its header")
+                tensors = {}
+                for n in sorted(names):
+                    t = f.get_tensor(n)
+                    info = listed[n]
+                    if _dtype_name(t.dtype) != info.get("dtype") or list(t.shape) != info.get("shape"):
+                        raise bad(f"tensor {n!r} is {_dtype_name(t.dtype)}{list(t.shape)}, the header "
+                                  f"says {info.get('dtype')}{info.get('shape')}")
+                    if verify and _sha256(t) != info.get("sha256"):
+                        raise bad(f"tensor {n!r} fails its checksum (the file is corrupt)")
+                    tensors[n] = t
+        except TeacherCacheError:
+            raise
+        except Exception as e:      # safetensors: truncated file, bad header, ...
+            raise bad(f"unreadable ({type(e).__name__}: {e})") from e
+
+        try:
+            cache = cls._from_tensors(tensors, header)
+        except TeacherCacheError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"inconsistent contents ({type(e).__name__}: {e})") from e
+        if map_location is not None:
+            cache = cache.to(map_location)
+        return cache
+
+    @classmethod
+    def _from_tensors(cls, tensors, header):
+        used = set()
+
+        def take(n):
+            used.add(n)
+            return tensors[n]
+
+        attention = {}
+        for layer_s, info in header["attention"].items():
+            layer, base = int(layer_s), f"attention.{layer_s}"
+            if info["kind"] == "dense":
+                attention[layer] = take(f"{base}.dense")
+            elif info["kind"] == "topk":
+                mass = take(f"{base}.mass") if f"{base}.mass" in tensors else None
+                attention[layer] = TopK(take(f"{base}.values"), take(f"{base}.indices"),
+                                        int(info["full_size"]), "probs", mass=mass)
+            else:
+                raise ValueError(f"attention layer {layer}: unknown kind {info['kind']!r}")
+        heads = {int(n.split(".", 1)[1]): take(n) for n in tensors if n.startswith("heads.")}
+        queries = take("queries") if "queries" in tensors else None
+        info = header.get("logits")
+        logits = None
+        if info is not None:
+            if info["kind"] == "dense":
+                logits = take("logits.dense")
+            elif info["kind"] == "topk":
+                logits = TopK(take("logits.values"), take("logits.indices"), int(info["full_size"]),
+                              "logits", lse=take("logits.lse"))
+            else:
+                raise ValueError(f"logits: unknown kind {info['kind']!r}")
+        extra = {n[len("extra."):]: take(n) for n in tensors if n.startswith("extra.")}
+        if used != set(tensors):
+            raise ValueError(f"unexpected tensors {sorted(set(tensors) - used)}")
+        return cls(attention, logits, heads, queries, extra, header.get("meta") or {})
