@@ -17,3 +17,6 @@ from .continual.replay import ReplayMemory, ReplaySample, ReplayTask  # noqa: E4
 __all__ += ["ReplayMemory", "ReplaySample", "ReplayTask"]
 from .llama import capture_attention, distill_attention, observe_attention, patch_llama, unpatch_llama  # noqa: E402
 __all__ += ["patch_llama", "unpatch_llama", "distill_attention", "capture_attention", "observe_attention"]
+from .ops.logits_kl import LogitsKLLoss, logits_kl  # noqa: E402
+from .cache import TeacherCache, TeacherCacheError  # noqa: E402
+__all__ += ["logits_kl", "LogitsKLLoss", "TeacherCache", "TeacherCacheError"]
