@@ -132,11 +132,14 @@ def test_glue_rejects_unsupported_dtypes_and_shapes(emu):
 
 
 def test_cpu_only_import_never_loads_cuda_libraries():
-    """Importing the package, the glue and the C++ extension maps no CUDA runtime/driver."""
+    """Importing the package, the glue and both extensions maps no CUDA runtime/driver
+    (_C does not link cudart; _C_cuda links it statically and only loads the driver on its
+    first CUDA call)."""
     code = (
         "import importlib, seekr_kernels, seekr_kernels._native_cuda\n"
         "from seekr_kernels import _backend\n"
         "_backend.native_cpu()\n"
+        "_backend.native_cuda()\n"
         "maps = open('/proc/self/maps').read()\n"
         "bad = sorted({l.split()[-1] for l in maps.splitlines() if 'libcudart' in l or 'libcuda.so' in l})\n"
         "print('LOADED', bad)\n"
