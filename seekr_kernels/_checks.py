@@ -27,16 +27,29 @@ def _check_float(name, t, allowed=FLOAT_DTYPES):
         _fail(TypeError, name, f"dtype {t.dtype} is not supported (expected one of {list(allowed)})")
 
 
-def _check_finite(items):
-    """Raise ValueError naming the first argument holding NaN/inf (one host sync for all)."""
-    if not items:
+def _sum32(t):
+    return t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
+def _check_finite(items, extra=()):
+    """Raise ValueError naming the first argument holding NaN/inf.
+
+    Fast path: one reduction per tensor (a NaN/inf anywhere makes the sum non-finite) and
+    one host sync for all of them, plus any `extra` (name, bool-tensor, message) checks.
+    Only when a sum is not finite is the exact element-wise scan run, since a sum of
+    large finite values can overflow too.
+    """
+    if not items and not extra:
         return
-    flags = torch.stack([(~torch.isfinite(t)).any() if t.numel() else
-                         torch.zeros((), dtype=torch.bool, device=t.device) for _, t in items])
-    bad = flags.cpu().tolist()
-    for (name, _), b in zip(items, bad):
-        if b:
+    zero = torch.zeros((), dtype=torch.float32, device=(items or extra)[0][1].device)
+    sums = [(_sum32(t).float() if t.numel() else zero) for _, t in items]
+    flags = torch.stack([~torch.isfinite(x) for x in sums] + [e[1] for e in extra]).cpu().tolist()
+    for (name, t), bad in zip(items, flags[:len(items)]):
+        if bad and not bool(torch.isfinite(t).all()):
             _fail(ValueError, name, "contains NaN or infinite values")
+    for (name, _, msg), bad in zip(extra, flags[len(items):]):
+        if bad:
+            _fail(ValueError, name, msg)
 
 
 def _check_index(name, t):
@@ -150,7 +163,6 @@ def check_attention_args(q, k, heads, queries=None, attention_mask=None, scale=N
             _fail(ValueError, "scale", f"must be finite and > 0, got {scale}")
 
     if check_values:
-        # One host sync for every range check.
         hl = heads.long()
         checks = [
             ("heads", ((hl < -1) | (hl >= H)).any(), f"values must lie in [-1, {H}) (-1 = empty slot)"),
@@ -165,11 +177,7 @@ def check_attention_args(q, k, heads, queries=None, attention_mask=None, scale=N
         if attention_mask is not None:
             am = attention_mask.long()
             checks.append(("attention_mask", ((am != 0) & (am != 1)).any(), "values must be 0 or 1"))
-        flags = torch.stack([c[1] for c in checks]).cpu().tolist()
-        for (name, _, msg), bad in zip(checks, flags):
-            if bad:
-                _fail(ValueError, name, msg)
-        _check_finite([("q", q), ("k", k)])
+        _check_finite([("q", q), ("k", k)], extra=checks)   # one host sync for everything
 
     heads = heads.to(torch.int32).contiguous()
     queries = queries.to(torch.int32).contiguous()
@@ -193,11 +201,7 @@ def check_teacher_rows(teacher, a: AttnArgs, check_values=True, name="teacher"):
     if tuple(teacher.shape) != exp:
         _fail(ValueError, name, f"expected shape [B, S, Q, L] = {list(exp)}, got {list(teacher.shape)}")
     if check_values and teacher.numel():
-        flags = torch.stack([(~torch.isfinite(teacher)).any(), (teacher < 0).any()]).cpu().tolist()
-        if flags[0]:
-            _fail(ValueError, name, "contains NaN or infinite values")
-        if flags[1]:
-            _fail(ValueError, name, "contains negative probabilities")
+        _check_finite([(name, teacher)], extra=[(name, teacher.min() < 0, "contains negative probabilities")])
     return teacher
 
 

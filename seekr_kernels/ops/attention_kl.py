@@ -46,7 +46,7 @@ class _AttentionKLFunction(torch.autograd.Function):
         a = ctx.a
         if grad_rows is None:
             return None, None, None, None, None, None
-        grad_rows = grad_rows.float().contiguous()
+        grad_rows = grad_rows.to(lse.dtype).contiguous()   # fp64 stays fp64 (gradcheck)
         dq, dk = _impl(ctx.backend).attention_kl_bwd(a, teacher, lse, T, grad_rows)
         return dq, dk, None, None, None, None
 
