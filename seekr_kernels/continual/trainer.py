@@ -512,7 +512,12 @@ class ContinualTrainer:
             from ..llama import patch_llama
             m = patch_llama(m)
         if self.cfg.train.gradient_checkpointing:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Non-reentrant: the attention losses need gradients in the first forward pass.
+            kw = {"use_reentrant": False}
+            if hasattr(m, "activation_checkpointing_enable"):     # transformers >= 5.x name
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         m.config.use_cache = False
         self.model = m
         if self.dist.world > 1:

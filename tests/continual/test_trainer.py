@@ -205,3 +205,21 @@ def test_select_heads_published_rule():
     # layer sums 1.0, 1.5, 0.05 -> layers {0, 1}; top 3 heads among them: (0,1), then ties 0.5
     heads = _select_heads(imp, 2, 3)
     assert {l: h.tolist() for l, h in heads.items()} == {0: [1], 1: [0, 1]}
+
+
+def test_gradient_checkpointing_same_result(tmp_path):
+    """Checkpointed layers recompute in backward: losses (attention KL included) count once."""
+    paths = tiny_tasks(tmp_path / "data")[:2]
+    a = ContinualTrainer(tiny_config(tmp_path / "a", paths, "seekr"), quiet=True)
+    ra = a.run()
+    cfg = tiny_config(tmp_path / "b", paths, "seekr")
+    cfg.train.gradient_checkpointing = True
+    b = ContinualTrainer(cfg, quiet=True)
+    rb = b.run()
+    sa, sb = a.base.state_dict(), b.base.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-5, rtol=1e-4)
+    la = [r for r in read_log(tmp_path / "a") if r["kind"] == "replay"]
+    lb = [r for r in read_log(tmp_path / "b") if r["kind"] == "replay"]
+    assert la and [round(r["attn_kl"], 5) for r in la] == [round(r["attn_kl"], 5) for r in lb]
+    assert rb["matrix"] == ra["matrix"]
