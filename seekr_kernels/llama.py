@@ -26,6 +26,12 @@ observer asked for this layer. Distillation and capture are two such observers; 
 code (task sensitivity in :mod:`seekr_kernels.continual.importance`) plugs in its own
 through :func:`observe_attention`.
 
+flash-attn: with ``attention="flash_attention_2"`` (or ``"auto"`` on a model already using
+flash attention, with the flash-attn package installed) the output comes from
+transformers' flash-attention function and the mask from its flash mask builder; the
+observers are unchanged. That path is written but has not been run in this project's CI
+(flash-attn is not installable on its CPU machines).
+
 Gradient checkpointing
 ----------------------
 With non-reentrant checkpointing (transformers' default since 4.35's
@@ -116,8 +122,12 @@ def _seekr_attention(base_name, module, query, key, value, attention_mask, *args
     layer = getattr(module, "layer_idx", None)
     if obs is None or not obs.wants(layer) or _in_backward():
         return out, weights
-    sliding_window = kwargs.get("sliding_window")
     L = query.shape[2]
+    if key.shape[2] != L:
+        raise ValueError(f"layer {layer}: keys cover {key.shape[2]} positions but queries {L} (a KV cache "
+                         "holding earlier tokens?); attention contexts need one full forward pass of the "
+                         "batch, use_cache=False")
+    sliding_window = kwargs.get("sliding_window")
     if sliding_window is not None and L > sliding_window:
         raise ValueError(f"layer {layer}: sliding-window attention (window {sliding_window}) on a "
                          f"sequence of {L} tokens is not supported by the seekr kernels, which "

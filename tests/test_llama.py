@@ -587,3 +587,13 @@ def test_sliding_window_longer_than_sequence_is_refused():
     with pytest.raises(ValueError, match="sliding-window"):
         with sk.capture_attention(model, {0: torch.tensor([0])}, None, mask):
             model(input_ids=ids, attention_mask=mask)
+
+
+def test_kv_cache_step_is_refused():
+    model = skl.patch_llama(tiny_model())
+    ids, _ = batch()
+    with torch.no_grad():
+        pkv = model(input_ids=ids[:, :6], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="KV cache"):
+            with sk.capture_attention(model, {0: torch.tensor([0])}, None):
+                model(input_ids=ids[:, 6:7], past_key_values=pkv, use_cache=True)

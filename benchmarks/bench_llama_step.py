@@ -1,0 +1,319 @@
+"""One SEEKR replay training step (forward + backward) of a Llama model, three ways.
+
+  patched    this project: sk.patch_llama + sk.distill_attention; the attention output
+             comes from SDPA, the attention-KL of the distilled heads from the fused
+             op on each layer's post-RoPE q and k (backend "auto": the C++ kernels on CPU,
+             Triton on CUDA).
+  published  the published SEEKR way: eager attention with output_attentions=True (every
+             layer keeps its [B, H, L, L] probabilities for backward), then per distilled
+             layer index heads and rows, log(p + 1e-8), KLDivLoss('batchmean') per sample
+             / B (seekr_kernels.reference.published_attention_kl), mean over layers.
+  plain      SDPA with no distillation: the floor the patched step is compared with.
+
+Every step is loss = CE(next token) + beta * attention loss (beta = 1e3, the official
+default), then backward. All layers are distilled, S heads each, Q query rows (default
+all L rows: the most work for the fused op; SEEKR's query budget makes Q smaller).
+
+CPU (default): Llama-2-7B *attention* shapes (H = 32 heads of D = 128) on a narrow
+residual stream (hidden 256, MLP 512, 4 layers, vocab 1024, B = 1, fp32) so that a step
+takes seconds on a laptop-class CPU while the attention part -- what the three variants
+differ in -- has the real size. L in 256, 512, 1024.
+
+    python benchmarks/bench_llama_step.py                  # CPU
+    python benchmarks/bench_llama_step.py --gpu            # CUDA, bf16, Llama-2-7B layers
+
+--gpu: Llama-2-7B layer shapes (hidden 4096, MLP 11008, H = 32, D = 128, vocab 32000),
+4 layers, bf16 weights, L in 1024, 2048, 4096.
+
+Peak memory: each (variant, L) runs in a fresh subprocess (common.run_isolated). It builds
+the model, the batch and the teacher, runs one warm-up step (allocating the .grad buffers
+and any one-time state), then records RSS, runs one step and reads the RSS high-water
+mark (VmHWM, reset through /proc/self/clear_refs); the difference is the step's peak
+extra memory: activations saved for backward and temporaries. glibc's mmap threshold is
+pinned (MALLOC_MMAP_THRESHOLD_) so that every large tensor is its own mmap, returned to
+the OS when freed: otherwise memory freed by the warm-up step would be reused from the
+heap without raising RSS, and the delta would read low. On CUDA:
+torch.cuda.max_memory_allocated over the step, minus what was allocated before it.
+
+Writes benchmarks/results/llama_step_<device>.csv and .png and prints the ratios against
+the targets (CPU: patched <= 1.5x plain time and >= 3x less peak memory than published
+at L = 1024; GPU: patched <= 1.15x plain time).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BETA = 1e3
+
+CPU_SHAPE = dict(hidden=256, mlp=512, layers=4, heads=32, kv_heads=32, head_dim=128, vocab=1024,
+                 dtype="float32")
+GPU_SHAPE = dict(hidden=4096, mlp=11008, layers=4, heads=32, kv_heads=32, head_dim=128, vocab=32000,
+                 dtype="bfloat16")
+
+
+def _build(L, Q, S, shape, device, seed=0):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        hidden_size=shape["hidden"], intermediate_size=shape["mlp"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"],
+        vocab_size=shape["vocab"], max_position_embeddings=max(L, 128), use_cache=False)
+    dtype = getattr(torch, shape["dtype"])
+    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).train()
+    g = torch.Generator().manual_seed(seed + 1)
+    B = 1
+    ids = torch.randint(0, shape["vocab"], (B, L), generator=g).to(device)
+    mask = torch.ones(B, L, dtype=torch.long, device=device)
+    heads = {l: torch.randperm(shape["heads"], generator=g)[:S].to(device) for l in range(shape["layers"])}
+    queries = None if Q >= L else torch.sort(torch.randperm(L, generator=g)[:Q]).values[None].to(device)
+    Qn = L if queries is None else Q
+    qpos = torch.arange(L).expand(B, L) if queries is None else queries.cpu()
+    valid = torch.arange(L)[None, None, None, :] <= qpos[:, None, :, None]
+    teacher = {}
+    for l in heads:
+        z = torch.randn(B, S, Qn, L, generator=g)
+        teacher[l] = (torch.softmax(z.masked_fill(~valid, float("-inf")), -1)).to(device=device, dtype=dtype)
+    return model, ids, mask, heads, queries, teacher
+
+
+def _stepper(method, L, Q, S, device, shape, backend):
+    """Build the model for one variant and return (step, kernel name, last-loss dict)."""
+    import torch
+
+    import seekr_kernels as sk
+    from seekr_kernels import reference
+    from seekr_kernels._backend import resolve
+
+    model, ids, mask, heads, queries, teacher = _build(L, Q, S, shape, device)
+    if method == "published":
+        model.set_attn_implementation("eager")
+    elif method.startswith("patched"):
+        sk.patch_llama(model)
+    be = "torch" if method == "patched-torch" else backend
+    used = {}
+
+    def step():
+        model.zero_grad(set_to_none=False)
+        if method == "plain":
+            out = model(input_ids=ids, attention_mask=mask, labels=ids)
+            attn = out.loss.new_zeros(())
+        elif method == "published":
+            out = model(input_ids=ids, attention_mask=mask, labels=ids, output_attentions=True)
+            attn = torch.stack([reference.published_attention_kl(out.attentions[l], teacher[l], heads[l],
+                                                                 queries, mask) for l in sorted(heads)]).mean()
+        else:
+            with sk.distill_attention(model, heads, queries, teacher, mask, backend=be,
+                                      check_values=False) as d:
+                out = model(input_ids=ids, attention_mask=mask, labels=ids)
+            attn = d.loss()
+        loss = out.loss.float() + BETA * attn.float()
+        loss.backward()
+        used["attn"] = attn.detach().item()
+        used["ce"] = out.loss.detach().item()
+        del out
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    kernel = {"plain": "-", "published": "eager"}.get(
+        method, "torch" if be == "torch" else resolve(be, torch.device(device), "attention_kl"))
+    return step, kernel, used
+
+
+def _setup(device, threads=0):
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    if threads:
+        torch.set_num_threads(threads)
+    return GPU_SHAPE if device == "cuda" else CPU_SHAPE
+
+
+def memory_point(method, L, Q, S=4, device="cpu", backend="auto", threads=0):
+    """Peak extra memory of one step of one variant, in a fresh process (module docstring)."""
+    import gc
+
+    import torch
+
+    shape = _setup(device, threads)
+    step, kernel, used = _stepper(method, L, Q, S, device, shape, backend)
+    step()                                   # warm-up: .grad buffers, one-time state
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        common.reset_peak_rss()
+        base = common.rss_mib()
+        step()
+        peak = common.peak_rss_mib() - base
+    return {"method": method, "kernel": kernel, "peak_mib": round(peak, 1), "ce": used["ce"],
+            "attn_loss": used["attn"]}
+
+
+def timing_point(methods, L, Q, S=4, device="cpu", backend="auto", reps=3, threads=0):
+    """Median step time of every variant, measured in one process in interleaved rounds.
+
+    Interleaving (plain, patched, published, plain, ...) keeps the ratios fair on a shared
+    machine whose load drifts; wall time and process CPU time are both reported.
+    """
+    import statistics
+    import time
+
+    shape = _setup(device, threads)
+    steps = {m: _stepper(m, L, Q, S, device, shape, backend)[0] for m in methods}
+    for m in methods:
+        steps[m]()                           # warm-up
+    wall = {m: [] for m in methods}
+    cpu = {m: [] for m in methods}
+    for _ in range(reps):
+        for m in methods:
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps[m]()
+            wall[m].append((time.perf_counter() - t0) * 1e3)
+            cpu[m].append((time.process_time() - c0) * 1e3)
+    return {m: {"ms": round(statistics.median(wall[m]), 1), "cpu_ms": round(statistics.median(cpu[m]), 1)}
+            for m in methods}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true", help="CUDA, bf16, Llama-2-7B layer shapes")
+    ap.add_argument("--lengths", type=int, nargs="*", default=None)
+    ap.add_argument("--queries", type=int, default=None, help="query rows per sample (default: all L)")
+    ap.add_argument("--heads", type=int, default=4, help="distilled heads per layer")
+    ap.add_argument("--methods", nargs="*", default=["plain", "patched", "published"],
+                    help="plain, patched, published, patched-torch (fused op on the torch backend)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0 = torch's default); 1 gives steadier numbers on a busy machine")
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--plot-only", action="store_true", help="reprint ratios and replot from the CSV")
+    args = ap.parse_args()
+    if args.plot_only:
+        import csv
+        device = "cuda" if args.gpu else "cpu"
+        path = os.path.join(args.out, f"llama_step_{device}.csv")
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        _ratios(rows, args.gpu)
+        _plot(rows, os.path.join(args.out, f"llama_step_{device}.png"))
+        return
+
+    device = "cuda" if args.gpu else "cpu"
+    lengths = args.lengths or ([1024, 2048, 4096] if args.gpu else [256, 512, 1024])
+    # Every big tensor its own mmap, unmapped when freed: see the module docstring.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    print(f"machine: {common.machine()}")
+    shape = GPU_SHAPE if args.gpu else CPU_SHAPE
+    print(f"shape: {shape}, B=1, S={args.heads} heads on each of {shape['layers']} layers, "
+          f"Q={'L' if args.queries is None else args.queries}")
+    rows = []
+    for L in lengths:
+        Q = L if args.queries is None else min(args.queries, L)
+        t = common.run_isolated("bench_llama_step", "timing_point",
+                                dict(methods=args.methods, L=L, Q=Q, S=args.heads, device=device,
+                                     reps=args.reps, threads=args.threads))
+        for m in args.methods:
+            r = common.run_isolated("bench_llama_step", "memory_point",
+                                    dict(method=m, L=L, Q=Q, S=args.heads, device=device,
+                                         threads=args.threads))
+            if "error" in t:
+                r.setdefault("error", "timing: " + t["error"])
+            else:
+                r.update(t[m])
+            r.update(method=m, L=L, Q=Q, S=args.heads, threads=args.threads, layers=shape["layers"], H=shape["heads"],
+                     D=shape["head_dim"], hidden=shape["hidden"], dtype=shape["dtype"], device=device)
+            rows.append(r)
+            if "error" in r:
+                print(f"L={L:5d} {m:14s} ERROR {r['error']}")
+            else:
+                print(f"L={L:5d} {m:14s} [{r['kernel']:5s}] {r['ms']:9.1f} ms (cpu {r['cpu_ms']:9.1f} ms) "
+                      f"{r['peak_mib']:9.1f} MiB  ce={r['ce']:.4f} attn={r['attn_loss']:.5f}")
+    path = os.path.join(args.out, f"llama_step_{device}.csv")
+    common.write_csv(path, rows)
+    print(f"wrote {path}")
+    _ratios(rows, args.gpu)
+    _plot(rows, os.path.join(args.out, f"llama_step_{device}.png"))
+
+
+def _ratios(rows, gpu):
+    ok = {(r["method"], int(r["L"])): {k: (float(v) if k in ("ms", "cpu_ms", "peak_mib") else v)
+                                       for k, v in r.items()}
+          for r in rows if not r.get("error")}
+    cpu = not gpu
+    print("\nratios" + (" (time: wall, and process CPU time in brackets)" if cpu else ""))
+
+    def tr(a, b):
+        t = f"x{a['ms'] / b['ms']:.2f}"
+        return t + (f" (cpu x{a['cpu_ms'] / b['cpu_ms']:.2f})" if cpu else "")
+    for L in sorted({L for _, L in ok}):
+        p, pl, pub = ok.get(("patched", L)), ok.get(("plain", L)), ok.get(("published", L))
+        if p is None:
+            continue
+        line = f"  L={L:5d}:"
+        if pl:
+            line += f" patched/plain time {tr(p, pl)} memory x{p['peak_mib'] / max(pl['peak_mib'], 0.1):.2f}"
+        if pub:
+            line += (f" | published/patched time {tr(pub, p)}"
+                     f" memory x{pub['peak_mib'] / max(p['peak_mib'], 0.1):.2f}")
+        print(line)
+    target_L = 4096 if gpu else 1024
+    p, pl, pub = ok.get(("patched", target_L)), ok.get(("plain", target_L)), ok.get(("published", target_L))
+    if p and pl:
+        lim = 1.15 if gpu else 1.5
+        t = p["ms"] / pl["ms"]
+        extra = f" (cpu time x{p['cpu_ms'] / pl['cpu_ms']:.2f})" if cpu else ""
+        print(f"target: patched <= {lim}x plain time at L={target_L}: wall x{t:.2f}{extra} "
+              f"{'MET' if t <= lim else 'MISSED'}")
+    if p and pub and not gpu:
+        mem = pub["peak_mib"] / max(p["peak_mib"], 0.1)
+        print(f"target: patched >= 3x less peak memory than published at L={target_L}: x{mem:.2f} "
+              f"{'MET' if mem >= 3 else 'MISSED'}")
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    ok = [r for r in rows if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    # Process CPU time on CPU: on a shared machine wall time mostly measures the neighbours.
+    tkey = "ms" if not ok or ok[0].get("device") == "cuda" else "cpu_ms"
+    for m in sorted({r["method"] for r in ok}):
+        pts = sorted((int(r["L"]), float(r[tkey]), float(r["peak_mib"])) for r in ok if r["method"] == m)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        axes[1].plot([p[0] for p in pts], [max(p[2], 0.1) for p in pts], marker="o", label=m)
+    ttl = "step time, fwd+bwd (ms)" if tkey == "ms" else "step CPU time, fwd+bwd (ms)"
+    for ax, t in zip(axes, [ttl, "peak extra memory of the step (MiB)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L")
+        ax.set_title(t)
+        ax.legend()
+    r0 = ok[0] if ok else {}
+    fig.suptitle(f"Llama replay step, {r0.get('layers')} distilled layers, H={r0.get('H')} D={r0.get('D')}, "
+                 f"{r0.get('device')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
