@@ -13,10 +13,10 @@ dO_i . v_j`` (GQA: ``v`` of kv head ``h // G``), so
     full:   sum_{i,j} (dO_i . v_j)^2 = <dO^T dO, V^T V>_F                   O(L D^2)
     causal: sum_{j <= i} (dO_i . v_j)^2 = sum_i dO_i^T (sum_{j<=i} v_j v_j^T) dO_i
 
-The causal sum is computed blockwise (block T): the strictly-earlier blocks through an
-exclusive prefix sum of the per-block ``V_b^T V_b`` (``<dO_b^T dO_b, P_b>``), the diagonal
-block through its ``T x T`` lower triangle; O(L D^2 + L T D) time, O((L/T) D^2) memory
-per head. Padding: only a sample's ``n`` real tokens count (rows and columns), so each
+The causal sum is computed over row blocks of T tokens: keys of strictly earlier blocks
+through a running ``P = sum_j v_j v_j^T`` (``sum_i dO_i^T P dO_i``), keys of the block
+itself through its ``T x T`` lower triangle; O(L D^2 + L T D) time, O(D^2 + T^2 + T D)
+memory per head. Padding: only a sample's ``n`` real tokens count (rows and columns), so each
 sample is measured as if it ran alone, unpadded — exactly what the published code
 computes for an unpadded sample. Normalisation per sample: ``full`` divides by ``n^2``
 (every entry of the map, future ones included — their gradient ``dO_i . v_j`` is not 0
@@ -74,14 +74,13 @@ forgettability`` (sensitivity normalised per layer), then :func:`select_heads`.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import numbers
 from typing import Iterable, Mapping, Optional
 
 import torch
 
+from ..utils.io import atomic_write_bytes
 from .selection import select_heads
 
 __all__ = [
@@ -101,7 +100,7 @@ def _llama():
 # ============================================================================ sensitivity
 
 def attention_grad_sq_sums(grad_out: torch.Tensor, value: torch.Tensor, attention_mask=None,
-                           region: str = "full", block: int = 64):
+                           region: str = "full", block: int = 128):
     """Per sample and head, ``sum (dL/dA_ij)^2`` over a region of the ``[L, L]`` map.
 
     Args:
@@ -141,18 +140,16 @@ def attention_grad_sq_sums(grad_out: torch.Tensor, value: torch.Tensor, attentio
         entries = n * n
     else:
         T = max(1, min(int(block), L))
-        nb = -(-L // T)
-        if nb * T != L:   # zero rows/columns add nothing to any sum
-            dO = torch.nn.functional.pad(dO, (0, 0, 0, nb * T - L))
-            v = torch.nn.functional.pad(v, (0, 0, 0, nb * T - L))
-        vb = v.reshape(B, Hkv, nb, T, D)
-        ob = dO.reshape(B, Hkv, G, nb, T, D)
-        c = vb.transpose(-1, -2) @ vb                        # [B, Hkv, nb, D, D]
-        prefix = c.cumsum(2) - c                             # keys of strictly earlier blocks
-        gtg = ob.transpose(-1, -2) @ ob                      # [B, Hkv, G, nb, D, D]
-        off = (gtg * prefix[:, :, None]).sum((-1, -2, -3))
-        diag = (ob @ vb[:, :, None].transpose(-1, -2)).tril().square().sum((-1, -2, -3))
-        sums = off + diag
+        prefix = v.new_zeros(B, Hkv, 1, D, D)                # sum of v_j v_j^T over earlier blocks
+        sums = dO.new_zeros(B, Hkv, G)
+        for t0 in range(0, L, T):
+            ob = dO[:, :, :, t0:t0 + T]                      # [B, Hkv, G, T, D]
+            vb = v[:, :, None, t0:t0 + T]                    # [B, Hkv, 1, T, D]
+            # keys of earlier blocks: sum_i dO_i^T P dO_i
+            sums += ((ob @ prefix) * ob).sum((-1, -2))
+            # keys of this block: j <= i inside a T x T tile
+            sums += (ob @ vb.transpose(-1, -2)).tril().square().sum((-1, -2))
+            prefix = prefix + vb.transpose(-1, -2) @ vb
         entries = n * (n + 1) / 2
     return sums.reshape(B, H), entries
 
@@ -183,7 +180,7 @@ class SensitivityMeter:
         sums, counts: the fp64 running sums and per-layer sample counts behind it.
     """
 
-    def __init__(self, model, region="full", layers=None, block=64):
+    def __init__(self, model, region="full", layers=None, block=128):
         if region not in REGIONS:
             raise ValueError(f"region: must be one of {REGIONS}, got {region!r}")
         if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1:
@@ -305,7 +302,7 @@ class SensitivityMeter:
 
 
 def measure_sensitivity(model, region: str = "full", layers: Optional[Iterable[int]] = None,
-                        block: int = 64) -> SensitivityMeter:
+                        block: int = 128) -> SensitivityMeter:
     """Measure SEEKR task sensitivity of every attention head, without ``[L, L]`` maps.
 
     ::
@@ -540,7 +537,8 @@ def measure_forgettability(model_before, model_after, batches: Iterable[Mapping]
 
     Both models must be patched with :func:`seekr_kernels.patch_llama`. ``model_before``
     can be the previous task's checkpoint loaded from disk (host memory stays small) or
-    a copy of the model taken before training.
+    a copy of the model taken before training (``copy.deepcopy`` it *before* patching:
+    a patched model holds a lock that does not deep-copy).
     """
     meter = ForgettabilityMeter(normalize=normalize, store=store, backend=backend)
     for b in batches:
@@ -650,7 +648,7 @@ class Importance:
         payload = save(tensors, metadata={"format": str(_FORMAT), "kind": "seekr-importance",
                                           "n_layers": str(self.n_layers), "n_heads": str(self.n_heads),
                                           "sha256": _tensor_digest(tensors)})
-        _atomic_write_bytes(path, payload)
+        atomic_write_bytes(path, payload)
         return len(payload)
 
     @classmethod
@@ -683,26 +681,3 @@ def _tensor_digest(tensors: Mapping) -> str:
         h.update(f"{k}:{t.dtype}:{list(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _atomic_write_bytes(path, payload):
-    """Write ``payload`` to ``path`` via a temp file in the same directory + fsync + rename."""
-    try:
-        from ..utils.io import atomic_write_bytes  # the project's shared helper, when present
-    except ImportError:
-        atomic_write_bytes = None
-    if atomic_write_bytes is not None:
-        atomic_write_bytes(path, payload)
-        return
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

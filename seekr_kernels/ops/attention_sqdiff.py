@@ -25,8 +25,9 @@ from .. import reference
 from .._backend import resolve
 from .._checks import _check_finite, check_attention_args
 
-# torch backend: at most this many [.., L] entries per chunk of slots (x ~6 live temporaries).
-_TORCH_CHUNK = 1 << 22
+# torch backend: at most this many [.., L] entries per chunk of slots (x ~6 live fp32
+# temporaries, i.e. ~25 MiB whatever S, Q and L).
+_TORCH_CHUNK = 1 << 20
 
 
 def _check_pair(name_q, name_k, q, k, a):
