@@ -534,6 +534,16 @@ class ContinualTrainer:
             self.train_model = m
         self._fsdp = self.dist.world > 1 and self.cfg.distributed.strategy == "fsdp"
 
+    def _reshard(self):
+        """FSDP2 keeps the root's parameters gathered after a forward with no backward (it
+        expects one); reshard them so the next training step all-gathers fresh weights."""
+        if not getattr(self, "_fsdp", False):
+            return
+        from torch.distributed.fsdp import FSDPModule
+        for mod in self.model.modules():
+            if isinstance(mod, FSDPModule):
+                mod.reshard()
+
     def _state_dict(self):
         if self._fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -914,6 +924,7 @@ class ContinualTrainer:
                       position_ids=b["position_ids"], use_cache=False)
             out.append({l: r[0].float() for l, r in c.rows.items()})
         model.train(was)
+        self._reshard()
         return out
 
     @torch.no_grad()
@@ -964,6 +975,7 @@ class ContinualTrainer:
                     s.attn = {l: (r[j][:, p:, p:] if s.queries is None else r[j][:, :Q, p:]).clone().float()
                               for l, r in c.rows.items()}
         model.train(was)
+        self._reshard()
 
     # ---------------------------------------------------------------- evaluation
     def _evaluate_upto(self, t: int):
@@ -983,6 +995,7 @@ class ContinualTrainer:
             ll.append(r["loglik"])
             if j == t and r["predictions"]:
                 self.log(kind="samples", task=t, predictions=r["predictions"])
+        self._reshard()
         return row, ll
 
     # ---------------------------------------------------------------- persistence
