@@ -246,7 +246,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="run the kernel part on CUDA (bf16, triton)")
     ap.add_argument("--lengths", type=int, nargs="*", default=None)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--skip-host", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--e2e", action="store_true", help="also run the end-to-end forgettability pass")

@@ -13,7 +13,8 @@ of the [L, L] maps. It is the building block of SEEKR's forgettability (mean of
 
 The fused (triton) backend streams key blocks twice — the log-sum-exp of both rows,
 then the squared difference of the normalised probabilities — and writes only [B, S, Q].
-The torch backend materialises the rows of a bounded number of slots at a time.
+The torch backend materialises the rows of a bounded number of slots at a time (an
+independent oracle for the tests is in tests/test_attention_sqdiff.py: eager [L, L] maps).
 """
 from __future__ import annotations
 
@@ -21,12 +22,11 @@ import dataclasses
 
 import torch
 
-from .. import reference
 from .._backend import resolve
 from .._checks import _check_finite, check_attention_args
 
-# torch backend: at most this many [.., L] entries per chunk of slots (x ~6 live fp32
-# temporaries, i.e. ~25 MiB whatever S, Q and L).
+# torch backend: at most this many entries of [B, s, Q, L] scores (or [B, s, L, D] gathered
+# keys) per chunk of s slots; a few fp32 temporaries of that size live at once (~4 MiB each).
 _TORCH_CHUNK = 1 << 20
 
 
@@ -44,20 +44,31 @@ def _check_pair(name_q, name_k, q, k, a):
 
 def _torch_rows(a, q_b, k_b):
     acc = torch.float64 if a.q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(a.B, a.S, a.Q, device=a.q.device, dtype=acc)
-    per_slot = max(1, a.B * a.Q * a.L)
+    B, L, D = a.B, a.L, a.D
+    dev = a.q.device
+    out = torch.zeros(B, a.S, a.Q, device=dev, dtype=acc)
+    pos = a.queries.long()                                                   # [B, Q]
+    j = torch.arange(L, device=dev)
+    visible = (j[None, None, :] <= pos[:, :, None]) & a.key_mask.bool()[:, None, :]   # [B, Q, L]
+    per_slot = max(1, B * max(a.Q * L, L * D))
     step = max(1, _TORCH_CHUNK // per_slot)
+    bidx = torch.arange(B, device=dev)[:, None]
     for s0 in range(0, a.S, step):
         s1 = min(a.S, s0 + step)
-        part = dataclasses.replace(a, heads=a.heads[:, s0:s1], row_active=a.row_active[:, s0:s1], S=s1 - s0)
-        za, valid = reference.selected_logits(part)
-        pa = reference.masked_log_softmax(za, valid).exp().masked_fill(~valid, 0.0)
-        del za
-        zb, _ = reference.selected_logits(dataclasses.replace(part, q=q_b, k=k_b))
-        pb = reference.masked_log_softmax(zb, valid).exp().masked_fill(~valid, 0.0)
-        del zb
-        rows = (pa - pb).square_().sum(-1)
-        out[:, s0:s1] = torch.where(part.row_active, rows, torch.zeros_like(rows))
+        h = a.heads[:, s0:s1].long().clamp_min(0)                            # empty slots read head 0
+        probs = []
+        for q, k in ((a.q, a.k), (q_b, k_b)):
+            qr = q[bidx[:, :, None], h[:, :, None], pos[:, None, :]]         # [B, s, Q, D]
+            kh = k[bidx, h // a.group]                                       # [B, s, L, D]
+            z = torch.matmul(qr.to(acc), kh.to(acc).transpose(-1, -2)).mul_(a.scale)
+            del qr, kh
+            # Rows without a visible key become NaN here; they are inactive and zeroed below.
+            probs.append(torch.softmax(z.masked_fill_(~visible[:, None], float("-inf")), dim=-1))
+            del z
+        rows = (probs[0] - probs[1]).square_().sum(-1)
+        del probs
+        act = a.row_active[:, s0:s1]
+        out[:, s0:s1] = torch.where(act, rows, torch.zeros_like(rows))
     return out
 
 
