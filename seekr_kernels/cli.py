@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                "with four methods (sft, replay 1%, replay 10%, SEEKR 1%).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="run the built-in demo (four methods, about 5 minutes on 2 CPU cores)",
+    d = sub.add_parser("demo", help="run the built-in demo (four methods; about 1.5 minutes on 2 idle CPU cores)",
                        description="Sequential fine-tuning, replay 1%, replay 10% and SEEKR 1% on a "
                                    "built-in stream of tasks that interfere; prints OP/BWT and writes "
                                    "results.json and heatmaps.")

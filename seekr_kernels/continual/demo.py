@@ -51,7 +51,7 @@ METHODS = {                      # name -> (method, replay ratio)
 #: The demo's settings; ``--quick`` shrinks them for a test-sized run. Losses, weights
 #: (a = 0.5, b = 1e3) and the replay cycle (train batches per epoch // replay batches) are
 #: the published defaults; the head budget is half of this small model's 16 heads.
-FULL = dict(n_train=1000, n_test=200, length=5, epochs=3, first_epochs=8, batch_size=32, lr=1e-3,
+FULL = dict(n_train=1000, n_test=200, length=5, epochs=5, first_epochs=8, batch_size=32, lr=1e-3,
             replay_batch_size=4,
             arch=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=4, max_position_embeddings=64),

@@ -53,7 +53,7 @@ import torch
 
 from . import metrics as M
 from .config import ConfigError, RunConfig, TaskSpec, task_name
-from .data import (CharTokenizer, Encoded, EncodedDataset, Task, collate, epoch_batches, load_task,
+from .data import (CharTokenizer, Encoded, EncodedDataset, collate, epoch_batches, load_task,
                    load_tokenizer, shard)
 from .evaluate import evaluate_examples
 from .losses import ce_sum, logits_kl_mean, replay_objective

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from seekr_kernels.continual.config import ConfigError, from_dict, load_config
 from seekr_kernels.continual.data import (CharTokenizer, DataError, Example, EncodedDataset, collate,

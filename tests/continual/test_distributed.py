@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seekr_kernels.continual.config import from_dict
 from seekr_kernels.continual.trainer import ContinualTrainer
 
 from test_trainer import tiny_config, tiny_tasks  # noqa: E402  (same folder)
