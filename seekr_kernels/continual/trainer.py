@@ -241,170 +241,30 @@ def _atomic_replace_dir(tmp: str, final: str):
 
 @dataclass
 class _Sample:
+    """A new replay sample while its task is being learned (becomes a ReplaySample)."""
     prompt_ids: list
     answer_ids: list
     task: int
-    logits: Optional[torch.Tensor] = None      # [A, V] dense teacher logits at target positions
-    topk: Optional[tuple] = None               # (values [A,k], indices [A,k] int32, lse [A]) instead
-    queries: Optional[torch.Tensor] = None     # [Q] int positions within the sample; None = all
+    logits: object = None                      # [A, V] teacher logits, or a TopK of them
+    queries: Optional[torch.Tensor] = None     # [Q] positions within the sample; None = all
     attn: dict = field(default_factory=dict)   # {layer: [S_l, Q, len]} teacher rows
 
     @property
     def length(self):
         return len(self.prompt_ids) + len(self.answer_ids)
 
+    def to_replay(self):
+        from .replay import ReplaySample
+        ids = torch.tensor(self.prompt_ids + self.answer_ids, dtype=torch.long)
+        mask = torch.zeros(self.length, dtype=torch.bool)
+        mask[len(self.prompt_ids):] = True
+        # Teacher logits sit at the positions that predict answer tokens.
+        return ReplaySample(ids, mask, self.queries, self.logits, max(0, len(self.prompt_ids) - 1), self.attn)
 
-class ReplayStore:
-    """The replay memory: per task, the samples, their teacher and the task's heads.
 
-    Batches mix tasks; each sample carries its own task's heads, so a batch's per-layer
-    heads are ``[B, S]`` with -1 slots. Saved as one directory per task (safetensors
-    tensors + JSON manifest), each written atomically.
-    """
-
-    FORMAT = 1
-
-    def __init__(self):
-        self.tasks: list = []       # [{"name", "heads": {l: LongTensor}, "samples": [_Sample]}]
-
-    def __len__(self):
-        return sum(len(t["samples"]) for t in self.tasks)
-
-    def add_task(self, name: str, samples: list, heads: dict):
-        self.tasks.append({"name": name, "heads": {int(l): h.long().cpu() for l, h in heads.items()},
-                           "samples": samples})
-
-    def flat(self) -> list:
-        return [(ti, si) for ti, t in enumerate(self.tasks) for si in range(len(t["samples"]))]
-
-    def sample(self, key) -> _Sample:
-        return self.tasks[key[0]]["samples"][key[1]]
-
-    def layers(self, keys) -> list:
-        ls = set()
-        for k in keys:
-            ls.update(self.tasks[k[0]]["heads"])
-        return sorted(ls)
-
-    def batch(self, keys, pad_token_id, pad_to_multiple_of=1, layers=(), logits=False, vocab=None) -> dict:
-        """A left-padded replay batch with teachers aligned to it."""
-        samples = [self.sample(k) for k in keys]
-        enc = [Encoded(s.prompt_ids, s.answer_ids) for s in samples]
-        b = collate(enc, pad_token_id, pad_to_multiple_of)
-        B, L = b["input_ids"].shape
-        pads = [L - s.length for s in samples]
-        if logits:
-            if samples[0].topk is not None:
-                from ..ops.topk import TopK
-                k = samples[0].topk[0].shape[-1]
-                vals = torch.zeros(B, L, k, dtype=samples[0].topk[0].dtype)
-                idx = torch.zeros(B, L, k, dtype=torch.int32)
-                lse = torch.zeros(B, L, dtype=torch.float32)
-                for i, (s, p) in enumerate(zip(samples, pads)):
-                    a0 = max(p, p + len(s.prompt_ids) - 1)
-                    A = s.topk[0].shape[0]
-                    vals[i, a0:a0 + A], idx[i, a0:a0 + A], lse[i, a0:a0 + A] = s.topk
-                b["teacher_logits"] = TopK(vals, idx, int(vocab), "logits", lse)
-            else:
-                V = samples[0].logits.shape[-1]
-                t = torch.zeros(B, L, V, dtype=samples[0].logits.dtype)
-                for i, (s, p) in enumerate(zip(samples, pads)):
-                    a0 = max(p, p + len(s.prompt_ids) - 1)
-                    t[i, a0:a0 + s.logits.shape[0]] = s.logits
-                b["teacher_logits"] = t
-        if layers:
-            Qs = [L if s.queries is None else int(s.queries.numel()) for s in samples]
-            Qm = max(Qs)
-            all_rows = all(s.queries is None for s in samples)
-            q = torch.zeros(B, Qm, dtype=torch.long)    # padded slots -> position 0 (padding)
-            for i, (s, p) in enumerate(zip(samples, pads)):
-                rel = torch.arange(s.length) if s.queries is None else s.queries.long()
-                q[i, :rel.numel()] = rel + p
-            heads, teach = {}, {}
-            for l in layers:
-                S = max([1] + [int(self.tasks[k[0]]["heads"].get(l, torch.empty(0)).numel()) for k in keys])
-                h = torch.full((B, S), -1, dtype=torch.long)
-                t = torch.zeros(B, S, Qm if not all_rows else L, L, dtype=torch.float32)
-                for i, (k, s, p) in enumerate(zip(keys, samples, pads)):
-                    th = self.tasks[k[0]]["heads"].get(l)
-                    if th is None or l not in s.attn:
-                        continue
-                    rows = s.attn[l]                       # [S_l, Q_s, len]
-                    h[i, :th.numel()] = th
-                    if all_rows:
-                        t[i, :rows.shape[0], p:, p:] = rows
-                    else:
-                        t[i, :rows.shape[0], :rows.shape[1], p:] = rows
-                heads[l], teach[l] = h, t
-            b["heads"], b["teacher_attn"] = heads, teach
-            b["queries"] = None if all_rows else q
-        return b
-
-    # ---------------------------------------------------------------- persistence
-    def save_task(self, root: str, ti: int) -> int:
-        """Write task ``ti`` to ``root/task-NNN`` atomically; returns bytes on disk."""
-        from safetensors.torch import save_file
-        t = self.tasks[ti]
-        final = os.path.join(root, f"task-{ti:03d}")
-        tmp = f"{final}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        tensors = {}
-        meta = []
-        for i, s in enumerate(t["samples"]):
-            tensors[f"{i}.prompt"] = torch.tensor(s.prompt_ids, dtype=torch.int64)
-            tensors[f"{i}.answer"] = torch.tensor(s.answer_ids, dtype=torch.int64)
-            if s.logits is not None:
-                tensors[f"{i}.logits"] = s.logits.contiguous()
-            if s.topk is not None:
-                for name, x in zip(("values", "indices", "lse"), s.topk):
-                    tensors[f"{i}.topk.{name}"] = x.contiguous()
-            if s.queries is not None:
-                tensors[f"{i}.queries"] = s.queries.contiguous()
-            for l, r in s.attn.items():
-                tensors[f"{i}.attn.{l}"] = r.contiguous()
-            meta.append({"attn_layers": sorted(s.attn)})
-        for l, h in t["heads"].items():
-            tensors[f"heads.{l}"] = h.contiguous()
-        save_file(tensors, os.path.join(tmp, "memory.safetensors"))
-        import hashlib
-        with open(os.path.join(tmp, "memory.safetensors"), "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        M.write_json(os.path.join(tmp, "manifest.json"), {
-            "format": self.FORMAT, "task": t["name"], "index": ti, "n": len(t["samples"]),
-            "heads": sorted(t["heads"]), "samples": meta, "sha256": digest})
-        _atomic_replace_dir(tmp, final)
-        return sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
-
-    def load_task(self, root: str, ti: int, name: str):
-        """Read ``root/task-NNN``; refuses a missing, corrupt or mismatched directory."""
-        from safetensors.torch import load_file
-        d = os.path.join(root, f"task-{ti:03d}")
-        man_p = os.path.join(d, "manifest.json")
-        try:
-            with open(man_p, encoding="utf-8") as f:
-                man = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise RuntimeError(f"{man_p}: cannot read the replay memory manifest ({e})") from None
-        if man.get("format") != self.FORMAT or man.get("task") != name or man.get("index") != ti:
-            raise RuntimeError(f"{d}: replay memory belongs to task {man.get('task')!r} #{man.get('index')} "
-                               f"(format {man.get('format')}), expected {name!r} #{ti}")
-        import hashlib
-        p = os.path.join(d, "memory.safetensors")
-        with open(p, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != man.get("sha256"):
-                raise RuntimeError(f"{p}: checksum mismatch (corrupt or truncated replay memory)")
-        ts = load_file(p)
-        samples = []
-        for i, sm in enumerate(man["samples"]):
-            topk = None
-            if f"{i}.topk.values" in ts:
-                topk = tuple(ts[f"{i}.topk.{n}"] for n in ("values", "indices", "lse"))
-            samples.append(_Sample(ts[f"{i}.prompt"].tolist(), ts[f"{i}.answer"].tolist(), ti,
-                                   ts.get(f"{i}.logits"), topk, ts.get(f"{i}.queries"),
-                                   {int(l): ts[f"{i}.attn.{l}"] for l in sm["attn_layers"]}))
-        heads = {int(l): ts[f"heads.{l}"] for l in man["heads"]}
-        self.add_task(name, samples, heads)
+def _targets(rs) -> int:
+    """Next-token targets of a ReplaySample: answer tokens with a token before them."""
+    return int(rs.answer_mask[1:].sum())
 
 
 # ============================================================================ SEEKR pieces
@@ -453,7 +313,8 @@ class ContinualTrainer:
         self.autocast = None
         if tr.precision == "bf16" or (tr.precision == "auto" and self.device.type == "cuda"):
             self.autocast = torch.bfloat16
-        self.memory = ReplayStore()
+        from .replay import ReplayMemory
+        self.memory = ReplayMemory()
         n_layers = self.model.config.num_hidden_layers
         n_heads = self.model.config.num_attention_heads
         self.importance = torch.zeros(n_layers, n_heads, dtype=torch.float32)
@@ -601,7 +462,10 @@ class ContinualTrainer:
         seed_everything(task_seed(cfg.seed, t))
         tr = cfg.train
         ds = EncodedDataset(task.train, self.tokenizer, tr.max_prompt_len, tr.max_answer_len)
-        replay_idx = self._replay_indices(len(ds), t) if self.method != "sft" else []
+        replay_idx = []
+        if self.method != "sft":
+            from .replay import ReplayMemory
+            replay_idx = ReplayMemory.sample_indices(len(ds), cfg.replay.ratio, task_seed(cfg.seed, t) + 1)
         new = [_Sample(ds[i].prompt_ids, ds[i].answer_ids, t) for i in replay_idx]
         before = None
         if self.method == "seekr":
@@ -621,7 +485,8 @@ class ContinualTrainer:
         if self.method in ("replay+logits", "seekr"):
             self._capture_teacher(new, self.heads if self.method == "seekr" else {})
         if self.method != "sft":
-            self.memory.add_task(task.name, new, self.heads if self.method == "seekr" else {})
+            self.memory.add_task(task.name, [x.to_replay() for x in new],
+                                 self.heads if self.method == "seekr" else {})
         row, ll = self._evaluate_upto(t)
         self.rows.append(row)
         self.loglik_rows.append(ll)
@@ -631,21 +496,12 @@ class ContinualTrainer:
                     + ", ".join(f"{n}={s:.3f}" for n, s in zip(self.task_names, row)))
         self._save(t)
 
-    def _replay_indices(self, n: int, t: int) -> list:
-        r = self.cfg.replay.ratio
-        k = int(n * r) if r < 1 else int(r)
-        k = max(1, min(n, k))
-        g = torch.Generator().manual_seed(task_seed(self.cfg.seed, t) + 1)
-        return sorted(torch.randperm(n, generator=g)[:k].tolist())
-
     def _choose_queries(self, samples, t):
-        qb = self.cfg.distill.query_budget
-        g = torch.Generator().manual_seed(task_seed(self.cfg.seed, t) + 2)
-        for s in samples:
-            if qb == 0 or s.length <= qb:
-                s.queries = None
-            else:
-                s.queries = torch.sort(torch.randperm(s.length, generator=g)[:qb]).values
+        from .replay import ReplayMemory
+        qs = ReplayMemory.choose_queries([x.length for x in samples], self.cfg.distill.query_budget,
+                                         task_seed(self.cfg.seed, t) + 2)
+        for x, q in zip(samples, qs):
+            x.queries = q
 
     # ---------------------------------------------------------------- training loop
     def _global_batches(self, n, epoch, t, bs):
@@ -664,7 +520,7 @@ class ContinualTrainer:
         if n_batches == 0:
             raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
                              f"{self.dist.world * tr.grad_accum}+ samples")
-        mem = self.memory.flat()
+        mem = self.memory.keys()
         rbs = cfg.replay.batch_size or tr.batch_size
         need = self.dist.world * tr.grad_accum
         rng = random.Random(task_seed(cfg.seed, t) + 3)
@@ -753,29 +609,36 @@ class ContinualTrainer:
         self._optimizer_step(opt, sched)
         return float(self.dist.all_reduce(total)) / N
 
+    def _replay_layers(self, keys) -> list:
+        """Distilled layers of a global replay batch: every layer some sample's task names."""
+        ls = set()
+        for k in keys:
+            t = self.memory.tasks[k[0]]
+            if t.has_attention:
+                ls.update(t.heads)
+        return sorted(ls)
+
     def _replay_step(self, keys, opt, sched) -> dict:
         cfg = self.cfg
         d = cfg.distill
         method = self.method
-        samples = [self.memory.sample(k) for k in keys]
-        N = sum(len(s.answer_ids) - (0 if s.prompt_ids else 1) for s in samples)
+        N = sum(_targets(self.memory.sample(k)) for k in keys)
         B = len(keys)
         W = self.dist.world
-        layers = self.memory.layers(keys) if method == "seekr" else []
+        # The layer set of the whole global batch, so every rank averages over the same layers.
+        layers = self._replay_layers(keys) if method == "seekr" else []
         want_logits = method in ("replay+logits", "seekr")
         micro = self._micro(keys)
         sums = torch.zeros(3, dtype=torch.float64)
         for k, mb in enumerate(micro):
             mk = [keys[i] for i in mb]
-            b = self.memory.batch(mk, self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of, layers,
-                                  logits=want_logits, vocab=self.base.config.vocab_size)
-            dev = {kk: v.to(self.device) for kk, v in b.items() if isinstance(v, torch.Tensor)}
+            b = self.memory.batch(mk, self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of,
+                                  logits=want_logits, attention=bool(layers), layers=layers or None)
+            dev = {kk: b[kk].to(self.device) for kk in ("input_ids", "attention_mask", "position_ids", "labels")}
             with self._sync_ctx(k, len(micro)), self._autocast():
                 if layers:
                     from ..llama import distill_attention
-                    teacher = {l: t.to(self.device) for l, t in b["teacher_attn"].items()}
-                    heads = {l: h.to(self.device) for l, h in b["heads"].items()}
-                    q = None if b["queries"] is None else b["queries"].to(self.device)
+                    heads, teacher, q = self._attention_targets(b, layers)
                     with distill_attention(self.base, heads, q, teacher, dev["attention_mask"],
                                            backend=d.backend) as dctx:
                         out = self._forward(dev)
@@ -802,6 +665,22 @@ class ContinualTrainer:
         if layers:
             rec["attn_kl"] = float(sums[2])
         return rec
+
+    def _attention_targets(self, b, layers):
+        """heads / teacher / queries of a replay micro-batch on the device, with an empty
+        [B, 1] slot table for global-batch layers none of its samples distils."""
+        heads = dict(b.get("heads") or {})
+        teacher = dict(b.get("teacher_attention") or {})
+        q = b.get("queries")
+        Bm, L = b["input_ids"].shape
+        Q = L if q is None else q.shape[1]
+        for l in layers:
+            if l not in heads:
+                heads[l] = torch.full((Bm, 1), -1, dtype=torch.long)
+                teacher[l] = torch.zeros(Bm, 1, Q, L)
+        dev = self.device
+        return ({l: heads[l].to(dev) for l in layers}, {l: teacher[l].to(dev) for l in layers},
+                None if q is None else q.to(dev))
 
     # ---------------------------------------------------------------- SEEKR statistics
     def _sensitivity_chunks(self, samples, bs):
@@ -965,9 +844,7 @@ class ContinualTrainer:
                 lg = logits[j, a0:a0 + A].clone()
                 if topk:
                     from ..ops.topk import TopK
-                    tk = TopK.from_dense(lg, min(topk, lg.shape[-1]), kind="logits")
-                    s.topk = (tk.values.contiguous(), tk.indices.to(torch.int32).contiguous(),
-                              tk.lse.float().contiguous())
+                    s.logits = TopK.from_dense(lg, min(topk, lg.shape[-1]), kind="logits")
                 else:
                     s.logits = lg
                 if heads:
@@ -1072,7 +949,8 @@ class ContinualTrainer:
         self.loglik_rows = [list(r) for r in st["loglik_rows"]][:k]
         if self.method != "sft":
             for ti in range(k):
-                self.memory.load_task(os.path.join(self.out, "memory"), ti, self.task_names[ti])
+                self.memory.add(self.memory.load_task(os.path.join(self.out, "memory"), ti,
+                                                      self.task_names[ti]))
         return k
 
 

@@ -9,7 +9,8 @@ import torch
 
 from seekr_kernels.continual.config import from_dict
 from seekr_kernels.continual.demo import make_stream, write_stream
-from seekr_kernels.continual.trainer import ContinualTrainer, ReplayStore, _Sample, _select_heads
+from seekr_kernels.continual.replay import ReplayMemory, ReplayMemoryError
+from seekr_kernels.continual.trainer import ContinualTrainer, _select_heads
 
 
 @pytest.fixture(autouse=True)
@@ -100,10 +101,10 @@ def test_teacher_is_aligned_with_the_batch(tmp_path):
     paths = tiny_tasks(tmp_path / "data")[:1]
     tr = ContinualTrainer(tiny_config(tmp_path / "run", paths, "seekr"), quiet=True)
     tr.run()
-    keys = tr.memory.flat()
-    b = tr.memory.batch(keys, tr.tokenizer.pad_token_id, 1, tr.memory.layers(keys), logits=True)
+    keys = tr.memory.keys()
+    b = tr.memory.batch(keys, tr.tokenizer.pad_token_id)
     model = tr.base.eval()
-    with torch.no_grad(), distill_attention(model, b["heads"], b["queries"], b["teacher_attn"],
+    with torch.no_grad(), distill_attention(model, b["heads"], b["queries"], b["teacher_attention"],
                                             b["attention_mask"], backend="torch") as d:
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                     position_ids=b["position_ids"], use_cache=False)
@@ -167,37 +168,27 @@ def test_resume_refuses_another_run(tmp_path):
         ContinualTrainer(tiny_config(tmp_path / "run", paths, "seekr"), quiet=True).run()
 
 
-def test_replay_memory_roundtrip_and_corruption(tmp_path):
-    m = ReplayStore()
-    s1 = _Sample([1, 5, 6], [7, 2], 0, logits=torch.randn(2, 9), queries=torch.tensor([0, 2]),
-                 attn={1: torch.rand(2, 2, 5)})
-    s2 = _Sample([1, 6], [8, 8, 2], 0, logits=torch.randn(3, 9), queries=None, attn={1: torch.rand(2, 5, 5)})
-    m.add_task("t0", [s1, s2], {1: torch.tensor([0, 3])})
-    root = str(tmp_path / "mem")
-    size = m.save_task(root, 0)
-    assert size > 0
-    m2 = ReplayStore()
-    m2.load_task(root, 0, "t0")
-    for a, b in zip(m.tasks[0]["samples"], m2.tasks[0]["samples"]):
-        assert a.prompt_ids == b.prompt_ids and a.answer_ids == b.answer_ids
-        assert torch.equal(a.logits, b.logits) and torch.equal(a.attn[1], b.attn[1])
-    b1 = m.batch(m.flat(), 0, 1, [1], logits=True)
-    b2 = m2.batch(m2.flat(), 0, 1, [1], logits=True)
-    for k in ("input_ids", "labels", "teacher_logits", "queries"):
-        assert torch.equal(b1[k], b2[k])
-    assert torch.equal(b1["teacher_attn"][1], b2["teacher_attn"][1])
-    # Sample 2 has all rows: its padded query slots point at a padding position (0).
-    assert b1["queries"][0].tolist() == [0, 2, 0, 0, 0] and b1["queries"][1].tolist() == [0, 1, 2, 3, 4]
-    with pytest.raises(RuntimeError, match="expected 'other'"):
-        ReplayStore().load_task(root, 0, "other")
-    p = os.path.join(root, "task-000", "memory.safetensors")
-    data = bytearray(open(p, "rb").read())
+def test_memory_on_disk_and_corruption_refused(tmp_path):
+    paths = tiny_tasks(tmp_path / "data")[:2]
+    tr = ContinualTrainer(tiny_config(tmp_path / "run", paths, "seekr"), quiet=True)
+    tr.run()
+    mem = ReplayMemory.load(str(tmp_path / "run" / "memory"), list(TASKS[:2]))
+    assert len(mem) == len(tr.memory) == 12
+    for a, b in zip(tr.memory.tasks, mem.tasks):
+        assert a.heads.keys() == b.heads.keys()
+        for sa, sb in zip(a.samples, b.samples):
+            assert torch.equal(sa.input_ids, sb.input_ids) and torch.equal(sa.logits, sb.logits)
+            assert all(torch.equal(sa.attention[l], sb.attention[l]) for l in sa.attention)
+    # A damaged memory is refused on resume, not silently used.
+    st = json.loads((tmp_path / "run" / "state.json").read_text())
+    st["completed"] = 1
+    (tmp_path / "run" / "state.json").write_text(json.dumps(st))
+    p = tmp_path / "run" / "memory" / "task-000" / "data.safetensors"
+    data = bytearray(p.read_bytes())
     data[-3] ^= 0xFF
-    open(p, "wb").write(bytes(data))
-    with pytest.raises(RuntimeError, match="checksum"):
-        ReplayStore().load_task(root, 0, "t0")
-    with pytest.raises(RuntimeError, match="manifest"):
-        ReplayStore().load_task(root, 1, "t1")
+    p.write_bytes(bytes(data))
+    with pytest.raises(ReplayMemoryError, match="checksum"):
+        ContinualTrainer(tiny_config(tmp_path / "run", paths, "seekr"), quiet=True).run()
 
 
 def test_select_heads_published_rule():
