@@ -214,3 +214,17 @@ def test_gradient_checkpointing_same_result(tmp_path):
     lb = [r for r in read_log(tmp_path / "b") if r["kind"] == "replay"]
     assert la and [round(r["attn_kl"], 5) for r in la] == [round(r["attn_kl"], 5) for r in lb]
     assert rb["matrix"] == ra["matrix"]
+
+
+def test_topk_teacher_logits(tmp_path):
+    """A compact (top-k) teacher for the logits: stored as TopK, replayed through logits_kl."""
+    from seekr_kernels import TopK
+    paths = tiny_tasks(tmp_path / "data")[:2]
+    cfg = tiny_config(tmp_path / "run", paths, "replay+logits")
+    cfg.distill.teacher_logits_topk = 5
+    tr = ContinualTrainer(cfg, quiet=True)
+    res = tr.run()
+    assert res["complete"]
+    assert isinstance(tr.memory.sample((0, 0)).logits, TopK) and tr.memory.sample((0, 0)).logits.k == 5
+    rec = [r for r in read_log(tmp_path / "run") if r["kind"] == "replay"]
+    assert rec and all(r["logits_kl"] > 0 for r in rec)
