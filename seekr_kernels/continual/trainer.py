@@ -101,12 +101,13 @@ def build_model(mcfg, tokenizer, seed: int = 0):
         if not os.path.isdir(mcfg.path):
             raise FileNotFoundError(f"model.path: {mcfg.path} is not a directory (models load from local "
                                     "Hugging Face directories only)")
-        try:
-            return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, dtype=dtype,
-                                                        attn_implementation=mcfg.attn_implementation)
-        except TypeError:  # transformers < 4.56 spells it torch_dtype
-            return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, torch_dtype=dtype,
-                                                        attn_implementation=mcfg.attn_implementation)
+        with _quiet_transformers():
+            try:
+                return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, dtype=dtype,
+                                                            attn_implementation=mcfg.attn_implementation)
+            except TypeError:  # transformers < 4.56 spells it torch_dtype
+                return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, torch_dtype=dtype,
+                                                            attn_implementation=mcfg.attn_implementation)
     from transformers import LlamaConfig, LlamaForCausalLM
     arch = {**TINY_ARCH, **(mcfg.arch or {}), "vocab_size": tokenizer.vocab_size,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

@@ -124,3 +124,42 @@ def test_set_overrides(tmp_path):
     assert main(["train", "--config", cfg, "--set", "train.epochs=2", "--output-dir", str(tmp_path / "o2")]) == 0
     st = json.loads((tmp_path / "o2" / "state.json").read_text())
     assert st["config"]["train"]["epochs"] == 2 and st["method"] == "sft"
+
+
+def _hf_model_dir(path):
+    """A tiny Llama + fast tokenizer saved as a local Hugging Face directory (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    chars = "abcdefghnorstvwxpil:="
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
+                                         pad_token_id=0))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_train_from_local_hf_directory(tmp_path, capsys):
+    from seekr_kernels.continual.data import HFTokenizer, load_tokenizer
+    mdir = _hf_model_dir(tmp_path / "hf")
+    tok = load_tokenizer(mdir)
+    assert isinstance(tok, HFTokenizer) and tok.decode(tok.encode("rev:ab=")) == "rev:ab="
+    cfg = _yaml(tmp_path, method="replay+logits")
+    text = open(cfg).read().replace("model:\n", f"model:\n  path: {mdir}\n", 1)
+    text = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith(("arch:", "num_key_value_heads",
+                                                                              "alphabet:")))
+    open(cfg, "w").write(text)
+    assert main(["train", "--config", cfg]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["complete"]
+    ck = os.path.join(tmp_path / "run", json.loads((tmp_path / "run" / "state.json").read_text())["checkpoint"])
+    assert isinstance(load_tokenizer(ck), HFTokenizer)     # the checkpoint is a loadable HF directory
+    assert main(["eval", "--model", ck, "--task", str(tmp_path / "data" / TASKS[0]), "--max-answer-len", "6"]) == 0
