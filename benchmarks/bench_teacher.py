@@ -489,14 +489,27 @@ def plot(capture, cache, quality):
         ax[0].set_title("capture peak memory")
         ax[0].legend()
     if cache:
-        labels = [f"Q={r['Q']}\n{r['format']}" + (f"\nk={r['k_attn']}/{r['k_logits']}" if r["k_attn"] != "" else "")
-                  for r in cache]
-        ax[1].bar(range(len(cache)), [r["total_bytes"] / 2**20 for r in cache])
-        ax[1].set_xticks(range(len(cache)))
-        ax[1].set_xticklabels(labels, fontsize=6)
+        # Reference, dense bf16 and the matched (k_attn, k_logits) pairs, per query budget.
+        pairs = {(8, 16), (32, 64), (128, 256)}
+        sel = [r for r in cache if r["format"] in ("reference", "dense bf16")
+               or (r["k_attn"], r["k_logits"]) in pairs]
+        names = list(dict.fromkeys(
+            r["format"] + (f" {r['k_attn']}/{r['k_logits']}" if r["k_attn"] != "" else "") for r in sel))
+        qs = sorted({r["Q"] for r in sel})
+        w = 0.8 / len(qs)
+        for j, Q in enumerate(qs):
+            ys = []
+            for n in names:
+                r = next(r for r in sel if r["Q"] == Q and r["format"] + (
+                    f" {r['k_attn']}/{r['k_logits']}" if r["k_attn"] != "" else "") == n)
+                ys.append(r["total_bytes"] / 2**20)
+            ax[1].bar([i + j * w for i in range(len(names))], ys, w, label=f"Q={Q}")
+        ax[1].set_xticks([i + w * (len(qs) - 1) / 2 for i in range(len(names))])
+        ax[1].set_xticklabels(names, rotation=45, ha="right", fontsize=7)
         ax[1].set_yscale("log")
         ax[1].set_ylabel("MiB per replayed sample")
-        ax[1].set_title("teacher cache (Llama-2-7B shapes)")
+        ax[1].set_title("teacher cache, Llama-2-7B shapes (k attn/logits)")
+        ax[1].legend(fontsize=7)
     if quality:
         last = max(r["drift_steps"] for r in quality)
         for (what, mode), style in ((("attn", "bucket"), "o-"), (("attn", "kept"), "s--"),
@@ -544,7 +557,31 @@ def main():
     p.add_argument("--q-k-logits", type=int, nargs="+", default=[16, 64, 256])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--replot", action="store_true",
+                   help="redraw summary and plot from the CSVs already in benchmarks/results/")
     args = p.parse_args()
+    if args.replot:
+        def load(name):
+            path = os.path.join(RESULTS, name)
+            if not os.path.exists(path):
+                return None
+            with open(path) as f:
+                rows = list(csv.DictReader(f))
+            for r in rows:
+                for key, v in r.items():
+                    try:
+                        r[key] = int(v)
+                    except ValueError:
+                        try:
+                            r[key] = float(v)
+                        except ValueError:
+                            pass
+            return rows
+        cap, cache, qual = (load(n) for n in ("teacher_capture.csv", "teacher_cache_bytes.csv",
+                                              "teacher_topk_quality.csv"))
+        summarize(cap, cache, qual)
+        plot(cap, cache, qual)
+        return
     if args._measure:
         _measure_child(json.loads(args._measure))
         return
