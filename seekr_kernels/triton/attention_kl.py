@@ -124,7 +124,8 @@ def _fwd(Q, K, T, TM_IN, HEADS, QPOS, KMASK, ROWS, LSE, TOUT,
 @triton.jit
 def _dz(z, valid, lse, tm, g, T, tbase, offs_m, offs_n, stride_tq, stride_tl, HAS_TEACHER: tl.constexpr):
     """dKL/dz for one score tile: g * (T * p - t) on visible keys, 0 elsewhere."""
-    p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
+    # Hidden keys go to exp(-inf) = 0 directly, never through exp(large) then a select.
+    p = tl.exp(tl.where(valid, z - lse[:, None], float("-inf")))
     dz = tm[:, None] * p
     if HAS_TEACHER:
         t = tl.load(T + tbase + offs_m[:, None].to(tl.int64) * stride_tq
