@@ -167,6 +167,8 @@ def run_demo(out: str = "seekr-demo", quick: bool = False, methods=None, seed: i
     M.write_json(os.path.join(out, "results.json"), summary)
     say("")
     say(M.format_table(results))
+    say("OP: mean accuracy over all tasks at the end; BWT: mean change of each earlier task's accuracy "
+        "from when it was learned to the end (negative = forgetting).")
     say(f"\nresults: {os.path.join(out, 'results.json')}, heatmaps: {os.path.join(out, 'heatmap-*.png')} "
         f"({summary['seconds']:.0f} s)")
     return summary
