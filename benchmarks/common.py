@@ -115,7 +115,8 @@ def matmul_gflops(device="cpu", dtype=None, n=1024, d=128, reps=20):
     dtype = dtype or torch.float32
     a = torch.randn(n, d, device=device, dtype=dtype)
     b = torch.randn(d, n, device=device, dtype=dtype)
-    _, ms = measure(lambda: a @ b, device=device, warmup=3, reps=reps)
+    # Best of several rounds: this is the machine's attainable rate, not a typical one.
+    ms = min(measure(lambda: a @ b, device=device, warmup=3, reps=reps)[1] for _ in range(3))
     return 2 * n * n * d / (ms * 1e-3) / 1e9
 
 
