@@ -22,10 +22,15 @@ fi
 SEEKR_TEST_GPU=1 python -m pytest -q -m gpu tests > "$out/gpu_tests.log" 2>&1
 echo "gpu tests exit $?" >> "$out/gpu_tests.log"
 
-for b in benchmarks/bench_*.py; do
-  name=$(basename "$b" .py)
-  timeout 900 python "$b" --gpu --out "$out" > "$out/$name.log" 2>&1
+run_bench() {   # name, then the script's arguments
+  local name=$1; shift
+  timeout 1200 python "benchmarks/$name.py" "$@" > "$out/$name.log" 2>&1
   echo "$name exit $?" >> "$out/$name.log"
-done
-cp benchmarks/results/*.csv "$out/" 2>/dev/null || true
+}
+run_bench bench_attention_kl --gpu --out "$out"
+run_bench bench_llama_step --gpu --out "$out"
+run_bench bench_importance --gpu --out "$out"
+run_bench bench_logits_kl --gpu
+run_bench bench_teacher --section capture --device cuda --lengths 1024 2048 4096 8192
+cp benchmarks/results/*.csv benchmarks/results/*.png "$out/" 2>/dev/null || true
 ls -la "$out"
