@@ -24,38 +24,15 @@ import triton
 import triton.language as tl
 
 from .._checks import AttnArgs
-
-
-@triton.jit
-def _load_rows(QPOS, KMASK, b, Qn, L, offs_m, h):
-    """Query positions of a row tile and which rows are active (real token, filled slot)."""
-    m_in = offs_m < Qn
-    pos = tl.load(QPOS + b * Qn + offs_m, mask=m_in, other=0)
-    qreal = tl.load(KMASK + b * L + pos, mask=m_in, other=0) != 0
-    # Broadcast the slot's head before comparing: a scalar bool mask trips the interpreter.
-    return pos, m_in & qreal & ((offs_m * 0 + h) >= 0)
-
-
-@triton.jit
-def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation. UPCAST: the interpreter's bf16 tl.dot is wrong
-    (triton 3.9 multiplies the raw bit patterns), so there it runs on fp32 copies."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PREC).to(tl.float32)
+from ._tiles import key_block, load_rows, mm, row_positions, row_tile, tile_config
 
 
 @triton.jit
 def _scores(q, K, kbase, offs_n, offs_d, stride_kl, stride_kd, KMASK, b, L, D, pos, active,
             scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """z = scale * q k^T for one key block and the mask of keys each row may see."""
-    n_in = offs_n < L
-    k = tl.load(K + kbase + offs_n[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
-                mask=n_in[:, None] & (offs_d[None, :] < D), other=0.0)
-    kreal = tl.load(KMASK + b * L + offs_n, mask=n_in, other=0) != 0
-    z = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * scale
-    valid = active[:, None] & (offs_n[None, :] <= pos[:, None]) & (kreal & n_in)[None, :]
-    return k, z, valid
+    """z = scale * q k^T for one key block, the keys, and which keys each row may see."""
+    k, valid = key_block(K, kbase, offs_n, offs_d, stride_kl, stride_kd, KMASK, b, L, D, pos, active)
+    return k, mm(q, tl.trans(k), DOT_PREC, UPCAST, tl.float32) * scale, valid
 
 
 @triton.jit
@@ -66,26 +43,17 @@ def _fwd(Q, K, T, TM_IN, HEADS, QPOS, KMASK, ROWS, LSE, TOUT,
          S, Qn, L, D, G, scale,
          HAS_TEACHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
     pid_bs = tl.program_id(1)
-    b = pid_bs // S
-    s = pid_bs % S
-    h = tl.load(HEADS + pid_bs)
-    hh = tl.maximum(h, 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, s, h, hh, offs_m, pos, active, hi = row_tile(HEADS, QPOS, KMASK, tl.program_id(0), pid_bs,
+                                                    S, Qn, L, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    pos, active = _load_rows(QPOS, KMASK, b, Qn, L, offs_m, h)
-
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + hh.to(tl.int64) * stride_qh
-                + pos[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd,
-                mask=active[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = load_rows(Q, stride_qb, stride_qh, stride_ql, stride_qd, b, hh, pos, active, offs_d, D)
     kbase = b64 * stride_kb + (hh // G).to(tl.int64) * stride_kh
-    tbase = b64 * stride_tb + (b64 * 0 + s) * stride_ts   # int64 (s may be a python int)
+    tbase = b64 * stride_tb + s.to(tl.int64) * stride_ts
 
-    # Keys past the last active query position of the tile are causally hidden.
-    hi = tl.max(tl.where(active, pos, -1), axis=0) + 1
+    # Keys past the last active query position of the tile (hi) are causally hidden.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     t_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -142,22 +110,16 @@ def _bwd_dq(Q, K, T, HEADS, QPOS, KMASK, LSE, TM, GRAD, DQR,
             S, Qn, L, D, G, scale,
             HAS_TEACHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
     pid_bs = tl.program_id(1)
-    b = pid_bs // S
-    s = pid_bs % S
-    h = tl.load(HEADS + pid_bs)
-    hh = tl.maximum(h, 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, s, h, hh, offs_m, pos, active, hi = row_tile(HEADS, QPOS, KMASK, tl.program_id(0), pid_bs,
+                                                    S, Qn, L, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    pos, active = _load_rows(QPOS, KMASK, b, Qn, L, offs_m, h)
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + hh.to(tl.int64) * stride_qh
-                + pos[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd,
-                mask=active[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = load_rows(Q, stride_qb, stride_qh, stride_ql, stride_qd, b, hh, pos, active, offs_d, D)
     kbase = b64 * stride_kb + (hh // G).to(tl.int64) * stride_kh
-    tbase = b64 * stride_tb + (b64 * 0 + s) * stride_ts   # int64 (s may be a python int)
+    tbase = b64 * stride_tb + s.to(tl.int64) * stride_ts
+
     row_off = pid_bs.to(tl.int64) * Qn + offs_m
     m_in = offs_m < Qn
     lse = tl.load(LSE + row_off, mask=m_in, other=0.0)
@@ -165,13 +127,12 @@ def _bwd_dq(Q, K, T, HEADS, QPOS, KMASK, LSE, TM, GRAD, DQR,
     g = tl.where(active, tl.load(GRAD + row_off, mask=m_in, other=0.0), 0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.max(tl.where(active, pos, -1), axis=0) + 1
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k, z, valid = _scores(q, K, kbase, offs_n, offs_d, stride_kl, stride_kd, KMASK, b, L, D,
                               pos, active, scale, DOT_PREC, UPCAST)
         dz = _dz(z, valid, lse, tm, g, T, tbase, offs_m, offs_n, stride_tq, stride_tl, HAS_TEACHER)
-        acc += _dot(dz.to(k.dtype), k, DOT_PREC, UPCAST)
+        acc += mm(dz.to(k.dtype), k, DOT_PREC, UPCAST, tl.float32)
     tl.store(DQR + row_off[:, None] * D + offs_d[None, :], acc * scale,
              mask=m_in[:, None] & (offs_d[None, :] < D))
 
@@ -200,15 +161,13 @@ def _bwd_dk(Q, K, T, HEADS, QPOS, KMASK, LSE, TM, GRAD, DK,
         h = tl.load(HEADS + b * S + s)
         if (h >= 0) & (h // G == kvh):
             tbase = b64 * stride_tb + (b64 * 0 + s) * stride_ts   # int64 (s may be a python int)
-            qbase = b64 * stride_qb + h.to(tl.int64) * stride_qh
             for start_m in range(0, Qn, BLOCK_M):
                 offs_m = start_m + offs_m0
-                pos, active = _load_rows(QPOS, KMASK, b, Qn, L, offs_m, h)
+                pos, active = row_positions(QPOS, KMASK, b, Qn, L, offs_m, h)
                 # A row tile whose queries all precede this key block sees none of it.
                 if tl.max(tl.where(active, pos, -1), axis=0) >= n_start:
-                    q = tl.load(Q + qbase + pos[:, None].to(tl.int64) * stride_ql
-                                + offs_d[None, :] * stride_qd,
-                                mask=active[:, None] & (offs_d[None, :] < D), other=0.0)
+                    q = load_rows(Q, stride_qb, stride_qh, stride_ql, stride_qd, b, h, pos, active,
+                                  offs_d, D)
                     k, z, valid = _scores(q, K, kbase, offs_n, offs_d, stride_kl, stride_kd, KMASK,
                                           b, L, D, pos, active, scale, DOT_PREC, UPCAST)
                     row_off = (b * S + s).to(tl.int64) * Qn + offs_m
@@ -218,7 +177,7 @@ def _bwd_dk(Q, K, T, HEADS, QPOS, KMASK, LSE, TM, GRAD, DK,
                     g = tl.where(active, tl.load(GRAD + row_off, mask=m_in, other=0.0), 0.0)
                     dz = _dz(z, valid, lse, tm, g, T, tbase, offs_m, offs_n, stride_tq, stride_tl,
                              HAS_TEACHER)
-                    acc += _dot(tl.trans(dz.to(q.dtype)), q, DOT_PREC, UPCAST)
+                    acc += mm(tl.trans(dz.to(q.dtype)), q, DOT_PREC, UPCAST, tl.float32)
     # DK is a contiguous [B, Hkv, L, D] output; every element is written (zeros if unseen).
     dk_off = (pid_bk.to(tl.int64) * L + offs_n[:, None]) * D + offs_d[None, :]
     tl.store(DK + dk_off, (acc * scale).to(DK.dtype.element_ty),
@@ -226,17 +185,9 @@ def _bwd_dk(Q, K, T, HEADS, QPOS, KMASK, LSE, TM, GRAD, DK,
 
 
 def _config(a: AttnArgs):
-    """Tile sizes. tl.dot needs every dimension >= 16; D is padded to a power of two."""
-    block_d = max(16, triton.next_power_of_2(a.D))
-    if a.q.is_cuda:
-        block_m, block_n = (64, 64) if block_d <= 64 else (64, 32) if block_d <= 128 else (32, 32)
-        num_warps = 4
-    else:  # interpreter: numpy per program, fewer larger tiles are faster
-        block_m, block_n, num_warps = 32, 32, 1
-    # fp32/fp64 inputs: exact products (no TF32), so the loss matches the reference.
-    prec = "ieee" if a.q.dtype in (torch.float32, torch.float64) else "tf32"
-    upcast = (not a.q.is_cuda) and a.q.dtype == torch.bfloat16
-    return block_m, block_n, block_d, prec, upcast, num_warps
+    bm, bn, bd, prec, up, _, nw = tile_config(
+        a, lambda bd: (64, 64) if bd <= 64 else (64, 32) if bd <= 128 else (32, 32))
+    return bm, bn, bd, prec, up, nw
 
 
 def _teacher_args(teacher, a):

@@ -19,29 +19,17 @@ import triton
 import triton.language as tl
 
 from .._checks import AttnArgs
+from ._tiles import key_block, load_rows, mm, row_tile, tile_config
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
-    # UPCAST: the interpreter's bf16 tl.dot is wrong (triton 3.9 multiplies the raw bit
-    # patterns), so under TRITON_INTERPRET bf16 tiles are multiplied as fp32 copies.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PREC).to(ACC)
 
 
 @triton.jit
 def _scores2(q, K, kbase, offs_n, offs_d, stride_kl, stride_kd, KMASK, b, L, D, pos, active,
              scale2, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
     """Base-2 scores z * log2(e) of one key block, -inf where the row may not see the key."""
-    n_in = offs_n < L
-    k = tl.load(K + kbase + offs_n[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
-                mask=n_in[:, None] & (offs_d[None, :] < D), other=0.0)
-    kreal = tl.load(KMASK + b * L + offs_n, mask=n_in, other=0) != 0
-    z = _dot(q, tl.trans(k), DOT_PREC, UPCAST, ACC) * scale2
-    valid = active[:, None] & (offs_n[None, :] <= pos[:, None]) & (kreal & n_in)[None, :]
+    k, valid = key_block(K, kbase, offs_n, offs_d, stride_kl, stride_kd, KMASK, b, L, D, pos, active)
+    z = mm(q, tl.trans(k), DOT_PREC, UPCAST, ACC) * scale2
     return tl.where(valid, z, float("-inf")), valid
 
 
@@ -52,29 +40,14 @@ def _probs_kernel(Q, K, HEADS, QPOS, KMASK, OUT,
                   S, Qn, L, D, G, scale2,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
-    pid_m = tl.program_id(0)
     pid_bs = tl.program_id(1)          # b * S + s
-    b = pid_bs // S
-    h = tl.load(HEADS + pid_bs)
-    hh = tl.maximum(h, 0)              # empty slots read head 0 but have no active row
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, s, h, hh, offs_m, pos, active, hi = row_tile(HEADS, QPOS, KMASK, tl.program_id(0), pid_bs,
+                                                    S, Qn, L, BLOCK_M)
+    m_in = offs_m < Qn
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-
-    m_in = offs_m < Qn
-    pos = tl.load(QPOS + b * Qn + offs_m, mask=m_in, other=0)
-    qreal = tl.load(KMASK + b * L + pos, mask=m_in, other=0) != 0
-    # Broadcast the head before comparing: a scalar bool in a mask trips the interpreter.
-    active = m_in & qreal & ((offs_m * 0 + h) >= 0)
-
-    b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + hh.to(tl.int64) * stride_qh
-                + pos[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd,
-                mask=active[:, None] & (offs_d[None, :] < D), other=0.0)
-    kbase = b64 * stride_kb + (hh // G).to(tl.int64) * stride_kh
-
-    # Causal skip: no row of the tile sees a key past its last active position.
-    hi = tl.max(tl.where(active, pos, -1), axis=0) + 1
+    q = load_rows(Q, stride_qb, stride_qh, stride_ql, stride_qd, b, hh, pos, active, offs_d, D)
+    kbase = b.to(tl.int64) * stride_kb + (hh // G).to(tl.int64) * stride_kh
 
     # Pass 1: base-2 log-sum-exp over the valid keys, online.
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -106,29 +79,12 @@ def _probs_kernel(Q, K, HEADS, QPOS, KMASK, OUT,
                  mask=m_in[:, None] & (offs_n[None, :] < L))
 
 
-def _config(a: AttnArgs):
-    """Tile sizes. tl.dot needs every block dimension >= 16; D is padded to a power of 2."""
-    block_d = max(16, triton.next_power_of_2(a.D))
-    if a.q.is_cuda:
-        block_m, block_n = (64, 64) if block_d <= 128 else (32, 32)
-        num_warps = 4
-    else:  # interpreter: numpy per program, so fewer and larger tiles run faster
-        block_m = min(64, max(16, triton.next_power_of_2(a.Q)))
-        block_n = min(64, max(16, triton.next_power_of_2(a.L)))
-        num_warps = 1
-    # fp32/fp64 inputs: exact products (no TF32), so the rows match the reference.
-    prec = "ieee" if a.q.dtype in (torch.float32, torch.float64) else "tf32"
-    upcast = (not a.q.is_cuda) and a.q.dtype == torch.bfloat16
-    acc = tl.float64 if a.q.dtype == torch.float64 else tl.float32
-    return block_m, block_n, block_d, prec, upcast, acc, num_warps
-
-
 def attention_probs(a: AttnArgs, out_dtype: torch.dtype) -> torch.Tensor:
     """Softmax rows [B, S, Q, L] (contiguous, ``out_dtype``) for validated args."""
     out = torch.empty(a.B, a.S, a.Q, a.L, device=a.q.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
-    bm, bn, bd, prec, up, acc, nw = _config(a)
+    bm, bn, bd, prec, up, acc, nw = tile_config(a)
     grid = (triton.cdiv(a.Q, bm), a.B * a.S)
     _probs_kernel[grid](a.q, a.k, a.heads, a.queries, a.key_mask, out,
                         *a.q.stride(), *a.k.stride(),

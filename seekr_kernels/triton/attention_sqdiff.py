@@ -26,17 +26,9 @@ import triton
 import triton.language as tl
 
 from .._checks import AttnArgs
+from ._tiles import load_rows, mm, row_tile, tile_config
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
-    # UPCAST: the interpreter's bf16 tl.dot is wrong (triton 3.9), so under
-    # TRITON_INTERPRET bf16 tiles are multiplied as fp32 copies.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PREC).to(ACC)
 
 
 @triton.jit
@@ -46,7 +38,7 @@ def _block_scores(q, K, kbase, offs_n, offs_d, stride_kl, stride_kd, L, D, valid
     n_in = offs_n < L
     k = tl.load(K + kbase + offs_n[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
                 mask=n_in[:, None] & (offs_d[None, :] < D), other=0.0)
-    z = _mm(q, tl.trans(k), DOT_PREC, UPCAST, ACC) * scale2
+    z = mm(q, tl.trans(k), DOT_PREC, UPCAST, ACC) * scale2
     return tl.where(valid, z, float("-inf"))
 
 
@@ -67,35 +59,18 @@ def _sqdiff_kernel(QA, KA, QB, KB, HEADS, QPOS, KMASK, OUT,
                    S, Qn, L, D, G, scale2,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
-    pid_m = tl.program_id(0)
     pid_bs = tl.program_id(1)          # b * S + s
-    b = pid_bs // S
-    h = tl.load(HEADS + pid_bs)
-    hh = tl.maximum(h, 0)              # empty slots read head 0 but have no active row
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, s, h, hh, offs_m, pos, active, hi = row_tile(HEADS, QPOS, KMASK, tl.program_id(0), pid_bs,
+                                                    S, Qn, L, BLOCK_M)
+    m_in = offs_m < Qn
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-
-    m_in = offs_m < Qn
-    pos = tl.load(QPOS + b * Qn + offs_m, mask=m_in, other=0)
-    qreal = tl.load(KMASK + b * L + pos, mask=m_in, other=0) != 0
-    # Broadcast the head before comparing: a scalar bool in a mask trips the interpreter.
-    active = m_in & qreal & ((offs_m * 0 + h) >= 0)
-
+    qa = load_rows(QA, s_qa_b, s_qa_h, s_qa_l, s_qa_d, b, hh, pos, active, offs_d, D)
+    qb = load_rows(QB, s_qb_b, s_qb_h, s_qb_l, s_qb_d, b, hh, pos, active, offs_d, D)
     b64 = b.to(tl.int64)
-    h64 = hh.to(tl.int64)
     kv64 = (hh // G).to(tl.int64)
-    dmask = active[:, None] & (offs_d[None, :] < D)
-    pos64 = pos[:, None].to(tl.int64)
-    qa = tl.load(QA + b64 * s_qa_b + h64 * s_qa_h + pos64 * s_qa_l + offs_d[None, :] * s_qa_d,
-                 mask=dmask, other=0.0)
-    qb = tl.load(QB + b64 * s_qb_b + h64 * s_qb_h + pos64 * s_qb_l + offs_d[None, :] * s_qb_d,
-                 mask=dmask, other=0.0)
     ka_base = b64 * s_ka_b + kv64 * s_ka_h
     kb_base = b64 * s_kb_b + kv64 * s_kb_h
-
-    # Causal skip: no row of the tile sees a key past its last active position.
-    hi = tl.max(tl.where(active, pos, -1), axis=0) + 1
 
     # Pass 1: base-2 log-sum-exp of both models' rows, online.
     ma = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -132,22 +107,9 @@ def _sqdiff_kernel(QA, KA, QB, KB, HEADS, QPOS, KMASK, OUT,
     tl.store(OUT + pid_bs.to(tl.int64) * Qn + offs_m, tl.where(active, acc, 0.0), mask=m_in)
 
 
-def _config(a: AttnArgs):
-    """Tile sizes. tl.dot needs every block dimension >= 16; D is padded to a power of 2."""
-    block_d = max(16, triton.next_power_of_2(a.D))
-    if a.q.is_cuda:
-        # Four [BLOCK_M, BLOCK_D] / [BLOCK_N, BLOCK_D] operand tiles live at once.
-        block_m, block_n = (64, 64) if block_d <= 64 else (32, 64) if block_d <= 128 else (16, 32)
-        num_warps = 4
-    else:  # interpreter: numpy per program, so fewer and larger tiles run faster
-        block_m = min(64, max(16, triton.next_power_of_2(a.Q)))
-        block_n = min(64, max(16, triton.next_power_of_2(a.L)))
-        num_warps = 1
-    # fp32/fp64 inputs: exact products (no TF32); the rows are small differences.
-    prec = "ieee" if a.q.dtype in (torch.float32, torch.float64) else "tf32"
-    upcast = (not a.q.is_cuda) and a.q.dtype == torch.bfloat16
-    acc = tl.float64 if a.q.dtype == torch.float64 else tl.float32
-    return block_m, block_n, block_d, prec, upcast, acc, num_warps
+def _blocks(block_d):
+    # Four [BLOCK_M, BLOCK_D] / [BLOCK_N, BLOCK_D] operand tiles live at once.
+    return (64, 64) if block_d <= 64 else (32, 64) if block_d <= 128 else (16, 32)
 
 
 def attention_sqdiff_rows(a: AttnArgs, q_b: torch.Tensor, k_b: torch.Tensor) -> torch.Tensor:
@@ -156,7 +118,7 @@ def attention_sqdiff_rows(a: AttnArgs, q_b: torch.Tensor, k_b: torch.Tensor) -> 
     out = torch.empty(a.B, a.S, a.Q, device=a.q.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
-    bm, bn, bd, prec, up, acc, nw = _config(a)
+    bm, bn, bd, prec, up, acc, nw = tile_config(a, _blocks)
     grid = (triton.cdiv(a.Q, bm), a.B * a.S)
     _sqdiff_kernel[grid](a.q, a.k, q_b, k_b, a.heads, a.queries, a.key_mask, out,
                          *a.q.stride(), *a.k.stride(), *q_b.stride(), *k_b.stride(),
