@@ -45,13 +45,13 @@ import math
 import numbers
 import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..ops.topk import TopK
+from ..utils.io import atomic_dir
 from .selection import batch_heads
 
 __all__ = ["ReplaySample", "ReplayTask", "ReplayMemory", "ReplayMemoryError"]
@@ -478,26 +478,12 @@ class ReplayMemory:
             "layout": layout, "meta": task.meta,
             "files": {_DATA: {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}},
         }
-        os.makedirs(root, exist_ok=True)
         final = _task_dir(root, index)
-        tmp = os.path.join(root, f".{os.path.basename(final)}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        try:
-            _write_synced(os.path.join(tmp, _DATA), payload)
-            _write_synced(os.path.join(tmp, _MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
-            _fsync_dir(tmp)
-            old = None
-            if os.path.exists(final):
-                old = os.path.join(root, f".{os.path.basename(final)}.old-{os.getpid()}")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(final) as tmp:
+            with open(os.path.join(tmp, _DATA), "wb") as f:
+                f.write(payload)
+            with open(os.path.join(tmp, _MANIFEST), "wb") as f:
+                f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
         return _dir_bytes(final)
 
     @staticmethod
@@ -591,26 +577,6 @@ def _task_indices(root):
 
 def _dir_bytes(d):
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
-
-
-def _write_synced(path, data: bytes):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(d):
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _pack(task: ReplayTask):

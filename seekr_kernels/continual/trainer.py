@@ -51,6 +51,7 @@ from typing import Optional
 
 import torch
 
+from ..utils.io import atomic_dir
 from . import metrics as M
 from .config import ConfigError, RunConfig, TaskSpec, task_name
 from .data import (CharTokenizer, Encoded, EncodedDataset, collate, epoch_batches, load_task,
@@ -226,16 +227,6 @@ def _param_groups(model, weight_decay):
 def _n_targets(e: Encoded) -> int:
     """Next-token targets of one example: every answer token that has a token before it."""
     return len(e.answer_ids) - (0 if e.prompt_ids else 1)
-
-
-def _atomic_replace_dir(tmp: str, final: str):
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ============================================================================ replay store
@@ -892,14 +883,13 @@ class ContinualTrainer:
             os.makedirs(ck_root, exist_ok=True)
             name = f"task-{t:03d}"
             final = os.path.join(ck_root, name)
-            tmp = f"{final}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            with _quiet_transformers():
-                self.base.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-            self.tokenizer.save(tmp)
-            from safetensors.torch import save_file
-            save_file({"importance": self.importance.contiguous()}, os.path.join(tmp, "seekr_state.safetensors"))
-            _atomic_replace_dir(tmp, final)
+            with atomic_dir(final) as tmp:
+                with _quiet_transformers():
+                    self.base.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+                self.tokenizer.save(tmp)
+                from safetensors.torch import save_file
+                save_file({"importance": self.importance.contiguous()},
+                          os.path.join(tmp, "seekr_state.safetensors"))
             mem_bytes = 0
             if self.method != "sft":
                 mem_bytes = self.memory.save_task(os.path.join(self.out, "memory"), t)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Callable, Iterator
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_save_json", "atomic_save_torch"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_save_json", "atomic_save_torch",
+           "atomic_dir"]
 
 
 def _fsync_dir(d: str) -> None:
@@ -101,3 +103,38 @@ def atomic_save_torch(path: str | os.PathLike, obj) -> None:
     """``torch.save(obj)`` to ``path`` atomically."""
     import torch
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """Build a directory in a temporary sibling and swap it into place on success.
+
+    Usage: ``with atomic_dir(final) as tmp: write files into tmp``. On a clean exit every
+    file is fsynced, an existing `final` is moved aside, `tmp` is renamed to `final`, the
+    parent is fsynced and the old copy removed. On an exception the temporary directory
+    is removed and `final` is left as it was. A crash between the two renames leaves no
+    `final` (never a half-written one): readers then report it missing.
+    """
+    final = os.fspath(path)
+    parent, name = os.path.split(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for f in files:
+                _fsync_file(os.path.join(root, f))
+            _fsync_dir(root)
+        old = None
+        if os.path.exists(final):
+            old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(parent)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
