@@ -36,11 +36,15 @@ def _ext():
             f"it needs cmake and a C++ compiler): {e}") from e
 
 
-def _code(name, dtype):
+def dtype_code(name, dtype, backend="cpu"):
+    """The native dtype code of a tensor argument (shared by the cpu and cuda glue)."""
     if dtype not in DTYPE_CODES:
-        raise TypeError(f"{name}: dtype {dtype} is not supported by the cpu backend "
+        raise TypeError(f"{name}: dtype {dtype} is not supported by the {backend} backend "
                         f"(expected one of {list(DTYPE_CODES)})")
     return DTYPE_CODES[dtype]
+
+
+_code = dtype_code
 
 
 def _acc_dtype(a: AttnArgs):

@@ -27,8 +27,8 @@ import importlib
 import torch
 
 from ._checks import AttnArgs
+from ._native import dtype_code  # one dtype table for both extensions
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
 def _module():
@@ -42,10 +42,7 @@ def _module():
 
 
 def _code(name, dtype):
-    if dtype not in DTYPE_CODES:
-        raise TypeError(f"{name}: dtype {dtype} is not supported by the cuda backend "
-                        f"(expected one of {list(DTYPE_CODES)})")
-    return DTYPE_CODES[dtype]
+    return dtype_code(name, dtype, "cuda")
 
 
 def _require_cuda(a: AttnArgs, **extra):
