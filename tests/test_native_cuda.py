@@ -31,58 +31,10 @@ import seekr_kernels as sk
 from seekr_kernels import _backend, _native_cuda, reference
 from seekr_kernels._checks import check_attention_args
 
+from cases import GRID, TOL, assert_close, make_case
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 HAVE_CUDA_EXT = _backend.native_cuda() is not None
-
-
-def make_case(B, H, Hkv, L, D, S, Q=None, pad="none", empty=True, dtype=torch.float32,
-              teacher_dtype=torch.float32, seed=0, device="cpu", logit_scale=1.0, dup=False):
-    """Random inputs and a teacher that is a proper distribution over each row's visible keys."""
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(B, H, L, D, generator=g) * logit_scale).to(device=device, dtype=dtype)
-    k = (torch.randn(B, Hkv, L, D, generator=g) * logit_scale).to(device=device, dtype=dtype)
-    S = min(S, H)
-    heads = torch.stack([torch.randperm(H, generator=g)[:S] for _ in range(B)])
-    if empty and S > 1:
-        heads[0, -1] = -1
-    queries = None if Q is None else torch.randint(0, L, (B, Q), generator=g)
-    if dup and queries is not None and Q > 2:
-        queries[:, 1] = queries[:, 0]
-        queries[-1, -1] = queries[-1, 0]
-    mask = torch.ones(B, L, dtype=torch.long)
-    if pad == "left":
-        mask[0, : L // 3] = 0
-        if B > 1:
-            mask[-1, : L // 2] = 0
-    elif pad == "right":
-        mask[-1, L - L // 3:] = 0
-    heads, mask = heads.to(device), mask.to(device)
-    queries = queries.to(device) if queries is not None else None
-    tq = torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(device)
-    tk = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64).to(device)
-    ta = check_attention_args(tq, tk, heads, queries, mask)
-    teacher = reference.attention_probs(ta, torch.float64).to(teacher_dtype)
-    return q, k, teacher, heads, queries, mask
-
-
-def assert_close(a, b, tol, what):
-    a, b = a.double(), b.double()
-    err = (a - b).norm().item()
-    ref = b.norm().item()
-    assert err <= tol * max(ref, 1.0) + tol, f"{what}: |diff|={err:.3g} |ref|={ref:.3g} tol={tol}"
-
-
-# The covering grid of tests/test_attention_kl.py: every value of every factor appears.
-B_ = [1, 3]
-HK_ = [(4, 4), (8, 2)]
-L_ = [1, 17, 64, 130]
-D_ = [16, 64, 128]
-Q_ = [None, 5]
-PAD_ = ["none", "left", "right"]
-DT_ = [torch.float32, torch.float16, torch.bfloat16]
-GRID = [(B_[i % 2], HK_[(i // 2) % 2], L_[i % 4], D_[(i // 4) % 3], Q_[(i // 3) % 2],
-         PAD_[(i // 2) % 3], DT_[i % 3]) for i in range(24)]
 
 
 # ---- glue and contract (CPU) -------------------------------------------------------------
@@ -305,7 +257,10 @@ def _glue_vs_reference(case, tol, tmass=False, check_probs=True):
     return rows, dq, dk
 
 
-EMU_GRID = [GRID[i] for i in (0, 5, 6, 11, 15, 21)]   # fp32/fp16/bf16, L 1..130, D 16..128, both Q
+# The emulator is slow: per dtype, the shortest- and longest-sequence cases of the grid.
+EMU_GRID = sorted({min((g for g in GRID if g[6] == dt), key=lambda g: g[2]) for dt in {g[6] for g in GRID}}
+                  | {max((g for g in GRID if g[6] == dt), key=lambda g: g[2]) for dt in {g[6] for g in GRID}},
+                  key=GRID.index)
 
 
 @pytest.mark.parametrize("B,HK,L,D,Q,pad,dtype", EMU_GRID)
