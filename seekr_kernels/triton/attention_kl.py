@@ -36,6 +36,21 @@ def _scores(q, K, kbase, offs_n, offs_d, stride_kl, stride_kd, KMASK, b, L, D, p
 
 
 @triton.jit
+def _row_tile_setup(Q, HEADS, QPOS, KMASK, stride_qb, stride_qh, stride_ql, stride_qd, stride_kb,
+                    stride_kh, stride_tb, stride_ts, pid_bs, S, Qn, L, D, G,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows of this program's tile, their query vectors, and the k / teacher base offsets."""
+    b, s, h, hh, offs_m, pos, active, hi = row_tile(HEADS, QPOS, KMASK, tl.program_id(0), pid_bs,
+                                                    S, Qn, L, BLOCK_M)
+    b64 = b.to(tl.int64)
+    q = load_rows(Q, stride_qb, stride_qh, stride_ql, stride_qd, b, hh, pos, active,
+                  tl.arange(0, BLOCK_D), D)
+    kbase = b64 * stride_kb + (hh // G).to(tl.int64) * stride_kh
+    tbase = b64 * stride_tb + s.to(tl.int64) * stride_ts
+    return b, hh, offs_m, pos, active, hi, q, kbase, tbase
+
+
+@triton.jit
 def _fwd(Q, K, T, TM_IN, HEADS, QPOS, KMASK, ROWS, LSE, TOUT,
          stride_qb, stride_qh, stride_ql, stride_qd,
          stride_kb, stride_kh, stride_kl, stride_kd,
@@ -44,14 +59,11 @@ def _fwd(Q, K, T, TM_IN, HEADS, QPOS, KMASK, ROWS, LSE, TOUT,
          HAS_TEACHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_bs = tl.program_id(1)
-    b, s, h, hh, offs_m, pos, active, hi = row_tile(HEADS, QPOS, KMASK, tl.program_id(0), pid_bs,
-                                                    S, Qn, L, BLOCK_M)
+    b, hh, offs_m, pos, active, hi, q, kbase, tbase = _row_tile_setup(
+        Q, HEADS, QPOS, KMASK, stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh,
+        stride_tb, stride_ts, pid_bs, S, Qn, L, D, G, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    b64 = b.to(tl.int64)
-    q = load_rows(Q, stride_qb, stride_qh, stride_ql, stride_qd, b, hh, pos, active, offs_d, D)
-    kbase = b64 * stride_kb + (hh // G).to(tl.int64) * stride_kh
-    tbase = b64 * stride_tb + s.to(tl.int64) * stride_ts
 
     # Keys past the last active query position of the tile (hi) are causally hidden.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -111,14 +123,11 @@ def _bwd_dq(Q, K, T, HEADS, QPOS, KMASK, LSE, TM, GRAD, DQR,
             HAS_TEACHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_bs = tl.program_id(1)
-    b, s, h, hh, offs_m, pos, active, hi = row_tile(HEADS, QPOS, KMASK, tl.program_id(0), pid_bs,
-                                                    S, Qn, L, BLOCK_M)
+    b, hh, offs_m, pos, active, hi, q, kbase, tbase = _row_tile_setup(
+        Q, HEADS, QPOS, KMASK, stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh,
+        stride_tb, stride_ts, pid_bs, S, Qn, L, D, G, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    b64 = b.to(tl.int64)
-    q = load_rows(Q, stride_qb, stride_qh, stride_ql, stride_qd, b, hh, pos, active, offs_d, D)
-    kbase = b64 * stride_kb + (hh // G).to(tl.int64) * stride_kh
-    tbase = b64 * stride_tb + s.to(tl.int64) * stride_ts
 
     row_off = pid_bs.to(tl.int64) * Qn + offs_m
     m_in = offs_m < Qn
