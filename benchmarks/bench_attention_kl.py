@@ -153,12 +153,8 @@ def _ratios(rows, fused):
 
 
 def _plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = common.pyplot()
+    if plt is None:
         return
     ok = [r for r in rows if "error" not in r and r["Q"] == r["L"]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

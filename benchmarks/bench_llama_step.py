@@ -285,12 +285,8 @@ def _ratios(rows, gpu):
 
 
 def _plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = common.pyplot()
+    if plt is None:
         return
     ok = [r for r in rows if "error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

@@ -31,7 +31,6 @@ import argparse
 import csv
 import ctypes
 import json
-import math
 import os
 import statistics
 import subprocess

@@ -129,3 +129,15 @@ def machine():
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return json.dumps(info)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a note) if missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return None
+    return plt
