@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -13,16 +12,6 @@ from seekr_kernels.cli import main
 from test_trainer import TASKS, tiny_tasks  # noqa: E402  (same folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*falls back to the plain-PyTorch backend.*")
-        yield
-    torch.set_num_threads(n)
 
 
 def test_help(capsys):

@@ -4,7 +4,6 @@ import os
 import socket
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -61,16 +60,6 @@ def _launch(cfg_dict, world=2, timeout=120):
 def _weights(out):
     st = json.loads(open(os.path.join(out, "state.json")).read())
     return load_file(os.path.join(out, st["checkpoint"], "model.safetensors")), st
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*falls back to the plain-PyTorch backend.*")
-        yield
-    torch.set_num_threads(n)
 
 
 def _compare(a, b):

@@ -2,7 +2,6 @@
 resume == uninterrupted, replay memory persistence."""
 import json
 import os
-import warnings
 
 import pytest
 import torch
@@ -11,17 +10,6 @@ from seekr_kernels.continual.config import from_dict
 from seekr_kernels.continual.demo import make_stream, write_stream
 from seekr_kernels.continual.replay import ReplayMemory, ReplayMemoryError
 from seekr_kernels.continual.trainer import ContinualTrainer, _select_heads
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is as fast, and tests run two workers on two cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*falls back to the plain-PyTorch backend.*")
-        yield
-    torch.set_num_threads(n)
 
 
 TASKS = ("rev", "rot", "swp")
