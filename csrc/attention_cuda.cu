@@ -851,6 +851,16 @@ void need_ptr(std::uintptr_t v, const char* name) {
   if (v == 0) bad_arg(std::string(name) + ": null data pointer");
 }
 
+// The inputs every entry point reads (pointers checked by need_ptr before each call).
+void set_inputs(Params& p, std::uintptr_t q, std::uintptr_t k, std::uintptr_t heads,
+                std::uintptr_t queries, std::uintptr_t key_mask) {
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.heads = reinterpret_cast<const int*>(heads);
+  p.queries = reinterpret_cast<const int*>(queries);
+  p.kmask = reinterpret_cast<const int*>(key_mask);
+}
+
 void fill_dims(Params& p, const Dims& d, double scale) {
   p.B = d.B; p.H = d.H; p.Hkv = d.Hkv; p.L = d.L; p.D = d.D; p.S = d.S; p.Q = d.Q; p.G = d.G;
   p.QS = d.QS;
@@ -1020,14 +1030,10 @@ void attention_kl_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t teacher
   need_ptr(tmass_out, "tmass_out");
   Params p{};
   fill_dims(p, d, scale);
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
+  set_inputs(p, q, k, heads, queries, key_mask);
   p.teacher = reinterpret_cast<const void*>(teacher);
   p.tcode = static_cast<int>(teacher_dtype);
   p.tm_in = reinterpret_cast<const void*>(tmass_in);
-  p.heads = reinterpret_cast<const int*>(heads);
-  p.queries = reinterpret_cast<const int*>(queries);
-  p.kmask = reinterpret_cast<const int*>(key_mask);
   p.rows = reinterpret_cast<void*>(rows_out);
   p.lse = reinterpret_cast<void*>(lse_out);
   p.tout = reinterpret_cast<void*>(tmass_out);
@@ -1070,13 +1076,9 @@ void attention_kl_bwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t teacher
   need_ptr(grad_rows, "grad_rows");
   Params p{};
   fill_dims(p, d, scale);
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
+  set_inputs(p, q, k, heads, queries, key_mask);
   p.teacher = reinterpret_cast<const void*>(teacher);
   p.tcode = static_cast<int>(teacher_dtype);
-  p.heads = reinterpret_cast<const int*>(heads);
-  p.queries = reinterpret_cast<const int*>(queries);
-  p.kmask = reinterpret_cast<const int*>(key_mask);
   p.lse_in = reinterpret_cast<const void*>(lse);
   p.t_in = reinterpret_cast<const void*>(tmass);
   p.grad = reinterpret_cast<const void*>(grad_rows);
@@ -1104,11 +1106,7 @@ void attention_probs(std::uintptr_t q, std::uintptr_t k, std::uintptr_t heads,
   need_ptr(out, "out");
   Params p{};
   fill_dims(p, d, scale);
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
-  p.heads = reinterpret_cast<const int*>(heads);
-  p.queries = reinterpret_cast<const int*>(queries);
-  p.kmask = reinterpret_cast<const int*>(key_mask);
+  set_inputs(p, q, k, heads, queries, key_mask);
   p.out = reinterpret_cast<void*>(out);
   p.ocode = static_cast<int>(out_dtype);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);

@@ -259,6 +259,16 @@ int acc_size(int q_dtype) { return q_dtype == kF64 ? 8 : 4; }
 
 }  // namespace
 
+// The inputs every entry point reads, already checked by check_ptr above each call.
+static void set_inputs(Problem& p, uintptr_t q, uintptr_t k, uintptr_t heads, uintptr_t queries,
+                       uintptr_t key_mask) {
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.heads = reinterpret_cast<const int32_t*>(heads);
+  p.queries = reinterpret_cast<const int32_t*>(queries);
+  p.key_mask = reinterpret_cast<const int32_t*>(key_mask);
+}
+
 void attention_kl_fwd(uintptr_t q, uintptr_t k, uintptr_t teacher, int teacher_dtype,
                       uintptr_t tmass_in, uintptr_t heads, uintptr_t queries, uintptr_t key_mask,
                       uintptr_t rows_out, uintptr_t lse_out, uintptr_t tmass_out, int64_t B,
@@ -286,14 +296,10 @@ void attention_kl_fwd(uintptr_t q, uintptr_t k, uintptr_t teacher, int teacher_d
       check_ptr("tmass_in", tmass_in, nrows, as);
     }
   }
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
+  set_inputs(p, q, k, heads, queries, key_mask);
   p.teacher = reinterpret_cast<const void*>(teacher);
   p.t_dtype = teacher_dtype;
   p.tmass_in = reinterpret_cast<const void*>(tmass_in);
-  p.heads = reinterpret_cast<const int32_t*>(heads);
-  p.queries = reinterpret_cast<const int32_t*>(queries);
-  p.key_mask = reinterpret_cast<const int32_t*>(key_mask);
   p.rows = reinterpret_cast<void*>(rows_out);
   p.lse = reinterpret_cast<void*>(lse_out);
   p.tmass_out = reinterpret_cast<void*>(tmass_out);
@@ -328,13 +334,9 @@ void attention_kl_bwd(uintptr_t q, uintptr_t k, uintptr_t teacher, int teacher_d
     check_code("teacher_dtype", teacher_dtype);
     check_ptr("teacher", teacher, nrows * L, elem_size(teacher_dtype));
   }
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
+  set_inputs(p, q, k, heads, queries, key_mask);
   p.teacher = nrows > 0 ? reinterpret_cast<const void*>(teacher) : nullptr;
   p.t_dtype = teacher_dtype;
-  p.heads = reinterpret_cast<const int32_t*>(heads);
-  p.queries = reinterpret_cast<const int32_t*>(queries);
-  p.key_mask = reinterpret_cast<const int32_t*>(key_mask);
   p.lse_in = reinterpret_cast<const void*>(lse);
   p.tmass = reinterpret_cast<const void*>(tmass);
   p.grad = reinterpret_cast<const void*>(grad_rows);
@@ -362,11 +364,7 @@ void attention_probs(uintptr_t q, uintptr_t k, uintptr_t heads, uintptr_t querie
   check_ptr("queries", queries, B * Q, 4);
   check_ptr("key_mask", key_mask, B * L, 4);
   check_ptr("out", out, nrows * L, elem_size(out_dtype));
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
-  p.heads = reinterpret_cast<const int32_t*>(heads);
-  p.queries = reinterpret_cast<const int32_t*>(queries);
-  p.key_mask = reinterpret_cast<const int32_t*>(key_mask);
+  set_inputs(p, q, k, heads, queries, key_mask);
   p.out = reinterpret_cast<void*>(out);
   p.out_dtype = out_dtype;
   if (nrows == 0) return;

@@ -51,6 +51,21 @@ def _online(m_i, l_i, z):
 
 
 @triton.jit
+def _both_scores(qa, qb, KA, KB, ka_base, kb_base, offs_n, offs_d, s_ka_l, s_ka_d, s_kb_l, s_kb_d,
+                 KMASK, b, L, D, pos, active, scale2,
+                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """Visibility of one key block and both models' base-2 scores on it (pass 1 and 2 alike)."""
+    n_in = offs_n < L
+    kreal = tl.load(KMASK + b * L + offs_n, mask=n_in, other=0) != 0
+    valid = active[:, None] & (offs_n[None, :] <= pos[:, None]) & (kreal & n_in)[None, :]
+    za = _block_scores(qa, KA, ka_base, offs_n, offs_d, s_ka_l, s_ka_d, L, D, valid, scale2,
+                       DOT_PREC, UPCAST, ACC)
+    zb = _block_scores(qb, KB, kb_base, offs_n, offs_d, s_kb_l, s_kb_d, L, D, valid, scale2,
+                       DOT_PREC, UPCAST, ACC)
+    return valid, za, zb
+
+
+@triton.jit
 def _sqdiff_kernel(QA, KA, QB, KB, HEADS, QPOS, KMASK, OUT,
                    s_qa_b, s_qa_h, s_qa_l, s_qa_d,
                    s_ka_b, s_ka_h, s_ka_l, s_ka_d,
@@ -78,14 +93,9 @@ def _sqdiff_kernel(QA, KA, QB, KB, HEADS, QPOS, KMASK, OUT,
     mb = tl.full([BLOCK_M], float("-inf"), ACC)
     lb = tl.zeros([BLOCK_M], ACC)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_in = offs_n < L
-        kreal = tl.load(KMASK + b * L + offs_n, mask=n_in, other=0) != 0
-        valid = active[:, None] & (offs_n[None, :] <= pos[:, None]) & (kreal & n_in)[None, :]
-        za = _block_scores(qa, KA, ka_base, offs_n, offs_d, s_ka_l, s_ka_d, L, D, valid, scale2,
-                           DOT_PREC, UPCAST, ACC)
-        zb = _block_scores(qb, KB, kb_base, offs_n, offs_d, s_kb_l, s_kb_d, L, D, valid, scale2,
-                           DOT_PREC, UPCAST, ACC)
+        valid, za, zb = _both_scores(qa, qb, KA, KB, ka_base, kb_base, start_n + offs_n0, offs_d,
+                                     s_ka_l, s_ka_d, s_kb_l, s_kb_d, KMASK, b, L, D, pos, active,
+                                     scale2, DOT_PREC, UPCAST, ACC)
         ma, la = _online(ma, la, za)
         mb, lb = _online(mb, lb, zb)
     lse_a = tl.where(la > 0, ma + tl.log2(tl.where(la > 0, la, 1.0)), 0.0)
@@ -94,14 +104,9 @@ def _sqdiff_kernel(QA, KA, QB, KB, HEADS, QPOS, KMASK, OUT,
     # Pass 2: sum over valid keys of (p_a - p_b)^2, from normalised probabilities.
     acc = tl.zeros([BLOCK_M], ACC)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_in = offs_n < L
-        kreal = tl.load(KMASK + b * L + offs_n, mask=n_in, other=0) != 0
-        valid = active[:, None] & (offs_n[None, :] <= pos[:, None]) & (kreal & n_in)[None, :]
-        za = _block_scores(qa, KA, ka_base, offs_n, offs_d, s_ka_l, s_ka_d, L, D, valid, scale2,
-                           DOT_PREC, UPCAST, ACC)
-        zb = _block_scores(qb, KB, kb_base, offs_n, offs_d, s_kb_l, s_kb_d, L, D, valid, scale2,
-                           DOT_PREC, UPCAST, ACC)
+        valid, za, zb = _both_scores(qa, qb, KA, KB, ka_base, kb_base, start_n + offs_n0, offs_d,
+                                     s_ka_l, s_ka_d, s_kb_l, s_kb_d, KMASK, b, L, D, pos, active,
+                                     scale2, DOT_PREC, UPCAST, ACC)
         diff = tl.where(valid, tl.exp2(za - lse_a[:, None]) - tl.exp2(zb - lse_b[:, None]), 0.0)
         acc += tl.sum(diff * diff, axis=1)
     tl.store(OUT + pid_bs.to(tl.int64) * Qn + offs_m, tl.where(active, acc, 0.0), mask=m_in)
