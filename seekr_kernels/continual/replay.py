@@ -374,13 +374,17 @@ class ReplayMemory:
         all_rows = not want_att or all(s.queries is None for s in samples)
         lengths = [s.n for s in samples]
         L = max(lengths)
-        Qn = L
+        Qn = None
         if not all_rows:
             Qn = max(s.num_queries for s in samples)
             # A sample with filler query slots needs a padding position to point them at.
             if any(s.num_queries < Qn and s.n == L for s in samples):
                 L += 1
         L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
+        if all_rows:
+            # Every row of the padded batch is a query row; taken after the rounding so the
+            # teacher's row and column axes both span the padded length.
+            Qn = L
         pads = [L - n for n in lengths]
 
         ids = torch.full((B, L), int(pad_token_id), dtype=torch.long)

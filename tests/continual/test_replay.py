@@ -212,6 +212,25 @@ def test_all_rows_batch_and_layer_filter():
     assert set(b) == {"input_ids", "attention_mask", "position_ids", "labels", "task"}
 
 
+@pytest.mark.parametrize("multiple", [1, 4, 8, 64])
+def test_all_rows_batch_rounds_rows_with_columns(multiple):
+    """Regression (issue 10): with no query subset in the batch the query axis must span the
+    padded length too; it used to be taken before rounding and the copy failed."""
+    teacher = sk.patch_llama(tiny(1))
+    mem = build_memory(teacher)
+    keys = [(1, 0), (1, 1)]
+    b = mem.batch(keys, pad_token_id=0, pad_to_multiple_of=multiple)
+    L = b["input_ids"].shape[1]
+    assert L % multiple == 0 and b["queries"] is None
+    for l, t in b["teacher_attention"].items():
+        assert t.shape[2:] == (L, L)
+        for i, k in enumerate(keys):
+            s = mem.sample(k)
+            p = L - s.n
+            assert torch.equal(t[i, :s.attention[l].shape[0], p:, p:], s.attention[l])
+            assert float(t[i, :, :p].abs().sum()) == 0 and float(t[i, :, :, :p].abs().sum()) == 0
+
+
 def test_batches_cover_memory_reproducibly():
     mem = build_memory(sk.patch_llama(tiny(2)))
     a = mem.batches(4, seed=1, epoch=0)

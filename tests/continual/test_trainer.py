@@ -49,6 +49,20 @@ def read_log(out):
 
 
 @pytest.mark.parametrize("method", ["sft", "replay", "replay+logits", "seekr"])
+def test_each_method_on_defaults(tmp_path, method):
+    """Every default a user gets (padding multiple 8, query budget 100, replay ratio 1%,
+    budgets from the model, ...): only the data is made small. Regression for the crash at
+    the first replay step of task 2 (issue 10)."""
+    paths = tiny_tasks(tmp_path / "data", n_train=20, n_test=4)
+    cfg = from_dict({"method": method, "output_dir": str(tmp_path / "run"),
+                     "tasks": [{"path": p} for p in paths]})
+    res = ContinualTrainer(cfg, quiet=True).run()
+    assert res["complete"] and len(res["matrix"]) == 3
+    replay = [r for r in read_log(tmp_path / "run") if r["kind"] == "replay"]
+    assert (len(replay) > 0) == (method != "sft")
+
+
+@pytest.mark.parametrize("method", ["sft", "replay", "replay+logits", "seekr"])
 def test_each_method_end_to_end(tmp_path, method):
     paths = tiny_tasks(tmp_path / "data")
     out = tmp_path / "run"
