@@ -11,13 +11,13 @@ fetching them; no network is used. SEEKR_BUILD_CUDA=0: the CUDA extension takes 
 nvcc and is not what this test is about (scripts/setup.sh builds and tests it); the C++
 extension is built from the sdist's CMakeLists.txt, csrc/ and python/ as any user would.
 """
+import fcntl
 import os
 import re
 import site
 import subprocess
 import sys
 import tarfile
-import tomllib
 from importlib import metadata
 
 import pytest
@@ -42,12 +42,21 @@ def _source_files(folder):
 
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    # What `python -m build --sdist --no-isolation` does: the PEP 517 hook of the backend
-    # named in pyproject.toml (the `build` frontend itself is not a dependency).
-    code = "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))"
-    name = _run([sys.executable, "-c", code, str(out)], cwd=ROOT).stdout.strip().splitlines()[-1]
-    return out / name
+    # One build per test session, also across xdist workers: setuptools stages the sdist's
+    # tree inside the source folder, so two builds at once would trample each other.
+    base = tmp_path_factory.getbasetemp()
+    out = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "seekr-sdist"
+    out.mkdir(exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        built = out / "built"
+        if not built.exists():
+            # What `python -m build --sdist --no-isolation` does: the PEP 517 hook of the
+            # backend named in pyproject.toml (the `build` frontend is not a dependency).
+            code = "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))"
+            name = _run([sys.executable, "-c", code, str(out)], cwd=ROOT).stdout.strip().splitlines()[-1]
+            built.write_text(name)
+        return out / built.read_text()
 
 
 def test_sdist_carries_the_build_inputs(sdist):
@@ -104,6 +113,10 @@ def test_sdist_installs_in_a_fresh_venv_and_imports_the_extension(sdist, tmp_pat
 
 
 def test_version_has_one_source():
+    try:
+        import tomllib
+    except ModuleNotFoundError:      # Python 3.10
+        tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml needs Python >= 3.11 or tomli")
     import seekr_kernels as sk
     from seekr_kernels import _version
 
