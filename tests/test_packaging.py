@@ -71,6 +71,7 @@ def test_sdist_carries_the_build_inputs(sdist):
     missing = [n for n in need if n not in names]
     assert not missing, f"the sdist lacks {missing}"
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))], "build artefacts in the sdist"
+    assert not [n for n in names if n.startswith("tests/")], "a partial test suite in the sdist"
 
 
 def test_sdist_installs_in_a_fresh_venv_and_imports_the_extension(sdist, tmp_path):
