@@ -9,9 +9,11 @@ against
 
     python benchmarks/bench_attention_kl.py              # CPU: L in 512, 1024, 2048
     python benchmarks/bench_attention_kl.py --gpu        # CUDA: bf16, L up to 8192
+    python benchmarks/bench_attention_kl.py --quick      # L = 128, one repetition (seconds)
 
 Each point runs in a fresh subprocess (see common.py for how peak memory is measured).
-Writes benchmarks/results/attention_kl_<device>.csv and .png and prints the ratios.
+Writes attention_kl_<device>.csv and .png into --out (default ./bench-out/; the committed
+numbers: --out benchmarks/results) and prints the ratios.
 """
 from __future__ import annotations
 
@@ -21,8 +23,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def _inputs(L, Q, H, D, S, dtype, device):
@@ -98,16 +98,22 @@ def main():
     ap.add_argument("--gpu", action="store_true", help="run on CUDA (bf16, L up to 8192)")
     ap.add_argument("--lengths", type=int, nargs="*", default=None)
     ap.add_argument("--methods", nargs="*", default=None)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3; --quick 1)")
+    common.add_common_args(ap)
     args = ap.parse_args()
+    out = common.out_dir(args)
+    reps = args.reps or (1 if args.quick else 3)
 
     import torch
 
     from seekr_kernels import _backend
     device = "cuda" if args.gpu else "cpu"
     dtype = "bfloat16" if args.gpu else "float32"
-    lengths = args.lengths or ([1024, 2048, 4096, 8192] if args.gpu else [512, 1024, 2048])
+    if args.quick:
+        lengths = args.lengths or [128]
+    else:
+        lengths = args.lengths or ([1024, 2048, 4096, 8192] if args.gpu else [512, 1024, 2048])
+    q_few = 32 if args.quick else 100      # the "few query rows" point; the other is Q = L
     if args.methods:
         methods = args.methods
     else:
@@ -116,14 +122,17 @@ def main():
             if _backend.available(b, torch.device(device))[0]:
                 methods.append(b)
     print(f"machine: {common.machine()}")
-    mm = common.matmul_gflops(device, getattr(torch, dtype))
-    print(f"torch.matmul [1024x128]x[128x1024] {dtype}: {mm:.1f} GFLOP/s")
+    mm = common.matmul_gflops(device, getattr(torch, dtype), n=256 if args.quick else 1024,
+                              reps=2 if args.quick else 20)
+    n = 256 if args.quick else 1024
+    print(f"torch.matmul [{n}x128]x[128x{n}] {dtype}: {mm:.1f} GFLOP/s")
     rows = []
     for L in lengths:
-        for Q in (100, L):
+        for Q in (q_few, L):
             for m in methods:
                 r = common.run_isolated("bench_attention_kl", "point",
-                                        dict(method=m, L=L, Q=Q, dtype=dtype, device=device, reps=args.reps))
+                                        dict(method=m, L=L, Q=Q, dtype=dtype, device=device, reps=reps),
+                                        isolated=not args.quick)
                 r.update(method=m, L=L, Q=min(Q, L), matmul_gflops=round(mm, 1))
                 rows.append(r)
                 if "error" in r:
@@ -131,16 +140,16 @@ def main():
                 else:
                     print(f"L={L:5d} Q={min(Q, L):5d} {m:15s} {r['ms']:10.2f} ms {r['peak_mib']:10.1f} MiB "
                           f"{r['gflops']:8.2f} GFLOP/s  loss={r['loss']:.5f}")
-    path = os.path.join(args.out, f"attention_kl_{device}.csv")
+    path = os.path.join(out, f"attention_kl_{device}.csv")
     common.write_csv(path, rows)
     print(f"wrote {path}")
     _ratios(rows, [m for m in methods if m not in ("eager", "torch-selected")])
-    _plot(rows, os.path.join(args.out, f"attention_kl_{device}.png"))
+    _plot(rows, os.path.join(out, f"attention_kl_{device}.png"))
 
 
 def _ratios(rows, fused):
     ok = {(r["method"], r["L"], r["Q"]): r for r in rows if "error" not in r}
-    print("\nratios (baseline / fused): >1 means the fused backend wins")
+    print("\nratios: the fused backend against each baseline")
     for f in fused:
         for (m, L, Q), r in sorted(ok.items(), key=lambda x: (x[0][1], x[0][2])):
             if m != f:
@@ -148,8 +157,9 @@ def _ratios(rows, fused):
             for base in ("eager", "torch-selected"):
                 b = ok.get((base, L, Q))
                 if b:
-                    print(f"  {f:7s} vs {base:15s} L={L:5d} Q={Q:5d}: time x{b['ms'] / r['ms']:6.2f}  "
-                          f"memory x{b['peak_mib'] / max(r['peak_mib'], 0.1):7.1f}")
+                    print(f"  {f:7s} vs {base:15s} L={L:5d} Q={Q:5d}: "
+                          f"time {common.ratio(r['ms'], b['ms']):>14s}, "
+                          f"memory {common.ratio(r['peak_mib'], b['peak_mib'], 'memory', 1, floor=0.1):>12s}")
 
 
 def _plot(rows, path):

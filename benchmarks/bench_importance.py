@@ -24,9 +24,11 @@ Three parts:
     python benchmarks/bench_importance.py               # CPU, L in 256 512 1024
     python benchmarks/bench_importance.py --e2e         # + end-to-end pass (minutes)
     python benchmarks/bench_importance.py --gpu         # CUDA: bf16, triton, L up to 4096
+    python benchmarks/bench_importance.py --quick       # L = 128; host part at 2 layers, L = 256
 
 Every point runs in a fresh subprocess (peak memory: see common.py). Writes
-benchmarks/results/importance_<device>.csv, importance_host.csv and importance_<device>.png.
+importance_<device>.csv, importance_host.csv and importance_<device>.png into --out
+(default ./bench-out/; the committed numbers: --out benchmarks/results).
 """
 from __future__ import annotations
 
@@ -37,7 +39,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 H, D = 32, 128
 LLAMA7B = dict(layers=32, heads=32, kv_heads=32, head_dim=128, samples=50, L=1024, Q=100, bytes=2)
 
@@ -246,16 +247,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="run the kernel part on CUDA (bf16, triton)")
     ap.add_argument("--lengths", type=int, nargs="*", default=None)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; --quick 1)")
     ap.add_argument("--skip-host", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--e2e", action="store_true", help="also run the end-to-end forgettability pass")
-    ap.add_argument("--out", default=RESULTS)
+    common.add_common_args(ap)
     args = ap.parse_args()
+    out = common.out_dir(args)
+    reps = args.reps or (1 if args.quick else 7)
 
     device = "cuda" if args.gpu else "cpu"
     dtype = "bfloat16" if args.gpu else "float32"
-    lengths = args.lengths or ([1024, 2048, 4096] if args.gpu else [256, 512, 1024])
+    if args.quick:
+        lengths = args.lengths or [128]
+    else:
+        lengths = args.lengths or ([1024, 2048, 4096] if args.gpu else [256, 512, 1024])
     print(f"machine: {common.machine()}")
     rows = []
     if args.skip_kernels:
@@ -265,22 +271,24 @@ def main():
     for L in lengths:
         for m in sens_methods:
             r = common.run_isolated("bench_importance", "sens_point", dict(method=m, L=L, dtype=dtype,
-                                                                          device=device, reps=args.reps))
+                                                                          device=device, reps=reps),
+                                    isolated=not args.quick)
             r.update(stat="sensitivity", method=m, L=L)
             rows.append(r)
             _print_kernel(r)
         for m in forget_methods:
             r = common.run_isolated("bench_importance", "forget_point", dict(method=m, L=L, dtype=dtype,
-                                                                            device=device, reps=args.reps))
+                                                                            device=device, reps=reps),
+                                    isolated=not args.quick)
             r.update(stat="forgettability", method=m, L=L)
             rows.append(r)
             _print_kernel(r)
     if rows:
-        path = os.path.join(args.out, f"importance_{device}.csv")
+        path = os.path.join(out, f"importance_{device}.csv")
         common.write_csv(path, rows)
         print(f"wrote {path}")
         _ratios(rows)
-        _plot(rows, os.path.join(args.out, f"importance_{device}.png"))
+        _plot(rows, os.path.join(out, f"importance_{device}.png"))
 
     if args.skip_host:
         return
@@ -294,12 +302,15 @@ def main():
     # stay in the heap and RSS over-reports live memory by hundreds of MiB at random; a
     # fixed threshold keeps large tensors mmap-backed so the peak follows what is alive.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
-    print("measured (synthetic q/k at those layer shapes, fresh process each, "
+    host = dict(layers=2, L=256, Q=32) if args.quick else dict(layers=32, L=1024, Q=100)
+    shapes = "--quick: 2 layers, L=256, Q=32" if args.quick else "those layer shapes"
+    print(f"measured (synthetic q/k at {shapes}, fresh process each, "
           f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}):")
     meas = {}
     for m in ("published", "ours"):
         for n in (1, 2):
-            r = common.run_isolated("bench_importance", "host_point", dict(method=m, samples=n))
+            r = common.run_isolated("bench_importance", "host_point", dict(method=m, samples=n, **host),
+                                    isolated=not args.quick)
             r.update(kind="measured", method=m, samples=n)
             host_rows.append(r)
             meas[(m, n)] = r
@@ -315,14 +326,17 @@ def main():
         ours = max(meas[("ours", 1)]["peak_host_mib"], meas[("ours", 2)]["peak_host_mib"])
         print(f"  extrapolated to 50 samples: published {pub50 / 1024:.2f} GiB (pre-task rows only; the "
               f"post-task rows double it), ours {ours:.0f} MiB, flat in the number of samples "
-              f"(stash on the host, the worst case) -> x{pub50 / max(ours, 1):.0f}")
+              f"(stash on the host, the worst case): ours {common.ratio(ours, pub50, 'memory', 0, floor=1)}")
         host_rows.append({"kind": "extrapolated", "method": "published", "samples": 50,
                           "peak_host_mib": round(pub50, 1)})
         host_rows.append({"kind": "extrapolated", "method": "ours", "samples": 50, "peak_host_mib": round(ours, 1)})
     if args.e2e:
-        print("end to end (2 patched layers of Llama-2-7B shape, vocab 512, L=512, Q=100, 2 samples):")
+        e2e = dict(L=128, Q=32, samples=1) if args.quick else dict(L=512, Q=100, samples=2)
+        print(f"end to end (2 patched layers of Llama-2-7B shape, vocab 512, L={e2e['L']}, Q={e2e['Q']}, "
+              f"{e2e['samples']} samples):")
         for m in ("published", "ours"):
-            r = common.run_isolated("bench_importance", "e2e_point", dict(method=m), timeout=1800)
+            r = common.run_isolated("bench_importance", "e2e_point", dict(method=m, **e2e), timeout=1800,
+                                    isolated=not args.quick)
             r.update(kind="e2e", method=m)
             host_rows.append(r)
             if "error" in r:
@@ -330,7 +344,7 @@ def main():
             else:
                 print(f"  {m:10s}: stored {r['stored_mib']:8.1f} MiB, peak host {r['peak_host_mib']:8.1f} MiB, "
                       f"{r['seconds']:.1f} s")
-    path = os.path.join(args.out, "importance_host.csv")
+    path = os.path.join(out, "importance_host.csv")
     common.write_csv(path, host_rows)
     print(f"wrote {path}")
 
@@ -346,14 +360,14 @@ def _print_kernel(r):
 
 def _ratios(rows):
     ok = {(r["stat"], r["method"], r["L"]): r for r in rows if "error" not in r}
-    print("\nratios (published / fused): >1 means the fused way wins")
+    print("\nratios: the fused way against the published one")
     for (stat, m, L), r in sorted(ok.items(), key=lambda x: (x[0][0], x[0][2], x[0][1])):
         if m == "published":
             continue
         b = ok.get((stat, "published", L))
         if b:
-            print(f"  {stat:15s} {m:13s} L={L:5d}: time x{b['ms'] / max(r['ms'], 1e-3):7.2f}  "
-                  f"memory x{b['peak_mib'] / max(r['peak_mib'], 0.1):7.1f}")
+            print(f"  {stat:15s} {m:13s} L={L:5d}: time {common.ratio(r['ms'], b['ms'], floor=1e-3):>14s}, "
+                  f"memory {common.ratio(r['peak_mib'], b['peak_mib'], 'memory', 1, floor=0.1):>12s}")
 
 
 def _plot(rows, path):

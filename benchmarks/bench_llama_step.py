@@ -21,6 +21,7 @@ differ in -- has the real size. L in 256, 512, 1024.
 
     python benchmarks/bench_llama_step.py                  # CPU
     python benchmarks/bench_llama_step.py --gpu            # CUDA, bf16, Llama-2-7B layers
+    python benchmarks/bench_llama_step.py --quick          # tiny model (QUICK_SHAPE), L = 128
 
 --gpu: Llama-2-7B layer shapes (hidden 4096, MLP 11008, H = 32, D = 128, vocab 32000),
 4 layers, bf16 weights, L in 1024, 2048, 4096.
@@ -35,8 +36,8 @@ the OS when freed: otherwise memory freed by the warm-up step would be reused fr
 heap without raising RSS, and the delta would read low. On CUDA:
 torch.cuda.max_memory_allocated over the step, minus what was allocated before it.
 
-Writes benchmarks/results/llama_step_<device>.csv and .png and prints the ratios against
-the targets (CPU: patched <= 1.5x plain time and >= 3x less peak memory than published
+Writes llama_step_<device>.csv and .png into --out (default ./bench-out/; the committed
+numbers: --out benchmarks/results) and prints the ratios against the targets (CPU: patched <= 1.5x plain time and >= 3x less peak memory than published
 at L = 1024; GPU: patched <= 1.15x plain time).
 """
 from __future__ import annotations
@@ -48,13 +49,19 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BETA = 1e3
 
 CPU_SHAPE = dict(hidden=256, mlp=512, layers=4, heads=32, kv_heads=32, head_dim=128, vocab=1024,
                  dtype="float32")
 GPU_SHAPE = dict(hidden=4096, mlp=11008, layers=4, heads=32, kv_heads=32, head_dim=128, vocab=32000,
                  dtype="bfloat16")
+QUICK_SHAPE = dict(hidden=64, mlp=128, layers=2, heads=8, kv_heads=8, head_dim=32, vocab=256)
+
+
+def _shape(device, quick=False):
+    if quick:       # a smoke run: every variant's code path, at a size where it takes ms
+        return dict(QUICK_SHAPE, dtype="bfloat16" if device == "cuda" else "float32")
+    return GPU_SHAPE if device == "cuda" else CPU_SHAPE
 
 
 def _build(L, Q, S, shape, device, seed=0):
@@ -128,7 +135,7 @@ def _stepper(method, L, Q, S, device, shape, backend):
     return step, kernel, used
 
 
-def _setup(device, threads=0):
+def _setup(device, threads=0, quick=False):
     import warnings
 
     import torch
@@ -136,16 +143,16 @@ def _setup(device, threads=0):
     warnings.filterwarnings("ignore")
     if threads:
         torch.set_num_threads(threads)
-    return GPU_SHAPE if device == "cuda" else CPU_SHAPE
+    return _shape(device, quick)
 
 
-def memory_point(method, L, Q, S=4, device="cpu", backend="auto", threads=0):
+def memory_point(method, L, Q, S=4, device="cpu", backend="auto", threads=0, quick=False):
     """Peak extra memory of one step of one variant, in a fresh process (module docstring)."""
     import gc
 
     import torch
 
-    shape = _setup(device, threads)
+    shape = _setup(device, threads, quick)
     step, kernel, used = _stepper(method, L, Q, S, device, shape, backend)
     step()                                   # warm-up: .grad buffers, one-time state
     gc.collect()
@@ -163,7 +170,7 @@ def memory_point(method, L, Q, S=4, device="cpu", backend="auto", threads=0):
             "attn_loss": used["attn"]}
 
 
-def timing_point(methods, L, Q, S=4, device="cpu", backend="auto", reps=3, threads=0):
+def timing_point(methods, L, Q, S=4, device="cpu", backend="auto", reps=3, threads=0, quick=False):
     """Median step time of every variant, measured in one process in interleaved rounds.
 
     Interleaving (plain, patched, published, plain, ...) keeps the ratios fair on a shared
@@ -172,7 +179,7 @@ def timing_point(methods, L, Q, S=4, device="cpu", backend="auto", reps=3, threa
     import statistics
     import time
 
-    shape = _setup(device, threads)
+    shape = _setup(device, threads, quick)
     steps = {m: _stepper(m, L, Q, S, device, shape, backend)[0] for m in methods}
     for m in methods:
         steps[m]()                           # warm-up
@@ -196,28 +203,33 @@ def main():
     ap.add_argument("--heads", type=int, default=4, help="distilled heads per layer")
     ap.add_argument("--methods", nargs="*", default=["plain", "patched", "published"],
                     help="plain, patched, published, patched-torch (fused op on the torch backend)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch's default); 1 gives steadier numbers on a busy machine")
-    ap.add_argument("--out", default=RESULTS)
-    ap.add_argument("--plot-only", action="store_true", help="reprint ratios and replot from the CSV")
+    ap.add_argument("--plot-only", action="store_true", help="reprint ratios and replot from the CSV in --out")
+    common.add_common_args(ap)
     args = ap.parse_args()
+    out = common.out_dir(args)
+    reps = args.reps or (1 if args.quick else 3)
     if args.plot_only:
         import csv
         device = "cuda" if args.gpu else "cpu"
-        path = os.path.join(args.out, f"llama_step_{device}.csv")
+        path = os.path.join(out, f"llama_step_{device}.csv")
         with open(path) as f:
             rows = list(csv.DictReader(f))
         _ratios(rows, args.gpu)
-        _plot(rows, os.path.join(args.out, f"llama_step_{device}.png"))
+        _plot(rows, os.path.join(out, f"llama_step_{device}.png"))
         return
 
     device = "cuda" if args.gpu else "cpu"
-    lengths = args.lengths or ([1024, 2048, 4096] if args.gpu else [256, 512, 1024])
+    if args.quick:
+        lengths = args.lengths or [128]
+    else:
+        lengths = args.lengths or ([1024, 2048, 4096] if args.gpu else [256, 512, 1024])
     # Every big tensor its own mmap, unmapped when freed: see the module docstring.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     print(f"machine: {common.machine()}")
-    shape = GPU_SHAPE if args.gpu else CPU_SHAPE
+    shape = _shape(device, args.quick)
     print(f"shape: {shape}, B=1, S={args.heads} heads on each of {shape['layers']} layers, "
           f"Q={'L' if args.queries is None else args.queries}")
     rows = []
@@ -225,11 +237,13 @@ def main():
         Q = L if args.queries is None else min(args.queries, L)
         t = common.run_isolated("bench_llama_step", "timing_point",
                                 dict(methods=args.methods, L=L, Q=Q, S=args.heads, device=device,
-                                     reps=args.reps, threads=args.threads))
+                                     reps=reps, threads=args.threads, quick=args.quick),
+                                isolated=not args.quick)
         for m in args.methods:
             r = common.run_isolated("bench_llama_step", "memory_point",
                                     dict(method=m, L=L, Q=Q, S=args.heads, device=device,
-                                         threads=args.threads))
+                                         threads=args.threads, quick=args.quick),
+                                    isolated=not args.quick)
             if "error" in t:
                 r.setdefault("error", "timing: " + t["error"])
             else:
@@ -242,11 +256,11 @@ def main():
             else:
                 print(f"L={L:5d} {m:14s} [{r['kernel']:5s}] {r['ms']:9.1f} ms (cpu {r['cpu_ms']:9.1f} ms) "
                       f"{r['peak_mib']:9.1f} MiB  ce={r['ce']:.4f} attn={r['attn_loss']:.5f}")
-    path = os.path.join(args.out, f"llama_step_{device}.csv")
+    path = os.path.join(out, f"llama_step_{device}.csv")
     common.write_csv(path, rows)
     print(f"wrote {path}")
     _ratios(rows, args.gpu)
-    _plot(rows, os.path.join(args.out, f"llama_step_{device}.png"))
+    _plot(rows, os.path.join(out, f"llama_step_{device}.png"))
 
 
 def _ratios(rows, gpu):
@@ -254,34 +268,38 @@ def _ratios(rows, gpu):
                                        for k, v in r.items()}
           for r in rows if not r.get("error")}
     cpu = not gpu
-    print("\nratios" + (" (time: wall, and process CPU time in brackets)" if cpu else ""))
+    print("\nratios: the patched step against plain SDPA and against the published step"
+          + (" (time: wall, and process CPU time in brackets)" if cpu else ""))
 
     def tr(a, b):
-        t = f"x{a['ms'] / b['ms']:.2f}"
-        return t + (f" (cpu x{a['cpu_ms'] / b['cpu_ms']:.2f})" if cpu else "")
+        t = common.ratio(a["ms"], b["ms"])
+        return t + (f" (cpu {common.ratio(a['cpu_ms'], b['cpu_ms'])})" if cpu else "")
+
+    def mem(a, b):
+        return common.ratio(a["peak_mib"], b["peak_mib"], "memory", floor=0.1)
     for L in sorted({L for _, L in ok}):
         p, pl, pub = ok.get(("patched", L)), ok.get(("plain", L)), ok.get(("published", L))
         if p is None:
             continue
         line = f"  L={L:5d}:"
         if pl:
-            line += f" patched/plain time {tr(p, pl)} memory x{p['peak_mib'] / max(pl['peak_mib'], 0.1):.2f}"
+            line += f" patched vs plain: time {tr(p, pl)}, memory {mem(p, pl)}"
         if pub:
-            line += (f" | published/patched time {tr(pub, p)}"
-                     f" memory x{pub['peak_mib'] / max(p['peak_mib'], 0.1):.2f}")
+            line += f" | patched vs published: time {tr(p, pub)}, memory {mem(p, pub)}"
         print(line)
+    # The targets are stated at one length; a run without it (--quick, --lengths) prints none.
     target_L = 4096 if gpu else 1024
     p, pl, pub = ok.get(("patched", target_L)), ok.get(("plain", target_L)), ok.get(("published", target_L))
     if p and pl:
         lim = 1.15 if gpu else 1.5
         t = p["ms"] / pl["ms"]
-        extra = f" (cpu time x{p['cpu_ms'] / pl['cpu_ms']:.2f})" if cpu else ""
-        print(f"target: patched <= {lim}x plain time at L={target_L}: wall x{t:.2f}{extra} "
-              f"{'MET' if t <= lim else 'MISSED'}")
+        extra = f" (cpu time {common.ratio(p['cpu_ms'], pl['cpu_ms'])})" if cpu else ""
+        print(f"target: patched takes at most {lim}x plain's time at L={target_L}: "
+              f"{common.ratio(p['ms'], pl['ms'])}{extra}: {'MET' if t <= lim else 'MISSED'}")
     if p and pub and not gpu:
-        mem = pub["peak_mib"] / max(p["peak_mib"], 0.1)
-        print(f"target: patched >= 3x less peak memory than published at L={target_L}: x{mem:.2f} "
-              f"{'MET' if mem >= 3 else 'MISSED'}")
+        m = pub["peak_mib"] / max(p["peak_mib"], 0.1)
+        print(f"target: patched uses >= 3x less peak memory than published at L={target_L}: "
+              f"{mem(p, pub)}: {'MET' if m >= 3 else 'MISSED'}")
 
 
 def _plot(rows, path):

@@ -23,7 +23,10 @@ quality  On a tiny Llama (transformers, eager attention) trained briefly on made
          logits distillation loss with the dense teacher against TopK teachers per k:
          relative error of the value and cosine of the gradient w.r.t. all parameters.
 
-Writes CSVs and a PNG under benchmarks/results/ and prints the numbers and ratios.
+Writes teacher_capture.csv, teacher_cache_bytes.csv, teacher_topk_quality.csv and
+teacher.png into --out (default ./bench-out/; the committed numbers: --out
+benchmarks/results) and prints the numbers and ratios. ``--quick``: L = 128 for capture and a
+tiny quality run (L = 64, vocabulary 256, a few steps, one k each) - seconds.
 """
 from __future__ import annotations
 
@@ -42,10 +45,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
+import common  # noqa: E402
 import seekr_kernels as sk  # noqa: E402
 from seekr_kernels.ops.attention_probs import attention_probs  # noqa: E402
 from seekr_kernels.ops.topk import TopK  # noqa: E402
@@ -53,15 +57,10 @@ from seekr_kernels.ops.topk import TopK  # noqa: E402
 warnings.filterwarnings("ignore", message="seekr_kernels: .* falls back")
 
 
-def _write_csv(name, rows):
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, name)
-    with open(path, "w", newline="") as f:
-        fields = list(dict.fromkeys(key for r in rows for key in r))
-        w = csv.DictWriter(f, fieldnames=fields, restval="")
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {os.path.relpath(path, ROOT)}")
+def _write_csv(out, name, rows):
+    path = os.path.join(out, name)
+    common.write_csv(path, rows)
+    print(f"wrote {path}")
     return path
 
 
@@ -88,7 +87,7 @@ def _eager_capture(q, k, heads, mask, scale):
 
 
 def _measure_child(cfg):
-    """Runs in a fresh process: one (method, L) measurement, printed as JSON."""
+    """One (method, L) measurement; runs in a fresh process (in this one under --quick)."""
     torch.manual_seed(0)
     dev = torch.device(cfg["device"])
     dt = getattr(torch, cfg["dtype"])
@@ -136,7 +135,7 @@ def _measure_child(cfg):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         del o
-    print(json.dumps({"peak_bytes": peak, "out_bytes": nbytes, "time_s": statistics.median(times)}))
+    return {"peak_bytes": peak, "out_bytes": nbytes, "time_s": statistics.median(times)}
 
 
 def _capture_backends(dev):
@@ -157,14 +156,17 @@ def run_capture(args):
         for m in methods:
             cfg = dict(method=m, device=str(dev), dtype=dtype, B=args.batch, H=args.heads,
                        Hkv=args.kv_heads, L=L, D=args.dim, S=args.slots, reps=args.reps)
-            env = dict(os.environ)
-            env.pop("TRITON_INTERPRET", None)
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", json.dumps(cfg)],
-                               capture_output=True, text=True, env=env, cwd=ROOT)
-            if p.returncode != 0:
-                print(f"  {m} L={L} failed:\n{p.stderr[-2000:]}")
-                continue
-            r = json.loads(p.stdout.strip().splitlines()[-1])
+            if args.quick:      # no fresh interpreter per point: see common.run_isolated
+                r = _measure_child(cfg)
+            else:
+                env = dict(os.environ)
+                env.pop("TRITON_INTERPRET", None)
+                p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", json.dumps(cfg)],
+                                   capture_output=True, text=True, env=env, cwd=ROOT)
+                if p.returncode != 0:
+                    print(f"  {m} L={L} failed:\n{p.stderr[-2000:]}")
+                    continue
+                r = json.loads(p.stdout.strip().splitlines()[-1])
             res[m] = r
             rows.append({"L": L, "method": m, "dtype": dtype, "device": dev.type,
                          "time_ms": round(r["time_s"] * 1e3, 3), "peak_MiB": round(r["peak_bytes"] / 2**20, 2),
@@ -173,12 +175,12 @@ def run_capture(args):
         for m, r in res.items():
             ratio = ""
             if e and m != "eager":
-                ratio = (f"  eager/this: memory {e['peak_bytes'] / max(r['peak_bytes'], 1):.1f}x, "
-                         f"time {e['time_s'] / r['time_s']:.2f}x")
+                ratio = (f"  vs eager: memory {common.ratio(r['peak_bytes'], e['peak_bytes'], 'memory', 1, floor=1)}, "
+                         f"time {common.ratio(r['time_s'], e['time_s'])}")
             print(f"  L={L:5d} {m:7s} {r['time_s'] * 1e3:9.1f} ms  peak {r['peak_bytes'] / 2**20:8.1f} MiB "
                   f"(output {r['out_bytes'] / 2**20:.1f} MiB){ratio}")
     if rows:
-        _write_csv("teacher_capture.csv", rows)
+        _write_csv(args.out_dir, "teacher_capture.csv", rows)
     return rows
 
 
@@ -228,12 +230,14 @@ def run_cache(args):
     rows = cache_rows()
     print("\n== teacher cache bytes per replayed sample, Llama-2-7B (32 layers x 32 heads, "
           "128 selected heads, L=1024, vocab 32000) ==")
+    ref = {r["Q"]: r["total_bytes"] for r in rows if r["format"] == "reference"}
     for r in rows:
         ks = f"k_attn={r['k_attn']:>3} k_logits={r['k_logits']:>3}" if r["k_attn"] != "" else " " * 25
+        vs = ("" if r["format"] == "reference" else
+              f"  {common.ratio(r['total_bytes'], ref[r['Q']], 'size', 1)} than reference")
         print(f"  Q={r['Q']:5d} {r['format']:10s} {ks}  attention {r['attn_bytes'] / 2**20:8.2f} MiB  "
-              f"logits {r['logits_bytes'] / 2**20:8.2f} MiB  total {r['total_bytes'] / 2**20:8.2f} MiB  "
-              f"{r['x_smaller']:7.1f}x smaller than reference")
-    _write_csv("teacher_cache_bytes.csv", rows)
+              f"logits {r['logits_bytes'] / 2**20:8.2f} MiB  total {r['total_bytes'] / 2**20:8.2f} MiB{vs}")
+    _write_csv(args.out_dir, "teacher_cache_bytes.csv", rows)
     return rows
 
 
@@ -436,7 +440,7 @@ def run_quality(args):
                 ll = student_losses(None, tk, logit_fn=fn)["logits"]
                 record("logits", "topk bf16", k, name, ll, grads_of(ll), dense_l, g_dense_l,
                        {"dropped_mass": dropped})
-    _write_csv("teacher_topk_quality.csv", rows)
+    _write_csv(args.out_dir, "teacher_topk_quality.csv", rows)
     return rows
 
 
@@ -448,8 +452,9 @@ def summarize(capture, cache, quality, rel_max=0.05, cos_min=0.99):
             e = next((r for r in capture if r["L"] == L and r["method"] == "eager"), None)
             for r in capture:
                 if r["L"] == L and r["method"] != "eager" and e:
-                    print(f"  capture L={L}: {r['method']} uses {e['peak_MiB'] / max(r['peak_MiB'], 1e-9):.1f}x less "
-                          f"peak memory than eager and is {e['time_ms'] / r['time_ms']:.2f}x its speed")
+                    print(f"  capture L={L}: {r['method']} vs eager: peak memory "
+                          f"{common.ratio(r['peak_MiB'], e['peak_MiB'], 'memory', 1, floor=1e-3)}, "
+                          f"time {common.ratio(r['time_ms'], e['time_ms'])}")
     best = {}
     if quality:
         last = max(r["drift_steps"] for r in quality)
@@ -465,17 +470,19 @@ def summarize(capture, cache, quality, rel_max=0.05, cos_min=0.99):
         _ = last
     if cache:
         for Q in sorted({r["Q"] for r in cache}):
+            ref = next((r["total_bytes"] for r in cache if r["Q"] == Q and r["format"] == "reference"), None)
             for r in cache:
-                if r["Q"] == Q and r["format"].startswith("topk") and (
+                if r["Q"] == Q and r["format"].startswith("topk") and ref and (
                         r["k_attn"] == best.get("attn") and r["k_logits"] == best.get("logits")):
                     print(f"  cache Q={Q}: {r['format']} k_attn={r['k_attn']} k_logits={r['k_logits']}: "
-                          f"{r['total_bytes'] / 2**20:.2f} MiB/sample, {r['x_smaller']:.1f}x smaller than the reference")
+                          f"{r['total_bytes'] / 2**20:.2f} MiB/sample, "
+                          f"{common.ratio(r['total_bytes'], ref, 'size', 1)} than the reference")
 
 
-def plot(capture, cache, quality):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(out, capture, cache, quality):
+    plt = common.pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     if capture:
         for m in sorted({r["method"] for r in capture}):
@@ -528,9 +535,14 @@ def plot(capture, cache, quality):
         ax[2].set_title(f"TopK quality (student after {last} steps)")
         ax[2].legend(fontsize=6)
     fig.tight_layout()
-    path = os.path.join(RESULTS, "teacher.png")
+    path = os.path.join(out, "teacher.png")
     fig.savefig(path, dpi=110)
-    print(f"wrote {os.path.relpath(path, ROOT)}")
+    print(f"wrote {path}")
+
+
+# --quick: seconds, not minutes; every section still runs end to end.
+QUICK = dict(lengths=[128], reps=1, q_len=64, q_vocab=256, q_batch=2, q_queries=16, q_steps_a=5,
+             q_drift=[2], q_k_attn=[8], q_k_logits=[16])
 
 
 def main():
@@ -557,11 +569,19 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     p.add_argument("--replot", action="store_true",
-                   help="redraw summary and plot from the CSVs already in benchmarks/results/")
+                   help="redraw summary and plot from the CSVs already in --out")
+    common.add_common_args(p)
     args = p.parse_args()
+    if args._measure:
+        print(json.dumps(_measure_child(json.loads(args._measure))))
+        return
+    if args.quick:      # re-parsed so that a flag given explicitly still wins over QUICK
+        p.set_defaults(**QUICK)
+        args = p.parse_args()
+    args.out_dir = common.out_dir(args)
     if args.replot:
         def load(name):
-            path = os.path.join(RESULTS, name)
+            path = os.path.join(args.out_dir, name)
             if not os.path.exists(path):
                 return None
             with open(path) as f:
@@ -579,17 +599,15 @@ def main():
         cap, cache, qual = (load(n) for n in ("teacher_capture.csv", "teacher_cache_bytes.csv",
                                               "teacher_topk_quality.csv"))
         summarize(cap, cache, qual)
-        plot(cap, cache, qual)
+        plot(args.out_dir, cap, cache, qual)
         return
-    if args._measure:
-        _measure_child(json.loads(args._measure))
-        return
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if not args.quick:  # a smoke run keeps the caller's thread setting (OMP_NUM_THREADS)
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     cap = run_capture(args) if args.section in ("all", "capture") else None
     cache = run_cache(args) if args.section in ("all", "cache") else None
     qual = run_quality(args) if args.section in ("all", "quality") else None
     summarize(cap, cache, qual)
-    plot(cap, cache, qual)
+    plot(args.out_dir, cap, cache, qual)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,4 @@ fi
 # them (isolation would fetch them again on every install).
 python -m pip install -q "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.18" ninja
 python -m pip install -q --no-build-isolation -e ".[${extras}]"
-python - <<'PY'
-import torch, seekr_kernels
-from seekr_kernels import _backend
-cpu = _backend.native_cpu() is not None
-print(f"seekr-kernels {seekr_kernels.__version__}: torch {torch.__version__}, "
-      f"C++ extension {'built' if cpu else 'MISSING'}, "
-      f"CUDA extension {'built' if _backend.native_cuda() is not None else 'not built'}")
-PY
+seekr --version

@@ -21,7 +21,7 @@ from .continual.selection import batch_heads, select_heads
 from .continual.config import RunConfig
 from .continual.trainer import ContinualTrainer, train
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "attention_kl", "AttentionKLLoss", "attention_probs", "attention_sqdiff", "logits_kl",

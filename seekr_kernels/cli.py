@@ -4,6 +4,7 @@
     seekr train --config run.yaml [--set train.lr=1e-4 ...]
     seekr eval --model DIR --task PATH [--task PATH ...] [--split test] [--metric NAME]
     seekr eval --run OUTPUT_DIR               the last checkpoint of a run on its tasks
+    seekr --version                           package, torch and which backends are built
 
 Also runnable as ``python -m seekr_kernels``.
 """
@@ -104,11 +105,49 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def version_info() -> str:
+    """What `seekr --version` prints: this package, torch, and which kernel backends exist here."""
+    import torch
+
+    from . import _backend
+    from ._version import __version__
+
+    def found(mod, err):
+        return "built" if mod is not None else f"not built ({type(err).__name__}: {err})"
+
+    cuda = torch.version.cuda or "none"
+    dev = f", {torch.cuda.device_count()} device(s)" if torch.cuda.is_available() else ", no device"
+    triton = _backend._import("triton")[0]
+    lines = [
+        f"seekr-kernels {__version__} ({os.path.dirname(os.path.abspath(__file__))})",
+        f"torch {torch.__version__} (CUDA {cuda}{dev})",
+        "backends:",
+        f"  cpu     C++ extension seekr_kernels._C: {found(*_backend._import('seekr_kernels._C'))}",
+        f"  cuda    CUDA extension seekr_kernels._C_cuda: {found(*_backend._import('seekr_kernels._C_cuda'))}",
+        f"  triton  {'triton ' + triton.__version__ if triton is not None else 'triton not installed'}",
+        "  torch   plain PyTorch: always",
+    ]
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    # argparse's own "version" action formats its text when the parser is built; this one
+    # imports torch only when --version is given.
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_info())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="seekr", description="SEEKR continual fine-tuning of Llama-family models with fused kernels.",
         epilog="Start with `seekr demo`: a small Llama learns four made-up tasks one after another "
                "with four methods (sft, replay 1%, replay 10%, SEEKR 1%).")
+    p.add_argument("--version", action=_VersionAction,
+                   help="print the package and torch versions and which backends are built, then exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run the built-in demo (four methods; about 1.5 minutes on 2 idle CPU cores)",

@@ -1,0 +1,115 @@
+"""Every benchmark script runs end to end with --quick --out DIR: it writes its CSV and PNG
+files there, prints ratios worded by common.ratio, and leaves the committed results alone.
+
+The numbers of a --quick run mean nothing (tiny shapes, one repetition); the scripts' real
+runs are documented in benchmarks/results/README.md. bench_logits_kl.py is not covered yet
+(being rewritten with the same flags).
+"""
+import argparse
+import csv
+import hashlib
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+import common  # noqa: E402
+
+# script -> files it must write (CPU run)
+SCRIPTS = {
+    "bench_attention_kl.py": ["attention_kl_cpu.csv", "attention_kl_cpu.png"],
+    "bench_importance.py": ["importance_cpu.csv", "importance_host.csv", "importance_cpu.png"],
+    "bench_llama_step.py": ["llama_step_cpu.csv", "llama_step_cpu.png"],
+    "bench_teacher.py": ["teacher_capture.csv", "teacher_cache_bytes.csv", "teacher_topk_quality.csv",
+                         "teacher.png"],
+}
+RATIO = re.compile(r"(\d+(?:\.\d+)?)x (faster|slower|less|more|smaller|larger)\b")
+
+
+def _results_digest():
+    h = {}
+    for f in sorted(os.listdir(common.RESULTS)):
+        with open(os.path.join(common.RESULTS, f), "rb") as fh:
+            h[f] = hashlib.sha256(fh.read()).hexdigest()
+    return h
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_quick_run_writes_csv_png_and_ratios(script, tmp_path):
+    before = _results_digest()
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)            # as a user runs it: real backends on CPU
+    # One torch thread: the test runs beside other pytest workers, where a second spinning
+    # OpenMP thread only slows a run of tiny shapes down.
+    env["OMP_NUM_THREADS"] = "1"
+    p = subprocess.run([sys.executable, os.path.join(BENCH, script), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-4000:]
+    assert "ERROR" not in p.stdout and "failed" not in p.stdout, log[-4000:]
+    for name in SCRIPTS[script]:
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, f"{script} did not write {name}\n{log[-3000:]}"
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
+        else:
+            with open(path) as f:
+                rows = list(csv.DictReader(f))
+            assert rows, f"{name} has no rows"
+            assert not [r for r in rows if r.get("error")], f"{name}: {[r['error'] for r in rows if r.get('error')]}"
+    ratios = RATIO.findall(p.stdout)
+    assert ratios, f"{script} printed no ratio\n{p.stdout[-3000:]}"
+    assert all(float(n) >= 1 for n, _ in ratios), [r for r in ratios if float(r[0]) < 1]
+    assert not re.search(r"\bx\d", p.stdout), "an unworded 'xN' ratio is left"
+    assert _results_digest() == before, "benchmarks/results/ changed"
+    assert not os.path.exists(tmp_path / common.DEFAULT_OUT), "wrote to the default folder despite --out"
+
+
+@pytest.mark.parametrize("value,baseline,kind,text", [
+    (10, 50, "time", "5.00x faster"),
+    (50, 10, "time", "5.00x slower"),
+    (1, 4, "memory", "4.00x less"),
+    (4, 1, "memory", "4.00x more"),
+    (2, 5, "size", "2.50x smaller"),
+    (5, 2, "size", "2.50x larger"),
+    (3, 3, "time", "same time"),
+    (1.0001, 1, "memory", "same memory"),
+    (0, 0.2, "memory", "2.00x less"),        # 0 clamped to the floor 0.1 below
+])
+def test_ratio_wording(value, baseline, kind, text):
+    floor = 0.1 if value == 0 else 1e-12
+    assert common.ratio(value, baseline, kind, floor=floor) == text
+
+
+def test_ratio_rejects_unknown_kind():
+    with pytest.raises(KeyError):
+        common.ratio(1, 2, "speed")
+
+
+@pytest.mark.parametrize("isolated", [True, False])
+def test_run_isolated_result_and_error(isolated):
+    # --quick calls the points in-process; both ways must answer alike.
+    r = common.run_isolated("common", "_status_kib", {"field": "VmRSS"}, isolated=isolated)
+    assert isinstance(r, int) and r > 0
+    r = common.run_isolated("common", "_status_kib", {"field": "NoSuchField"}, isolated=isolated)
+    assert r == {"error": "RuntimeError: NoSuchField not in /proc/self/status"}
+
+
+def test_out_dir_default_and_refusals(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ap = common.add_common_args(argparse.ArgumentParser())
+    assert common.out_dir(ap.parse_args([])) == str(tmp_path / common.DEFAULT_OUT)
+    assert (tmp_path / common.DEFAULT_OUT).is_dir()
+    assert common.out_dir(ap.parse_args(["--out", "x/y"])) == str(tmp_path / "x" / "y")
+    # The committed results only on request, and never with smoke-test numbers.
+    assert common.out_dir(ap.parse_args(["--out", common.RESULTS])) == common.RESULTS
+    with pytest.raises(SystemExit) as e:
+        common.out_dir(ap.parse_args(["--quick", "--out", common.RESULTS]))
+    assert e.value.code == 2
+    assert "never replace the committed results" in capsys.readouterr().err
