@@ -56,7 +56,7 @@ from typing import Optional, Sequence
 
 #: metric name -> the import name of the package it needs (same as its pip name here).
 METRIC_PACKAGES = {"rouge_l": "rouge", "edit_sim": "rapidfuzz", "sari": "sacrebleu",
-                   "bleu1": "sacrebleu", "bleu4": "sacrebleu"}
+                   "bleu1": "sacrebleu", "bleu4": "sacrebleu", "bleu": "sacrebleu"}
 
 
 class MissingMetricPackage(ImportError):
