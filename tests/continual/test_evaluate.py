@@ -129,6 +129,23 @@ def test_sampling_is_seeded_repeated_and_leaves_training_rng_alone():
         GenerationOptions(do_sample=True, temperature=0.0)
 
 
+def test_eval_config_generation_keys():
+    from seekr_kernels.continual.config import ConfigError, from_dict
+    base = {"seed": 9, "tasks": [{"path": "x"}]}
+    cfg = from_dict({**base, "eval": {"do_sample": True, "temperature": 0.1, "top_p": 0.9, "num_repeats": 2}})
+    assert GenerationOptions.from_config(cfg.eval, cfg.seed) == \
+        GenerationOptions(do_sample=True, temperature=0.1, top_p=0.9, num_repeats=2, seed=9)
+    cfg = from_dict({**base, "eval": {"seed": 3}})
+    assert GenerationOptions.from_config(cfg.eval, cfg.seed) == GenerationOptions(seed=3)
+    for bad, msg in [({"num_repeats": 2}, "eval.num_repeats: repeats of greedy"),
+                     ({"top_p": 1.5}, r"eval.top_p: must lie in \(0, 1\]"),
+                     ({"temperature": 0}, "eval.temperature: must be > 0"),
+                     ({"top_k": -1}, "eval.top_k: must be >= 0"),
+                     ({"do_sample": "yes"}, "eval.do_sample: expected true or false")]:
+        with pytest.raises(ConfigError, match=msg):
+            from_dict({**base, "eval": bad})
+
+
 def takes_prompt(prediction, reference, prompt=None):
     return float(prompt.startswith("ab"))
 
