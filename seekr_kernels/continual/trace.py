@@ -31,7 +31,8 @@ pass (SEEKR's ``re_eval.py``). This module reproduces that pipeline on one sampl
 **Scale.** Every metric returns a score in [0, 1] for one sample (TRACE's SARI and
 ``fuzz.ratio`` are 0-100 and are divided by 100, as SEEKR's ``show_results.py`` does before
 its table); a task's score is the mean over its samples, an empty prediction or reference
-scoring 0 as in TRACE. Tables print them x 100, which is the percent scale of the paper.
+scoring 0 as in TRACE (SARI excepted: TRACE scores every sample). Tables print them x 100,
+which is the percent scale of the paper.
 
 **Where this differs from the published scripts**, deliberately and only in corner cases:
 ``accuracy_choice`` compares the first character of the reference too (the published C-STANCE

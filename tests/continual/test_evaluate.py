@@ -206,8 +206,13 @@ def test_two_fsdp_ranks_match_one_process(tmp_path):
         procs.append(subprocess.Popen([sys.executable, "-c", WORKER, os.path.abspath(__file__),
                                        str(tmp_path / "r.json")], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    for rank, p in enumerate(procs):
-        out, _ = p.communicate(timeout=120)
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]   # a rank out of step deadlocks
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"rank {rank} failed:\n{out[-4000:]}"
     got = [json.load(open(tmp_path / f"r.json.{k}")) for k in range(2)]
     one = evaluate_examples(tiny_model(), TOK, examples(), max_prompt_len=32, max_answer_len=8,

@@ -65,7 +65,10 @@ def test_rouge_l_long_generation_without_a_period():
     from rouge import Rouge
     text = " ".join(f"w{i}" for i in range(300))
     limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(250 + len(__import__("inspect").stack()))
+    depth, f = 0, sys._getframe()
+    while f is not None:
+        depth, f = depth + 1, f.f_back
+    sys.setrecursionlimit(depth + 250)
     try:
         with pytest.raises(RecursionError):
             Rouge(metrics=["rouge-l"]).get_scores(text, text)
