@@ -64,41 +64,59 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .continual.config import ModelConfig
+    from .continual.config import ConfigError, ModelConfig
     from .continual.data import load_task, load_tokenizer
-    from .continual.evaluate import evaluate_examples
+    from .continual.evaluate import GenerationOptions, evaluate_examples, get_metric, resolve_metric_name
     from .continual.metrics import write_json
     from .continual.trainer import build_model
 
     tasks_paths = list(args.task or [])
-    metrics = {}
+    metrics, names = {}, {}
     model_dir = args.model
     if args.run:
         with open(os.path.join(args.run, "state.json"), encoding="utf-8") as f:
             st = json.load(f)
         model_dir = model_dir or os.path.join(args.run, st["checkpoint"])
         if not tasks_paths:
+            # The run's own task names and metrics (auto already resolved when it started).
             for ts in st["config"]["tasks"]:
                 tasks_paths.append(ts["path"])
+                names[ts["path"]] = ts.get("name")
                 metrics[ts["path"]] = ts.get("metric", "exact_match")
     if not model_dir:
         raise SystemExit("seekr eval: give --model DIR or --run OUTPUT_DIR")
     if not tasks_paths:
         raise SystemExit("seekr eval: give at least one --task PATH (or --run OUTPUT_DIR)")
+    try:
+        gen = GenerationOptions(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, num_repeats=args.num_repeats, seed=args.seed)
+    except ValueError as e:   # "top_p: must ..." -> "--top-p: must ..."
+        key, _, msg = str(e).partition(":")
+        raise ConfigError(f"--{key.replace('_', '-')}:{msg}") from None
+    tasks = []
+    for p in tasks_paths:
+        task = load_task(p, name=names.get(p))
+        task.metric = resolve_metric_name(args.metric or metrics.get(p, "auto"), task.name)
+        try:
+            get_metric(task.metric)
+        except (ValueError, ImportError) as e:
+            raise ConfigError(f"{'--metric' if args.metric else task.name}: {e}") from None
+        tasks.append(task)
     tok = load_tokenizer(args.tokenizer or model_dir)
     model = build_model(ModelConfig(path=model_dir), tok)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     out = {}
-    for p in tasks_paths:
-        task = load_task(p, metric=args.metric or metrics.get(p, "exact_match"))
+    for task in tasks:
         exs = task.split(args.split) or task.eval or task.test or task.train
         if args.max_samples:
             exs = exs[: args.max_samples]
         r = evaluate_examples(model, tok, exs, metric=task.metric, max_prompt_len=args.max_prompt_len,
-                              max_answer_len=args.max_answer_len, batch_size=args.batch_size, device=device,
-                              keep_predictions=3)
-        out[task.name] = {"score": r["score"], "loglik": r["loglik"], "n": r["n"]}
+                              max_answer_len=args.max_answer_len, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, device=device, keep_predictions=3,
+                              generation=gen)
+        out[task.name] = {"metric": task.metric, "score": r["score"], "scores": r["scores"],
+                          "loglik": r["loglik"], "n": r["n"]}
         print(f"{task.name:<20} {task.metric}={r['score']:.4f}  loglik={r['loglik']:.4f}  (n={r['n']})")
     if args.out:
         write_json(args.out, {"model": model_dir, "split": args.split, "tasks": out})
@@ -174,17 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a model (local HF directory) on tasks",
-                       description="Greedy generation scored by a metric per task, and the answer's mean "
-                                   "log-likelihood.")
+                       description="Generation (greedy by default) scored by each task's metric, and "
+                                   "the answer's mean log-likelihood.")
     e.add_argument("--model", help="local Hugging Face model directory (e.g. a run's checkpoint)")
     e.add_argument("--run", help="a `seekr train` output_dir: its last checkpoint and tasks")
     e.add_argument("--task", action="append", help="task directory (TRACE layout) or JSON-lines file; repeatable")
     e.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     e.add_argument("--split", default="test", choices=["train", "eval", "test"])
-    e.add_argument("--metric", help="exact_match, contains, prefix, rouge_l or module:function")
+    e.add_argument("--metric", help="for every task: exact_match, contains, prefix, accuracy_extract, "
+                   "accuracy_choice, rouge_l, edit_sim, sari, bleu1, bleu4, trace:TASK, auto or "
+                   "module:function (default: the run's metric per task with --run, else auto: "
+                   "TRACE's metric for a TRACE task name, exact_match otherwise)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-prompt-len", type=int, default=512)
     e.add_argument("--max-answer-len", type=int, default=512)
+    e.add_argument("--max-new-tokens", type=int, help="generation length (default: --max-answer-len)")
+    e.add_argument("--do-sample", action="store_true",
+                   help="sample instead of greedy decoding (the published repeated inference: "
+                        "--do-sample --temperature 0.1 --num-repeats 2)")
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--top-k", type=int, default=50, help="0: off")
+    e.add_argument("--num-repeats", type=int, default=1, help="sampled answers per prompt; the mean is reported")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
     e.add_argument("--max-samples", type=int)
     e.add_argument("--device", default="auto")
     e.add_argument("--out", help="write the scores as JSON here")

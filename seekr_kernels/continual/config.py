@@ -12,7 +12,7 @@ Example ``run.yaml``::
       path: /models/llama-2-7b    # local Hugging Face directory; omit for a tiny Llama
     tasks:
       - {name: C-STANCE, path: data/TRACE/C-STANCE, epochs: 5}
-      - {name: FOMC, path: data/TRACE/FOMC, epochs: 3, metric: prefix}
+      - {name: FOMC, path: data/TRACE/FOMC, epochs: 3}   # metric: auto -> trace:FOMC
     train: {batch_size: 16, lr: 1.0e-5, precision: auto}
     replay: {ratio: 0.01}
     distill: {logits_weight: 0.5, attn_weight: 1000, head_budget: 128, query_budget: 100}
@@ -50,10 +50,14 @@ class ModelConfig:
 
 @dataclass
 class TaskSpec:
+    """One task of the stream. ``metric`` scores its generated answers (names in
+    :mod:`seekr_kernels.continual.evaluate`): ``auto`` (default) is TRACE's metric for a task
+    named like a TRACE task (``trace:<task>``) and ``exact_match`` otherwise; validation
+    replaces ``auto`` by the metric it stands for and checks that the metric can be loaded."""
     name: Optional[str] = None
     path: Optional[str] = None
     epochs: Optional[int] = None
-    metric: str = "exact_match"
+    metric: str = "auto"
 
 
 @dataclass
@@ -104,11 +108,23 @@ class DistillConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation after each task: generated answers scored by each task's metric.
+
+    Generation is greedy unless ``do_sample``; the published repeated inference is
+    ``do_sample: true, temperature: 0.1, num_repeats: 2`` (with Llama-2-chat, also
+    ``top_p: 0.9``, its own default); ``seed`` null means the run's seed."""
     split: str = "test"
     batch_size: int = 32
     max_new_tokens: Optional[int] = None   # default: train.max_answer_len
     max_samples: Optional[int] = None
     keep_predictions: int = 5
+    # --- generation options (sampling = the published repeated inference)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50                     # 0: off
+    num_repeats: int = 1                # answers per prompt, each scored; the mean is reported
+    seed: Optional[int] = None          # default: the run's seed
 
 
 @dataclass
@@ -286,6 +302,7 @@ def _validate(c: RunConfig):
     _positive("eval.max_new_tokens", e.max_new_tokens)
     _positive("eval.max_samples", e.max_samples)
     _positive("eval.keep_predictions", e.keep_predictions, allow_zero=True)
+    _validate_generation(e)
     _positive("log.every", c.log.every)
     _choice("distributed.strategy", c.distributed.strategy, ("ddp", "fsdp"))
     _choice("distributed.backend", c.distributed.backend, ("auto", "gloo", "nccl"))
@@ -298,12 +315,37 @@ def _validate(c: RunConfig):
     names = [ts.name or _default_name(ts.path) for ts in c.tasks]
     if len(set(names)) != len(names):
         _err("tasks", f"task names must be unique, got {names}")
+    _validate_metrics(c.tasks, names)
     if c.model.arch:
         from transformers import LlamaConfig
         known = set(LlamaConfig().to_dict())
         for k in c.model.arch:
             if k not in known:
                 _err(f"model.arch.{k}", "unknown LlamaConfig field")
+
+
+def _validate_generation(e: EvalConfig):
+    _positive("eval.temperature", e.temperature)
+    if not 0 < e.top_p <= 1:
+        _err("eval.top_p", f"must lie in (0, 1], got {e.top_p}")
+    _positive("eval.top_k", e.top_k, allow_zero=True)
+    _positive("eval.num_repeats", e.num_repeats)
+    if e.num_repeats > 1 and not e.do_sample:
+        _err("eval.num_repeats", "repeats of greedy decoding are identical; set eval.do_sample: true")
+
+
+def _validate_metrics(tasks, names):
+    # Resolve `auto` here, so the saved config (state.json) names the metric the run used,
+    # and load each metric now: a missing package fails before training, not after a task.
+    from .evaluate import get_metric, resolve_metric_name
+    for i, (ts, name) in enumerate(zip(tasks, names)):
+        if not isinstance(ts.metric, str):
+            _err(f"tasks[{i}].metric", f"expected a string, got {ts.metric!r}")
+        ts.metric = resolve_metric_name(ts.metric, name)
+        try:
+            get_metric(ts.metric)
+        except (ValueError, ImportError) as e:
+            _err(f"tasks[{i}].metric", str(e).removeprefix("metric: "))
 
 
 def _default_name(path):

@@ -56,7 +56,7 @@ from . import metrics as M
 from .config import ConfigError, RunConfig, TaskSpec, task_name
 from .data import (CharTokenizer, Encoded, EncodedDataset, collate, epoch_batches, load_task,
                    load_tokenizer, shard)
-from .evaluate import evaluate_examples
+from .evaluate import GenerationOptions, evaluate_examples
 from .losses import ce_sum, logits_kl_mean, replay_objective
 
 STATE_VERSION = 1
@@ -859,7 +859,8 @@ class ContinualTrainer:
                                   max_prompt_len=tr.max_prompt_len, max_answer_len=tr.max_answer_len,
                                   batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, device=self.device,
                                   autocast_dtype=self.autocast, keep_predictions=e.keep_predictions,
-                                  sharded_model=self._fsdp)
+                                  sharded_model=self._fsdp,
+                                  generation=GenerationOptions.from_config(e, self.cfg.seed))
             row.append(r["score"])
             ll.append(r["loglik"])
             if j == t and r["predictions"]:
