@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 KINDS = ("probs", "logits")
 
@@ -116,6 +117,11 @@ class TopK:
         ``kind="logits"``: x holds logits; the exact row log-sum-exp is kept as ``lse``.
         Ties are broken by torch.topk. Values keep x's dtype; lse/mass are fp32 (fp64 for
         fp64 x).
+
+        x is checked as the dense teacher would be (one host sync), so a TopK never admits
+        what the dense path refuses: ValueError naming ``x`` for NaN or infinite
+        probabilities, negative ones, NaN or +inf logits, a row of only -inf logits, or a
+        row with fewer than k finite logits (a kept -inf logit; pick a smaller k).
         """
         if not isinstance(x, torch.Tensor):
             _fail(TypeError, "x", f"expected a torch.Tensor, got {type(x).__name__}")
@@ -147,6 +153,7 @@ class TopK:
                 red[r0:r0 + step] = torch.logsumexp(xc.to(acc), dim=-1)
             else:
                 red[r0:r0 + step] = xc.sum(-1, dtype=acc)
+        _check_dense_rows(x2, values, red, kind)
         values = values.reshape(*lead, k)
         indices = indices.to(torch.int32).reshape(*lead, k)
         red = red.reshape(lead)
@@ -248,10 +255,25 @@ class TopK:
         return out.scatter_(-1, idx, self.values)
 
     # ------------------------------------------------------------------ validation
-    def check(self, name: str = "teacher", check_values: bool = True) -> "TopK":
+    def check(self, name: str = "teacher", check_values: bool = True, rows=None) -> "TopK":
         """Value checks at one host sync: indices in [0, N), no repeated index in a row,
-        finite values (and lse/mass), probs >= 0. Raises ValueError naming ``name``."""
+        finite values (and lse/mass), probs >= 0. Raises ValueError naming ``name``.
+
+        ``rows``: optional bool mask of ``row_shape``; only those rows are checked (e.g.
+        the supervised tokens of logits_kl, which never reads the others).
+        """
         if not check_values or self.values.numel() == 0:
+            return self
+        if rows is not None:
+            rows = torch.as_tensor(rows, device=self.device).bool()
+            if tuple(rows.shape) != tuple(self.row_shape):
+                _fail(ValueError, "rows", f"expected shape {list(self.row_shape)}, got {list(rows.shape)}")
+            sel = TopK.__new__(TopK)    # the selected rows, without re-running the constructor
+            sel.values, sel.indices = self.values[rows], self.indices[rows]
+            sel.full_size, sel.kind = self.full_size, self.kind
+            sel.lse = None if self.lse is None else self.lse[rows]
+            sel.mass = None if self.mass is None else self.mass[rows]
+            sel.check(name, check_values)
             return self
         il = self.indices.long()
         checks = [
@@ -274,6 +296,37 @@ class TopK:
             if bad:
                 raise ValueError(f"{name}: TopK {field} {msg}")
         return self
+
+    def check_indices(self, name: str = "teacher") -> "TopK":
+        """Only the index range [0, full_size): what a consumer indexes with. Run even
+        when value checks are off, so an index never reads out of bounds (one sync)."""
+        if self.indices.numel():
+            lo, hi = torch.aminmax(self.indices)
+            if int(lo) < 0 or int(hi) >= self.full_size:
+                raise ValueError(f"{name}: TopK indices must lie in [0, full_size={self.full_size})")
+        return self
+
+
+def _check_dense_rows(x2, values, red, kind):
+    """from_dense's value checks of the dense rows x2 [R, N] (see from_dense), one sync.
+
+    values: the kept entries [R, k]; red: the row lse (logits) or sums (probs)."""
+    if x2.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x2)
+    if kind == "probs":
+        checks = [(~torch.isfinite(lo) | ~torch.isfinite(hi), "contains NaN or infinite probabilities"),
+                  (lo < 0, "contains negative probabilities")]
+    else:
+        # -inf logits are allowed (masked entries); what the dense loss refuses is not.
+        checks = [(torch.isnan(lo) | torch.isnan(hi) | (hi == float("inf")), "contains NaN or +inf logits"),
+                  ((~torch.isfinite(red)).any(), "has a row of only -inf logits"),
+                  ((values == float("-inf")).any(), "has a row with fewer finite logits than k "
+                                                    "(a kept entry would be -inf); pick a smaller k")]
+    flags = torch.stack([c[0] for c in checks]).cpu().tolist()
+    for (_, msg), bad in zip(checks, flags):
+        if bad:
+            _fail(ValueError, "x", msg)
 
 
 # ---------------------------------------------------------------------- attention-KL
@@ -318,6 +371,7 @@ class _KeptScores(torch.autograd.Function):
         return z * scale
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         q_rows, k, kvh, idx = ctx.saved_tensors
         acc, scale = ctx.acc, ctx.scale
@@ -352,6 +406,8 @@ def _check_attention_teacher(teacher: TopK, a, check_values):
     if teacher.device != a.q.device:
         raise ValueError(f"teacher: TopK is on {teacher.device}, q is on {a.q.device}")
     teacher.check("teacher", check_values)
+    if not check_values:
+        teacher.check_indices("teacher")   # gathered keys: never out of bounds
 
 
 def _xlogx(t):
