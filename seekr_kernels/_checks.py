@@ -301,3 +301,17 @@ def triton_entry_checks(a: AttnArgs) -> None:
     if not ok:
         raise exc(why)
     ensure_index_ranges(a)
+
+
+def refuse_double_backward(op: str, what="the fused backends are",
+                           hint="needs backend='torch'") -> None:
+    """First line of a fused backward: the kernels are not differentiable themselves.
+
+    autograd runs a backward with grad mode on exactly when the caller asked for
+    ``create_graph=True``. Without this check the gradient would come back silently cut
+    from the graph (``torch.autograd.function.once_differentiable`` only errors when the
+    incoming gradient itself requires grad, which a mean's constant gradient does not).
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: {what} once differentiable; a double backward "
+                           f"(create_graph=True) {hint}")

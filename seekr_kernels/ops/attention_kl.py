@@ -12,12 +12,11 @@ stream over key blocks and save only lse and T per row (fp32).
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import reference
 from .._backend import resolve
 from .._checks import (AttnArgs, check_attention_args, check_reduction, check_teacher_rows,
-                       ensure_index_ranges, reduce_rows)
+                       ensure_index_ranges, reduce_rows, refuse_double_backward)
 
 
 def _impl(backend):
@@ -34,9 +33,9 @@ class _AttentionKLFunction(torch.autograd.Function):
     """Per-row KL [B, S, Q] from a fused backend; gradients to q and k only.
 
     Once differentiable: the fused backward kernels are not themselves differentiable, so
-    a double backward (``create_graph=True`` then differentiating the gradient) raises a
-    RuntimeError instead of returning a gradient silently cut from the graph. The torch
-    backend (plain autograd) supports double backward.
+    a backward with ``create_graph=True`` raises a RuntimeError instead of returning a
+    gradient silently cut from the graph. The torch backend (plain autograd) supports
+    double backward.
     """
 
     @staticmethod
@@ -49,8 +48,8 @@ class _AttentionKLFunction(torch.autograd.Function):
         return rows, lse, T
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_rows, _glse, _gT):
+        refuse_double_backward("attention_kl")
         teacher, lse, T = ctx.saved_tensors
         a = ctx.a
         if grad_rows is None:
@@ -118,7 +117,7 @@ def attention_kl(q, k, teacher, heads, queries=None, attention_mask=None, *, sca
         range (fp64 range for fp64 input): scores could overflow to inf and the softmax to
         NaN, so such input is refused on every backend (``_checks.score_overflow_check``).
 
-    The fused backends are once differentiable (double backward raises a RuntimeError).
+    The fused backends are once differentiable: ``create_graph=True`` raises a RuntimeError.
 
     The fused backends never allocate an [L, L] matrix or a full student row: the forward
     pass streams key blocks with an online log-sum-exp and saves only lse and the teacher

@@ -59,9 +59,9 @@ softmaxes. For a TopK teacher both run the same streaming pass over the student 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._backend import available, resolve
+from .._checks import refuse_double_backward
 from .topk import TopK
 
 IGNORE_INDEX = -100
@@ -139,8 +139,8 @@ def _resolve_backend(backend, s):
         return "torch"
     name = resolve(backend, s.device, "logits_kl", supported=("triton", "torch"))
     if name == "triton" and s.dtype == torch.float64:
-        _fail(TypeError, "student_logits", "the triton backend accumulates in fp32; fp64 logits "
-              "need backend='torch'")
+        _fail(TypeError, "student_logits", "dtype torch.float64 is not supported by the triton "
+              "backend (its kernels accumulate in fp32); use backend='torch' for fp64")
     return name
 
 
@@ -310,7 +310,7 @@ class _LogitsKLFunction(torch.autograd.Function):
     """Per-row loss [N, L] (0 on ignored rows) plus lse_s, lse_t [N*L]; gradient to s only.
 
     Once differentiable on every backend: the chunked backward is not differentiable
-    itself, so a double backward raises a RuntimeError rather than a silently cut graph.
+    itself, so ``create_graph=True`` raises a RuntimeError rather than a silently cut graph.
 
     Dense teacher: ``t`` is the teacher tensor. TopK teacher: ``t`` is None and ``topk`` =
     (indices int64 [N, L, k], kept probabilities [N, L, k], mode).
@@ -340,8 +340,8 @@ class _LogitsKLFunction(torch.autograd.Function):
         return loss.reshape(N, L), lse_s, lse_t
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_rows, _g1, _g2):
+        refuse_double_backward("logits_kl", "every backend is", "is not supported")
         s, t, valid, idx, lse_s, lse_t, A, Uc, Wk, w = ctx.saved_tensors
         none = (None,) * 7
         if grad_rows is None or not ctx.needs_input_grad[0]:
@@ -423,7 +423,7 @@ def logits_kl(student_logits, teacher, labels, *, reduction="mean", backend="aut
 
     Returns:
         fp32 scalar (fp64 for fp64 logits), or [N, L] for ``reduction="none"``.
-        Once differentiable: a double backward raises a RuntimeError.
+        Once differentiable: a backward with ``create_graph=True`` raises a RuntimeError.
     """
     _check_args(student_logits, teacher, labels, reduction, topk_mode, check_values)
     s = student_logits

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
+
+from .._checks import refuse_double_backward
 
 KINDS = ("probs", "logits")
 
@@ -371,8 +372,8 @@ class _KeptScores(torch.autograd.Function):
         return z * scale
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
+        refuse_double_backward("attention_kl (TopK teacher)")
         q_rows, k, kvh, idx = ctx.saved_tensors
         acc, scale = ctx.acc, ctx.scale
         B, S, Q, K = idx.shape
