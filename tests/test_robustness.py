@@ -158,6 +158,8 @@ def test_bad_query_without_value_checks_is_an_error(backend, pos):
         sk.attention_kl(q, k, t, heads, queries, backend=backend, check_values=False)
     with pytest.raises(ValueError, match="queries"):
         sk.attention_probs(q, k, heads, queries, backend=backend, check_values=False)
+    with pytest.raises(ValueError, match="queries"):      # the TopK path gathers with them too
+        sk.attention_kl(q, k, sk.TopK.from_dense(t, 2), heads, queries, backend=backend, check_values=False)
 
 
 @needs_triton

@@ -67,6 +67,7 @@ def out_dtype(q):
 def attention_kl_rows(a: AttnArgs, teacher, tmass, backend: str):
     """Per-row KL for validated args; ``teacher=None`` means rows = tmass * lse."""
     if a.S == 0 or a.Q == 0:
+        ensure_index_ranges(a)      # nothing is indexed, but the same input is refused everywhere
         return a.q.new_zeros((a.B, a.S, a.Q), dtype=out_dtype(a.q)) + 0 * a.q.sum() + 0 * a.k.sum()
     # The teacher is a fixed target: no gradient flows to it on any backend.
     if teacher is not None:

@@ -57,6 +57,7 @@ def attention_probs(q, k, heads, queries=None, attention_mask=None, *, scale=Non
                 dtype=q.dtype, head_dim=a.D)
     with torch.no_grad():
         if a.B * a.S * a.Q * a.L == 0:
+            ensure_index_ranges(a)  # nothing is indexed, but the same input is refused everywhere
             return torch.zeros(a.B, a.S, a.Q, a.L, device=q.device, dtype=out_dtype)
         if b == "torch":
             ensure_index_ranges(a)

@@ -109,6 +109,7 @@ def attention_sqdiff(q_a, k_a, q_b, k_b, heads, queries=None, attention_mask=Non
         q_a, k_a, q_b, k_b = (t.detach() for t in (q_a, k_a, q_b, k_b))
         a = dataclasses.replace(a, q=q_a, k=k_a)
         if a.B * a.S * a.Q == 0:
+            ensure_index_ranges(a)  # nothing is indexed, but the same input is refused everywhere
             acc = torch.float64 if a.q.dtype == torch.float64 else torch.float32
             return torch.zeros(a.B, a.S, a.Q, device=a.q.device, dtype=acc)
         if b == "triton":

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .._checks import refuse_double_backward
+from .._checks import ensure_index_ranges, refuse_double_backward
 
 KINDS = ("probs", "logits")
 
@@ -347,7 +347,13 @@ _GATHER_ELEMS = 1 << 22
 # and bounded; a row whose student tail is below it loses the tail's pull (gradient like
 # `kept`). 1e-7 was the best trade-off measured on the torch, cpu and triton backends
 # (tests/test_topk.py::test_bucket_with_sharpening_student_matches_fp64).
-_TAIL_FLOOR = {torch.float32: 1e-7, torch.float64: 1e-14}
+# Half-precision q/k: the gradient's two cancelling parts (the lse term on every key and the
+# kept-score term) are each rounded to q's dtype before autograd adds them, so there P_D is
+# resolvable only down to a few ulps of that dtype; a 1e-7 floor let the parts reach 1e7x
+# the gradient and overflow fp16 (NaN gradients, found by tests/fuzz). 4 ulps keeps their
+# rounding below a quarter of the dropped mass's pull.
+_TAIL_FLOOR = {torch.float32: 1e-7, torch.float64: 1e-14,
+               torch.float16: 4 * 2.0 ** -10, torch.bfloat16: 4 * 2.0 ** -7}
 
 
 class _KeptScores(torch.autograd.Function):
@@ -408,7 +414,9 @@ def _check_attention_teacher(teacher: TopK, a, check_values):
         raise ValueError(f"teacher: TopK is on {teacher.device}, q is on {a.q.device}")
     teacher.check("teacher", check_values)
     if not check_values:
-        teacher.check_indices("teacher")   # gathered keys: never out of bounds
+        # what this path gathers with in torch: never out of bounds, whatever the backend
+        teacher.check_indices("teacher")
+        ensure_index_ranges(a)
 
 
 def _xlogx(t):
@@ -437,8 +445,9 @@ def attention_kl_topk_rows(a, teacher: TopK, backend, check_values=True, mode=No
     delta p_j / P_D), so the total pull on the tail is right. When nothing valid was
     dropped (k >= the row's valid keys) delta is exactly 0 and the row equals the dense
     KL, value and gradient. Without ``teacher.mass`` delta is taken as 0 (``kept``).
-    P_D enters as log(P_D + 1e-7) (1e-14 with fp64 accumulation): below that it is
-    rounding noise in fp32; such rows keep a bounded value and lose only the tail's pull.
+    P_D enters as log(P_D + 1e-7) (1e-14 with fp64 accumulation, 4 ulps of q's dtype for
+    fp16/bf16 q, ``_TAIL_FLOOR``): below that it is rounding noise; such rows keep a
+    bounded value and lose only the tail's pull.
 
     Other treatments, kept for ``benchmarks/bench_teacher.py`` which measures them all:
     ``kept`` (delta ignored: sum_K t log(t / p), no renormalisation), ``renorm`` (kept
@@ -507,7 +516,8 @@ def attention_kl_topk_rows(a, teacher: TopK, backend, check_values=True, mode=No
         log_pk = torch.logsumexp(zk, -1) - lse
         has = delta > 0
         log_pk = torch.where(has, log_pk, torch.full_like(log_pk, -1.0)).clamp_max(0.0)
-        log_pd = torch.log(torch.clamp_min(-torch.expm1(log_pk), 0.0) + _TAIL_FLOOR[acc])
+        floor = _TAIL_FLOOR.get(a.q.dtype, _TAIL_FLOOR[acc])
+        log_pd = torch.log(torch.clamp_min(-torch.expm1(log_pk), 0.0) + floor)
         tail = torch.where(has, _xlogx(delta) - delta * log_pd, zero)
         rows = tlogt_tz + tk * lse + tail
     rows = torch.where(a.row_active, rows, torch.zeros_like(rows))
