@@ -446,8 +446,9 @@ def attention_kl_topk_rows(a, teacher: TopK, backend, check_values=True, mode=No
     dropped (k >= the row's valid keys) delta is exactly 0 and the row equals the dense
     KL, value and gradient. Without ``teacher.mass`` delta is taken as 0 (``kept``).
     P_D enters as log(P_D + 1e-7) (1e-14 with fp64 accumulation, 4 ulps of q's dtype for
-    fp16/bf16 q, ``_TAIL_FLOOR``): below that it is rounding noise; such rows keep a
-    bounded value and lose only the tail's pull.
+    fp16/bf16 q, ``_TAIL_FLOOR``): below that it is rounding noise in fp32 (for scores of
+    size z, below ~1e-7 * |z|: backends that round the scores in another order then agree
+    only to that noise); such rows keep a bounded value and lose only the tail's pull.
 
     Other treatments, kept for ``benchmarks/bench_teacher.py`` which measures them all:
     ``kept`` (delta ignored: sum_K t log(t / p), no renormalisation), ``renorm`` (kept

@@ -417,9 +417,24 @@ def run_attention(sp):
     if sp["dtype"] != "float64":
         tol = tol * (1.0 + z / 50.0)
     out_tol = tol if sp["op"] != "probs" else max(tol, {"float16": 1e-3, "bfloat16": 8e-3}.get(sp["dtype"], 0))
-    # TopK's dropped-bucket gradient amplifies rounding by 1/P_D for a sharp student; its
-    # documented precision is 5% (tests/test_topk.py::test_bucket_with_sharpening_student_matches_fp64).
-    g_tol = max(tol, 5e-2) if sp["op"] == "kl_topk" else tol
+    # TopK's dropped bucket is conditioned by 1/P_D: scores rounded in another order
+    # (kernel vs torch) move it by ~delta * error(z) / P_D. Its documented precision
+    # (ops/topk.py, tests/test_topk.py::test_bucket_with_sharpening_student_matches_fp64):
+    # 3e-2 on values and 5e-2 on gradients while P_D is resolvable; below (rows whose
+    # student tail is under the rounding of their scores) only finite and bounded.
+    g_tol = tol
+    if sp["op"] == "kl_topk":
+        out_tol, g_tol = max(out_tol, 3e-2), max(tol, 5e-2)
+        if _topk_tail_unresolvable(sp, t):
+            # bounded by twice the larger of the TopK and the dense teacher's (fp64) pull
+            t_dense = {**t, "q": t["q"].double(), "k": t["k"].double(), "teacher": t["teacher"].double()}
+            dense = _call_att({**sp, "op": "kl"}, t_dense, "torch")
+            for i, name in enumerate(("out", "dq", "dk")):
+                a, b, c = got[i], ref[i], dense[i]
+                if a is not None and not (bool(torch.isfinite(a).all()) and a.double().norm()
+                                          <= 2 * max(b.double().norm(), c.double().norm()) + 1e-3):
+                    return "silent_wrong", f"{name}: not finite and bounded (unresolvable tail)"
+            return "ok", ""
     for name, a, b, tl in (("out", got[0], ref[0], out_tol), ("dq", got[1], ref[1], g_tol),
                            ("dk", got[2], ref[2], g_tol)):
         if a is None and b is None:
@@ -434,6 +449,31 @@ def run_attention(sp):
         if not bool((((s - 1).abs() < 2e-2) | (s == 0)).all()):
             return "silent_wrong", "probability rows do not sum to 1 or 0"
     return "ok", ""
+
+
+def _topk_tail_unresolvable(sp, t):
+    """Does an active row's student mass on the dropped keys (P_D) lie under the rounding
+    of its scores, eps * scale * |q_row| * max|k| (fp64 reference computation)?"""
+    import torch
+    import seekr_kernels as sk
+    from seekr_kernels import reference
+    from seekr_kernels._checks import check_attention_args
+    q, k, teacher = t["q"].double(), t["k"].double(), t["teacher"].double()
+    if teacher.numel() == 0:
+        return False
+    a = check_attention_args(q, k, t["heads"], t["queries"], t["mask"], t["scale"])
+    p = reference.attention_probs(a, torch.float64)                          # [B, S, Q, L]
+    tk = sk.TopK.from_dense(teacher.float(), max(1, min(sp["topk"], teacher.shape[-1])))
+    kept = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, tk.indices.long(), True)
+    pd = (p * ~kept).sum(-1)
+    delta = (teacher * ~kept).sum(-1)
+    h = a.heads.long().clamp_min(0)
+    b = torch.arange(a.B)[:, None]
+    qn = torch.linalg.vector_norm(q[b[..., None], h[..., None], a.queries.long()[:, None, :]], dim=-1)
+    kn = torch.linalg.vector_norm(k, dim=-1).amax(-1)[b, h // a.group][..., None]
+    eps = torch.finfo(torch.float64 if sp["dtype"] == "float64" else torch.float32).eps
+    noise = 100 * eps * (a.scale * qn * kn).clamp_min(1.0)
+    return bool((a.row_active & (delta > 1e-6) & (pd < noise)).any())
 
 
 def run_logits(sp):
