@@ -229,9 +229,9 @@ def test_logits_kl_is_once_differentiable_and_torch_attention_twice():
     with pytest.raises(RuntimeError, match="logits_kl: every backend is once differentiable"):
         torch.autograd.grad(loss, s, create_graph=True)
     # the plain-PyTorch attention backend supports double backward (autograd all the way)
-    q, k, t, heads = _case(torch.float64)
+    q, k, t, heads = _case(torch.float64, B=1, H=1, Hkv=1, L=3, D=2, S=1)
     q.requires_grad_()
-    f = lambda x: sk.attention_kl(x, k, t, heads, backend="torch")
+    f = lambda x: sk.attention_kl(x, k, t, torch.tensor([0]), backend="torch")
     assert torch.autograd.gradgradcheck(f, (q,))
 
 
