@@ -605,18 +605,8 @@ class ReplayMemory:
         d = _task_dir(root, index)
         clean_leftovers(d)
         man_p = os.path.join(d, _MANIFEST)
-        try:
-            with open(man_p, "rb") as f:
-                man = json.loads(f.read().decode("utf-8"))
-        except FileNotFoundError:
-            raise ReplayMemoryError(f"{d}: missing {_MANIFEST} (not a replay memory task directory, or an "
-                                    "interrupted write)") from None
-        except (OSError, ValueError) as e:
-            raise ReplayMemoryError(f"{man_p}: unreadable manifest ({e})") from None
-        if not isinstance(man, dict) or man.get("kind") != _KIND:
-            raise ReplayMemoryError(f"{man_p}: not a seekr replay memory manifest")
-        if man.get("format") != FORMAT:
-            raise ReplayMemoryError(f"{man_p}: format {man.get('format')!r}, this version reads format {FORMAT}")
+        man = _read_json(man_p, _KIND, "manifest", missing=f"{d}: missing {_MANIFEST} (not a replay memory "
+                                                            "task directory, or an interrupted write)")
         if man.get("index") != index:
             raise ReplayMemoryError(f"{man_p}: belongs to task #{man.get('index')}, found in the directory of #{index}")
         if name is not None and man.get("name") != name:
@@ -673,6 +663,25 @@ def _file_sha256(p):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _read_json(p, kind, what, missing):
+    """The JSON object at ``p`` if it is a ``kind`` of this FORMAT; a missing file raises
+    ReplayMemoryError(``missing``), or returns None when ``missing`` is None."""
+    try:
+        with open(p, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        if missing is None:
+            return None
+        raise ReplayMemoryError(missing) from None
+    except (OSError, ValueError) as e:
+        raise ReplayMemoryError(f"{p}: unreadable {what} ({e})") from None
+    if not isinstance(obj, dict) or obj.get("kind") != kind:
+        raise ReplayMemoryError(f"{p}: not a seekr replay memory {what}")
+    if obj.get("format") != FORMAT:
+        raise ReplayMemoryError(f"{p}: format {obj.get('format')!r}, this version reads format {FORMAT}")
+    return obj
+
+
 def _write_index(root, entries):
     """The commit point of a save: ``memory.json`` listing the tasks, written atomically."""
     idx = {"format": FORMAT, "kind": _INDEX_KIND, "tasks": entries}
@@ -683,19 +692,9 @@ def _write_index(root, entries):
 def _read_index(root, must_exist=True):
     """The verified task entries of ``root/memory.json``, or None when there is none."""
     p = os.path.join(root, _INDEX)
-    try:
-        with open(p, "rb") as f:
-            idx = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        if must_exist:
-            raise ReplayMemoryError(f"{p}: missing") from None
+    idx = _read_json(p, _INDEX_KIND, "index", missing=f"{p}: missing" if must_exist else None)
+    if idx is None:
         return None
-    except (OSError, ValueError) as e:
-        raise ReplayMemoryError(f"{p}: unreadable index ({e})") from None
-    if not isinstance(idx, dict) or idx.get("kind") != _INDEX_KIND:
-        raise ReplayMemoryError(f"{p}: not a seekr replay memory index")
-    if idx.get("format") != FORMAT:
-        raise ReplayMemoryError(f"{p}: format {idx.get('format')!r}, this version reads format {FORMAT}")
     if idx.get("sha256") != _json_digest(idx, "sha256"):
         raise ReplayMemoryError(f"{p}: index checksum mismatch (edited or corrupt)")
     tasks = idx.get("tasks")

@@ -199,6 +199,21 @@ def _classify_error(e, fault_arg, fault_kind, *alternatives):
     return "wrong_error", f"{type(e).__name__}: {msg[:300]}"
 
 
+def _attempt(call, expected, fault):
+    """Run ``call()``; returns (outcome, why, result): an exception is classified against
+    ``expected`` (None: the input was valid), and a returned result with a fault pending
+    is a silently accepted fault. outcome None means: valid, compare the result."""
+    try:
+        result = call()
+    except Exception as e:   # noqa: BLE001 -- classified
+        if expected is None:
+            return "wrong_error", f"valid input refused: {type(e).__name__}: {str(e)[:300]}", None
+        return (*_classify_error(e, *expected), None)
+    if expected is not None:
+        return "silent_wrong", f"fault {fault} accepted", result
+    return None, "", result
+
+
 def _with_fp64_refusal(expected, sp, arg):
     """Triton refuses fp64 input (TypeError naming ``arg``): alone, or besides a fault."""
     if sp["backend"] != "triton" or sp["dtype"] != "float64":
@@ -395,14 +410,9 @@ def run_attention(sp):
     expected = _apply_att_fault(sp, t)
     backend = sp["backend"]
     expected = _with_fp64_refusal(expected, sp, "q_a" if sp["op"] == "sqdiff" else "q")
-    try:
-        got = _call_att(sp, t, backend)
-    except Exception as e:          # noqa: BLE001 -- classified
-        if expected is None:
-            return "wrong_error", f"valid input refused: {type(e).__name__}: {str(e)[:300]}"
-        return _classify_error(e, *expected)
-    if expected is not None:
-        return "silent_wrong", f"fault {sp['fault']} accepted"
+    outcome, why, got = _attempt(lambda: _call_att(sp, t, backend), expected, sp["fault"])
+    if outcome:
+        return outcome, why
     # The oracle: the torch backend in fp64 on the same (rounded) inputs. For a TopK
     # teacher the torch backend at the input dtype instead: its dropped-mass term takes
     # log(P_D + floor) with a floor that depends on the accumulation dtype (ops/topk.py).
@@ -521,14 +531,9 @@ def run_logits(sp):
         elif f == "fd_all_neginf":
             kind, x = "logits", tl_.to(dt)
             x[0, 0] = float("-inf")
-        try:
-            tk = sk.TopK.from_dense(x, k, kind=kind)
-        except Exception as e:   # noqa: BLE001
-            if expected is None:
-                return "wrong_error", f"valid input refused: {type(e).__name__}: {str(e)[:300]}"
-            return _classify_error(e, *expected)
-        if expected is not None:
-            return "silent_wrong", f"fault {f} accepted"
+        outcome, why, tk = _attempt(lambda: sk.TopK.from_dense(x, k, kind=kind), expected, f)
+        if outcome:
+            return outcome, why
         dense = tk.to_dense().double()
         want = torch.zeros(N, L, V, dtype=torch.float64).scatter_(-1, tk.indices.long(), x.double().gather(-1, tk.indices.long()))
         why = _close(dense, want, 0.0, "to_dense") or _close(tk.mass, x.double().sum(-1), 1e-5, "mass")
@@ -581,14 +586,9 @@ def run_logits(sp):
         (gx,) = torch.autograd.grad((out * w).sum(), x)
         return out, gx
 
-    try:
-        got = call(s, teacher, backend)
-    except Exception as e:   # noqa: BLE001
-        if expected is None:
-            return "wrong_error", f"valid input refused: {type(e).__name__}: {str(e)[:300]}"
-        return _classify_error(e, *expected)
-    if expected is not None:
-        return "silent_wrong", f"fault {f} accepted"
+    outcome, why, got = _attempt(lambda: call(s, teacher, backend), expected, f)
+    if outcome:
+        return outcome, why
     # oracle: torch backend, fp64, with every ignored row cleaned (never read, so equal)
     s64 = torch.where(ign[..., None], torch.zeros(()), s.double()) if s.dtype.is_floating_point else s
     if teacher_kind == "dense":
