@@ -1,9 +1,13 @@
 """Input validation shared by every attention op.
 
 Every public op funnels its arguments through :func:`check_attention_args` so that all
-backends see the same normalised, *already validated* inputs. Native code (C++/CUDA)
-is only ever called with what this module returned: it re-checks shapes cheaply, but it
-relies on this module for values (index ranges, NaN, mask contents).
+backends see the same normalised, *already validated* inputs. With ``check_values=False``
+the value scans (NaN/inf, score overflow, index ranges) are skipped to save a host sync,
+but what a kernel *indexes with* is still re-checked by every backend before it is used:
+the C++ backend on the host, the CUDA backend with a device-side flag, the Triton and
+torch backends with :func:`ensure_index_ranges` (B x S + B x Q + B x L values, one sync).
+A bad head or query position is therefore always a ValueError naming it, never an
+out-of-bounds read.
 """
 from __future__ import annotations
 
@@ -26,29 +30,51 @@ def _check_float(name, t, allowed=FLOAT_DTYPES):
         _fail(TypeError, name, f"dtype {t.dtype} is not supported (expected one of {list(allowed)})")
 
 
-def _sum32(t):
-    return t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+def abs_max(t):
+    """max |t| as a 0-dim fp64 tensor on t's device (NaN if t holds a NaN, inf if an inf;
+    0 for an empty tensor). One aminmax pass: as fast as a sum, and it cannot overflow."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=t.device)
+    lo, hi = torch.aminmax(t.detach())
+    return torch.maximum(-lo.double(), hi.double())
 
 
 def _check_finite(items, extra=()):
-    """Raise ValueError naming the first argument holding NaN/inf.
+    """Raise ValueError naming the first argument holding NaN/inf, then the first failed
+    `extra` (name, bool-tensor, message) check, at one host sync for all of them.
 
-    Fast path: one reduction per tensor (a NaN/inf anywhere makes the sum non-finite) and
-    one host sync for all of them, plus any `extra` (name, bool-tensor, message) checks.
-    Only when a sum is not finite is the exact element-wise scan run, since a sum of
-    large finite values can overflow too.
+    `items` are (name, tensor) pairs or (name, tensor, abs_max_of_tensor) triples (when
+    the caller needs the magnitude anyway); a NaN or inf makes the abs-max non-finite.
     """
     if not items and not extra:
         return
-    zero = torch.zeros((), dtype=torch.float32, device=(items or extra)[0][1].device)
-    sums = [(_sum32(t).float() if t.numel() else zero) for _, t in items]
-    flags = torch.stack([~torch.isfinite(x) for x in sums] + [e[1] for e in extra]).cpu().tolist()
-    for (name, t), bad in zip(items, flags[:len(items)]):
-        if bad and not bool(torch.isfinite(t).all()):
-            _fail(ValueError, name, "contains NaN or infinite values")
+    mags = [it[2] if len(it) > 2 else abs_max(it[1]) for it in items]
+    flags = torch.stack([~torch.isfinite(m) for m in mags] + [e[1] for e in extra]).cpu().tolist()
+    for it, bad in zip(items, flags[:len(items)]):
+        if bad:
+            _fail(ValueError, it[0], "contains NaN or infinite values")
     for (name, _, msg), bad in zip(extra, flags[len(items):]):
         if bad:
             _fail(ValueError, name, msg)
+
+
+def score_overflow_check(name, q_max, k_max, D, scale, dtype):
+    """An `extra` check for :func:`_check_finite`: can a score overflow the accumulator?
+
+    Every backend forms z = scale * q . k in fp32 (fp64 for fp64 input), and the base-2
+    kernels multiply by log2(e) once more. |z| <= max(1, 2 * scale) * D * max|q| * max|k|,
+    so when that bound reaches a quarter of the accumulator's largest value (8.5e37 in
+    fp32) a score may become inf and the softmax NaN. Such input is refused with a
+    ValueError on every backend: a sufficient condition, so q and k with huge but
+    orthogonal rows are refused too; no trained model comes near it (fp16 input never
+    can: D * 65504^2 stays far below it for any D < 2^64).
+    """
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    limit = torch.finfo(acc).max / 4
+    bound = q_max * k_max * (float(D) * max(1.0, 2.0 * float(scale)))
+    return (name, bound >= limit,
+            f"attention scores may overflow the {str(acc)[6:]} accumulator "
+            f"(scale * D * max|q| * max|k| >= {limit:.3g}); rescale q and k")
 
 
 def _check_index(name, t):
@@ -82,6 +108,9 @@ class AttnArgs:
     D: int
     S: int
     Q: int
+    #: True when check_attention_args already range-checked heads, queries and the mask
+    #: (check_values=True); backends that index with them re-check them otherwise.
+    indices_checked: bool = False
 
     @property
     def group(self) -> int:
@@ -149,7 +178,7 @@ def check_attention_args(q, k, heads, queries=None, attention_mask=None, scale=N
             _fail(ValueError, "attention_mask", f"is on {attention_mask.device}, q is on {dev}")
         if tuple(attention_mask.shape) != (B, L):
             _fail(ValueError, "attention_mask", f"expected shape [B={B}, L={L}], got {tuple(attention_mask.shape)}")
-        key_mask = attention_mask.to(torch.int32)
+        key_mask = _to_int32(attention_mask, 2)
 
     if scale is None:
         scale = D ** -0.5
@@ -162,33 +191,62 @@ def check_attention_args(q, k, heads, queries=None, attention_mask=None, scale=N
             _fail(ValueError, "scale", f"must be finite and > 0, got {scale}")
 
     if check_values:
-        hl = heads.long()
-        checks = [
-            ("heads", ((hl < -1) | (hl >= H)).any(), f"values must lie in [-1, {H}) (-1 = empty slot)"),
-        ]
+        checks = _index_checks(heads, None if all_queries else queries,
+                               None if attention_mask is None else attention_mask, H, L)
         if S > 1:
-            hs, _ = torch.sort(hl, dim=1)
+            hs, _ = torch.sort(heads.long(), dim=1)
             dup = ((hs[:, 1:] == hs[:, :-1]) & (hs[:, 1:] >= 0)).any()
             checks.append(("heads", dup, "the same head appears twice in one sample"))
-        if not all_queries and Q:
-            ql = queries.long()
-            checks.append(("queries", ((ql < 0) | (ql >= L)).any(), f"positions must lie in [0, {L})"))
-        if attention_mask is not None:
-            am = attention_mask.long()
-            checks.append(("attention_mask", ((am != 0) & (am != 1)).any(), "values must be 0 or 1"))
-        _check_finite([("q", q), ("k", k)], extra=checks)   # one host sync for everything
+        qm, km = abs_max(q), abs_max(k)
+        checks.append(score_overflow_check("q", qm, km, D, scale, q.dtype))
+        _check_finite([("q", q, qm), ("k", k, km)], extra=checks)   # one host sync for everything
 
-    heads = heads.to(torch.int32).contiguous()
-    queries = queries.to(torch.int32).contiguous()
+    # Values of 64-bit index tensors that do not fit int32 must not wrap into range.
+    heads = _to_int32(heads, -2)
+    queries = _to_int32(queries, -1)
     key_mask = key_mask.contiguous()
     if Q:
-        qmask = torch.gather(key_mask, 1, queries.long()).bool()   # [B, Q]
+        # Clamped so that unchecked positions (check_values=False) cannot make this gather
+        # read out of bounds (a device-side assert on CUDA); the backends then reject them.
+        qpos = queries.long().clamp(0, L - 1)
+        qmask = torch.gather(key_mask, 1, qpos).bool() & (queries >= 0) & (queries < L)
     else:
         qmask = torch.zeros(B, 0, dtype=torch.bool, device=dev)
     row_active = (heads >= 0).unsqueeze(2) & qmask.unsqueeze(1)    # [B, S, Q]
     return AttnArgs(q=q, k=k, heads=heads, queries=queries, key_mask=key_mask,
                     row_active=row_active, scale=scale, all_queries=all_queries,
-                    B=B, H=H, Hkv=Hkv, L=L, D=D, S=S, Q=Q)
+                    B=B, H=H, Hkv=Hkv, L=L, D=D, S=S, Q=Q,
+                    indices_checked=bool(check_values))
+
+
+def _to_int32(t, bad):
+    """int32 copy of an index tensor; values outside int32 become ``bad`` (out of range)."""
+    if t.dtype not in (torch.int32, torch.bool) and t.numel():
+        lim = torch.iinfo(torch.int32)
+        t = torch.where((t < lim.min) | (t > lim.max), torch.full_like(t, bad), t)
+    return t.to(torch.int32).contiguous()
+
+
+def _index_checks(heads, queries, mask, H, L):
+    """(name, bad-flag tensor, message) range checks of what the kernels index with."""
+    hl = heads.long()
+    checks = [("heads", ((hl < -1) | (hl >= H)).any(), f"values must lie in [-1, {H}) (-1 = empty slot)")]
+    if queries is not None and queries.numel():
+        ql = queries.long()
+        checks.append(("queries", ((ql < 0) | (ql >= L)).any(), f"positions must lie in [0, {L})"))
+    if mask is not None and mask.numel():
+        am = mask.long()
+        checks.append(("attention_mask", ((am != 0) & (am != 1)).any(), "values must be 0 or 1"))
+    return checks
+
+
+def ensure_index_ranges(a: AttnArgs) -> None:
+    """Re-check heads, query positions and mask values of `a` unless check_attention_args
+    already did (see the module docstring). Cheap: B*S + B*Q + B*L values, one sync."""
+    if a.indices_checked:
+        return
+    _check_finite([], extra=_index_checks(a.heads, a.queries, a.key_mask, a.H, a.L))
+    a.indices_checked = True
 
 
 def check_teacher_rows(teacher, a: AttnArgs, check_values=True, name="teacher"):
@@ -200,7 +258,9 @@ def check_teacher_rows(teacher, a: AttnArgs, check_values=True, name="teacher"):
     if tuple(teacher.shape) != exp:
         _fail(ValueError, name, f"expected shape [B, S, Q, L] = {list(exp)}, got {list(teacher.shape)}")
     if check_values and teacher.numel():
-        _check_finite([(name, teacher)], extra=[(name, teacher.min() < 0, "contains negative probabilities")])
+        lo, hi = torch.aminmax(teacher.detach())
+        mag = torch.maximum(-lo.double(), hi.double())
+        _check_finite([(name, teacher, mag)], extra=[(name, lo < 0, "contains negative probabilities")])
     return teacher
 
 
@@ -230,3 +290,28 @@ def reduce_rows(rows: torch.Tensor, row_active: torch.Tensor, reduction: str) ->
     per_sample = rows.reshape(B, -1).sum(1)
     n = row_active.reshape(B, -1).sum(1).clamp_min(1).to(rows.dtype)
     return (per_sample / n).sum() / B
+
+
+def triton_entry_checks(a: AttnArgs) -> None:
+    """First lines of every Triton launcher, whoever calls it: fp64 is refused (TypeError,
+    see :func:`seekr_kernels._backend.supports`) and the index ranges are re-checked unless
+    already validated, so a head >= H can never make a kernel read out of bounds."""
+    from ._backend import supports
+    ok, why, exc = supports("triton", a.q.dtype)
+    if not ok:
+        raise exc(why)
+    ensure_index_ranges(a)
+
+
+def refuse_double_backward(op: str, what="the fused backends are",
+                           hint="needs backend='torch'") -> None:
+    """First line of a fused backward: the kernels are not differentiable themselves.
+
+    autograd runs a backward with grad mode on exactly when the caller asked for
+    ``create_graph=True``. Without this check the gradient would come back silently cut
+    from the graph (``torch.autograd.function.once_differentiable`` only errors when the
+    incoming gradient itself requires grad, which a mean's constant gradient does not).
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: {what} once differentiable; a double backward "
+                           f"(create_graph=True) {hint}")

@@ -22,7 +22,7 @@ import importlib
 
 import torch
 
-from ._checks import AttnArgs
+from ._checks import AttnArgs, ensure_index_ranges
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -60,6 +60,9 @@ def _require_cpu(**tensors):
 def _inputs(a: AttnArgs):
     """q, k (contiguous, same dtype), int32 index tensors and the dims tuple."""
     _require_cpu(q=a.q, k=a.k, heads=a.heads, queries=a.queries, attention_mask=a.key_mask)
+    # The C++ side re-checks these too; checking here first (a few hundred ints on the
+    # host) gives the same messages, naming the user's arguments, as the other backends.
+    ensure_index_ranges(a)
     if a.k.dtype != a.q.dtype:
         raise TypeError(f"k: dtype {a.k.dtype} differs from q's dtype {a.q.dtype}")
     q = a.q.detach().contiguous()

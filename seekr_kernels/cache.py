@@ -18,17 +18,23 @@ One cache is one ``.safetensors`` file. Its tensors:
 and one metadata entry, ``seekr_teacher_cache``, a JSON header kept inside the
 safetensors header (so a cache is a single file that cannot lose its sidecar)::
 
-    {"format": "seekr-teacher-cache", "version": 1,
+    {"format": "seekr-teacher-cache", "version": 2,
      "attention": {"<layer>": {"kind": "dense"|"topk", "full_size": L, "k": k}},
      "logits": null | {"kind": "dense"|"topk", "full_size": V, "k": k},
      "tensors": {"<name>": {"dtype": "bfloat16", "shape": [...], "sha256": "..."}},
-     "meta": {...caller JSON...}}
+     "meta": {...caller JSON...},
+     "header_sha256": "..."}
 
 Integrity: writes are atomic (:func:`seekr_kernels.utils.io.atomic_path`), so a crash
-leaves the old file or the new one, never a mix. On load, safetensors rejects a truncated
-file (its header covers every byte), every tensor must be listed in the header with the
-recorded dtype and shape, and its bytes must match the recorded SHA-256. Any failure
-raises :class:`TeacherCacheError` naming the file; nothing is returned half-checked.
+leaves the old file or the new one, never a mix, and the temporaries of killed saves are
+removed by the next save or load of the same path. On load, safetensors rejects a
+truncated file (its header covers every byte); the JSON header must have the expected
+structure and match its own SHA-256 (``header_sha256``, over the canonical JSON of
+everything else, so an edited ``meta``, ``full_size`` or layer list is refused too);
+every tensor must be listed in the header with the recorded dtype and shape, its bytes
+must match the recorded SHA-256, and the shapes must agree with the header's sizes. Any
+failure raises :class:`TeacherCacheError` naming the file; nothing is returned
+half-checked. Version 1 files (no header checksum) are refused: re-capture the teacher.
 """
 from __future__ import annotations
 
@@ -41,10 +47,10 @@ from typing import Dict, Optional, Union
 import torch
 
 from .ops.topk import TopK
-from .utils.io import atomic_path
+from .utils.io import atomic_path, clean_leftovers
 
 FORMAT = "seekr-teacher-cache"
-VERSION = 1
+VERSION = 2
 _META_KEY = "seekr_teacher_cache"
 
 Rows = Union[torch.Tensor, TopK]
@@ -60,6 +66,42 @@ def _sha256(t: torch.Tensor) -> str:
     if b.numel():
         h.update(b.numpy())
     return h.hexdigest()
+
+
+def _header_digest(header: dict) -> str:
+    """SHA-256 of the canonical JSON of the header without its own digest."""
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                     allow_nan=False).encode()).hexdigest()
+
+
+def _check_header(h: dict) -> None:
+    """Structure of a verified header; ValueError saying which field is wrong."""
+    def entry(where, info):
+        if not isinstance(info, dict) or not isinstance(info.get("kind"), str):
+            raise ValueError(f"{where}: expected an object with a 'kind'")
+        for key in ("full_size", "k"):
+            v = info.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{where}.{key}: expected a positive int, got {v!r}")
+    att = h.get("attention")
+    if not isinstance(att, dict):
+        raise ValueError(f"attention: expected an object {{layer: entry}}, got {type(att).__name__}")
+    for layer, info in att.items():
+        if not (isinstance(layer, str) and layer.isdigit()):
+            raise ValueError(f"attention: layer keys must be non-negative ints, got {layer!r}")
+        entry(f"attention.{layer}", info)
+    if h.get("logits") is not None:
+        entry("logits", h["logits"])
+    tensors = h.get("tensors")
+    if not isinstance(tensors, dict):
+        raise ValueError("tensors: expected an object {name: info}")
+    for n, info in tensors.items():
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+                and isinstance(info.get("shape"), list) and isinstance(info.get("sha256"), str)):
+            raise ValueError(f"tensors.{n}: expected {{dtype, shape, sha256}}")
+    if not isinstance(h.get("meta"), dict):
+        raise ValueError("meta: expected an object")
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -253,6 +295,7 @@ class TeacherCache:
                         for n, t in tensors.items()},
             "meta": self.meta,
         }
+        header["header_sha256"] = _header_digest(header)
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={_META_KEY: json.dumps(header, allow_nan=False)})
         return os.path.getsize(path)
@@ -268,6 +311,7 @@ class TeacherCache:
         """
         from safetensors import safe_open
         path = os.fspath(path)
+        clean_leftovers(path)             # temporaries of killed saves of this cache
         if not os.path.exists(path):
             raise FileNotFoundError(f"teacher cache {path!r} does not exist")
 
@@ -290,7 +334,13 @@ class TeacherCache:
                 if header.get("version") != VERSION:
                     raise bad(f"format version {header.get('version')!r} is not supported "
                               f"(this build reads version {VERSION})")
-                listed = header.get("tensors", {})
+                if header.get("header_sha256") != _header_digest(header):
+                    raise bad("header checksum mismatch (the JSON header was edited or is corrupt)")
+                try:
+                    _check_header(header)
+                except ValueError as e:
+                    raise bad(f"corrupt header ({e})") from None
+                listed = header["tensors"]
                 if set(listed) != names:
                     raise bad(f"tensors {sorted(names ^ set(listed))} are not both in the file and "
                               "in its header")
@@ -313,7 +363,7 @@ class TeacherCache:
             cache = cls._from_tensors(tensors, header)
         except TeacherCacheError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except Exception as e:      # KeyError, TypeError, AttributeError, ...: never a bare one
             raise bad(f"inconsistent contents ({type(e).__name__}: {e})") from e
         if map_location is not None:
             cache = cache.to(map_location)
@@ -332,10 +382,12 @@ class TeacherCache:
             layer, base = int(layer_s), f"attention.{layer_s}"
             if info["kind"] == "dense":
                 attention[layer] = take(f"{base}.dense")
+                _same_size(f"attention layer {layer}", info, attention[layer].shape[-1], None)
             elif info["kind"] == "topk":
                 mass = take(f"{base}.mass") if f"{base}.mass" in tensors else None
                 attention[layer] = TopK(take(f"{base}.values"), take(f"{base}.indices"),
                                         int(info["full_size"]), "probs", mass=mass)
+                _same_size(f"attention layer {layer}", info, None, attention[layer].k)
             else:
                 raise ValueError(f"attention layer {layer}: unknown kind {info['kind']!r}")
         heads = {int(n.split(".", 1)[1]): take(n) for n in tensors if n.startswith("heads.")}
@@ -345,12 +397,22 @@ class TeacherCache:
         if info is not None:
             if info["kind"] == "dense":
                 logits = take("logits.dense")
+                _same_size("logits", info, logits.shape[-1], None)
             elif info["kind"] == "topk":
                 logits = TopK(take("logits.values"), take("logits.indices"), int(info["full_size"]),
                               "logits", lse=take("logits.lse"))
+                _same_size("logits", info, None, logits.k)
             else:
                 raise ValueError(f"logits: unknown kind {info['kind']!r}")
         extra = {n[len("extra."):]: take(n) for n in tensors if n.startswith("extra.")}
         if used != set(tensors):
             raise ValueError(f"unexpected tensors {sorted(set(tensors) - used)}")
         return cls(attention, logits, heads, queries, extra, header.get("meta") or {})
+
+
+def _same_size(what, info, full_size, k):
+    """The header's sizes must be the tensors' (a header/data mismatch is corruption)."""
+    if full_size is not None and info.get("full_size") != full_size:
+        raise ValueError(f"{what}: the header says full_size {info.get('full_size')!r}, the tensor has {full_size}")
+    if k is not None and info.get("k") != k:
+        raise ValueError(f"{what}: the header says k {info.get('k')!r}, the tensors keep {k}")

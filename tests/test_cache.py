@@ -158,7 +158,9 @@ def test_corrupt_tensor_bytes(tmp_path):
     TeacherCache.load(q, verify=False)         # structure is fine; the caller opted out
 
 
-def _rewrite_header(src, dst, edit):
+def _rewrite_header(src, dst, edit, reseal=True):
+    """Edit a cache's header; ``reseal`` recomputes its checksum, as a buggy writer with a
+    consistent digest would, so the structural checks behind the digest are exercised."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     with safe_open(str(src), "pt") as f:
@@ -166,8 +168,51 @@ def _rewrite_header(src, dst, edit):
         meta = dict(f.metadata())
     header = json.loads(meta[cache_mod._META_KEY])
     if edit(header, tensors, meta) != "drop":
+        if reseal:
+            header["header_sha256"] = cache_mod._header_digest(header)
         meta[cache_mod._META_KEY] = json.dumps(header)
     save_file(tensors, str(dst), metadata=meta)
+
+
+@pytest.mark.parametrize("edit,resealed", [
+    (lambda h: h["meta"].update(task="other"), None),
+    (lambda h: h["attention"]["5"].update(full_size=h["attention"]["5"]["full_size"] + 1),
+     "inconsistent contents"),
+    (lambda h: h.update(attention=[]), "corrupt header"),
+    (lambda h: h.update(logits=None), "unexpected tensors"),
+    (lambda h: h["tensors"]["queries"].update(sha256="0" * 64), "'queries' fails its checksum"),
+], ids=["meta", "full_size", "attention_list", "logits_null", "tensor_sha"])
+def test_header_edits_are_refused(tmp_path, edit, resealed):
+    """Issue 15 item 4: every part of the JSON header is covered by its checksum; with a
+    recomputed checksum the structural checks still refuse all but a harmless meta edit."""
+    p = tmp_path / "cache.safetensors"
+    make_cache(topk=True).save(p)
+    q = tmp_path / "edited.safetensors"
+    _rewrite_header(p, q, lambda h, t, m: edit(h), reseal=False)
+    with pytest.raises(TeacherCacheError, match="edited.safetensors.*header checksum mismatch"):
+        TeacherCache.load(q)
+    _rewrite_header(p, q, lambda h, t, m: edit(h), reseal=True)
+    if resealed is None:
+        assert TeacherCache.load(q).meta["task"] == "other"
+    else:
+        with pytest.raises(TeacherCacheError, match="edited.safetensors.*" + resealed):
+            TeacherCache.load(q)
+
+
+def test_structurally_wrong_headers_are_cache_errors(tmp_path):
+    p = tmp_path / "cache.safetensors"
+    make_cache(topk=True).save(p)
+    for name, edit, msg in [
+        ("list", lambda h: h.update(attention=[]), r"corrupt header \(attention: expected an object"),
+        ("layer", lambda h: h["attention"].update({"x": {"kind": "dense"}}), "layer keys"),
+        ("size", lambda h: h["attention"]["5"].update(full_size=-3), "full_size: expected a positive int"),
+        ("meta", lambda h: h.update(meta=[1]), "meta: expected an object"),
+        ("fs", lambda h: h["attention"]["0"].update(full_size=99), "header says full_size 99"),
+    ]:
+        q = tmp_path / f"{name}.safetensors"
+        _rewrite_header(p, q, lambda h, t, m: edit(h))
+        with pytest.raises(TeacherCacheError, match=msg):
+            TeacherCache.load(q)
 
 
 def test_mismatched_header(tmp_path):

@@ -580,6 +580,9 @@ class Importance:
     def _table(self, name, t):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_complex or t.dtype == torch.bool:
+            # a complex table would lose its imaginary part in the fp64 cast below
+            raise TypeError(f"{name}: expected a real (floating or integer) tensor, got {t.dtype}")
         if tuple(t.shape) != (self.n_layers, self.n_heads):
             raise ValueError(f"{name}: expected shape [{self.n_layers}, {self.n_heads}], got {list(t.shape)}")
         t = t.detach().to("cpu", torch.float64)

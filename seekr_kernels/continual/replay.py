@@ -29,13 +29,29 @@ left padding. Empty head slots (-1) have all-zero teacher rows.
 
 Persistence
 -----------
-:meth:`ReplayMemory.save` writes one directory per task, ``task-NNN/`` with
-``data.safetensors`` (flat tensors) and ``manifest.json`` (format version, task name and
-index, heads, layout, sha256 and byte size of the data file), assembled in a temporary
-directory, fsynced and renamed into place. :meth:`ReplayMemory.load` verifies every
-manifest and checksum and refuses a corrupt, truncated, foreign or mismatched directory
-with :class:`ReplayMemoryError` naming the path. :meth:`ReplayMemory.disk_sizes` reports
-the bytes on disk per task.
+A memory on disk is a directory with one ``task-NNN/`` per task — ``data.safetensors``
+(flat tensors) and ``manifest.json`` (format version, task name and index, heads, layout,
+sha256 and byte size of the data file, and ``manifest_sha256``, the checksum of the
+manifest itself, so an edited layout or head list is refused) — plus ``memory.json``, the
+index: the task names in order with the sha256 of each task's manifest, under its own
+checksum. The index is written last and is the commit point:
+
+* :meth:`ReplayMemory.save` is all-or-nothing: the whole memory (every task directory
+  and the index) is built in a temporary sibling, fsynced and swapped in with
+  :func:`~seekr_kernels.utils.io.atomic_dir`, so a killed save leaves the previous
+  memory or the new one, never old and new tasks mixed.
+* :meth:`ReplayMemory.save_task` (the trainer's, one task at a time) writes one task
+  directory atomically and then rewrites the index to list tasks ``0..index``; a kill
+  between the two is detected by :meth:`load` (the manifest differs from the index's).
+* :meth:`ReplayMemory.load` verifies the index, every listed manifest against it, every
+  manifest's own checksum and every data file's, and refuses a corrupt, truncated,
+  foreign, incomplete (a task of the index missing) or mismatched memory with
+  :class:`ReplayMemoryError` naming the path. Task directories the index does not list
+  (an interrupted ``save_task``) are not part of the memory. Before reading it removes
+  the temporaries of killed saves and renames back a copy a killed swap left aside.
+  A directory without an index (older versions) loads only with ``names=``.
+
+:meth:`ReplayMemory.disk_sizes` reports the bytes on disk per task.
 """
 from __future__ import annotations
 
@@ -45,13 +61,14 @@ import math
 import numbers
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..ops.topk import TopK
-from ..utils.io import atomic_dir
+from ..utils.io import atomic_dir, atomic_write_bytes, clean_leftovers
 from .selection import batch_heads
 
 __all__ = ["ReplaySample", "ReplayTask", "ReplayMemory", "ReplayMemoryError"]
@@ -60,6 +77,8 @@ FORMAT = 1
 _KIND = "seekr-replay-task"
 _DATA = "data.safetensors"
 _MANIFEST = "manifest.json"
+_INDEX = "memory.json"
+_INDEX_KIND = "seekr-replay-memory"
 IGNORE_INDEX = -100
 
 
@@ -463,15 +482,54 @@ class ReplayMemory:
 
     # ---------------------------------------------------------------- persistence
     def save(self, root: str) -> List[int]:
-        """Write every task to ``root/task-NNN`` (each atomically); returns bytes per task.
+        """Write the whole memory to ``root`` all-or-nothing; returns bytes per task.
 
-        Task directories already on disk with the same content are rewritten; directories
-        of tasks beyond ``len(self.tasks)`` are left alone.
+        ``root`` is replaced as a whole (see the module docstring): a killed save leaves
+        the previous memory. A ``root`` holding anything but a replay memory is refused.
         """
-        return [self.save_task(root, i) for i in range(len(self.tasks))]
+        if os.path.isdir(root):
+            foreign = [n for n in os.listdir(root)
+                       if n != _INDEX and not _TASK_NAME.match(n) and not n.startswith(".")]
+            if foreign:
+                raise ReplayMemoryError(f"{root}: holds {sorted(foreign)[:5]}, not a replay memory; "
+                                        "refusing to replace it")
+        elif os.path.exists(root):
+            raise ReplayMemoryError(f"{root}: exists and is not a directory")
+        entries = []
+        with atomic_dir(root) as tmp:
+            for i in range(len(self.tasks)):
+                entries.append(self._write_task(_task_dir(tmp, i), i))
+            _write_index(tmp, entries)
+        return [_dir_bytes(_task_dir(root, i)) for i in range(len(self.tasks))]
 
     def save_task(self, root: str, index: int) -> int:
-        """Write task ``index`` to ``root/task-NNN`` atomically; returns its bytes on disk."""
+        """Write task ``index`` to ``root/task-NNN`` atomically, then commit it to the
+        index, which lists tasks ``0..index`` afterwards (later task directories stay on
+        disk but are no longer part of the memory); returns the task's bytes on disk.
+
+        Tasks ``0..index-1`` must already be on disk (they keep their index entries, or
+        get one from their verified manifest when the index predates them).
+        """
+        if not _is_int(index) or not 0 <= index < len(self.tasks):
+            raise ValueError(f"index: expected a task index in [0, {len(self.tasks)}), got {index!r}")
+        os.makedirs(root, exist_ok=True)
+        prev = _read_index(root, must_exist=False) or []
+        entries = []
+        for i in range(index):
+            if i < len(prev):
+                entries.append(prev[i])
+            else:      # written before this version kept an index: verify, then list it
+                task = self.load_task(root, i)
+                entries.append({"name": task.name, "manifest_sha256": _file_sha256(
+                    os.path.join(_task_dir(root, i), _MANIFEST))})
+        final = _task_dir(root, index)
+        with atomic_dir(final) as tmp:
+            entries.append(self._write_task(tmp, index))
+        _write_index(root, entries)
+        return _dir_bytes(final)
+
+    def _write_task(self, d: str, index: int) -> dict:
+        """Files of task ``index`` into directory ``d``; returns its index entry."""
         from safetensors.torch import save
         task = self.tasks[index]
         tensors, layout = _pack(task)
@@ -482,13 +540,14 @@ class ReplayMemory:
             "layout": layout, "meta": task.meta,
             "files": {_DATA: {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}},
         }
-        final = _task_dir(root, index)
-        with atomic_dir(final) as tmp:
-            with open(os.path.join(tmp, _DATA), "wb") as f:
-                f.write(payload)
-            with open(os.path.join(tmp, _MANIFEST), "wb") as f:
-                f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
-        return _dir_bytes(final)
+        manifest["manifest_sha256"] = _json_digest(manifest, "manifest_sha256")
+        raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, _DATA), "wb") as f:
+            f.write(payload)
+        with open(os.path.join(d, _MANIFEST), "wb") as f:
+            f.write(raw)
+        return {"name": task.name, "manifest_sha256": hashlib.sha256(raw).hexdigest()}
 
     @staticmethod
     def disk_sizes(root: str) -> Dict[int, int]:
@@ -497,21 +556,46 @@ class ReplayMemory:
 
     @classmethod
     def load(cls, root: str, names: Optional[Sequence[str]] = None) -> "ReplayMemory":
-        """Read every ``task-NNN`` under ``root`` (indices must be 0..T-1).
+        """Read and verify the memory committed to ``root`` (see the module docstring).
 
-        ``names``: the expected task names in order; a directory of another task, a
-        missing task, a corrupt file or an unknown format is a :class:`ReplayMemoryError`.
+        ``names``: the expected task names in order. A task of another name, a missing
+        task, a corrupt file, an edited manifest or an unknown format is a
+        :class:`ReplayMemoryError`. Without an index (written by an older version, or
+        by an interrupted first save) ``names`` is required: it says how many tasks the
+        memory must hold.
         """
+        clean_leftovers(root)                     # a swapped-out copy of root itself
         if not os.path.isdir(root):
             raise ReplayMemoryError(f"{root}: no such replay memory directory")
-        idx = _task_indices(root)
-        if idx != list(range(len(idx))):
-            raise ReplayMemoryError(f"{root}: task directories {idx} are not task-000..task-{len(idx) - 1:03d}")
-        if names is not None and len(names) != len(idx):
-            raise ReplayMemoryError(f"{root}: holds {len(idx)} tasks, expected {len(names)} ({list(names)})")
+        clean_leftovers(root, any_name=True)      # temporaries / old copies of task dirs
+        entries = _read_index(root, must_exist=False)
+        if entries is None:
+            if names is None:
+                raise ReplayMemoryError(f"{root}: no {_INDEX} index (written by an older version or an "
+                                        "interrupted save): cannot tell whether the memory is complete; "
+                                        "pass names= (the expected task names, in order)")
+            idx = _task_indices(root)
+            if idx[:len(names)] != list(range(len(names))):
+                raise ReplayMemoryError(f"{root}: task directories {idx} are not task-000..task-"
+                                        f"{len(names) - 1:03d}; expected {len(names)} tasks ({list(names)})")
+            n = len(names)
+        else:
+            n = len(entries)
+        if names is not None and len(names) != n:
+            raise ReplayMemoryError(f"{root}: holds {n} tasks, expected {len(names)} ({list(names)})")
         mem = cls()
-        for i in idx:
-            mem.add(cls.load_task(root, i, None if names is None else names[i]))
+        for i in range(n):
+            d = _task_dir(root, i)
+            if entries is not None:
+                man_p = os.path.join(d, _MANIFEST)
+                if not os.path.isdir(d):
+                    raise ReplayMemoryError(f"{d}: missing; the index {_INDEX} lists {n} tasks "
+                                            "(an incomplete copy of the memory?)")
+                if os.path.exists(man_p) and _file_sha256(man_p) != entries[i]["manifest_sha256"]:
+                    raise ReplayMemoryError(f"{man_p}: differs from the manifest the index {_INDEX} "
+                                            "lists (edited, or an interrupted save_task)")
+            want = names[i] if names is not None else (entries[i]["name"] if entries is not None else None)
+            mem.add(cls.load_task(root, i, want))
         return mem
 
     @staticmethod
@@ -519,23 +603,17 @@ class ReplayMemory:
         """Read and verify ``root/task-NNN``; ``name`` (if given) must match the manifest."""
         from safetensors.torch import load
         d = _task_dir(root, index)
+        clean_leftovers(d)
         man_p = os.path.join(d, _MANIFEST)
-        try:
-            with open(man_p, "rb") as f:
-                man = json.loads(f.read().decode("utf-8"))
-        except FileNotFoundError:
-            raise ReplayMemoryError(f"{d}: missing {_MANIFEST} (not a replay memory task directory, or an "
-                                    "interrupted write)") from None
-        except (OSError, ValueError) as e:
-            raise ReplayMemoryError(f"{man_p}: unreadable manifest ({e})") from None
-        if not isinstance(man, dict) or man.get("kind") != _KIND:
-            raise ReplayMemoryError(f"{man_p}: not a seekr replay memory manifest")
-        if man.get("format") != FORMAT:
-            raise ReplayMemoryError(f"{man_p}: format {man.get('format')!r}, this version reads format {FORMAT}")
+        man = _read_json(man_p, _KIND, "manifest", missing=f"{d}: missing {_MANIFEST} (not a replay memory "
+                                                            "task directory, or an interrupted write)")
         if man.get("index") != index:
             raise ReplayMemoryError(f"{man_p}: belongs to task #{man.get('index')}, found in the directory of #{index}")
         if name is not None and man.get("name") != name:
             raise ReplayMemoryError(f"{man_p}: holds task {man.get('name')!r}, expected {name!r}")
+        if man.get("manifest_sha256") != _json_digest(man, "manifest_sha256"):
+            raise ReplayMemoryError(f"{man_p}: manifest checksum mismatch (the manifest was edited or is "
+                                    "corrupt, or was written by an older version)")
         info = (man.get("files") or {}).get(_DATA) or {}
         data_p = os.path.join(d, _DATA)
         try:
@@ -571,10 +649,66 @@ def _task_dir(root, index):
     return os.path.join(root, f"task-{index:03d}")
 
 
+_TASK_NAME = re.compile(r"^task-\d+$")
+
+
+def _json_digest(obj: dict, skip: str) -> str:
+    """SHA-256 of the canonical JSON of ``obj`` without its own checksum field ``skip``."""
+    body = {k: v for k, v in obj.items() if k != skip}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _file_sha256(p):
+    with open(p, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _read_json(p, kind, what, missing):
+    """The JSON object at ``p`` if it is a ``kind`` of this FORMAT; a missing file raises
+    ReplayMemoryError(``missing``), or returns None when ``missing`` is None."""
+    try:
+        with open(p, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        if missing is None:
+            return None
+        raise ReplayMemoryError(missing) from None
+    except (OSError, ValueError) as e:
+        raise ReplayMemoryError(f"{p}: unreadable {what} ({e})") from None
+    if not isinstance(obj, dict) or obj.get("kind") != kind:
+        raise ReplayMemoryError(f"{p}: not a seekr replay memory {what}")
+    if obj.get("format") != FORMAT:
+        raise ReplayMemoryError(f"{p}: format {obj.get('format')!r}, this version reads format {FORMAT}")
+    return obj
+
+
+def _write_index(root, entries):
+    """The commit point of a save: ``memory.json`` listing the tasks, written atomically."""
+    idx = {"format": FORMAT, "kind": _INDEX_KIND, "tasks": entries}
+    idx["sha256"] = _json_digest(idx, "sha256")
+    atomic_write_bytes(os.path.join(root, _INDEX), json.dumps(idx, indent=1, sort_keys=True).encode())
+
+
+def _read_index(root, must_exist=True):
+    """The verified task entries of ``root/memory.json``, or None when there is none."""
+    p = os.path.join(root, _INDEX)
+    idx = _read_json(p, _INDEX_KIND, "index", missing=f"{p}: missing" if must_exist else None)
+    if idx is None:
+        return None
+    if idx.get("sha256") != _json_digest(idx, "sha256"):
+        raise ReplayMemoryError(f"{p}: index checksum mismatch (edited or corrupt)")
+    tasks = idx.get("tasks")
+    if not isinstance(tasks, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("manifest_sha256"), str)
+            for e in tasks):
+        raise ReplayMemoryError(f"{p}: malformed task list")
+    return tasks
+
+
 def _task_indices(root):
     out = []
     for name in os.listdir(root):
-        if name.startswith("task-") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)):
+        if _TASK_NAME.match(name) and os.path.isdir(os.path.join(root, name)):
             out.append(int(name[5:]))
     return sorted(out)
 
@@ -667,4 +801,15 @@ def _unpack(man, t) -> ReplayTask:
         samples.append(ReplaySample(ids, am, queries, logits, start, att))
     if pos["ids"] != t["input_ids"].numel() or any(pos[l] != t[f"attention.{l}"].numel() for l in att_layers):
         raise ReplayMemoryError("data holds more than the manifest describes")
+    used = {"input_ids", "answer_mask", "lengths", "num_queries"} | {f"heads.{l}" for l in heads}
+    used |= {f"attention.{l}" for l in att_layers}
+    if any(x >= 0 for x in nq):
+        used.add("queries")
+    if layout["logits"] is not None:
+        used |= {"logits_start", "logits_rows"}
+        used |= {"logits"} if layout["logits"] == "dense" else {"logits.values", "logits.indices", "logits.lse"}
+    if set(t) != used:
+        # e.g. a layout whose logits or attention layers were dropped: the teachers would vanish
+        raise ReplayMemoryError(f"the data's tensors {sorted(set(t) ^ used)} are not what the manifest's "
+                                "layout describes")
     return ReplayTask(man["name"], samples, heads, man.get("meta") or {})

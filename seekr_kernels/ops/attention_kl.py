@@ -15,7 +15,8 @@ import torch
 
 from .. import reference
 from .._backend import resolve
-from .._checks import AttnArgs, check_attention_args, check_reduction, check_teacher_rows, reduce_rows
+from .._checks import (AttnArgs, check_attention_args, check_reduction, check_teacher_rows,
+                       ensure_index_ranges, reduce_rows, refuse_double_backward)
 
 
 def _impl(backend):
@@ -29,7 +30,13 @@ def _impl(backend):
 
 
 class _AttentionKLFunction(torch.autograd.Function):
-    """Per-row KL [B, S, Q] from a fused backend; gradients to q and k only."""
+    """Per-row KL [B, S, Q] from a fused backend; gradients to q and k only.
+
+    Once differentiable: the fused backward kernels are not themselves differentiable, so
+    a backward with ``create_graph=True`` raises a RuntimeError instead of returning a
+    gradient silently cut from the graph. The torch backend (plain autograd) supports
+    double backward.
+    """
 
     @staticmethod
     def forward(ctx, q, k, teacher, tmass, a: AttnArgs, backend):
@@ -42,6 +49,7 @@ class _AttentionKLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, _glse, _gT):
+        refuse_double_backward("attention_kl")
         teacher, lse, T = ctx.saved_tensors
         a = ctx.a
         if grad_rows is None:
@@ -59,6 +67,7 @@ def out_dtype(q):
 def attention_kl_rows(a: AttnArgs, teacher, tmass, backend: str):
     """Per-row KL for validated args; ``teacher=None`` means rows = tmass * lse."""
     if a.S == 0 or a.Q == 0:
+        ensure_index_ranges(a)      # nothing is indexed, but the same input is refused everywhere
         return a.q.new_zeros((a.B, a.S, a.Q), dtype=out_dtype(a.q)) + 0 * a.q.sum() + 0 * a.k.sum()
     # The teacher is a fixed target: no gradient flows to it on any backend.
     if teacher is not None:
@@ -66,6 +75,7 @@ def attention_kl_rows(a: AttnArgs, teacher, tmass, backend: str):
     if tmass is not None:
         tmass = tmass.detach().to(out_dtype(a.q)).contiguous()
     if backend == "torch":
+        ensure_index_ranges(a)
         return reference.attention_kl_rows(a, teacher, tmass).to(out_dtype(a.q))
     rows, _, _ = _AttentionKLFunction.apply(a.q, a.k, teacher, tmass, a, backend)
     return rows
@@ -94,11 +104,21 @@ def attention_kl(q, k, teacher, heads, queries=None, attention_mask=None, *, sca
             no active row, every reduction gives 0.
         backend: 'auto' (triton on CUDA, the C++ extension on CPU, torch otherwise with
             a warning), 'triton', 'cpu', 'cuda' or 'torch'.
-        check_values: scan inputs for NaN/inf, negative teacher mass and out-of-range
-            indices (one host sync). Turn off only for inputs already known to be valid.
+        check_values: scan inputs for NaN/inf, negative teacher mass, repeated heads and
+            scores that could overflow the accumulator (one host sync). Turn off only for
+            inputs already known to be valid: the result of such input is then undefined.
+            Head and query ranges are re-checked by every backend even when off.
 
     Returns:
-        fp32 loss (scalar, or [B, S, Q] for reduction='none'); fp64 for fp64 inputs.
+        fp32 loss (scalar, or [B, S, Q] for reduction='none'); fp64 for fp64 inputs (the
+        triton backend refuses fp64 with a TypeError; 'auto' picks an fp64 backend).
+
+    Raises:
+        ValueError when ``scale * D * max|q| * max|k|`` reaches a quarter of the fp32
+        range (fp64 range for fp64 input): scores could overflow to inf and the softmax to
+        NaN, so such input is refused on every backend (``_checks.score_overflow_check``).
+
+    The fused backends are once differentiable: ``create_graph=True`` raises a RuntimeError.
 
     The fused backends never allocate an [L, L] matrix or a full student row: the forward
     pass streams key blocks with an online log-sum-exp and saves only lse and the teacher
@@ -117,7 +137,8 @@ def attention_kl(q, k, teacher, heads, queries=None, attention_mask=None, *, sca
 
 
 def _resolve(backend, q):
-    return resolve(backend, q.device, "attention_kl", supported=("triton", "cpu", "cuda", "torch"))
+    return resolve(backend, q.device, "attention_kl", supported=("triton", "cpu", "cuda", "torch"),
+                   dtype=q.dtype, head_dim=q.shape[-1])
 
 
 class AttentionKLLoss(torch.nn.Module):

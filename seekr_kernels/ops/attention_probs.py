@@ -14,7 +14,7 @@ import torch
 
 from .. import reference
 from .._backend import resolve
-from .._checks import check_attention_args
+from .._checks import check_attention_args, ensure_index_ranges
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -35,7 +35,10 @@ def attention_probs(q, k, heads, queries=None, attention_mask=None, *, scale=Non
             Accumulation is fp32 (fp64 for fp64 q) whatever the output dtype.
         backend: 'auto' (triton on CUDA, the C++ extension on CPU, torch otherwise with a
             warning), 'triton', 'cpu', 'cuda' or 'torch'.
-        check_values: scan inputs for NaN/inf and out-of-range indices (one host sync).
+        check_values: scan inputs for NaN/inf, out-of-range indices and scores that could
+            overflow (one host sync; see :func:`seekr_kernels.attention_kl`). Head and query
+            ranges are re-checked by every backend even when off. fp64 input is refused by
+            the triton backend (TypeError); 'auto' picks an fp64 backend.
 
     Returns:
         Contiguous [B, S, Q, L] tensor: each active row sums to 1 over its valid keys and
@@ -50,11 +53,14 @@ def attention_probs(q, k, heads, queries=None, attention_mask=None, *, scale=Non
         out_dtype = q.dtype
     if not isinstance(out_dtype, torch.dtype) or out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of {list(_OUT_DTYPES)}, got {out_dtype!r}")
-    b = resolve(backend, q.device, "attention_probs", supported=("triton", "cpu", "cuda", "torch"))
+    b = resolve(backend, q.device, "attention_probs", supported=("triton", "cpu", "cuda", "torch"),
+                dtype=q.dtype, head_dim=a.D)
     with torch.no_grad():
         if a.B * a.S * a.Q * a.L == 0:
+            ensure_index_ranges(a)  # nothing is indexed, but the same input is refused everywhere
             return torch.zeros(a.B, a.S, a.Q, a.L, device=q.device, dtype=out_dtype)
         if b == "torch":
+            ensure_index_ranges(a)
             return reference.attention_probs(a, out_dtype).contiguous()
         if b == "triton":
             from ..triton.attention_probs import attention_probs as impl

@@ -23,7 +23,7 @@ import dataclasses
 import torch
 
 from .._backend import resolve
-from .._checks import _check_finite, check_attention_args
+from .._checks import _check_finite, abs_max, check_attention_args, ensure_index_ranges, score_overflow_check
 
 # torch backend: at most this many entries of [B, s, Q, L] scores (or [B, s, L, D] gathered
 # keys) per chunk of s slots; a few fp32 temporaries of that size live at once (~4 MiB each).
@@ -88,7 +88,10 @@ def attention_sqdiff(q_a, k_a, q_b, k_b, heads, queries=None, attention_mask=Non
         scale: softmax scale of both models, default D ** -0.5.
         backend: 'auto' (triton on CUDA, torch elsewhere with a one-time warning),
             'triton' (also CPU tensors under TRITON_INTERPRET=1) or 'torch'.
-        check_values: scan inputs for NaN/inf and out-of-range indices (one host sync).
+        check_values: scan inputs for NaN/inf, out-of-range indices and scores that could
+            overflow (one host sync; see :func:`seekr_kernels.attention_kl`). Head and query
+            ranges are re-checked by every backend even when off. fp64 input is refused by
+            the triton backend (TypeError); 'auto' picks torch for it.
 
     Returns:
         fp32 ``[B, S, Q]`` (fp64 for fp64 inputs); 0 for empty slots and padded query
@@ -97,15 +100,20 @@ def attention_sqdiff(q_a, k_a, q_b, k_b, heads, queries=None, attention_mask=Non
     a = check_attention_args(q_a, k_a, heads, queries, attention_mask, scale, check_values)
     _check_pair("q_b", "k_b", q_b, k_b, a)
     if check_values:
-        _check_finite([("q_b", q_b), ("k_b", k_b)])
-    b = resolve(backend, a.q.device, "attention_sqdiff", supported=("triton", "torch"))
+        qm, km = abs_max(q_b), abs_max(k_b)
+        _check_finite([("q_b", q_b, qm), ("k_b", k_b, km)],
+                      extra=[score_overflow_check("q_b", qm, km, a.D, a.scale, a.q.dtype)])
+    b = resolve(backend, a.q.device, "attention_sqdiff", supported=("triton", "torch"),
+                dtype=a.q.dtype, head_dim=a.D, arg="q_a")
     with torch.no_grad():
         q_a, k_a, q_b, k_b = (t.detach() for t in (q_a, k_a, q_b, k_b))
         a = dataclasses.replace(a, q=q_a, k=k_a)
         if a.B * a.S * a.Q == 0:
+            ensure_index_ranges(a)  # nothing is indexed, but the same input is refused everywhere
             acc = torch.float64 if a.q.dtype == torch.float64 else torch.float32
             return torch.zeros(a.B, a.S, a.Q, device=a.q.device, dtype=acc)
         if b == "triton":
             from ..triton.attention_sqdiff import attention_sqdiff_rows
             return attention_sqdiff_rows(a, q_b, k_b)
+        ensure_index_ranges(a)
         return _torch_rows(a, q_b, k_b)

@@ -61,6 +61,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import available, resolve
+from .._checks import refuse_double_backward
 from .topk import TopK
 
 IGNORE_INDEX = -100
@@ -138,8 +139,8 @@ def _resolve_backend(backend, s):
         return "torch"
     name = resolve(backend, s.device, "logits_kl", supported=("triton", "torch"))
     if name == "triton" and s.dtype == torch.float64:
-        _fail(TypeError, "student_logits", "the triton backend accumulates in fp32; fp64 logits "
-              "need backend='torch'")
+        _fail(TypeError, "student_logits", "dtype torch.float64 is not supported by the triton "
+              "backend (its kernels accumulate in fp32); use backend='torch' for fp64")
     return name
 
 
@@ -308,6 +309,9 @@ def _topk_terms(mode, p, sk, lse_s, sum_s, qlogq, V, acc):
 class _LogitsKLFunction(torch.autograd.Function):
     """Per-row loss [N, L] (0 on ignored rows) plus lse_s, lse_t [N*L]; gradient to s only.
 
+    Once differentiable on every backend: the chunked backward is not differentiable
+    itself, so ``create_graph=True`` raises a RuntimeError rather than a silently cut graph.
+
     Dense teacher: ``t`` is the teacher tensor. TopK teacher: ``t`` is None and ``topk`` =
     (indices int64 [N, L, k], kept probabilities [N, L, k], mode).
     """
@@ -337,6 +341,7 @@ class _LogitsKLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, _g1, _g2):
+        refuse_double_backward("logits_kl", "every backend is", "is not supported")
         s, t, valid, idx, lse_s, lse_t, A, Uc, Wk, w = ctx.saved_tensors
         none = (None,) * 7
         if grad_rows is None or not ctx.needs_input_grad[0]:
@@ -408,13 +413,17 @@ def logits_kl(student_logits, teacher, labels, *, reduction="mean", backend="aut
         check_values: after the forward, one host sync checks that every supervised row
             has a finite loss; if one does not, a ValueError names the argument at fault
             (NaN/+inf logits, a row of only -inf, or -inf student logits where the
-            teacher has mass). TopK teachers are also checked with ``TopK.check``.
-            Ignored rows are never read, so they may hold anything.
-        topk_mode: approximation for a TopK teacher with k < V: ``"uniform"`` (default),
-            ``"kept"``, ``"renorm"`` or ``"full_lse"`` (module docstring).
+            teacher has mass). TopK teachers are also checked with ``TopK.check`` on
+            the supervised rows. Ignored rows are never read (dense or TopK), so they may
+            hold anything. With ``check_values=False`` the TopK indices of supervised rows
+            are still range-checked (they are gathered).
+        topk_mode: approximation for a TopK teacher with k < V: ``"student_tail"``
+            (default), ``"uniform"``, ``"kept"`` or ``"renorm"`` (``TOPK_MODES``; module
+            docstring).
 
     Returns:
         fp32 scalar (fp64 for fp64 logits), or [N, L] for ``reduction="none"``.
+        Once differentiable: a backward with ``create_graph=True`` raises a RuntimeError.
     """
     _check_args(student_logits, teacher, labels, reduction, topk_mode, check_values)
     s = student_logits
@@ -426,12 +435,21 @@ def logits_kl(student_logits, teacher, labels, *, reduction="mean", backend="aut
     valid = labels != IGNORE_INDEX
     if isinstance(teacher, TopK):
         if check_values:
-            teacher.check("teacher")
+            teacher.check("teacher", rows=valid)
         mode = DEFAULT_TOPK_MODE if topk_mode is None else topk_mode
         t = None
-        idx = teacher.indices.long()
+        # Ignored rows are never read: their indices become 0..k-1 (in range, distinct) and
+        # their probabilities 0, so whatever they hold (NaN, garbage) cannot leak.
+        keep = valid[..., None]
+        idx = torch.where(keep, teacher.indices.long(),
+                          torch.arange(teacher.k, device=s.device).expand(teacher.indices.shape))
+        if not check_values and idx.numel():     # gathered below: never out of bounds
+            lo, hi = torch.aminmax(idx)
+            if int(lo) < 0 or int(hi) >= V:
+                _fail(ValueError, "teacher", f"TopK indices must lie in [0, full_size={V})")
         # exact kept teacher probabilities exp(v - lse_t)
         p = torch.exp(teacher.values.detach().to(acc) - teacher.lse.detach().to(acc)[..., None])
+        p = torch.where(keep, p, torch.zeros((), dtype=acc, device=s.device))
     else:
         t = teacher.detach()
         if t.stride(-1) != 1:

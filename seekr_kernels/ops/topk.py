@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from .._checks import ensure_index_ranges, refuse_double_backward
+
 KINDS = ("probs", "logits")
 
 # from_dense works through the rows in chunks so that its fp32 temporaries (for logsumexp
@@ -116,6 +118,11 @@ class TopK:
         ``kind="logits"``: x holds logits; the exact row log-sum-exp is kept as ``lse``.
         Ties are broken by torch.topk. Values keep x's dtype; lse/mass are fp32 (fp64 for
         fp64 x).
+
+        x is checked as the dense teacher would be (one host sync), so a TopK never admits
+        what the dense path refuses: ValueError naming ``x`` for NaN or infinite
+        probabilities, negative ones, NaN or +inf logits, a row of only -inf logits, or a
+        row with fewer than k finite logits (a kept -inf logit; pick a smaller k).
         """
         if not isinstance(x, torch.Tensor):
             _fail(TypeError, "x", f"expected a torch.Tensor, got {type(x).__name__}")
@@ -147,6 +154,7 @@ class TopK:
                 red[r0:r0 + step] = torch.logsumexp(xc.to(acc), dim=-1)
             else:
                 red[r0:r0 + step] = xc.sum(-1, dtype=acc)
+        _check_dense_rows(x2, values, red, kind)
         values = values.reshape(*lead, k)
         indices = indices.to(torch.int32).reshape(*lead, k)
         red = red.reshape(lead)
@@ -248,10 +256,25 @@ class TopK:
         return out.scatter_(-1, idx, self.values)
 
     # ------------------------------------------------------------------ validation
-    def check(self, name: str = "teacher", check_values: bool = True) -> "TopK":
+    def check(self, name: str = "teacher", check_values: bool = True, rows=None) -> "TopK":
         """Value checks at one host sync: indices in [0, N), no repeated index in a row,
-        finite values (and lse/mass), probs >= 0. Raises ValueError naming ``name``."""
+        finite values (and lse/mass), probs >= 0. Raises ValueError naming ``name``.
+
+        ``rows``: optional bool mask of ``row_shape``; only those rows are checked (e.g.
+        the supervised tokens of logits_kl, which never reads the others).
+        """
         if not check_values or self.values.numel() == 0:
+            return self
+        if rows is not None:
+            rows = torch.as_tensor(rows, device=self.device).bool()
+            if tuple(rows.shape) != tuple(self.row_shape):
+                _fail(ValueError, "rows", f"expected shape {list(self.row_shape)}, got {list(rows.shape)}")
+            sel = TopK.__new__(TopK)    # the selected rows, without re-running the constructor
+            sel.values, sel.indices = self.values[rows], self.indices[rows]
+            sel.full_size, sel.kind = self.full_size, self.kind
+            sel.lse = None if self.lse is None else self.lse[rows]
+            sel.mass = None if self.mass is None else self.mass[rows]
+            sel.check(name, check_values)
             return self
         il = self.indices.long()
         checks = [
@@ -275,6 +298,37 @@ class TopK:
                 raise ValueError(f"{name}: TopK {field} {msg}")
         return self
 
+    def check_indices(self, name: str = "teacher") -> "TopK":
+        """Only the index range [0, full_size): what a consumer indexes with. Run even
+        when value checks are off, so an index never reads out of bounds (one sync)."""
+        if self.indices.numel():
+            lo, hi = torch.aminmax(self.indices)
+            if int(lo) < 0 or int(hi) >= self.full_size:
+                raise ValueError(f"{name}: TopK indices must lie in [0, full_size={self.full_size})")
+        return self
+
+
+def _check_dense_rows(x2, values, red, kind):
+    """from_dense's value checks of the dense rows x2 [R, N] (see from_dense), one sync.
+
+    values: the kept entries [R, k]; red: the row lse (logits) or sums (probs)."""
+    if x2.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x2)
+    if kind == "probs":
+        checks = [(~torch.isfinite(lo) | ~torch.isfinite(hi), "contains NaN or infinite probabilities"),
+                  (lo < 0, "contains negative probabilities")]
+    else:
+        # -inf logits are allowed (masked entries); what the dense loss refuses is not.
+        checks = [(torch.isnan(lo) | torch.isnan(hi) | (hi == float("inf")), "contains NaN or +inf logits"),
+                  ((~torch.isfinite(red)).any(), "has a row of only -inf logits"),
+                  ((values == float("-inf")).any(), "has a row with fewer finite logits than k "
+                                                    "(a kept entry would be -inf); pick a smaller k")]
+    flags = torch.stack([c[0] for c in checks]).cpu().tolist()
+    for (_, msg), bad in zip(checks, flags):
+        if bad:
+            _fail(ValueError, "x", msg)
+
 
 # ---------------------------------------------------------------------- attention-KL
 
@@ -293,7 +347,13 @@ _GATHER_ELEMS = 1 << 22
 # and bounded; a row whose student tail is below it loses the tail's pull (gradient like
 # `kept`). 1e-7 was the best trade-off measured on the torch, cpu and triton backends
 # (tests/test_topk.py::test_bucket_with_sharpening_student_matches_fp64).
-_TAIL_FLOOR = {torch.float32: 1e-7, torch.float64: 1e-14}
+# Half-precision q/k: the gradient's two cancelling parts (the lse term on every key and the
+# kept-score term) are each rounded to q's dtype before autograd adds them, so there P_D is
+# resolvable only down to a few ulps of that dtype; a 1e-7 floor let the parts reach 1e7x
+# the gradient and overflow fp16 (NaN gradients, found by tests/fuzz). 4 ulps keeps their
+# rounding below a quarter of the dropped mass's pull.
+_TAIL_FLOOR = {torch.float32: 1e-7, torch.float64: 1e-14,
+               torch.float16: 4 * 2.0 ** -10, torch.bfloat16: 4 * 2.0 ** -7}
 
 
 class _KeptScores(torch.autograd.Function):
@@ -319,6 +379,7 @@ class _KeptScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        refuse_double_backward("attention_kl (TopK teacher)")
         q_rows, k, kvh, idx = ctx.saved_tensors
         acc, scale = ctx.acc, ctx.scale
         B, S, Q, K = idx.shape
@@ -352,6 +413,10 @@ def _check_attention_teacher(teacher: TopK, a, check_values):
     if teacher.device != a.q.device:
         raise ValueError(f"teacher: TopK is on {teacher.device}, q is on {a.q.device}")
     teacher.check("teacher", check_values)
+    if not check_values:
+        # what this path gathers with in torch: never out of bounds, whatever the backend
+        teacher.check_indices("teacher")
+        ensure_index_ranges(a)
 
 
 def _xlogx(t):
@@ -380,8 +445,10 @@ def attention_kl_topk_rows(a, teacher: TopK, backend, check_values=True, mode=No
     delta p_j / P_D), so the total pull on the tail is right. When nothing valid was
     dropped (k >= the row's valid keys) delta is exactly 0 and the row equals the dense
     KL, value and gradient. Without ``teacher.mass`` delta is taken as 0 (``kept``).
-    P_D enters as log(P_D + 1e-7) (1e-14 with fp64 accumulation): below that it is
-    rounding noise in fp32; such rows keep a bounded value and lose only the tail's pull.
+    P_D enters as log(P_D + 1e-7) (1e-14 with fp64 accumulation, 4 ulps of q's dtype for
+    fp16/bf16 q, ``_TAIL_FLOOR``): below that it is rounding noise in fp32 (for scores of
+    size z, below ~1e-7 * |z|: backends that round the scores in another order then agree
+    only to that noise); such rows keep a bounded value and lose only the tail's pull.
 
     Other treatments, kept for ``benchmarks/bench_teacher.py`` which measures them all:
     ``kept`` (delta ignored: sum_K t log(t / p), no renormalisation), ``renorm`` (kept
@@ -450,7 +517,8 @@ def attention_kl_topk_rows(a, teacher: TopK, backend, check_values=True, mode=No
         log_pk = torch.logsumexp(zk, -1) - lse
         has = delta > 0
         log_pk = torch.where(has, log_pk, torch.full_like(log_pk, -1.0)).clamp_max(0.0)
-        log_pd = torch.log(torch.clamp_min(-torch.expm1(log_pk), 0.0) + _TAIL_FLOOR[acc])
+        floor = _TAIL_FLOOR.get(a.q.dtype, _TAIL_FLOOR[acc])
+        log_pd = torch.log(torch.clamp_min(-torch.expm1(log_pk), 0.0) + floor)
         tail = torch.where(has, _xlogx(delta) - delta * log_pd, zero)
         rows = tlogt_tz + tk * lse + tail
     rows = torch.where(a.row_active, rows, torch.zeros_like(rows))

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import AttnArgs
+from .._checks import AttnArgs, triton_entry_checks
 from ._tiles import key_block, load_rows, mm, row_positions, row_tile, tile_config
 
 
@@ -210,7 +210,8 @@ def _acc_dtype(a):
 
 
 def attention_kl_fwd(a: AttnArgs, teacher, tmass):
-    """Per-row KL, lse and teacher mass, each [B, S, Q] fp32 (fp64 for fp64 input)."""
+    """Per-row KL, lse and teacher mass, each [B, S, Q] fp32 (fp64 input is refused)."""
+    triton_entry_checks(a)
     bm, bn, bd, prec, up, nw = _config(a)
     acc = _acc_dtype(a)
     rows = torch.empty(a.B, a.S, a.Q, device=a.q.device, dtype=acc)
@@ -229,6 +230,7 @@ def attention_kl_fwd(a: AttnArgs, teacher, tmass):
 
 def attention_kl_bwd(a: AttnArgs, teacher, lse, tmass, grad_rows):
     """Gradients of sum(grad_rows * rows) with respect to q and k."""
+    triton_entry_checks(a)
     bm, bn, bd, prec, up, nw = _config(a)
     t, ts = _teacher_args(teacher, a)
     has_t = teacher is not None

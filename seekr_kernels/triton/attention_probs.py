@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import AttnArgs
+from .._checks import AttnArgs, triton_entry_checks
 from ._tiles import key_block, load_rows, mm, row_tile, tile_config
 
 _LOG2E = 1.4426950408889634
@@ -81,6 +81,7 @@ def _probs_kernel(Q, K, HEADS, QPOS, KMASK, OUT,
 
 def attention_probs(a: AttnArgs, out_dtype: torch.dtype) -> torch.Tensor:
     """Softmax rows [B, S, Q, L] (contiguous, ``out_dtype``) for validated args."""
+    triton_entry_checks(a)
     out = torch.empty(a.B, a.S, a.Q, a.L, device=a.q.device, dtype=out_dtype)
     if out.numel() == 0:
         return out

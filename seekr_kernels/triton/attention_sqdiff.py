@@ -5,8 +5,8 @@ head h = heads[b, s] and valid keys V = {j <= i, mask[b, j] = 1},
 
     p_x_j = exp(z_x_j - lse_x),   z_x_j = scale * q_x[b, h, i] . k_x[b, h // G, j],   x in {a, b}
 
-and the kernel writes ``rows[b, s, i] = sum_{j in V} (p_a_j - p_b_j)^2`` (fp32; fp64 for
-fp64 inputs). Keys outside V are 0 in both maps and add nothing.
+and the kernel writes ``rows[b, s, i] = sum_{j in V} (p_a_j - p_b_j)^2`` (fp32; fp64 input
+is refused, as by every Triton kernel). Keys outside V are 0 in both maps and add nothing.
 
 One program per (tile of BLOCK_M query rows, sample x slot), two passes over key blocks:
 
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import AttnArgs
+from .._checks import AttnArgs, triton_entry_checks
 from ._tiles import load_rows, mm, row_tile, tile_config
 
 _LOG2E = 1.4426950408889634
@@ -119,6 +119,7 @@ def _blocks(block_d):
 
 def attention_sqdiff_rows(a: AttnArgs, q_b: torch.Tensor, k_b: torch.Tensor) -> torch.Tensor:
     """Rows [B, S, Q] for validated args (``a`` holds model a's q/k; ``q_b``/``k_b`` alike)."""
+    triton_entry_checks(a)
     out_dtype = torch.float64 if a.q.dtype == torch.float64 else torch.float32
     out = torch.empty(a.B, a.S, a.Q, device=a.q.device, dtype=out_dtype)
     if out.numel() == 0:

@@ -38,6 +38,13 @@ import triton.language as tl
 _NEG = -3.0e38
 
 
+def _refuse_fp64(s):
+    # The kernels accumulate in fp32; fp64 logits would come back fp32-accurate in fp64.
+    if s.dtype == torch.float64:
+        raise TypeError("student_logits: dtype torch.float64 is not supported by the triton "
+                        "backend (its kernels accumulate in fp32); use backend='torch' for fp64")
+
+
 @triton.jit
 def _fwd(S, T, VALID, LOSS, LSE_S, LSE_T, SUM_S, QLOGQ,
          L, V, s_sn, s_sl, t_sn, t_sl,
@@ -152,6 +159,7 @@ def logits_kl_fwd(s, t, valid, block=None):
     computed only without a teacher (TopK path), loss and lse_t only with one; every
     output is 0 on invalid rows.
     """
+    _refuse_fp64(s)
     N, L, V = s.shape
     R = N * L
     dev = s.device
@@ -178,6 +186,7 @@ def logits_kl_bwd(s, t, lse_s, lse_t, A, U, block=None):
 
     ``A``, ``U``: fp32 [N*L]; rows where both are 0 get an all-zero gradient row.
     """
+    _refuse_fp64(s)
     N, L, V = s.shape
     R = N * L
     grad = torch.empty((N, L, V), device=s.device, dtype=s.dtype)

@@ -292,7 +292,7 @@ def test_save_load_round_trip(tmp_path, topk):
     mem = build_memory(sk.patch_llama(tiny(3)), topk=topk)
     root = str(tmp_path / "memory")
     sizes = mem.save(root)
-    assert sorted(os.listdir(root)) == ["task-000", "task-001", "task-002"]     # no temp leftovers
+    assert sorted(os.listdir(root)) == ["memory.json", "task-000", "task-001", "task-002"]  # no temp leftovers
     assert ReplayMemory.disk_sizes(root) == dict(enumerate(sizes)) and all(s > 0 for s in sizes)
     back = ReplayMemory.load(root, names=["a", "b", "c"])
     assert_same(mem, back)
@@ -302,7 +302,8 @@ def test_save_load_round_trip(tmp_path, topk):
         assert torch.equal(b1["teacher_attention"][l], b2["teacher_attention"][l])
     # saving again over the existing directories works and gives the same bytes
     assert mem.save(root) == sizes
-    assert sorted(os.listdir(root)) == ["task-000", "task-001", "task-002"]
+    assert sorted(os.listdir(root)) == ["memory.json", "task-000", "task-001", "task-002"]
+    assert sorted(os.listdir(tmp_path)) == ["memory"]             # no swapped-out copy left
 
 
 def test_corrupt_truncated_and_mismatched(tmp_path):
@@ -331,38 +332,55 @@ def test_corrupt_truncated_and_mismatched(tmp_path):
     man_p = os.path.join(root, "task-002", "manifest.json")
     man = json.load(open(man_p))
     json.dump({**man, "format": 99}, open(man_p, "w"))
+    with pytest.raises(ReplayMemoryError, match="differs from the manifest the index memory.json lists"):
+        ReplayMemory.load(root)                  # the index covers every manifest
     with pytest.raises(ReplayMemoryError, match="format 99"):
-        ReplayMemory.load(root)
+        ReplayMemory.load_task(root, 2)
     json.dump({**man, "index": 0}, open(man_p, "w"))
     with pytest.raises(ReplayMemoryError, match="task #0"):
-        ReplayMemory.load(root)
+        ReplayMemory.load_task(root, 2)
+    json.dump({**man, "meta": {"edited": 1}}, open(man_p, "w"))
+    with pytest.raises(ReplayMemoryError, match="manifest checksum mismatch"):
+        ReplayMemory.load_task(root, 2)
     open(man_p, "w").write("{not json")
     with pytest.raises(ReplayMemoryError, match="manifest"):
-        ReplayMemory.load(root)
+        ReplayMemory.load_task(root, 2)
     os.remove(man_p)
     with pytest.raises(ReplayMemoryError, match="missing manifest"):
         ReplayMemory.load(root)
 
     os.rename(os.path.join(root, "task-002"), os.path.join(root, "task-005"))
-    with pytest.raises(ReplayMemoryError, match="not task-000"):
+    with pytest.raises(ReplayMemoryError, match="task-002: missing; the index memory.json lists 3 tasks"):
         ReplayMemory.load(root)
+    os.remove(os.path.join(root, "memory.json"))
+    with pytest.raises(ReplayMemoryError, match="no memory.json index"):
+        ReplayMemory.load(root)
+    with pytest.raises(ReplayMemoryError, match="not task-000"):
+        ReplayMemory.load(root, names=["a", "b", "c"])
     with pytest.raises(ReplayMemoryError, match="no such"):
         ReplayMemory.load(str(tmp_path / "nothing"))
 
 
+def _reseal(man):
+    """A manifest edited with a recomputed checksum, as a buggy writer would produce."""
+    from seekr_kernels.continual import replay
+    man["manifest_sha256"] = replay._json_digest(man, "manifest_sha256")
+    return man
+
+
 def test_consistent_checksum_over_inconsistent_content(tmp_path):
-    """A manifest that describes other data (with a matching checksum) is refused too."""
+    """A manifest that describes other data (with matching checksums) is refused too."""
     mem = build_memory(sk.patch_llama(tiny(5)))
     root = str(tmp_path / "m")
     mem.save(root)
     man_p = os.path.join(root, "task-000", "manifest.json")
     man = json.load(open(man_p))
     man["num_samples"] = 2
-    json.dump(man, open(man_p, "w"))
+    json.dump(_reseal(man), open(man_p, "w"))
     with pytest.raises(ReplayMemoryError, match="samples"):
-        ReplayMemory.load(root)
+        ReplayMemory.load_task(root, 0)
     man["num_samples"] = 3
     man["heads"] = {"0": [1, 2]}
-    json.dump(man, open(man_p, "w"))
+    json.dump(_reseal(man), open(man_p, "w"))
     with pytest.raises(ReplayMemoryError, match="heads"):
-        ReplayMemory.load(root)
+        ReplayMemory.load_task(root, 0)

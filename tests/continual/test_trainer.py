@@ -85,7 +85,7 @@ def test_each_method_end_to_end(tmp_path, method):
         assert not replay and not os.path.exists(out / "memory")
     else:
         assert len(replay) == 1 + 3
-        assert sorted(os.listdir(out / "memory")) == ["task-000", "task-001", "task-002"]
+        assert sorted(os.listdir(out / "memory")) == ["memory.json", "task-000", "task-001", "task-002"]
         keys = {"replay": {"ce"}, "replay+logits": {"ce", "logits_kl"},
                 "seekr": {"ce", "logits_kl", "attn_kl"}}[method]
         for r in replay:

@@ -1,0 +1,268 @@
+"""Regression tests of issue 15's op defects: nothing silently wrong, no out-of-bounds read.
+
+Each test names the defect it pins down (numbers as in the issue). The fuzz campaign in
+tests/fuzz/ covers the same contracts over random inputs; these are the exact cases.
+"""
+import warnings
+
+import pytest
+import torch
+
+import seekr_kernels as sk
+from seekr_kernels import _backend
+from seekr_kernels._checks import check_attention_args
+from seekr_kernels.ops import logits_kl as lk
+
+CPU = torch.device("cpu")
+FUSED = [b for b in ("cpu", "triton") if _backend.available(b, CPU)[0]]
+ALL = FUSED + ["torch"]
+needs_triton = pytest.mark.skipif("triton" not in FUSED, reason="triton is not installed")
+
+
+def _case(dtype=torch.float32, B=2, H=4, Hkv=2, L=6, D=8, S=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, L, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    heads = torch.tensor([[0, 3], [1, -1]])[:, :S]
+    t = torch.softmax(torch.randn(B, S, L, L, generator=g), -1).to(dtype)
+    return q, k, t, heads
+
+
+# ----------------------------------------------------------------------------- 1. fp64
+@needs_triton
+def test_triton_refuses_fp64_everywhere():
+    q, k, t, heads = _case(torch.float64)
+    msg = "dtype torch.float64 is not supported by the triton backend"
+    with pytest.raises(TypeError, match="q: " + msg):
+        sk.attention_kl(q, k, t, heads, backend="triton")
+    with pytest.raises(TypeError, match="q: " + msg):
+        sk.attention_kl(q, k, sk.TopK.from_dense(t, 3), heads, backend="triton")
+    with pytest.raises(TypeError, match="q: " + msg):
+        sk.attention_probs(q, k, heads, backend="triton")
+    with pytest.raises(TypeError, match="q_a: " + msg):
+        sk.attention_sqdiff(q, k, q, k, heads, backend="triton")
+    s = torch.randn(1, 3, 5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="student_logits: " + msg):
+        sk.logits_kl(s, s.clone(), torch.zeros(1, 3, dtype=torch.long), backend="triton")
+    # the launchers themselves refuse it too, whoever calls them
+    from seekr_kernels.triton import attention_kl as tri
+    with pytest.raises(TypeError, match=msg):
+        tri.attention_kl_fwd(check_attention_args(q, k, heads), t, None)
+
+
+def test_auto_picks_an_fp64_backend():
+    q, k, t, heads = _case(torch.float64)
+    want = sk.attention_kl(q, k, t, heads, backend="torch", reduction="none")
+    got = sk.attention_kl(q, k, t, heads, backend="auto", reduction="none")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    # On CUDA: fp32 goes to triton, fp64 to the CUDA extension (or torch when not built).
+    cuda = torch.device("cuda")
+    if _backend.available("triton", cuda)[0]:
+        assert _backend.resolve("auto", cuda, "op", dtype=torch.float32) == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert _backend.resolve("auto", cuda, "op", dtype=torch.float64) in ("cuda", "torch")
+
+
+# ----------------------------------------------------------------------------- 2. TopK teacher
+@pytest.mark.parametrize("bad,msg", [(-0.05, "negative"), (float("nan"), "NaN or infinite"),
+                                     (float("inf"), "NaN or infinite")])
+def test_topk_from_dense_probs_refuses_what_dense_refuses(bad, msg):
+    q, k, t, heads = _case()
+    t = t.clone()
+    t[0, 0, 3, 1] = bad
+    with pytest.raises(ValueError, match="teacher"):
+        sk.attention_kl(q, k, t, heads, backend="torch")        # dense: refused
+    with pytest.raises(ValueError, match="x: contains " + msg):
+        sk.TopK.from_dense(t, 3)                                 # TopK: refused as well
+
+
+@pytest.mark.parametrize("what,msg", [("nan", "NaN or \\+inf"), ("inf", "NaN or \\+inf"),
+                                      ("all_neg_inf", "only -inf"), ("few_finite", "fewer finite")])
+def test_topk_from_dense_logits(what, msg):
+    x = torch.randn(2, 3, 7)
+    if what == "nan":
+        x[1, 2, 0] = float("nan")
+    elif what == "inf":
+        x[0, 0, 4] = float("inf")
+    elif what == "all_neg_inf":
+        x[1, 1] = float("-inf")
+    else:
+        x[0, 1, 2:] = float("-inf")                              # 2 finite entries, k = 4
+    with pytest.raises(ValueError, match="x: .*" + msg):
+        sk.TopK.from_dense(x, 4, kind="logits")
+    x = torch.randn(2, 3, 7)
+    x[0, 1, 5:] = float("-inf")                                  # masked entries are fine
+    tk = sk.TopK.from_dense(x, 4, kind="logits")
+    assert torch.isfinite(tk.values).all() and torch.isfinite(tk.lse).all()
+
+
+# ----------------------------------------------------------------------------- 5. overflow
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overflowing_scores_are_refused_on_every_backend(backend, dtype):
+    q = torch.full((1, 1, 4, 4), 3e19).to(dtype)
+    k = torch.full((1, 1, 4, 4), 3e19).to(dtype)
+    t = torch.softmax(torch.randn(1, 1, 4, 4), -1)
+    heads = torch.tensor([0])
+    with pytest.raises(ValueError, match="q: attention scores may overflow"):
+        sk.attention_kl(q, k, t, heads, backend=backend)
+    with pytest.raises(ValueError, match="q: attention scores may overflow"):
+        sk.attention_kl(q, k, sk.TopK.from_dense(t, 2), heads, backend=backend)
+    with pytest.raises(ValueError, match="q: attention scores may overflow"):
+        sk.attention_probs(q, k, heads, backend=backend)
+    if backend != "cpu":
+        small = torch.randn(1, 1, 4, 4).to(dtype)
+        with pytest.raises(ValueError, match="q_b: attention scores may overflow"):
+            sk.attention_sqdiff(small, small, q, k, heads, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_large_but_safe_scores_are_finite_and_agree(backend):
+    # scale * D * max|q| * max|k| = 0.5 * 4 * 1e36 = 2e36, under the 8.5e37 limit
+    q = torch.randn(1, 2, 5, 4) * 1e18
+    k = torch.randn(1, 2, 5, 4).clamp(-1, 1) * 1e18
+    t = torch.softmax(torch.randn(1, 2, 5, 5), -1)
+    heads = torch.tensor([0, 1])
+    got = sk.attention_probs(q, k, heads, backend=backend)
+    want = sk.attention_probs(q.double(), k.double(), heads, backend="torch")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    assert torch.isfinite(sk.attention_kl(q, k, t, heads, backend=backend))
+
+
+# ----------------------------------------------------------------------------- 6. index re-checks
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("head", [4, 10 ** 6, 2 ** 32, -2])
+def test_bad_head_without_value_checks_is_an_error(backend, head):
+    q, k, t, heads = _case()
+    heads = heads.clone()
+    heads[1, 0] = head
+    for call in (lambda: sk.attention_kl(q, k, t, heads, backend=backend, check_values=False),
+                 lambda: sk.attention_probs(q, k, heads, backend=backend, check_values=False)):
+        with pytest.raises(ValueError, match="heads"):
+            call()
+    if backend != "cpu":
+        with pytest.raises(ValueError, match="heads"):
+            sk.attention_sqdiff(q, k, q, k, heads, backend=backend, check_values=False)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("pos", [6, -1, 10 ** 9])
+def test_bad_query_without_value_checks_is_an_error(backend, pos):
+    q, k, t, heads = _case()
+    queries = torch.tensor([[0, 5], [pos, 2]])
+    t = t[:, :, :2]
+    with pytest.raises(ValueError, match="queries"):
+        sk.attention_kl(q, k, t, heads, queries, backend=backend, check_values=False)
+    with pytest.raises(ValueError, match="queries"):
+        sk.attention_probs(q, k, heads, queries, backend=backend, check_values=False)
+    with pytest.raises(ValueError, match="queries"):      # the TopK path gathers with them too
+        sk.attention_kl(q, k, sk.TopK.from_dense(t, 2), heads, queries, backend=backend, check_values=False)
+
+
+@needs_triton
+def test_triton_launchers_recheck_indices():
+    from seekr_kernels.triton.attention_probs import attention_probs as launch
+    q, k, _, heads = _case()
+    for bad in (4, 10 ** 6):
+        h = heads.clone()
+        h[0, 1] = bad
+        a = check_attention_args(q, k, h, check_values=False)
+        with pytest.raises(ValueError, match=r"heads: values must lie in \[-1, 4\)"):
+            launch(a, torch.float32)
+
+
+def test_topk_indices_rechecked_without_value_checks():
+    q, k, t, heads = _case()
+    tk = sk.TopK.from_dense(t, 3)
+    tk.indices[0, 0, 2, 0] = 6                                   # == L
+    with pytest.raises(ValueError, match="teacher: TopK indices"):
+        sk.attention_kl(q, k, tk, heads, backend="torch", check_values=False)
+
+
+# ----------------------------------------------------------------------------- 7. ignored TopK rows
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if "triton" in FUSED else []))
+@pytest.mark.parametrize("check_values", [True, False])
+def test_logits_kl_topk_never_reads_ignored_rows(backend, check_values):
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 4, 11, generator=g)
+    tk = sk.TopK.from_dense(torch.randn(2, 4, 11, generator=g), 3, kind="logits")
+    labels = torch.tensor([[1, -100, 2, 3], [-100, -100, 4, 5]])
+    dirty = sk.TopK(tk.values.clone(), tk.indices.clone(), 11, "logits", lse=tk.lse.clone())
+    for n, l in ((0, 1), (1, 0)):
+        dirty.values[n, l] = float("nan")
+        dirty.lse[n, l] = float("nan")
+        dirty.indices[n, l] = torch.tensor([-7, 99, 99])          # out of range and repeated
+    out = []
+    for teacher in (tk, dirty):
+        x = s.clone().requires_grad_()
+        loss = sk.logits_kl(x, teacher, labels, backend=backend, check_values=check_values)
+        loss.backward()
+        out.append((loss.detach(), x.grad))
+    assert torch.isfinite(out[1][0]) and torch.isfinite(out[1][1]).all()
+    torch.testing.assert_close(out[1][0], out[0][0])
+    torch.testing.assert_close(out[1][1], out[0][1])
+    dirty.values[0, 0, 0] = float("nan")                          # a supervised row: refused
+    if check_values:
+        with pytest.raises(ValueError, match="teacher: TopK values"):
+            sk.logits_kl(s, dirty, labels, backend=backend)
+
+
+# ----------------------------------------------------------------------------- 8. double backward
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_attention_kl_is_once_differentiable(backend):
+    q, k, t, heads = _case()
+    q.requires_grad_()
+    for teacher in (t, sk.TopK.from_dense(t, 3)):
+        loss = sk.attention_kl(q, k, teacher, heads, backend=backend)
+        with pytest.raises(RuntimeError, match="attention_kl.*once differentiable"):
+            torch.autograd.grad(loss, q, create_graph=True)
+        (g,) = torch.autograd.grad(sk.attention_kl(q, k, teacher, heads, backend=backend), q)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0      # a plain backward still works
+
+
+def test_logits_kl_is_once_differentiable_and_torch_attention_twice():
+    s = torch.randn(1, 3, 5, requires_grad=True)
+    loss = sk.logits_kl(s, torch.randn(1, 3, 5), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="logits_kl: every backend is once differentiable"):
+        torch.autograd.grad(loss, s, create_graph=True)
+    # the plain-PyTorch attention backend supports double backward (autograd all the way)
+    q, k, t, heads = _case(torch.float64, B=1, H=1, Hkv=1, L=3, D=2, S=1)
+    q.requires_grad_()
+    f = lambda x: sk.attention_kl(x, k, t, torch.tensor([0]), backend="torch")
+    assert torch.autograd.gradgradcheck(f, (q,))
+
+
+# ----------------------------------------------------------------------------- 9. auto and D
+def test_auto_falls_back_to_torch_for_a_head_dim_the_native_backend_cannot_take():
+    D = _backend.NATIVE_MAX_HEAD_DIM + 1
+    q, k, t, heads = _case(B=1, H=1, Hkv=1, L=3, D=D, S=1)
+    heads = torch.tensor([0])
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="head dim D=4097 exceeds the cpu backend"):
+        got = sk.attention_kl(q, k, t, heads, backend="auto")
+    torch.testing.assert_close(got, sk.attention_kl(q, k, t, heads, backend="torch"))
+    if "cpu" in FUSED:
+        with pytest.raises(ValueError, match="q: head dim D=4097 exceeds the cpu backend"):
+            sk.attention_kl(q, k, t, heads, backend="cpu")
+
+
+# ----------------------------------------------------------------------------- 10, 11
+def test_importance_update_refuses_complex():
+    imp = sk.Importance(2, 3)
+    with pytest.raises(TypeError, match="sensitivity: expected a real"):
+        imp.update(torch.ones(2, 3, dtype=torch.complex64), torch.ones(2, 3))
+    with pytest.raises(TypeError, match="forgettability: expected a real"):
+        imp.update(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.complex128))
+    assert imp.num_tasks == 0
+
+
+def test_logits_kl_docstring_lists_the_real_topk_modes():
+    doc = sk.logits_kl.__doc__
+    part = doc[doc.index("topk_mode:"):doc.index("Returns:")]
+    named = {m for m in ("student_tail", "uniform", "kept", "renorm", "full_lse", "bucket")
+             if f'"{m}"' in part}
+    assert named == set(lk.TOPK_MODES)
+    assert f'"{lk.DEFAULT_TOPK_MODE}"`` (default)' in part.replace("\n", " ").replace("            ", "")
