@@ -200,6 +200,23 @@ class _PatchState:
         self._mask_cache: Dict[torch.device, torch.Tensor] = {}
         self.lock = threading.Lock()
 
+    # A copy (copy.deepcopy, pickle: teacher copies, TRL reference models, EMA) is a
+    # patched model at rest: no lock to copy (a lock cannot be pickled) and no context
+    # of the original carried over. The registry entries are process-wide, so a model
+    # unpickled in a fresh process registers them again.
+    _TRANSIENT = ("lock", "observer", "padding_mask", "_mask_cache")
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.observer = None
+        self.padding_mask = None
+        self._mask_cache = {}
+        self.lock = threading.Lock()
+        _register()
+
     def padding_mask_for(self, query):
         m = self.padding_mask
         if m is None:

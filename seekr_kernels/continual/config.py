@@ -148,6 +148,50 @@ class RunConfig:
         _validate(self)
         return self
 
+    def recipe_config(self) -> "RecipeConfig":
+        """The parts of this run the SEEKR recipe needs (see :class:`RecipeConfig`)."""
+        t = self.train
+        return RecipeConfig(method=self.method, seed=self.seed,
+                            replay=dataclasses.replace(self.replay),
+                            distill=dataclasses.replace(self.distill),
+                            batch_size=t.batch_size, grad_accum=t.grad_accum,
+                            pad_to_multiple_of=t.pad_to_multiple_of,
+                            capture_batch_size=self.eval.batch_size)
+
+
+@dataclass
+class RecipeConfig:
+    """What :class:`seekr_kernels.SeekrRecipe` needs, without the rest of a run.
+
+    ``batch_size`` is the global train batch (the default replay batch), ``grad_accum``
+    the accumulation micro-steps per optimiser step, ``pad_to_multiple_of`` the padding
+    of replay batches, ``capture_batch_size`` the samples per forward pass of teacher
+    capture and forgettability. Built from a run with :meth:`RunConfig.recipe_config` or
+    from a dict with :func:`recipe_from_dict`.
+    """
+    method: str = "seekr"
+    seed: int = 42
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    batch_size: int = 16
+    grad_accum: int = 1
+    pad_to_multiple_of: int = 8
+    capture_batch_size: int = 32
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RecipeConfig":
+        """Check values; raise :class:`ConfigError` naming the key."""
+        _choice("method", self.method, METHODS)
+        for k in ("batch_size", "grad_accum", "pad_to_multiple_of", "capture_batch_size"):
+            _positive(k, getattr(self, k))
+        if self.batch_size % self.grad_accum:
+            _err("grad_accum", f"must divide batch_size={self.batch_size}, got {self.grad_accum}")
+        _validate_replay(self.replay)
+        _validate_distill(self.distill)
+        return self
+
 
 _LIST_TYPES = {("RunConfig", "tasks"): TaskSpec}
 
@@ -261,25 +305,8 @@ def _validate(c: RunConfig):
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
     if t.batch_size % t.grad_accum:
         _err("train.grad_accum", f"must divide train.batch_size={t.batch_size}, got {t.grad_accum}")
-    r = c.replay
-    if not (math.isfinite(r.ratio) and r.ratio > 0):
-        _err("replay.ratio", f"must be > 0 (a fraction < 1 or a count >= 1), got {r.ratio}")
-    if r.ratio >= 1 and not float(r.ratio).is_integer():
-        _err("replay.ratio", f"a count (>= 1) must be a whole number, got {r.ratio}")
-    _positive("replay.cycle", r.cycle, allow_zero=True)
-    _positive("replay.batch_size", r.batch_size)
-    d = c.distill
-    for k in ("logits_weight",):
-        if not 0 <= getattr(d, k) <= 1:
-            _err(f"distill.{k}", f"must lie in [0, 1], got {getattr(d, k)}")
-    _positive("distill.attn_weight", d.attn_weight, allow_zero=True)
-    _positive("distill.layer_budget", d.layer_budget)
-    _positive("distill.head_budget", d.head_budget)
-    _positive("distill.query_budget", d.query_budget, allow_zero=True)
-    _positive("distill.sensitivity_batch_size", d.sensitivity_batch_size)
-    _positive("distill.teacher_logits_topk", d.teacher_logits_topk, allow_zero=True)
-    _choice("distill.sensitivity_region", d.sensitivity_region, ("full", "causal"))
-    _choice("distill.backend", d.backend, ("auto", "triton", "cpu", "cuda", "torch"))
+    _validate_replay(c.replay, "replay.")
+    _validate_distill(c.distill, "distill.")
     e = c.eval
     _choice("eval.split", e.split, ("train", "eval", "test"))
     _positive("eval.batch_size", e.batch_size)
@@ -306,6 +333,28 @@ def _validate(c: RunConfig):
                 _err(f"model.arch.{k}", "unknown LlamaConfig field")
 
 
+def _validate_replay(r, p="replay."):
+    if not (math.isfinite(r.ratio) and r.ratio > 0):
+        _err(p + "ratio", f"must be > 0 (a fraction < 1 or a count >= 1), got {r.ratio}")
+    if r.ratio >= 1 and not float(r.ratio).is_integer():
+        _err(p + "ratio", f"a count (>= 1) must be a whole number, got {r.ratio}")
+    _positive(p + "cycle", r.cycle, allow_zero=True)
+    _positive(p + "batch_size", r.batch_size)
+
+
+def _validate_distill(d, p="distill."):
+    if not 0 <= d.logits_weight <= 1:
+        _err(p + "logits_weight", f"must lie in [0, 1], got {d.logits_weight}")
+    _positive(p + "attn_weight", d.attn_weight, allow_zero=True)
+    _positive(p + "layer_budget", d.layer_budget)
+    _positive(p + "head_budget", d.head_budget)
+    _positive(p + "query_budget", d.query_budget, allow_zero=True)
+    _positive(p + "sensitivity_batch_size", d.sensitivity_batch_size)
+    _positive(p + "teacher_logits_topk", d.teacher_logits_topk, allow_zero=True)
+    _choice(p + "sensitivity_region", d.sensitivity_region, ("full", "causal"))
+    _choice(p + "backend", d.backend, ("auto", "triton", "cpu", "cuda", "torch"))
+
+
 def _default_name(path):
     import os
     return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
@@ -318,6 +367,13 @@ def from_dict(data: dict, validate: bool = True) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
     cfg = _build(RunConfig, data)
+    return cfg.validate() if validate else cfg
+
+
+def recipe_from_dict(data: Optional[dict] = None, validate: bool = True) -> RecipeConfig:
+    """Build a :class:`RecipeConfig` from a plain dict (``replay``/``distill`` sections,
+    ``method``, ``seed``, ``batch_size``, ...)."""
+    cfg = _build(RecipeConfig, dict(data or {}))
     return cfg.validate() if validate else cfg
 
 

@@ -60,7 +60,9 @@ Host memory of forgettability at Llama-2-7B shapes
 * Keeping the pre-task post-RoPE q/k instead: per sample and layer k is 1024 x 4096 x 2 B =
   8 MiB and the 100 query rows of q 0.8 MiB, x 32 layers x 50 samples = 14 GB: worse.
 * Chosen here: keep the pre-task *weights* (the previous task's checkpoint on disk, which a
-  continual run writes anyway, or a copy on the device) and run both models side by side,
+  continual run writes anyway, a copy on the device, or — what :class:`SeekrRecipe`
+  does — the trainable parameters saved on the host by :class:`PreTaskWeights` and
+  swapped into the model for its pre-task passes) and run both models side by side,
   one batch at a time. Between the two forward passes only that batch's pre-task k and
   q rows are held: 32 x 8.8 MiB = 282 MiB per sample, on the device by default (host: the
   ``[32, 32]`` fp64 accumulators, 8 KiB), or on the host with ``store="cpu"`` (282 MiB per
@@ -536,9 +538,11 @@ def measure_forgettability(model_before, model_after, batches: Iterable[Mapping]
     module docstring for the definition and the memory arithmetic.
 
     Both models must be patched with :func:`seekr_kernels.patch_llama`. ``model_before``
-    can be the previous task's checkpoint loaded from disk (host memory stays small) or
-    a copy of the model taken before training (``copy.deepcopy`` it *before* patching:
-    a patched model holds a lock that does not deep-copy).
+    can be the previous task's checkpoint loaded from disk (host memory stays small), a
+    ``copy.deepcopy`` of the model taken before training, or — without any copy of the
+    model — :meth:`seekr_kernels.PreTaskWeights.module`: the same model running the
+    trainable parameters saved before the task (what :class:`seekr_kernels.SeekrRecipe`
+    does).
     """
     meter = ForgettabilityMeter(normalize=normalize, store=store, backend=backend)
     for b in batches:

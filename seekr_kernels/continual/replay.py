@@ -54,7 +54,7 @@ from ..ops.topk import TopK
 from ..utils.io import atomic_dir
 from .selection import batch_heads
 
-__all__ = ["ReplaySample", "ReplayTask", "ReplayMemory", "ReplayMemoryError"]
+__all__ = ["ReplaySample", "ReplayTask", "ReplayMemory", "ReplayMemoryError", "ReplayDataset"]
 
 FORMAT = 1
 _KIND = "seekr-replay-task"
@@ -283,6 +283,12 @@ class ReplayMemory:
             else:
                 out.append(torch.sort(torch.randperm(n, generator=g)[:budget]).values)
         return out
+
+    # ---------------------------------------------------------------- as a Dataset
+    def dataset(self) -> "ReplayDataset":
+        """A :class:`torch.utils.data.Dataset` view: item ``i`` is the ``i``-th sample's
+        ``(task, sample)`` key (see :class:`ReplayDataset`)."""
+        return ReplayDataset(self)
 
     # ---------------------------------------------------------------- content
     def add(self, task: ReplayTask) -> int:
@@ -556,6 +562,58 @@ class ReplayMemory:
         except Exception as e:  # a well-formed checksum over inconsistent content
             raise ReplayMemoryError(f"{d}: inconsistent replay memory content ({type(e).__name__}: {e})") from None
         return task
+
+
+class ReplayDataset(torch.utils.data.Dataset):
+    """A :class:`ReplayMemory` as a map-style Dataset, one item per replay sample.
+
+    Item ``i`` is the ``(task index, sample index)`` key of the ``i``-th sample in
+    :meth:`ReplayMemory.keys` order (cheap to draw, to send to DataLoader workers and to
+    shard); :meth:`collate_fn` turns a list of keys into the left-padded batch of
+    :meth:`ReplayMemory.batch` with every teacher aligned. Works with any sampler,
+    :class:`torch.utils.data.distributed.DistributedSampler` included::
+
+        ds = memory.dataset()
+        dl = DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, num_replicas=W, rank=r),
+                        collate_fn=ds.collate_fn(pad_token_id, pad_to_multiple_of=8))
+
+    The view reads the memory when indexed: tasks added later appear in it.
+    """
+
+    def __init__(self, memory: "ReplayMemory"):
+        if not isinstance(memory, ReplayMemory):
+            raise TypeError(f"memory: expected a ReplayMemory, got {type(memory).__name__}")
+        self.memory = memory
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def __getitem__(self, i) -> Tuple[int, int]:
+        if not _is_int(i):
+            raise TypeError(f"index: expected an int, got {type(i).__name__}")
+        n = len(self.memory)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for a replay memory of {n} samples")
+        for ti, t in enumerate(self.memory.tasks):
+            if i < len(t.samples):
+                return (ti, i)
+            i -= len(t.samples)
+        raise AssertionError("unreachable")
+
+    def sample(self, i) -> ReplaySample:
+        """The :class:`ReplaySample` of item ``i``."""
+        return self.memory.sample(self[i])
+
+    def collate_fn(self, pad_token_id: int = 0, pad_to_multiple_of: int = 1, **batch_kwargs):
+        """A DataLoader ``collate_fn``: keys -> :meth:`ReplayMemory.batch` (keyword
+        arguments are passed on)."""
+        memory = self.memory
+
+        def collate(keys):
+            return memory.batch([tuple(k) for k in keys], pad_token_id, pad_to_multiple_of, **batch_kwargs)
+        return collate
 
 
 def _promote(dtypes):
