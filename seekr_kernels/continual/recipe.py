@@ -22,9 +22,9 @@ an accelerate script, or the few lines below)::
 
 What happens when (the published recipe, jinghan1he/SEEKR ``training/seekr.py``):
 
-* :meth:`SeekrRecipe.begin_task` draws the task's replay subset (``replay.ratio``) and,
-  for ``seekr``, its query rows (``distill.query_budget``) and keeps what forgettability
-  needs of the pre-task model:
+* :meth:`SeekrRecipe.begin_task` draws the task's replay subset (``replay.ratio``,
+  ``replay.subset``) and, for ``seekr``, its query rows (``distill.query_budget``,
+  ``distill.query_sampling``) and keeps what forgettability needs of the pre-task model:
   its trainable parameters on the host (:class:`PreTaskWeights`; no copy of the model,
   so PEFT/LoRA models work and only the adapters are kept), or under a sharded model
   (FSDP) every head's attention rows at the query rows.
@@ -323,26 +323,34 @@ class ReplaySchedule:
     """When to replay within a task, and which replay batches (global key lists).
 
     Replay runs before train step ``step`` when ``(step + 1) % cycle == 0``; the default
-    cycle is train batches per epoch // replay batches per pass over the memory (at least
-    1). ``per_epoch`` replay batches run per epoch. Every pass over the memory is in a
-    fresh seeded order, the queue continuing across epochs. A trailing batch smaller than
-    ``min_batch`` (world size x micro-steps: every process and micro-step needs a sample)
-    is dropped.
+    cycle is train batches per epoch // replay batches per pass over the memory, and when
+    replay batches outnumber train batches ``outnumbered`` decides: ``every_step`` (cycle
+    1) or ``skip`` (cycle 0: no replay, as published). ``per_epoch`` replay batches run per
+    epoch. ``order="reshuffle"``: every pass over the memory in a fresh seeded order, the
+    queue continuing across epochs; ``"fixed"``: one seeded order, restarted at every
+    epoch (:meth:`start_epoch`) as the published loader does. A trailing batch smaller
+    than ``min_batch`` (world size x micro-steps: every process and micro-step needs a
+    sample) is dropped.
     """
 
     def __init__(self, keys: Sequence, batch_size: int, n_train_batches: int, *, cycle: int = 0,
-                 min_batch: int = 1, seed: int = 0):
+                 min_batch: int = 1, order: str = "reshuffle", outnumbered: str = "every_step", seed: int = 0):
         self.keys = list(keys)
         self.batch_size = int(batch_size)
         self.min_batch = int(min_batch)
+        self.order = order
         self._rng = random.Random(seed)
         self.cycle, self.per_epoch = 0, 0
         if self.keys:
             n_rb = len(self._pass())
             if n_rb:
-                self.cycle = cycle or max(1, n_train_batches // n_rb)
-                self.per_epoch = n_train_batches // self.cycle
+                if cycle:
+                    self.cycle = cycle
+                elif n_train_batches >= n_rb or outnumbered == "every_step":
+                    self.cycle = max(1, n_train_batches // n_rb)
+                self.per_epoch = n_train_batches // self.cycle if self.cycle else 0
         self._rng.seed(seed)
+        self._fixed = self._pass() if order == "fixed" and self.keys else None
         self._queue: list = []
 
     def _pass(self):
@@ -356,12 +364,14 @@ class ReplaySchedule:
         return bool(self.cycle) and (step + 1) % self.cycle == 0
 
     def start_epoch(self, epoch: int) -> None:
-        """Call at the start of every epoch."""
+        """Call at the start of every epoch (the fixed order restarts there)."""
+        if self._fixed is not None:
+            self._queue = list(self._fixed)
 
     def next_batch(self) -> list:
         """The next replay batch's global keys."""
         if not self._queue:
-            self._queue = self._pass()
+            self._queue = list(self._fixed) if self._fixed is not None else self._pass()
         return self._queue.pop(0)
 
 
@@ -491,7 +501,8 @@ class SeekrRecipe:
             if n < 1:
                 raise ValueError("task_samples: the task has no training sample")
             from .replay import ReplayMemory
-            idx = ReplayMemory.sample_indices(n, self.cfg.replay.ratio, task_seed(self.cfg.seed, t) + 1)
+            idx = ReplayMemory.sample_indices(n, self.cfg.replay.ratio, task_seed(self.cfg.seed, t) + 1,
+                                              mode=self.cfg.replay.subset)
             new = [PendingSample(*_as_pair(task_samples[i], i), t) for i in idx]
         if self.uses_attention:
             self._ensure_shape(model)
@@ -505,7 +516,7 @@ class SeekrRecipe:
         from .replay import ReplayMemory
         d = self.cfg.distill
         qs = ReplayMemory.choose_queries([x.length for x in samples], d.query_budget,
-                                         task_seed(self.cfg.seed, t) + 2)
+                                         task_seed(self.cfg.seed, t) + 2, mode=d.query_sampling)
         for x, q in zip(samples, qs):
             x.queries = q
 
@@ -520,15 +531,29 @@ class SeekrRecipe:
     def replay_schedule(self, n_train_batches: int) -> ReplaySchedule:
         """The current task's :class:`ReplaySchedule` over the memory of earlier tasks.
 
-        ``n_train_batches``: train steps (optimiser steps) per epoch. Replay batches hold
-        ``replay.batch_size`` samples (default: the train batch).
+        ``n_train_batches``: train steps per epoch — optimiser steps, or micro-steps when
+        :attr:`replays_in_accumulation`. Replay batches hold ``replay.batch_size`` samples
+        (default: the train batch, or one micro-batch of it in accumulation).
         """
         rc, c = self.cfg.replay, self.cfg
         t = self.current.index if self.current is not None else self.num_tasks
-        bs, need = rc.batch_size or c.batch_size, self.dist.world_size * c.grad_accum
+        W = self.dist.world_size
+        if self.replays_in_accumulation:
+            bs, need = rc.batch_size or c.batch_size // c.grad_accum, W
+        else:
+            bs, need = rc.batch_size or c.batch_size, W * c.grad_accum
+        if bs < need:
+            raise ConfigError(f"replay.batch_size: {bs} is smaller than the {need} samples a replay batch needs "
+                              "(one per process and accumulation micro-step)")
         keys = self.memory.keys() if self.uses_memory else []
-        return ReplaySchedule(keys, bs, n_train_batches, cycle=rc.cycle, min_batch=need,
-                              seed=task_seed(c.seed, t) + 3)
+        return ReplaySchedule(keys, bs, n_train_batches, cycle=rc.cycle, min_batch=need, order=rc.order,
+                              outnumbered=rc.outnumbered, seed=task_seed(c.seed, t) + 3)
+
+    @property
+    def replays_in_accumulation(self) -> bool:
+        """A replay batch is one micro-step of an accumulation window (``replay.in_accumulation``
+        with ``grad_accum`` > 1) rather than an optimiser step of its own."""
+        return self.cfg.replay.in_accumulation and self.cfg.grad_accum > 1
 
     def micro_batches(self, items: Sequence, grad_accum: Optional[int] = None) -> List[list]:
         """This process's micro-batches of a global batch: indices into ``items``, one list
@@ -614,7 +639,9 @@ class SeekrRecipe:
         if layers and self.uses_attention:
             from ..llama import distill_attention
             heads, teacher, q = self._attention_targets(batch, layers, dev)
-            with distill_attention(model, heads, q, teacher, inputs["attention_mask"], backend=d.backend) as dctx:
+            backend = "torch" if d.attn_log_eps else d.backend
+            with distill_attention(model, heads, q, teacher, inputs["attention_mask"], backend=backend,
+                                   log_eps=d.attn_log_eps) as dctx:
                 out = _forward(model, inputs)
             attn = dctx.loss() * (inputs["input_ids"].shape[0] / B)
         else:
@@ -701,6 +728,12 @@ class SeekrRecipe:
         return info
 
     # ---------------------------------------------------------------- statistics
+    def _set_length(self, samples) -> int:
+        """Length of the replay set collated as one batch (the published statistics' T)."""
+        m = self.cfg.pad_to_multiple_of
+        n = max(s.length for s in samples)
+        return -(-n // m) * m
+
     def _sensitivity_chunks(self, samples, bs):
         """This process's share of the samples in chunks of ``bs``, plus weight-0 filler
         chunks so every process runs the same number of passes (FSDP needs matched
@@ -714,8 +747,8 @@ class SeekrRecipe:
 
     def sensitivity(self, model, samples) -> torch.Tensor:
         """Task sensitivity per head on the samples (mean over samples of the mean
-        (dL/dA)^2 over each head's map), normalised per layer as published.
-        ``[n_layers, n_heads]`` fp32."""
+        (dL/dA)^2 over each head's map; ``distill.sensitivity_padding``), normalised per
+        layer as published. ``[n_layers, n_heads]`` fp32."""
         from .importance import measure_sensitivity, sensitivity_loss
         d = self.cfg.distill
         model = _unwrap(model)
@@ -723,11 +756,14 @@ class SeekrRecipe:
         was = model.training
         model.eval()
         L, H = self.importance.shape
+        official = d.sensitivity_padding == "official"
+        pad_to = self._set_length(samples) if official else 1
         sums = torch.zeros(L, H, dtype=torch.float64)
         for chunk, w in self._sensitivity_chunks(samples, d.sensitivity_batch_size):
-            b = collate(_encoded(chunk), self.pad_token_id)
+            b = collate(_encoded(chunk), self.pad_token_id, pad_to)
             b = {k: v.to(dev) for k, v in b.items()}
-            with measure_sensitivity(model, region=d.sensitivity_region) as m:
+            with measure_sensitivity(model, region=d.sensitivity_region,
+                                     padding="padded" if official else "real") as m:
                 with self._autocast(dev):
                     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                 position_ids=b["position_ids"], use_cache=False)
@@ -741,29 +777,36 @@ class SeekrRecipe:
         return (sens / sens.sum(1, keepdim=True).clamp_min(1e-30)).float()
 
     def forgettability(self, model, samples, before) -> torch.Tensor:
-        """Mean (A_before - A_after)^2 per head over the samples' query rows (per sample
-        over its Q query rows x n real keys); ``before`` from :meth:`snapshot`."""
+        """Mean (A_before - A_after)^2 per head over the samples' query rows
+        (``distill.forgettability_norm``); ``before`` from :meth:`snapshot`."""
         L, H = self.importance.shape
+        official = self.cfg.distill.forgettability_norm == "official"
+        T = self._set_length(samples)
         if isinstance(before, list):      # rows on the host (sharded parameters)
             after = self._all_head_rows(model, samples)
             acc = torch.zeros(L, H, dtype=torch.float64)
-            for i in range(len(samples)):
+            for i, s in enumerate(samples):
                 for l in range(L):
-                    acc[l] += ((before[i][l].double() - after[i][l].double()) ** 2).mean((1, 2))
+                    sq = (before[i][l].double() - after[i][l].double()) ** 2     # [H, Q, n]
+                    if official:
+                        rows = T if s.queries is None else s.queries.numel()
+                        acc[l] += sq.sum((1, 2)) / (rows * T)
+                    else:
+                        acc[l] += sq.mean((1, 2))
             return (acc / max(1, len(samples))).float()
         from .importance import ForgettabilityMeter
         model = _unwrap(model)
         dev = self._device_of(model)
         was = model.training
         model.eval()
-        meter = ForgettabilityMeter(normalize="sample", backend=self.cfg.distill.backend)
+        meter = ForgettabilityMeter(normalize="official" if official else "sample", backend=self.cfg.distill.backend)
         before_model = before.module(model)
         n_local = 0
         mine = [samples[i] for i in shard(list(range(len(samples))), self.dist.rank, self.dist.world_size)]
         bs = self.cfg.capture_batch_size
         for i in range(0, len(mine), bs):
             chunk = mine[i:i + bs]
-            b = collate(_encoded(chunk), self.pad_token_id)
+            b = collate(_encoded(chunk), self.pad_token_id, T if official else 1)
             Lb = b["input_ids"].shape[1]
             inputs = {k: b[k].to(dev) for k in ("input_ids", "attention_mask", "position_ids")}
             inputs["use_cache"] = False

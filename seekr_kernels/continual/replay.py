@@ -245,12 +245,17 @@ class ReplayMemory:
 
     # ---------------------------------------------------------------- sampling helpers
     @staticmethod
-    def sample_indices(n: int, ratio, seed: int) -> List[int]:
-        """Sorted indices of a seeded replay subset of ``n`` training samples.
+    def sample_indices(n: int, ratio, seed: int, mode: str = "random") -> List[int]:
+        """Sorted indices of a replay subset of ``n`` training samples.
 
         ``ratio < 1``: ``int(n * ratio)`` samples (the published rule), at least 1;
-        ``ratio >= 1``: that many samples (a whole number), at most n.
+        ``ratio >= 1``: that many samples (a whole number), at most n. ``mode="random"``
+        draws them with a generator seeded by ``seed``; ``mode="first"`` takes the first
+        ones, as the published code does (its replay set is ``range(int(n * ratio))``;
+        there the count may be 0, here it is at least 1 as well).
         """
+        if mode not in ("random", "first"):
+            raise ValueError(f"mode: must be 'random' or 'first', got {mode!r}")
         if not _is_int(n) or n < 1:
             raise ValueError(f"n: expected a positive int, got {n!r}")
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio) or ratio <= 0:
@@ -262,24 +267,35 @@ class ReplayMemory:
         else:
             k = int(n * ratio)
         k = max(1, min(n, k))
+        if mode == "first":
+            return list(range(k))
         g = torch.Generator().manual_seed(int(seed))
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
     @staticmethod
-    def choose_queries(lengths: Sequence[int], budget: Optional[int], seed: int) -> List[Optional[torch.Tensor]]:
-        """Seeded query positions per sample: a sorted random subset of ``budget`` of its
-        real tokens, or None (all rows) when ``budget`` is None/0 or the sample has at most
-        ``budget`` tokens. Positions are relative to the sample's first real token.
+    def choose_queries(lengths: Sequence[int], budget: Optional[int], seed: int,
+                       mode: str = "subset") -> List[Optional[torch.Tensor]]:
+        """Seeded query positions per sample, relative to its first real token.
+
+        ``budget`` None/0: None (all rows) for every sample. Otherwise a sorted random
+        subset of ``budget`` of the sample's real tokens; for a sample with ``n <= budget``
+        tokens ``mode="subset"`` gives None (all n rows) and ``mode="official"`` gives, as
+        the published code does, ``budget`` positions drawn *with replacement* and sorted
+        (repeated rows weigh more in the loss and in forgettability).
         """
         if budget is not None and (not _is_int(budget) or budget < 0):
             raise ValueError(f"budget: expected an int >= 0 or None, got {budget!r}")
+        if mode not in ("subset", "official"):
+            raise ValueError(f"mode: must be 'subset' or 'official', got {mode!r}")
         g = torch.Generator().manual_seed(int(seed))
         out = []
         for i, n in enumerate(lengths):
             if not _is_int(n) or n < 1:
                 raise ValueError(f"lengths[{i}]: expected a positive int, got {n!r}")
-            if not budget or n <= budget:
+            if not budget or (n <= budget and mode == "subset"):
                 out.append(None)
+            elif n < budget:
+                out.append(torch.sort(torch.randint(n, (budget,), generator=g)).values)
             else:
                 out.append(torch.sort(torch.randperm(n, generator=g)[:budget]).values)
         return out

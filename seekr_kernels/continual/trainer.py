@@ -19,7 +19,8 @@ recipe, jinghan1he/SEEKR ``training/seekr.py``):
    extra optimiser step runs on a replay batch mixed from the memory of earlier tasks,
    with loss ``recipe.replay_loss`` = ``(1 - a) CE + a logits-KL + b attention-KL``
    (``replay``: CE only, ``replay+logits``: b = 0). Default cycle: train batches per
-   epoch // replay batches;
+   epoch // replay batches. With ``replay.in_accumulation`` (published) a replay batch is
+   instead one micro-step of the next accumulation window;
 3. ``recipe.end_task``: task sensitivity and forgettability of every head on the new
    replay samples update the accumulated importance, heads are reselected under the
    layer/head budgets, and the teacher (logits and the selected heads' attention rows) is
@@ -59,7 +60,7 @@ from ..utils.io import atomic_dir
 from . import metrics as M
 from .config import RunConfig, TaskSpec, task_name
 from .data import (CharTokenizer, Encoded, EncodedDataset, collate, epoch_batches, load_task,
-                   load_tokenizer)
+                   load_tokenizer, shard)
 from .evaluate import evaluate_examples
 from .losses import ce_sum
 from .recipe import DistributedHooks, PendingSample, SeekrRecipe, task_seed
@@ -452,13 +453,16 @@ class ContinualTrainer:
 
     # ---------------------------------------------------------------- training loop
     def _global_batches(self, n, epoch, t, bs):
-        bl = epoch_batches(n, bs, task_seed(self.cfg.seed, t), epoch, shuffle=self.cfg.train.shuffle)
+        ep = 0 if self.cfg.train.order == "fixed" else epoch
+        bl = epoch_batches(n, bs, task_seed(self.cfg.seed, t), ep, shuffle=self.cfg.train.shuffle)
         need = self.dist.world * self.cfg.train.grad_accum
         if bl and len(bl[-1]) < need:   # every rank and micro-step needs a sample
             bl.pop()
         return bl
 
     def _fit(self, t: int, ds: EncodedDataset, epochs: int):
+        if self.recipe.replays_in_accumulation:
+            return self._fit_in_accumulation(t, ds, epochs)
         cfg, tr = self.cfg, self.cfg.train
         model = self.train_model
         model.train()
@@ -496,6 +500,86 @@ class ContinualTrainer:
         return tqdm(total=total, desc=f"{self.method} {t + 1}/{len(self.tasks)} {self.task_names[t]}",
                     disable=not (self.dist.main and self.cfg.log.progress and not self.quiet), leave=False,
                     dynamic_ncols=True)
+
+    def _fit_in_accumulation(self, t: int, ds: EncodedDataset, epochs: int):
+        """``replay.in_accumulation`` (published, DeepSpeed): the loop runs micro-steps; a
+        replay micro-batch is one of them, and every ``grad_accum`` micro-steps (train or
+        replay) make one optimiser step. Each micro-step's loss is its own mean / grad_accum,
+        as DeepSpeed scales it. A window left incomplete at the end of the task is stepped
+        (the published engine would carry it into the next task)."""
+        cfg, tr = self.cfg, self.cfg.train
+        A, W = tr.grad_accum, self.dist.world
+        model = self.train_model
+        model.train()
+        opt = torch.optim.AdamW(_param_groups(self.base, tr.weight_decay), lr=tr.lr, betas=tuple(tr.betas))
+
+        def micro_steps(epoch):
+            # Micro-step k of a global batch: every rank's k-th micro-batch of it.
+            out = []
+            for gb in self._global_batches(len(ds), epoch, t, tr.batch_size):
+                ranks = [shard(gb, r, W) for r in range(W)]
+                for k in range(A):
+                    out.append([i for r in ranks for i in shard(r, k, A)])
+            return out
+
+        n_micro = len(micro_steps(0))
+        if n_micro == 0:
+            raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
+                             f"{W * A}+ samples")
+        rs = self.recipe.replay_schedule(n_micro)
+        total = -(-epochs * (n_micro + rs.per_epoch) // A)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tr.schedule, tr.warmup_steps, total))
+        bar = self._bar(t, total)
+        state = {"micro": 0, "gstep": 0, "losses": []}
+
+        def after_micro(epoch, step):
+            state["micro"] += 1
+            if state["micro"] % A == 0:
+                self._optimizer_step(opt, sched)
+                state["gstep"] += 1
+                bar.update(1)
+                if state["losses"] and (state["gstep"] % cfg.log.every == 0 or state["gstep"] == total):
+                    loss = sum(state["losses"]) / len(state["losses"])
+                    self.log(kind="train", task=t, epoch=epoch, step=step, global_step=state["gstep"], loss=loss,
+                             lr=sched.get_last_lr()[0])
+                state["losses"] = []
+
+        for epoch in range(epochs):
+            rs.start_epoch(epoch)
+            for step, mb in enumerate(micro_steps(epoch)):
+                if rs.is_replay_step(step):
+                    boundary = (state["micro"] + 1) % A == 0
+                    rec = self._replay_micro(rs.next_batch(), boundary, 1.0 / A)
+                    if state["gstep"] % cfg.log.every == 0:
+                        self.log(kind="replay", task=t, epoch=epoch, step=step, global_step=state["gstep"], **rec)
+                    after_micro(epoch, step)
+                boundary = (state["micro"] + 1) % A == 0
+                state["losses"].append(self._train_micro([ds[i] for i in mb], boundary, 1.0 / A))
+                after_micro(epoch, step)
+        if state["micro"] % A:
+            self._optimizer_step(opt, sched)
+        bar.close()
+        opt.zero_grad(set_to_none=True)
+
+    def _train_micro(self, items, boundary: bool, scale: float) -> float:
+        """One accumulation micro-step on a global micro-batch (this rank takes its slice)."""
+        N = sum(_n_targets(e) for e in items)
+        mine = shard(list(range(len(items))), self.dist.rank, self.dist.world)
+        b = collate([items[i] for i in mine], self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of)
+        b = {k: v.to(self.device) for k, v in b.items()}
+        with self._sync_ctx(0, 1 if boundary else 2), self._autocast():
+            s = ce_sum(self._forward(b).logits, b["labels"])
+        (s * (scale * self.dist.world / N)).backward()
+        return float(self.dist.all_reduce(s.detach().double().cpu())) / N
+
+    def _replay_micro(self, keys, boundary: bool, scale: float) -> dict:
+        """One replay micro-step inside an accumulation window."""
+        mine = [keys[i] for i in shard(list(range(len(keys))), self.dist.rank, self.dist.world)]
+        b = self.recipe.batch(mine, global_keys=keys)
+        with self._sync_ctx(0, 1 if boundary else 2), self._autocast():
+            loss, parts = self.recipe.replay_loss(self.train_model, b)
+        (loss * (scale * self.dist.world)).backward()
+        return self._replay_record(parts)
 
     def _replay_record(self, parts):
         sums = torch.tensor([float(parts.get(k, 0.0)) for k in ("ce", "logits_kl", "attn_kl")], dtype=torch.float64)

@@ -129,16 +129,25 @@ def test_replay_loss_is_the_trainer_step_and_the_published_formula(seekr_run, mo
         assert float(parts[k]) == pytest.approx(rec[k], rel=1e-6, abs=1e-9)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=0, msg=n)
-    # 3. the published formula with eager attention on a copy of the same weights (its
-    # log(p + 1e-8) is far below these soft heads' probabilities)
+    # 3. the published formula with eager attention on a copy of the same weights; with
+    # its log(p + 1e-8) (distill.attn_log_eps) the recipe gives it exactly
     ref = copy.deepcopy(model)
     sk.unpatch_llama(ref)
     ref.set_attn_implementation("eager")
-    want = _published_replay_loss(ref, rc.batch(keys), d.logits_weight, d.attn_weight)
+    b = rc.batch(keys)
+    want = _published_replay_loss(ref, b, d.logits_weight, d.attn_weight)
     want.backward()
-    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-4, atol=1e-5)
+    model.zero_grad(set_to_none=True)
+    d.attn_log_eps = 1e-8
+    try:
+        got, parts = rc.replay_loss(model, b)
+        got.backward()
+    finally:
+        d.attn_log_eps = 0.0
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-5)
+    assert float(got.detach()) < float(loss.detach())     # log(p + eps) > log p: a smaller KL
     for (n, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-5, msg=n)
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6, msg=n)
     model.zero_grad(set_to_none=True)
 
 
@@ -287,15 +296,22 @@ def test_peft_lora_model_keeps_only_adapters():
     assert float(rc.end_task(model)["forgettability"].sum()) == 0
 
 
-def test_replay_schedule():
+def test_replay_schedule_orders_and_outnumbered():
     keys = [(0, i) for i in range(6)]
     s = ReplaySchedule(keys, 2, 7, seed=1)
     assert (s.cycle, s.per_epoch) == (2, 3)
     first = [s.next_batch() for _ in range(3)]
     assert sorted(k for b in first for k in b) == keys
     assert [s.next_batch() for _ in range(3)] != first          # a new pass, reshuffled
+    f = ReplaySchedule(keys, 2, 7, seed=1, order="fixed")
+    f.start_epoch(0)
+    e0 = [f.next_batch() for _ in range(2)]
+    f.start_epoch(1)                                            # restarts at the first batch
+    assert [f.next_batch() for _ in range(2)] == e0
     many = [(0, i) for i in range(20)]
     assert ReplaySchedule(many, 2, 7, seed=0).cycle == 1        # replay every step
+    skip = ReplaySchedule(many, 2, 7, seed=0, outnumbered="skip")
+    assert skip.cycle == 0 and skip.per_epoch == 0 and not skip.is_replay_step(0)
     assert ReplaySchedule(keys, 4, 7, min_batch=4).cycle == 7   # trailing batch of 2 < 4 dropped
 
 
@@ -305,8 +321,8 @@ def test_recipe_errors_name_the_problem(tmp_path):
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=20))
     with pytest.raises(sk.continual.config.ConfigError, match="distill.layer_budget"):
         sk.SeekrRecipe({"distill": {"layer_budget": 3}}, model=model)
-    with pytest.raises(sk.continual.config.ConfigError, match="replay.ratio"):
-        sk.SeekrRecipe({"replay": {"ratio": -1}}, model=model)
+    with pytest.raises(sk.continual.config.ConfigError, match="replay.subset"):
+        sk.SeekrRecipe({"replay": {"subset": "last"}}, model=model)
     rc = sk.SeekrRecipe({"method": "replay"}, model=model)
     with pytest.raises(ValueError, match=r"task_samples\[0\]: the supervised tokens"):
         rc.begin_task(model, [{"input_ids": [1, 2, 3], "labels": [1, -100, 3]}])
