@@ -208,12 +208,16 @@ class RunConfig:
     def recipe_config(self) -> "RecipeConfig":
         """The parts of this run the SEEKR recipe needs (see :class:`RecipeConfig`)."""
         t = self.train
-        return RecipeConfig(method=self.method, recipe=self.recipe, seed=self.seed,
-                            replay=dataclasses.replace(self.replay),
-                            distill=dataclasses.replace(self.distill),
-                            batch_size=t.batch_size, grad_accum=t.grad_accum,
-                            pad_to_multiple_of=t.pad_to_multiple_of,
-                            capture_batch_size=self.eval.batch_size)
+        rc = RecipeConfig(method=self.method, recipe=self.recipe, seed=self.seed,
+                          replay=dataclasses.replace(self.replay),
+                          distill=dataclasses.replace(self.distill),
+                          batch_size=t.batch_size, grad_accum=t.grad_accum,
+                          pad_to_multiple_of=t.pad_to_multiple_of,
+                          capture_batch_size=self.eval.batch_size)
+        # The run's values are final (preset and explicit keys resolved): a value the user
+        # set equal to a package default must not be taken for an unset one.
+        rc._preset_applied = True
+        return rc
 
 
 @dataclass

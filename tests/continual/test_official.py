@@ -58,6 +58,10 @@ def test_official_preset_sets_every_row_and_explicit_keys_win():
     # the round trip a distributed launch makes keeps the user's choices
     c2 = from_dict(c.to_dict())
     assert c2.distill.attn_log_eps == 0 and c2.train.batch_size == 64 and c2.replay.subset == "first"
+    # ... and so does the recipe built from the run (an explicit value equal to a default)
+    c4 = from_dict({**base, "recipe": "official", "distill": {"attn_log_eps": 0}, "train": {"batch_size": 16}})
+    rc = c4.recipe_config().validate()
+    assert rc.distill.attn_log_eps == 0 and rc.batch_size == 16 and rc.grad_accum == 8
     # a config built in Python: fields left at the package default take the official value
     c3 = RunConfig(recipe="official", tasks=from_dict(base).tasks)
     c3.distill.query_budget = 7
