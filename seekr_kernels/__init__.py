@@ -16,9 +16,10 @@ from .llama import capture_attention, distill_attention, observe_attention, patc
 # Algorithm
 from .continual.importance import (Importance, measure_forgettability, measure_sensitivity,
                                    sensitivity_loss)
-from .continual.replay import ReplayMemory, ReplaySample, ReplayTask
+from .continual.replay import ReplayDataset, ReplayMemory, ReplaySample, ReplayTask
 from .continual.selection import batch_heads, select_heads
-from .continual.config import RunConfig
+from .continual.config import RecipeConfig, RunConfig
+from .continual.recipe import DistributedHooks, PreTaskWeights, ReplaySchedule, SeekrRecipe
 from .continual.trainer import ContinualTrainer, train
 
 from ._version import __version__
@@ -28,6 +29,7 @@ __all__ = [
     "LogitsKLLoss", "TopK", "TeacherCache", "TeacherCacheError",
     "patch_llama", "unpatch_llama", "distill_attention", "capture_attention", "observe_attention",
     "measure_sensitivity", "measure_forgettability", "sensitivity_loss", "Importance",
-    "select_heads", "batch_heads", "ReplayMemory", "ReplaySample", "ReplayTask",
+    "select_heads", "batch_heads", "ReplayMemory", "ReplaySample", "ReplayTask", "ReplayDataset",
+    "SeekrRecipe", "RecipeConfig", "DistributedHooks", "PreTaskWeights", "ReplaySchedule",
     "RunConfig", "ContinualTrainer", "train", "__version__",
 ]

@@ -200,6 +200,23 @@ class _PatchState:
         self._mask_cache: Dict[torch.device, torch.Tensor] = {}
         self.lock = threading.Lock()
 
+    # A copy (copy.deepcopy, pickle: teacher copies, TRL reference models, EMA) is a
+    # patched model at rest: no lock to copy (a lock cannot be pickled) and no context
+    # of the original carried over. The registry entries are process-wide, so a model
+    # unpickled in a fresh process registers them again.
+    _TRANSIENT = ("lock", "observer", "padding_mask", "_mask_cache")
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.observer = None
+        self.padding_mask = None
+        self._mask_cache = {}
+        self.lock = threading.Lock()
+        _register()
+
     def padding_mask_for(self, query):
         m = self.padding_mask
         if m is None:
@@ -573,13 +590,14 @@ class DistillAttention(_ObserverContext):
     needs_grad = True
 
     def __init__(self, model, heads, queries, teacher, attention_mask=None, *, backend="auto",
-                 check_values=True):
+                 check_values=True, log_eps=0.0):
         if not isinstance(heads, dict):
             raise TypeError(f"heads: expected a dict {{layer index: tensor}}, got {type(heads).__name__}")
         super().__init__(model, list(_int_keys(heads)), attention_mask)
         self._heads_in, self._teacher_in, self._queries_in = heads, teacher, queries
         self.backend = backend
         self.check_values = check_values
+        self.log_eps = log_eps
         self.losses: Dict[int, torch.Tensor] = {}
 
     def _reset(self):
@@ -656,7 +674,7 @@ class DistillAttention(_ObserverContext):
         self.losses[layer_idx] = attention_kl(
             query, key, self._teacher[layer_idx].get(dev), self._heads[layer_idx].get(dev),
             self._queries.get(dev), padding_mask, scale=module.scaling, reduction="batchmean",
-            backend=self.backend, check_values=False)
+            backend=self.backend, check_values=False, log_eps=self.log_eps)
         return attn_output
 
     def loss(self) -> torch.Tensor:
@@ -681,7 +699,7 @@ def _int_keys(d):
 
 
 def distill_attention(model, heads, queries, teacher, attention_mask=None, *, backend="auto",
-                      check_values=True) -> DistillAttention:
+                      check_values=True, log_eps=0.0) -> DistillAttention:
     """Distil teacher attention into a patched model during one forward pass.
 
     ``with distill_attention(model, heads, queries, teacher, mask) as d: model(...)``,
@@ -701,13 +719,15 @@ def distill_attention(model, heads, queries, teacher, attention_mask=None, *, ba
             builds is not read back.
         backend: kernel backend for :func:`seekr_kernels.attention_kl`.
         check_values: check index ranges and teacher values once, on entry.
+        log_eps: the published code's ``log(p + eps)`` instead of the exact log-softmax
+            (see :func:`seekr_kernels.attention_kl`; runs on the torch backend).
 
     Shapes (layers in range, heads vs teacher S, teacher B/Q/L vs queries and mask) are
     checked on entry; the batch's [B, L] is checked at the first attention call, before
     any kernel runs.
     """
     return DistillAttention(model, heads, queries, teacher, attention_mask, backend=backend,
-                            check_values=check_values)
+                            check_values=check_values, log_eps=log_eps)
 
 
 # ----------------------------------------------------------------------------- capture

@@ -41,12 +41,22 @@ def masked_log_softmax(z, valid):
     return torch.log_softmax(zm, dim=-1).masked_fill(~valid, 0.0)
 
 
-def attention_kl_rows(a: AttnArgs, teacher: torch.Tensor | None, tmass=None):
+def attention_kl_rows(a: AttnArgs, teacher: torch.Tensor | None, tmass=None, log_eps: float = 0.0):
     """Per-row KL(teacher || softmax(z)) over the valid keys, [B, S, Q], 0 on inactive rows.
 
     With ``teacher=None`` the row value is ``tmass * lse`` (the part of the KL that depends
     on the student when the teacher-dependent terms are computed elsewhere, e.g. TopK).
+    ``log_eps > 0``: ``sum t log t - sum t log(p + log_eps)`` over the valid keys, the
+    published code's smoothed log (dense teacher only).
     """
+    if log_eps:
+        z, valid = selected_logits(a)
+        t = teacher.to(z.dtype) * valid
+        p = masked_log_softmax(z, valid).exp().masked_fill(~valid, 0.0)
+        tlogt = torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))),
+                            torch.zeros_like(t)).sum(-1)
+        out = tlogt - (t * torch.log(p + log_eps)).sum(-1)
+        return torch.where(a.row_active, out, torch.zeros_like(out))
     z, valid = selected_logits(a)
     zm = z.masked_fill(~valid, float("-inf"))
     any_valid = valid.any(-1, keepdim=True)

@@ -16,6 +16,14 @@ Example ``run.yaml``::
     train: {batch_size: 16, lr: 1.0e-5, precision: auto}
     replay: {ratio: 0.01}
     distill: {logits_weight: 0.5, attn_weight: 1000, head_budget: 128, query_budget: 100}
+
+``recipe: official`` (top level) switches every place where the package's definitions
+differ from the published code (jinghan1he/SEEKR) to the published choice at once; see
+:data:`OFFICIAL` for the keys it sets and README.md "Deviations from the published code"
+for what each changes. A key the config sets explicitly always wins over the preset
+(``recipe: official`` + ``distill: {attn_log_eps: 0}`` = published recipe with the exact
+attention log). A :class:`RunConfig` built in Python with ``recipe="official"`` gets the
+preset on every field still at its package default when validated.
 """
 from __future__ import annotations
 
@@ -80,21 +88,58 @@ class TrainConfig:
     precision: str = "auto"             # auto (bf16 autocast on CUDA) | fp32 | bf16
     gradient_checkpointing: bool = False
     shuffle: bool = True
+    order: str = "reshuffle"            # reshuffle: a new order every epoch | fixed: epoch 0's order every epoch
 
 
 @dataclass
 class ReplayConfig:
-    """Replay memory. ``ratio`` < 1 is a fraction of each task's training set, >= 1 a count.
-    ``cycle`` 0 means the published default: train batches per epoch // replay batches."""
+    """Replay memory and schedule.
+
+    ``ratio`` < 1 is a fraction of each task's training set, >= 1 a count. ``cycle`` 0 means
+    the published default: train batches per epoch // replay batches.
+
+    ``subset``: which samples of a task are kept: ``random`` (a seeded random subset of at
+    least 1) or ``first`` (the first ``int(N x ratio)`` samples, as published).
+    ``in_accumulation``: with ``train.grad_accum`` > 1, a replay batch is one micro-batch
+    inside the accumulation window of the next optimiser step (published: DeepSpeed counts
+    it as a micro-step) instead of an optimiser step of its own; ``batch_size`` is then the
+    replay micro-batch (default ``train.batch_size / train.grad_accum``).
+    ``order``: ``reshuffle`` (each pass over the memory in a fresh order, continuing across
+    epochs) or ``fixed`` (one order per task, restarted at every epoch, as published).
+    ``outnumbered``: when replay batches outnumber train batches (so the default cycle is
+    0): ``every_step`` (replay before every train step) or ``skip`` (no replay in that
+    task, as published).
+    """
     ratio: float = 0.01
     cycle: int = 0
-    batch_size: Optional[int] = None    # default: train.batch_size
+    batch_size: Optional[int] = None    # default: train.batch_size (a micro-batch with in_accumulation)
+    subset: str = "random"              # random | first
+    in_accumulation: bool = False
+    order: str = "reshuffle"            # reshuffle | fixed
+    outnumbered: str = "every_step"     # every_step | skip
 
 
 @dataclass
 class DistillConfig:
-    """SEEKR losses and budgets. Budgets ``None`` follow the published Llama-2-7B setting
-    scaled to the model: 3/4 of the layers, 1/8 of all heads; ``query_budget`` 0 = all rows."""
+    """SEEKR losses, budgets and statistics.
+
+    Budgets ``None`` follow the published Llama-2-7B setting scaled to the model: 3/4 of
+    the layers, 1/8 of all heads; ``query_budget`` 0 = all rows.
+
+    Published-code switches (``recipe: official`` sets all of them):
+
+    ``attn_log_eps``: the attention KL uses ``log(p + eps)`` for the student (published
+    1e-8; 0 = the exact log-softmax). With eps > 0 the term runs on the plain-PyTorch
+    backend (selected rows only), see :func:`seekr_kernels.attention_kl`.
+    ``forgettability_norm``: ``sample`` (per sample, mean over its Q query rows x n real
+    keys) or ``official`` (every sample padded to the replay set's length T: mean over Q x
+    T, and with query budget 0 the T rows include the padding rows).
+    ``sensitivity_padding``: ``real`` (mean of (dL/dA)^2 over the sample's n x n map) or
+    ``official`` (over the T x T map of the sample padded to the replay set's length,
+    padding keys included).
+    ``query_sampling``: ``subset`` (a sample with n <= Q tokens distils all n rows) or
+    ``official`` (Q rows drawn with replacement, then sorted, when n < Q).
+    """
     logits_weight: float = 0.5
     attn_weight: float = 1000.0
     layer_budget: Optional[int] = None
@@ -104,6 +149,10 @@ class DistillConfig:
     sensitivity_batch_size: int = 1
     teacher_logits_topk: int = 0         # 0: dense teacher logits
     backend: str = "auto"
+    attn_log_eps: float = 0.0
+    forgettability_norm: str = "sample"  # sample | official
+    sensitivity_padding: str = "real"    # real | official
+    query_sampling: str = "subset"       # subset | official
 
 
 @dataclass
@@ -143,6 +192,7 @@ class DistributedConfig:
 @dataclass
 class RunConfig:
     method: str = "seekr"
+    recipe: str = "package"             # package | official (see OFFICIAL)
     output_dir: str = "seekr-run"
     seed: int = 42
     device: str = "auto"                # auto | cpu | cuda | cuda:N
@@ -161,11 +211,118 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check values (ranges, choices); raise :class:`ConfigError` naming the key."""
+        _choice("recipe", self.recipe, RECIPES)
+        if self.recipe == "official" and not self._preset_applied:
+            _apply_preset_to_defaults(self)
         _validate(self)
+        return self
+
+    # Not a field: set once the official preset is merged (from_dict merges it under the
+    # user's keys; validate() fills default-valued fields of a config built in Python).
+    _preset_applied = False
+
+    def recipe_config(self) -> "RecipeConfig":
+        """The parts of this run the SEEKR recipe needs (see :class:`RecipeConfig`)."""
+        t = self.train
+        rc = RecipeConfig(method=self.method, recipe=self.recipe, seed=self.seed,
+                          replay=dataclasses.replace(self.replay),
+                          distill=dataclasses.replace(self.distill),
+                          batch_size=t.batch_size, grad_accum=t.grad_accum,
+                          pad_to_multiple_of=t.pad_to_multiple_of,
+                          capture_batch_size=self.eval.batch_size)
+        # The run's values are final (preset and explicit keys resolved): a value the user
+        # set equal to a package default must not be taken for an unset one.
+        rc._preset_applied = True
+        return rc
+
+
+@dataclass
+class RecipeConfig:
+    """What :class:`seekr_kernels.SeekrRecipe` needs, without the rest of a run.
+
+    ``batch_size`` is the global train batch (the default replay batch), ``grad_accum``
+    the accumulation micro-steps per optimiser step, ``pad_to_multiple_of`` the padding
+    of replay batches (and of the replay set under the official statistics),
+    ``capture_batch_size`` the samples per forward pass of teacher capture and
+    forgettability. Built from a run with :meth:`RunConfig.recipe_config`, from a dict
+    with :func:`recipe_from_dict` (``recipe: official`` applies as in a run config).
+    """
+    method: str = "seekr"
+    recipe: str = "package"
+    seed: int = 42
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    batch_size: int = 16
+    grad_accum: int = 1
+    pad_to_multiple_of: int = 8
+    capture_batch_size: int = 32
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    _preset_applied = False
+
+    def validate(self) -> "RecipeConfig":
+        """Check values; raise :class:`ConfigError` naming the key."""
+        _choice("recipe", self.recipe, RECIPES)
+        if self.recipe == "official" and not self._preset_applied:
+            _apply_preset_to_defaults(self)
+        _choice("method", self.method, METHODS)
+        for k in ("batch_size", "grad_accum", "pad_to_multiple_of", "capture_batch_size"):
+            _positive(k, getattr(self, k))
+        if self.batch_size % self.grad_accum:
+            _err("grad_accum", f"must divide batch_size={self.batch_size}, got {self.grad_accum}")
+        _validate_replay(self.replay)
+        _validate_distill(self.distill)
         return self
 
 
 _LIST_TYPES = {("RunConfig", "tasks"): TaskSpec}
+
+RECIPES = ("package", "official")
+
+#: What ``recipe: official`` sets (the published code, jinghan1he/SEEKR training/seekr.py
+#: and scripts/exp_seq_seekr.sh, on 8 GPUs x 2 samples x 8 accumulation steps). Layer and
+#: head budgets stay scaled to the model (24 of 32 layers and 128 of 1024 heads at 7B are
+#: exactly the package's scaled defaults).
+OFFICIAL = {
+    "train": {"batch_size": 128, "grad_accum": 8, "lr": 1e-5, "weight_decay": 0.0, "betas": [0.9, 0.95],
+              "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "pad_to_multiple_of": 8,
+              "max_prompt_len": 1024, "max_answer_len": 512, "order": "fixed"},
+    "replay": {"ratio": 0.01, "subset": "first", "in_accumulation": True, "order": "fixed",
+               "outnumbered": "skip"},
+    "distill": {"logits_weight": 0.5, "attn_weight": 1000.0, "query_budget": 0, "sensitivity_region": "full",
+                "attn_log_eps": 1e-8, "forgettability_norm": "official", "sensitivity_padding": "official",
+                "query_sampling": "official"},
+}
+
+
+def _merge_preset(data: dict, preset: dict) -> dict:
+    """``data`` with the preset's keys filled in where ``data`` does not set them."""
+    out = dict(data)
+    for sec, vals in preset.items():
+        cur = out.get(sec)
+        if cur is None:
+            out[sec] = dict(vals)
+        elif isinstance(cur, dict):
+            out[sec] = {**vals, **cur}
+        # anything else is left for _build to report with its key
+    return out
+
+
+def _apply_preset_to_defaults(obj) -> None:
+    """Official values on every preset field of ``obj`` still at its package default."""
+    for sec, vals in OFFICIAL.items():
+        sub = getattr(obj, sec, None)
+        if sub is None:   # a RecipeConfig has no train section: its batch fields instead
+            sub, names = obj, {"batch_size", "grad_accum", "pad_to_multiple_of"}
+        else:
+            names = set(vals)
+        defaults = type(sub)()
+        for k, v in vals.items():
+            if k in names and hasattr(sub, k) and getattr(sub, k) == getattr(defaults, k):
+                setattr(sub, k, list(v) if isinstance(v, list) else v)
+    obj._preset_applied = True
 
 
 def _err(key, msg):
@@ -277,25 +434,9 @@ def _validate(c: RunConfig):
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
     if t.batch_size % t.grad_accum:
         _err("train.grad_accum", f"must divide train.batch_size={t.batch_size}, got {t.grad_accum}")
-    r = c.replay
-    if not (math.isfinite(r.ratio) and r.ratio > 0):
-        _err("replay.ratio", f"must be > 0 (a fraction < 1 or a count >= 1), got {r.ratio}")
-    if r.ratio >= 1 and not float(r.ratio).is_integer():
-        _err("replay.ratio", f"a count (>= 1) must be a whole number, got {r.ratio}")
-    _positive("replay.cycle", r.cycle, allow_zero=True)
-    _positive("replay.batch_size", r.batch_size)
-    d = c.distill
-    for k in ("logits_weight",):
-        if not 0 <= getattr(d, k) <= 1:
-            _err(f"distill.{k}", f"must lie in [0, 1], got {getattr(d, k)}")
-    _positive("distill.attn_weight", d.attn_weight, allow_zero=True)
-    _positive("distill.layer_budget", d.layer_budget)
-    _positive("distill.head_budget", d.head_budget)
-    _positive("distill.query_budget", d.query_budget, allow_zero=True)
-    _positive("distill.sensitivity_batch_size", d.sensitivity_batch_size)
-    _positive("distill.teacher_logits_topk", d.teacher_logits_topk, allow_zero=True)
-    _choice("distill.sensitivity_region", d.sensitivity_region, ("full", "causal"))
-    _choice("distill.backend", d.backend, ("auto", "triton", "cpu", "cuda", "torch"))
+    _choice("train.order", t.order, ("reshuffle", "fixed"))
+    _validate_replay(c.replay, "replay.")
+    _validate_distill(c.distill, "distill.")
     e = c.eval
     _choice("eval.split", e.split, ("train", "eval", "test"))
     _positive("eval.batch_size", e.batch_size)
@@ -348,6 +489,36 @@ def _validate_metrics(tasks, names):
             _err(f"tasks[{i}].metric", str(e).removeprefix("metric: "))
 
 
+def _validate_replay(r, p="replay."):
+    if not (math.isfinite(r.ratio) and r.ratio > 0):
+        _err(p + "ratio", f"must be > 0 (a fraction < 1 or a count >= 1), got {r.ratio}")
+    if r.ratio >= 1 and not float(r.ratio).is_integer():
+        _err(p + "ratio", f"a count (>= 1) must be a whole number, got {r.ratio}")
+    _positive(p + "cycle", r.cycle, allow_zero=True)
+    _positive(p + "batch_size", r.batch_size)
+    _choice(p + "subset", r.subset, ("random", "first"))
+    _choice(p + "order", r.order, ("reshuffle", "fixed"))
+    _choice(p + "outnumbered", r.outnumbered, ("every_step", "skip"))
+
+
+def _validate_distill(d, p="distill."):
+    if not 0 <= d.logits_weight <= 1:
+        _err(p + "logits_weight", f"must lie in [0, 1], got {d.logits_weight}")
+    _positive(p + "attn_weight", d.attn_weight, allow_zero=True)
+    _positive(p + "layer_budget", d.layer_budget)
+    _positive(p + "head_budget", d.head_budget)
+    _positive(p + "query_budget", d.query_budget, allow_zero=True)
+    _positive(p + "sensitivity_batch_size", d.sensitivity_batch_size)
+    _positive(p + "teacher_logits_topk", d.teacher_logits_topk, allow_zero=True)
+    _choice(p + "sensitivity_region", d.sensitivity_region, ("full", "causal"))
+    _choice(p + "backend", d.backend, ("auto", "triton", "cpu", "cuda", "torch"))
+    if not (math.isfinite(d.attn_log_eps) and 0 <= d.attn_log_eps < 1):
+        _err(p + "attn_log_eps", f"must lie in [0, 1) (0 = exact log-softmax), got {d.attn_log_eps}")
+    _choice(p + "forgettability_norm", d.forgettability_norm, ("sample", "official"))
+    _choice(p + "sensitivity_padding", d.sensitivity_padding, ("real", "official"))
+    _choice(p + "query_sampling", d.query_sampling, ("subset", "official"))
+
+
 def _default_name(path):
     import os
     return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
@@ -359,7 +530,24 @@ def from_dict(data: dict, validate: bool = True) -> RunConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
-    cfg = _build(RunConfig, data)
+    official = data.get("recipe") == "official"
+    cfg = _build(RunConfig, _merge_preset(data, OFFICIAL) if official else data)
+    cfg._preset_applied = official
+    return cfg.validate() if validate else cfg
+
+
+def recipe_from_dict(data: Optional[dict] = None, validate: bool = True) -> RecipeConfig:
+    """Build a :class:`RecipeConfig` from a plain dict (``replay``/``distill`` sections,
+    ``method``, ``recipe``, ``seed``, ``batch_size``, ...); ``recipe: official`` fills in the
+    published values under the keys given."""
+    data = dict(data or {})
+    if data.get("recipe", "package") == "official":
+        data = _merge_preset(data, {k: v for k, v in OFFICIAL.items() if k != "train"})
+        tr = OFFICIAL["train"]
+        for k in ("batch_size", "grad_accum", "pad_to_multiple_of"):
+            data.setdefault(k, tr[k])
+    cfg = _build(RecipeConfig, data)
+    cfg._preset_applied = data.get("recipe") == "official"
     return cfg.validate() if validate else cfg
 
 

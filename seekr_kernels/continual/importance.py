@@ -28,7 +28,8 @@ the paper's. ``causal`` is offered because gradients at future entries are gradi
 with respect to weights that are structurally 0; it ranks heads by what they can change.
 (The published code also counts the left padding its replay loader adds — every replay
 sample is padded to the longest one — which makes a sample's value depend on the others';
-we do not reproduce that collation artefact.)
+that collation artefact is available as ``padding="padded"``: padding key columns count
+with the values the model computed there, divided by the padded map size.)
 
 Forgettability (:func:`measure_forgettability`)
 -----------------------------------------------
@@ -43,11 +44,16 @@ and ``Q`` active query rows (real positions):
 with ``K = n`` (``normalize="sample"``, the default: the sample's own ``[n, n]`` map, the
 value the published code gives an unpadded sample) or ``K`` = the padded length of the
 batch the sample ran in (``normalize="padded"``: what the published code does when the
-whole replay set is collated to one length); then the mean over samples. The per-row sums
-come from :func:`seekr_kernels.ops.attention_sqdiff.attention_sqdiff`, which streams both
-models' q/k and never writes an attention row. Query rows are real tokens only; the
-published code samples them with replacement for a sample shorter than the budget, the
-replay memory here takes all of that sample's tokens instead (same mean in expectation).
+whole replay set is collated to one length); then the mean over samples.
+``normalize="official"`` also counts, as the published code does, query slots at padding
+positions (with no query budget the published rows are all L rows of the padded batch)
+in Q. The per-row sums come from
+:func:`seekr_kernels.ops.attention_sqdiff.attention_sqdiff`, which streams both models'
+q/k and never writes an attention row. Query rows are real tokens only; the published
+code samples them with replacement for a sample shorter than the budget, the replay
+memory here takes all of that sample's tokens instead by default (same mean in
+expectation; ``ReplayMemory.choose_queries(..., mode="official")`` draws them as
+published, repeated positions counting once per slot).
 
 Host memory of forgettability at Llama-2-7B shapes
 --------------------------------------------------
@@ -60,7 +66,9 @@ Host memory of forgettability at Llama-2-7B shapes
 * Keeping the pre-task post-RoPE q/k instead: per sample and layer k is 1024 x 4096 x 2 B =
   8 MiB and the 100 query rows of q 0.8 MiB, x 32 layers x 50 samples = 14 GB: worse.
 * Chosen here: keep the pre-task *weights* (the previous task's checkpoint on disk, which a
-  continual run writes anyway, or a copy on the device) and run both models side by side,
+  continual run writes anyway, a copy on the device, or — what :class:`SeekrRecipe`
+  does — the trainable parameters saved on the host by :class:`PreTaskWeights` and
+  swapped into the model for its pre-task passes) and run both models side by side,
   one batch at a time. Between the two forward passes only that batch's pre-task k and
   q rows are held: 32 x 8.8 MiB = 282 MiB per sample, on the device by default (host: the
   ``[32, 32]`` fp64 accumulators, 8 KiB), or on the host with ``store="cpu"`` (282 MiB per
@@ -89,7 +97,8 @@ __all__ = [
 ]
 
 REGIONS = ("full", "causal")
-NORMALIZE = ("sample", "padded")
+PADDING = ("real", "padded")
+NORMALIZE = ("sample", "padded", "official")
 
 
 def _llama():
@@ -100,7 +109,7 @@ def _llama():
 # ============================================================================ sensitivity
 
 def attention_grad_sq_sums(grad_out: torch.Tensor, value: torch.Tensor, attention_mask=None,
-                           region: str = "full", block: int = 128):
+                           region: str = "full", block: int = 128, padding: str = "real"):
     """Per sample and head, ``sum (dL/dA_ij)^2`` over a region of the ``[L, L]`` map.
 
     Args:
@@ -110,13 +119,21 @@ def attention_grad_sq_sums(grad_out: torch.Tensor, value: torch.Tensor, attentio
         attention_mask: ``[B, L]`` 0/1, or None; only real tokens count (rows and columns).
         region: ``"full"`` (every ``(i, j)``) or ``"causal"`` (``j <= i``).
         block: row block of the causal computation.
+        padding: ``"real"`` (rows and columns of real tokens only, entries counted over the
+            sample's n tokens) or ``"padded"`` (the published code: padding key columns
+            count with the values the model computed there, and the entries are those of
+            the whole padded ``L x L`` map; padding rows still add nothing, their output
+            gradient is 0).
 
     Returns:
         ``(sums [B, H], entries [B])``, fp32 (fp64 for fp64 inputs): the sum of squares and
-        the number of entries it covers per sample (``n^2`` or ``n (n + 1) / 2``).
+        the number of entries it covers per sample (``n^2`` or ``n (n + 1) / 2``; ``L^2``
+        or ``L (L + 1) / 2`` with ``padding="padded"``).
     """
     if region not in REGIONS:
         raise ValueError(f"region: must be one of {REGIONS}, got {region!r}")
+    if padding not in PADDING:
+        raise ValueError(f"padding: must be one of {PADDING}, got {padding!r}")
     acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     B, L, H, D = grad_out.shape
     Hkv = value.shape[1]
@@ -128,8 +145,11 @@ def attention_grad_sq_sums(grad_out: torch.Tensor, value: torch.Tensor, attentio
     if attention_mask is not None:
         m = attention_mask.to(device=dO.device, dtype=acc)
         dO = dO * m[:, None, :, None]
-        v = v * m[:, None, :, None]
-        n = m.sum(1)
+        if padding == "real":
+            v = v * m[:, None, :, None]
+            n = m.sum(1)
+        else:
+            n = torch.full((B,), float(L), dtype=acc, device=dO.device)
     else:
         n = torch.full((B,), float(L), dtype=acc, device=dO.device)
     dO = dO.reshape(B, Hkv, G, L, D)
@@ -180,9 +200,11 @@ class SensitivityMeter:
         sums, counts: the fp64 running sums and per-layer sample counts behind it.
     """
 
-    def __init__(self, model, region="full", layers=None, block=128):
+    def __init__(self, model, region="full", layers=None, block=128, padding="real"):
         if region not in REGIONS:
             raise ValueError(f"region: must be one of {REGIONS}, got {region!r}")
+        if padding not in PADDING:
+            raise ValueError(f"padding: must be one of {PADDING}, got {padding!r}")
         if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1:
             raise ValueError(f"block: expected a positive int, got {block!r}")
         llama = _llama()
@@ -200,6 +222,7 @@ class SensitivityMeter:
 
         self.model = model
         self.region = region
+        self.padding = padding
         self.block = int(block)
         self._observer = _Observer(layers)
         self._ctx = llama.observe_attention(model, self._observer)
@@ -263,7 +286,7 @@ class SensitivityMeter:
 
     def _accumulate(self, layer, grad, value, mask):
         with torch.no_grad():
-            sums, entries = attention_grad_sq_sums(grad, value, mask, self.region, self.block)
+            sums, entries = attention_grad_sq_sums(grad, value, mask, self.region, self.block, self.padding)
             has = entries > 0
             per_sample = torch.where(has[:, None], sums / entries.clamp_min(1)[:, None], torch.zeros_like(sums))
             s = per_sample.sum(0).double()
@@ -302,7 +325,7 @@ class SensitivityMeter:
 
 
 def measure_sensitivity(model, region: str = "full", layers: Optional[Iterable[int]] = None,
-                        block: int = 128) -> SensitivityMeter:
+                        block: int = 128, padding: str = "real") -> SensitivityMeter:
     """Measure SEEKR task sensitivity of every attention head, without ``[L, L]`` maps.
 
     ::
@@ -325,6 +348,9 @@ def measure_sensitivity(model, region: str = "full", layers: Optional[Iterable[i
             ``"causal"`` (the ``n (n + 1) / 2`` entries a token can attend to).
         layers: layer indices to measure (default all).
         block: row block of the causal computation.
+        padding: ``"real"`` (default: each sample as if it ran alone, unpadded) or
+            ``"padded"`` (the published code's collation artefact: padding key columns and
+            the padded map size count; see :func:`attention_grad_sq_sums`).
 
     Padding is read from the ``attention_mask`` given to the model's forward (a ``[B, L]``
     0/1 mask; without one every token is real). Samples are independent, so one batch
@@ -339,7 +365,7 @@ def measure_sensitivity(model, region: str = "full", layers: Optional[Iterable[i
     the meter neither reads nor clears them. Use ``model.eval()`` for a deterministic
     measurement (dropout changes dO).
     """
-    return SensitivityMeter(model, region, layers, block)
+    return SensitivityMeter(model, region, layers, block, padding)
 
 
 def sensitivity_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -369,9 +395,12 @@ class ForgettabilityMeter:
     ``(A_before - A_after)^2`` over its query rows and keys (see the module docstring).
 
     Args:
-        normalize: ``"sample"`` (default; keys = the sample's real tokens) or ``"padded"``
-            (keys = the batch's padded length, as the published code's single collated
-            batch).
+        normalize: ``"sample"`` (default; keys = the sample's real tokens), ``"padded"``
+            (keys = the batch's padded length) or ``"official"`` (the published code's
+            single collated batch: keys = the batch's padded length and rows = every query
+            slot of the sample, including slots at padding positions — with no
+            ``queries`` all L rows of the padded batch — and repeated positions counted
+            once per slot).
         store: where the pre-task q/k of a batch wait for the post-task pass: None (where
             they were computed, usually the GPU) or a device such as ``"cpu"``.
         backend: backend of :func:`~seekr_kernels.ops.attention_sqdiff.attention_sqdiff`.
@@ -402,13 +431,15 @@ class ForgettabilityMeter:
         elif (self.n_layers, self.n_heads) != (info.num_layers, info.num_heads):
             raise ValueError("model_after: its shape differs from the models measured before")
 
-    def add_rows(self, layer: int, rows: torch.Tensor, row_active: torch.Tensor, n_keys: torch.Tensor):
+    def add_rows(self, layer: int, rows: torch.Tensor, row_active: torch.Tensor, n_keys: torch.Tensor,
+                 n_rows: Optional[torch.Tensor] = None):
         """Add one layer's per-row squared differences.
 
         rows ``[B, H, Q]`` (0 on inactive rows), row_active ``[B, Q]`` bool, n_keys ``[B]``:
-        the key count K each sample's rows are averaged over.
+        the key count K each sample's rows are averaged over; n_rows ``[B]``: the row count
+        (default: the active rows).
         """
-        q = row_active.sum(1).to(torch.float64)                   # active rows per sample
+        q = row_active.sum(1).to(torch.float64) if n_rows is None else n_rows.to(torch.float64)
         has = (q > 0) & (n_keys > 0)
         denom = (q * n_keys.to(torch.float64)).clamp_min(1)
         per = rows.to(torch.float64).sum(2) / denom[:, None]      # [B, H]
@@ -493,7 +524,13 @@ class ForgettabilityMeter:
                     active = active & qmask.to(dev).bool()
                     rows = rows * active[:, None, :]
                 n_keys = km.sum(1) if meter.normalize == "sample" else torch.full((B,), L, device=dev)
-                meter.add_rows(layer_idx, rows, active.cpu(), n_keys.cpu())
+                n_rows = None
+                if meter.normalize == "official":
+                    # every query slot counts, padding positions and repeats included
+                    n_rows = torch.full((B,), pos.shape[1], device=dev) if qmask is None \
+                        else qmask.to(dev).sum(1)
+                    n_rows = n_rows.cpu()
+                meter.add_rows(layer_idx, rows, active.cpu(), n_keys.cpu(), n_rows)
                 return attn_output
 
         if queries is not None:
@@ -536,9 +573,11 @@ def measure_forgettability(model_before, model_after, batches: Iterable[Mapping]
     module docstring for the definition and the memory arithmetic.
 
     Both models must be patched with :func:`seekr_kernels.patch_llama`. ``model_before``
-    can be the previous task's checkpoint loaded from disk (host memory stays small) or
-    a copy of the model taken before training (``copy.deepcopy`` it *before* patching:
-    a patched model holds a lock that does not deep-copy).
+    can be the previous task's checkpoint loaded from disk (host memory stays small), a
+    ``copy.deepcopy`` of the model taken before training, or — without any copy of the
+    model — :meth:`seekr_kernels.PreTaskWeights.module`: the same model running the
+    trainable parameters saved before the task (what :class:`seekr_kernels.SeekrRecipe`
+    does).
     """
     meter = ForgettabilityMeter(normalize=normalize, store=store, backend=backend)
     for b in batches:

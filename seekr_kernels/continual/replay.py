@@ -71,7 +71,7 @@ from ..ops.topk import TopK
 from ..utils.io import atomic_dir, atomic_write_bytes, clean_leftovers
 from .selection import batch_heads
 
-__all__ = ["ReplaySample", "ReplayTask", "ReplayMemory", "ReplayMemoryError"]
+__all__ = ["ReplaySample", "ReplayTask", "ReplayMemory", "ReplayMemoryError", "ReplayDataset"]
 
 FORMAT = 1
 _KIND = "seekr-replay-task"
@@ -264,12 +264,17 @@ class ReplayMemory:
 
     # ---------------------------------------------------------------- sampling helpers
     @staticmethod
-    def sample_indices(n: int, ratio, seed: int) -> List[int]:
-        """Sorted indices of a seeded replay subset of ``n`` training samples.
+    def sample_indices(n: int, ratio, seed: int, mode: str = "random") -> List[int]:
+        """Sorted indices of a replay subset of ``n`` training samples.
 
         ``ratio < 1``: ``int(n * ratio)`` samples (the published rule), at least 1;
-        ``ratio >= 1``: that many samples (a whole number), at most n.
+        ``ratio >= 1``: that many samples (a whole number), at most n. ``mode="random"``
+        draws them with a generator seeded by ``seed``; ``mode="first"`` takes the first
+        ones, as the published code does (its replay set is ``range(int(n * ratio))``;
+        there the count may be 0, here it is at least 1 as well).
         """
+        if mode not in ("random", "first"):
+            raise ValueError(f"mode: must be 'random' or 'first', got {mode!r}")
         if not _is_int(n) or n < 1:
             raise ValueError(f"n: expected a positive int, got {n!r}")
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio) or ratio <= 0:
@@ -281,27 +286,44 @@ class ReplayMemory:
         else:
             k = int(n * ratio)
         k = max(1, min(n, k))
+        if mode == "first":
+            return list(range(k))
         g = torch.Generator().manual_seed(int(seed))
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
     @staticmethod
-    def choose_queries(lengths: Sequence[int], budget: Optional[int], seed: int) -> List[Optional[torch.Tensor]]:
-        """Seeded query positions per sample: a sorted random subset of ``budget`` of its
-        real tokens, or None (all rows) when ``budget`` is None/0 or the sample has at most
-        ``budget`` tokens. Positions are relative to the sample's first real token.
+    def choose_queries(lengths: Sequence[int], budget: Optional[int], seed: int,
+                       mode: str = "subset") -> List[Optional[torch.Tensor]]:
+        """Seeded query positions per sample, relative to its first real token.
+
+        ``budget`` None/0: None (all rows) for every sample. Otherwise a sorted random
+        subset of ``budget`` of the sample's real tokens; for a sample with ``n <= budget``
+        tokens ``mode="subset"`` gives None (all n rows) and ``mode="official"`` gives, as
+        the published code does, ``budget`` positions drawn *with replacement* and sorted
+        (repeated rows weigh more in the loss and in forgettability).
         """
         if budget is not None and (not _is_int(budget) or budget < 0):
             raise ValueError(f"budget: expected an int >= 0 or None, got {budget!r}")
+        if mode not in ("subset", "official"):
+            raise ValueError(f"mode: must be 'subset' or 'official', got {mode!r}")
         g = torch.Generator().manual_seed(int(seed))
         out = []
         for i, n in enumerate(lengths):
             if not _is_int(n) or n < 1:
                 raise ValueError(f"lengths[{i}]: expected a positive int, got {n!r}")
-            if not budget or n <= budget:
+            if not budget or (n <= budget and mode == "subset"):
                 out.append(None)
+            elif n < budget:
+                out.append(torch.sort(torch.randint(n, (budget,), generator=g)).values)
             else:
                 out.append(torch.sort(torch.randperm(n, generator=g)[:budget]).values)
         return out
+
+    # ---------------------------------------------------------------- as a Dataset
+    def dataset(self) -> "ReplayDataset":
+        """A :class:`torch.utils.data.Dataset` view: item ``i`` is the ``i``-th sample's
+        ``(task, sample)`` key (see :class:`ReplayDataset`)."""
+        return ReplayDataset(self)
 
     # ---------------------------------------------------------------- content
     def add(self, task: ReplayTask) -> int:
@@ -634,6 +656,58 @@ class ReplayMemory:
         except Exception as e:  # a well-formed checksum over inconsistent content
             raise ReplayMemoryError(f"{d}: inconsistent replay memory content ({type(e).__name__}: {e})") from None
         return task
+
+
+class ReplayDataset(torch.utils.data.Dataset):
+    """A :class:`ReplayMemory` as a map-style Dataset, one item per replay sample.
+
+    Item ``i`` is the ``(task index, sample index)`` key of the ``i``-th sample in
+    :meth:`ReplayMemory.keys` order (cheap to draw, to send to DataLoader workers and to
+    shard); :meth:`collate_fn` turns a list of keys into the left-padded batch of
+    :meth:`ReplayMemory.batch` with every teacher aligned. Works with any sampler,
+    :class:`torch.utils.data.distributed.DistributedSampler` included::
+
+        ds = memory.dataset()
+        dl = DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, num_replicas=W, rank=r),
+                        collate_fn=ds.collate_fn(pad_token_id, pad_to_multiple_of=8))
+
+    The view reads the memory when indexed: tasks added later appear in it.
+    """
+
+    def __init__(self, memory: "ReplayMemory"):
+        if not isinstance(memory, ReplayMemory):
+            raise TypeError(f"memory: expected a ReplayMemory, got {type(memory).__name__}")
+        self.memory = memory
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def __getitem__(self, i) -> Tuple[int, int]:
+        if not _is_int(i):
+            raise TypeError(f"index: expected an int, got {type(i).__name__}")
+        n = len(self.memory)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for a replay memory of {n} samples")
+        for ti, t in enumerate(self.memory.tasks):
+            if i < len(t.samples):
+                return (ti, i)
+            i -= len(t.samples)
+        raise AssertionError("unreachable")
+
+    def sample(self, i) -> ReplaySample:
+        """The :class:`ReplaySample` of item ``i``."""
+        return self.memory.sample(self[i])
+
+    def collate_fn(self, pad_token_id: int = 0, pad_to_multiple_of: int = 1, **batch_kwargs):
+        """A DataLoader ``collate_fn``: keys -> :meth:`ReplayMemory.batch` (keyword
+        arguments are passed on)."""
+        memory = self.memory
+
+        def collate(keys):
+            return memory.batch([tuple(k) for k in keys], pad_token_id, pad_to_multiple_of, **batch_kwargs)
+        return collate
 
 
 def _promote(dtypes):

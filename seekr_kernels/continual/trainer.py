@@ -7,20 +7,24 @@ One :class:`ContinualTrainer` runs a whole task stream::
     results = ContinualTrainer(load_config("run.yaml")).run()
     results["OP"], results["BWT"], results["matrix"]
 
-Per task t (the published recipe, jinghan1he/SEEKR ``training/seekr.py``):
+It is a loop over :class:`~seekr_kernels.continual.recipe.SeekrRecipe`, which holds the
+method (replay memory, importance, heads, the replay loss). Per task t (the published
+recipe, jinghan1he/SEEKR ``training/seekr.py``):
 
-1. a seeded replay subset of task t's training data is drawn (``replay.ratio``) and, for
-   SEEKR, its query rows (``distill.query_budget``) and the pre-task attention of every
-   head on them (for forgettability);
+1. ``recipe.begin_task``: a seeded replay subset of task t's training data
+   (``replay.ratio``) and, for SEEKR, its query rows (``distill.query_budget``) and the
+   pre-task weights (for forgettability);
 2. the model trains on task t (AdamW, warm-up + schedule, gradient accumulation, bf16
    autocast on CUDA, optional gradient checkpointing); every ``replay.cycle`` steps one
    extra optimiser step runs on a replay batch mixed from the memory of earlier tasks,
-   with loss ``(1 - a) CE + a logits-KL + b attention-KL`` (``replay``: CE only,
-   ``replay+logits``: b = 0). Default cycle: train batches per epoch // replay batches;
-3. after the task: task sensitivity and forgettability of every head on the new replay
-   samples update the accumulated importance, heads are reselected under the layer/head
-   budgets, and the teacher (logits and the selected heads' attention rows) is captured
-   for the new samples, which join the memory;
+   with loss ``recipe.replay_loss`` = ``(1 - a) CE + a logits-KL + b attention-KL``
+   (``replay``: CE only, ``replay+logits``: b = 0). Default cycle: train batches per
+   epoch // replay batches. With ``replay.in_accumulation`` (published) a replay batch is
+   instead one micro-step of the next accumulation window;
+3. ``recipe.end_task``: task sensitivity and forgettability of every head on the new
+   replay samples update the accumulated importance, heads are reselected under the
+   layer/head budgets, and the teacher (logits and the selected heads' attention rows) is
+   captured for the new samples, which join the memory;
 4. every task seen so far is evaluated (a row of the accuracy matrix); the checkpoint,
    the memory and the run state are written atomically.
 
@@ -32,8 +36,9 @@ exactly, so a resumed run ends with the same weights and numbers as an uninterru
 Distributed (``torchrun``): DDP by default, FSDP2 (``fully_shard`` per decoder layer) with
 ``distributed.strategy: fsdp``. Every rank draws the same global batches and replay
 batches and takes its slice; losses are normalised by global counts so N processes give
-the gradient of the single-process global batch; importance statistics are all-reduced;
-only rank 0 writes files.
+the gradient of the single-process global batch; importance statistics are all-reduced
+(through the recipe's :class:`~seekr_kernels.continual.recipe.DistributedHooks`); only
+rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -46,18 +51,21 @@ import shutil
 import string
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..utils.io import atomic_dir
 from . import metrics as M
-from .config import ConfigError, RunConfig, TaskSpec, task_name
+from .config import RunConfig, TaskSpec, task_name
 from .data import (CharTokenizer, Encoded, EncodedDataset, collate, epoch_batches, load_task,
                    load_tokenizer, shard)
 from .evaluate import GenerationOptions, evaluate_examples
-from .losses import ce_sum, logits_kl_mean, replay_objective
+from .losses import ce_sum
+from .recipe import DistributedHooks, PendingSample, SeekrRecipe, task_seed
+
+_Sample = PendingSample   # the name this module used before the recipe moved out
 
 STATE_VERSION = 1
 DEFAULT_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
@@ -69,11 +77,6 @@ TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 
 
 # ============================================================================ setup helpers
-
-def task_seed(seed: int, t: int) -> int:
-    """The seed of task t: every RNG is reset from it when the task starts."""
-    return (int(seed) * 1000003 + 7919 * (t + 1)) % (2 ** 31 - 1)
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -229,36 +232,6 @@ def _n_targets(e: Encoded) -> int:
     return len(e.answer_ids) - (0 if e.prompt_ids else 1)
 
 
-# ============================================================================ replay store
-
-@dataclass
-class _Sample:
-    """A new replay sample while its task is being learned (becomes a ReplaySample)."""
-    prompt_ids: list
-    answer_ids: list
-    task: int
-    logits: object = None                      # [A, V] teacher logits, or a TopK of them
-    queries: Optional[torch.Tensor] = None     # [Q] positions within the sample; None = all
-    attn: dict = field(default_factory=dict)   # {layer: [S_l, Q, len]} teacher rows
-
-    @property
-    def length(self):
-        return len(self.prompt_ids) + len(self.answer_ids)
-
-    def to_replay(self):
-        from .replay import ReplaySample
-        ids = torch.tensor(self.prompt_ids + self.answer_ids, dtype=torch.long)
-        mask = torch.zeros(self.length, dtype=torch.bool)
-        mask[len(self.prompt_ids):] = True
-        # Teacher logits sit at the positions that predict answer tokens.
-        return ReplaySample(ids, mask, self.queries, self.logits, max(0, len(self.prompt_ids) - 1), self.attn)
-
-
-def _targets(rs) -> int:
-    """Next-token targets of a ReplaySample: answer tokens with a token before them."""
-    return int(rs.answer_mask[1:].sum())
-
-
 # ============================================================================ SEEKR pieces
 
 def _select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int) -> dict:
@@ -271,6 +244,10 @@ def _select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int)
 
 class ContinualTrainer:
     """Runs a task stream with one method and writes checkpoints, memory and results.
+
+    A thin loop over :class:`~seekr_kernels.continual.recipe.SeekrRecipe` (``self.recipe``):
+    the loop owns data order, optimisation, evaluation and files; the recipe owns the
+    replay memory, importance, heads and the replay loss.
 
     Args:
         config: a :class:`RunConfig` (validated here).
@@ -305,25 +282,27 @@ class ContinualTrainer:
         self.autocast = None
         if tr.precision == "bf16" or (tr.precision == "auto" and self.device.type == "cuda"):
             self.autocast = torch.bfloat16
-        from .replay import ReplayMemory
-        self.memory = ReplayMemory()
-        n_layers = self.model.config.num_hidden_layers
-        n_heads = self.model.config.num_attention_heads
-        self.importance = torch.zeros(n_layers, n_heads, dtype=torch.float32)
-        d = config.distill
-        lb = d.layer_budget or max(1, round(0.75 * n_layers))
-        hb = d.head_budget or max(1, (n_layers * n_heads) // 8)
-        if lb > n_layers:
-            raise ConfigError(f"distill.layer_budget: {lb} is more than the model's {n_layers} layers")
-        if hb > lb * n_heads:
-            raise ConfigError(f"distill.head_budget: {hb} is more than layer_budget x heads = "
-                              f"{lb} x {n_heads}")
-        self.budgets = (lb, hb)
-        self.heads: dict = {}
+        self.recipe = SeekrRecipe(config, model=self.model, pad_token_id=self.tokenizer.pad_token_id,
+                                  device=self.device, autocast_dtype=self.autocast)
+        self.budgets = self.recipe.budgets
         self.rows: list = []
         self.loglik_rows: list = []
         self._tb = None
         self._log_f = None
+        self._fsdp = False
+
+    # The state carried across tasks lives in the recipe.
+    @property
+    def memory(self):
+        return self.recipe.memory
+
+    @property
+    def importance(self) -> torch.Tensor:
+        return self.recipe.importance
+
+    @property
+    def heads(self) -> dict:
+        return self.recipe.heads
 
     # ---------------------------------------------------------------- small utilities
     def _print(self, *a):
@@ -386,6 +365,8 @@ class ContinualTrainer:
         else:
             self.train_model = m
         self._fsdp = self.dist.world > 1 and self.cfg.distributed.strategy == "fsdp"
+        self.recipe.dist = DistributedHooks(self.dist.rank, self.dist.world, self.dist.all_reduce, self._reshard,
+                                            sharded=self._fsdp)
 
     def _reshard(self):
         """FSDP2 keeps the root's parameters gathered after a forward with no backward (it
@@ -454,31 +435,13 @@ class ContinualTrainer:
         seed_everything(task_seed(cfg.seed, t))
         tr = cfg.train
         ds = EncodedDataset(task.train, self.tokenizer, tr.max_prompt_len, tr.max_answer_len)
-        replay_idx = []
-        if self.method != "sft":
-            from .replay import ReplayMemory
-            replay_idx = ReplayMemory.sample_indices(len(ds), cfg.replay.ratio, task_seed(cfg.seed, t) + 1)
-        new = [_Sample(ds[i].prompt_ids, ds[i].answer_ids, t) for i in replay_idx]
-        before = None
-        if self.method == "seekr":
-            self._choose_queries(new, t)
-            before = self._pre_task_snapshot(new)
+        self.recipe.begin_task(self.train_model, ds.items, name=task.name)
         epochs = cfg.tasks[t].epochs or tr.epochs
         t_start = time.time()
         self._fit(t, ds, epochs)
-        if self.method == "seekr":
-            sens = self._sensitivity(new)
-            forget = self._forgettability(new, before)
-            del before
-            self.importance += sens * forget
-            L, H = self.importance.shape
-            self.heads = _select_heads(self.importance, *self.budgets)
-            self.log(kind="heads", task=t, heads={str(l): h.tolist() for l, h in self.heads.items()})
-        if self.method in ("replay+logits", "seekr"):
-            self._capture_teacher(new, self.heads if self.method == "seekr" else {})
-        if self.method != "sft":
-            self.memory.add_task(task.name, [x.to_replay() for x in new],
-                                 self.heads if self.method == "seekr" else {})
+        info = self.recipe.end_task(self.train_model)
+        if "heads" in info:
+            self.log(kind="heads", task=t, heads={str(l): h.tolist() for l, h in info["heads"].items()})
         row, ll = self._evaluate_upto(t)
         self.rows.append(row)
         self.loglik_rows.append(ll)
@@ -488,22 +451,18 @@ class ContinualTrainer:
                     + ", ".join(f"{n}={s:.3f}" for n, s in zip(self.task_names, row)))
         self._save(t)
 
-    def _choose_queries(self, samples, t):
-        from .replay import ReplayMemory
-        qs = ReplayMemory.choose_queries([x.length for x in samples], self.cfg.distill.query_budget,
-                                         task_seed(self.cfg.seed, t) + 2)
-        for x, q in zip(samples, qs):
-            x.queries = q
-
     # ---------------------------------------------------------------- training loop
     def _global_batches(self, n, epoch, t, bs):
-        bl = epoch_batches(n, bs, task_seed(self.cfg.seed, t), epoch, shuffle=self.cfg.train.shuffle)
+        ep = 0 if self.cfg.train.order == "fixed" else epoch
+        bl = epoch_batches(n, bs, task_seed(self.cfg.seed, t), ep, shuffle=self.cfg.train.shuffle)
         need = self.dist.world * self.cfg.train.grad_accum
         if bl and len(bl[-1]) < need:   # every rank and micro-step needs a sample
             bl.pop()
         return bl
 
     def _fit(self, t: int, ds: EncodedDataset, epochs: int):
+        if self.recipe.replays_in_accumulation:
+            return self._fit_in_accumulation(t, ds, epochs)
         cfg, tr = self.cfg, self.cfg.train
         model = self.train_model
         model.train()
@@ -512,41 +471,16 @@ class ContinualTrainer:
         if n_batches == 0:
             raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
                              f"{self.dist.world * tr.grad_accum}+ samples")
-        mem = self.memory.keys()
-        rbs = cfg.replay.batch_size or tr.batch_size
-        need = self.dist.world * tr.grad_accum
-        rng = random.Random(task_seed(cfg.seed, t) + 3)
-
-        def replay_epoch():
-            # One pass over the memory in a fresh order, as a replay DataLoader would give; a
-            # trailing batch too small for every rank and micro-step is dropped.
-            order = mem[:]
-            rng.shuffle(order)
-            bl = [order[i:i + rbs] for i in range(0, len(order), rbs)]
-            return bl[:-1] if bl and len(bl[-1]) < need else bl
-
-        cycle, replay_per_epoch = 0, 0
-        if mem and self.method != "sft":
-            n_rb = len(replay_epoch())
-            if n_rb:
-                cycle = cfg.replay.cycle or max(1, n_batches // n_rb)
-                replay_per_epoch = n_batches // cycle
-        total = epochs * (n_batches + replay_per_epoch)
+        rs = self.recipe.replay_schedule(n_batches)
+        total = epochs * (n_batches + rs.per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tr.schedule, tr.warmup_steps, total))
-        rng.seed(task_seed(cfg.seed, t) + 3)
-        replay_queue: list = []
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=f"{self.method} {t + 1}/{len(self.tasks)} {self.task_names[t]}",
-                   disable=not (self.dist.main and cfg.log.progress and not self.quiet), leave=False,
-                   dynamic_ncols=True)
+        bar = self._bar(t, total)
         gstep = 0
         for epoch in range(epochs):
+            rs.start_epoch(epoch)
             for step, gb in enumerate(self._global_batches(len(ds), epoch, t, tr.batch_size)):
-                if cycle and (step + 1) % cycle == 0:
-                    if not replay_queue:
-                        replay_queue = replay_epoch()
-                    rb = replay_queue.pop(0)
-                    rec = self._replay_step(rb, opt, sched)
+                if rs.is_replay_step(step):
+                    rec = self._replay_step(rs.next_batch(), opt, sched)
                     gstep += 1
                     bar.update(1)
                     if gstep % cfg.log.every == 0:
@@ -561,11 +495,105 @@ class ContinualTrainer:
         bar.close()
         opt.zero_grad(set_to_none=True)
 
+    def _bar(self, t, total):
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=f"{self.method} {t + 1}/{len(self.tasks)} {self.task_names[t]}",
+                    disable=not (self.dist.main and self.cfg.log.progress and not self.quiet), leave=False,
+                    dynamic_ncols=True)
+
+    def _fit_in_accumulation(self, t: int, ds: EncodedDataset, epochs: int):
+        """``replay.in_accumulation`` (published, DeepSpeed): the loop runs micro-steps; a
+        replay micro-batch is one of them, and every ``grad_accum`` micro-steps (train or
+        replay) make one optimiser step. Each micro-step's loss is its own mean / grad_accum,
+        as DeepSpeed scales it. A window left incomplete at the end of the task is stepped
+        (the published engine would carry it into the next task)."""
+        cfg, tr = self.cfg, self.cfg.train
+        A, W = tr.grad_accum, self.dist.world
+        model = self.train_model
+        model.train()
+        opt = torch.optim.AdamW(_param_groups(self.base, tr.weight_decay), lr=tr.lr, betas=tuple(tr.betas))
+
+        def micro_steps(epoch):
+            # Micro-step k of a global batch: every rank's k-th micro-batch of it.
+            out = []
+            for gb in self._global_batches(len(ds), epoch, t, tr.batch_size):
+                ranks = [shard(gb, r, W) for r in range(W)]
+                for k in range(A):
+                    out.append([i for r in ranks for i in shard(r, k, A)])
+            return out
+
+        n_micro = len(micro_steps(0))
+        if n_micro == 0:
+            raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
+                             f"{W * A}+ samples")
+        rs = self.recipe.replay_schedule(n_micro)
+        total = -(-epochs * (n_micro + rs.per_epoch) // A)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tr.schedule, tr.warmup_steps, total))
+        bar = self._bar(t, total)
+        state = {"micro": 0, "gstep": 0, "losses": []}
+
+        def after_micro(epoch, step):
+            state["micro"] += 1
+            if state["micro"] % A == 0:
+                self._optimizer_step(opt, sched)
+                state["gstep"] += 1
+                bar.update(1)
+                if state["losses"] and (state["gstep"] % cfg.log.every == 0 or state["gstep"] == total):
+                    loss = sum(state["losses"]) / len(state["losses"])
+                    self.log(kind="train", task=t, epoch=epoch, step=step, global_step=state["gstep"], loss=loss,
+                             lr=sched.get_last_lr()[0])
+                state["losses"] = []
+
+        for epoch in range(epochs):
+            rs.start_epoch(epoch)
+            for step, mb in enumerate(micro_steps(epoch)):
+                if rs.is_replay_step(step):
+                    boundary = (state["micro"] + 1) % A == 0
+                    rec = self._replay_micro(rs.next_batch(), boundary, 1.0 / A)
+                    if state["gstep"] % cfg.log.every == 0:
+                        self.log(kind="replay", task=t, epoch=epoch, step=step, global_step=state["gstep"], **rec)
+                    after_micro(epoch, step)
+                boundary = (state["micro"] + 1) % A == 0
+                state["losses"].append(self._train_micro([ds[i] for i in mb], boundary, 1.0 / A))
+                after_micro(epoch, step)
+        if state["micro"] % A:
+            self._optimizer_step(opt, sched)
+        bar.close()
+        opt.zero_grad(set_to_none=True)
+
+    def _train_micro(self, items, boundary: bool, scale: float) -> float:
+        """One accumulation micro-step on a global micro-batch (this rank takes its slice)."""
+        N = sum(_n_targets(e) for e in items)
+        mine = shard(list(range(len(items))), self.dist.rank, self.dist.world)
+        b = collate([items[i] for i in mine], self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of)
+        b = {k: v.to(self.device) for k, v in b.items()}
+        with self._sync_ctx(0, 1 if boundary else 2), self._autocast():
+            s = ce_sum(self._forward(b).logits, b["labels"])
+        (s * (scale * self.dist.world / N)).backward()
+        return float(self.dist.all_reduce(s.detach().double().cpu())) / N
+
+    def _replay_micro(self, keys, boundary: bool, scale: float) -> dict:
+        """One replay micro-step inside an accumulation window."""
+        mine = [keys[i] for i in shard(list(range(len(keys))), self.dist.rank, self.dist.world)]
+        b = self.recipe.batch(mine, global_keys=keys)
+        with self._sync_ctx(0, 1 if boundary else 2), self._autocast():
+            loss, parts = self.recipe.replay_loss(self.train_model, b)
+        (loss * (scale * self.dist.world)).backward()
+        return self._replay_record(parts)
+
+    def _replay_record(self, parts):
+        sums = torch.tensor([float(parts.get(k, 0.0)) for k in ("ce", "logits_kl", "attn_kl")], dtype=torch.float64)
+        sums = self.dist.all_reduce(sums)
+        rec = {"ce": float(sums[0])}
+        if "logits_kl" in parts:
+            rec["logits_kl"] = float(sums[1])
+        if "attn_kl" in parts:
+            rec["attn_kl"] = float(sums[2])
+        return rec
+
     def _micro(self, items):
         """This rank's micro-batches of a global batch (list of lists)."""
-        mine = shard(list(range(len(items))), self.dist.rank, self.dist.world)
-        acc = self.cfg.train.grad_accum
-        return [shard(mine, k, acc) for k in range(acc)]
+        return self.recipe.micro_batches(items, self.cfg.train.grad_accum)
 
     def _sync_ctx(self, k, n):
         m = self.train_model
@@ -601,250 +629,20 @@ class ContinualTrainer:
         self._optimizer_step(opt, sched)
         return float(self.dist.all_reduce(total)) / N
 
-    def _replay_layers(self, keys) -> list:
-        """Distilled layers of a global replay batch: every layer some sample's task names."""
-        ls = set()
-        for k in keys:
-            t = self.memory.tasks[k[0]]
-            if t.has_attention:
-                ls.update(t.heads)
-        return sorted(ls)
-
     def _replay_step(self, keys, opt, sched) -> dict:
-        cfg = self.cfg
-        d = cfg.distill
-        method = self.method
-        N = sum(_targets(self.memory.sample(k)) for k in keys)
-        B = len(keys)
+        """One optimiser step on a global replay batch (the recipe's loss per micro-batch)."""
         W = self.dist.world
-        # The layer set of the whole global batch, so every rank averages over the same layers.
-        layers = self._replay_layers(keys) if method == "seekr" else []
-        want_logits = method in ("replay+logits", "seekr")
         micro = self._micro(keys)
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = {}
         for k, mb in enumerate(micro):
-            mk = [keys[i] for i in mb]
-            b = self.memory.batch(mk, self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of,
-                                  logits=want_logits, attention=bool(layers), layers=layers or None)
-            dev = {kk: b[kk].to(self.device) for kk in ("input_ids", "attention_mask", "position_ids", "labels")}
+            b = self.recipe.batch([keys[i] for i in mb], global_keys=keys)
             with self._sync_ctx(k, len(micro)), self._autocast():
-                if layers:
-                    from ..llama import distill_attention
-                    heads, teacher, q = self._attention_targets(b, layers)
-                    with distill_attention(self.base, heads, q, teacher, dev["attention_mask"],
-                                           backend=d.backend) as dctx:
-                        out = self._forward(dev)
-                    attn = dctx.loss() * (len(mk) / B)
-                else:
-                    out = self._forward(dev)
-                    attn = None
-                labels = dev["labels"]
-                ce = ce_sum(out.logits, labels) / N
-                lkl = None
-                if want_logits:
-                    tl = b["teacher_logits"].to(self.device)
-                    n_loc = int((labels[:, 1:] != -100).sum())
-                    lkl = logits_kl_mean(out.logits, tl, labels) * (n_loc / N)
-                loss = replay_objective(method, ce, lkl, attn, d.logits_weight, d.attn_weight)
+                loss, parts = self.recipe.replay_loss(self.train_model, b)
             (loss * W).backward()
-            sums += torch.tensor([float(ce.detach()), float(lkl.detach()) if lkl is not None else 0.0,
-                                  float(attn.detach()) if attn is not None else 0.0], dtype=torch.float64)
+            for name, v in parts.items():
+                sums[name] = sums.get(name, 0.0) + float(v)
         self._optimizer_step(opt, sched)
-        sums = self.dist.all_reduce(sums)
-        rec = {"ce": float(sums[0])}
-        if want_logits:
-            rec["logits_kl"] = float(sums[1])
-        if layers:
-            rec["attn_kl"] = float(sums[2])
-        return rec
-
-    def _attention_targets(self, b, layers):
-        """heads / teacher / queries of a replay micro-batch on the device, with an empty
-        [B, 1] slot table for global-batch layers none of its samples distils."""
-        heads = dict(b.get("heads") or {})
-        teacher = dict(b.get("teacher_attention") or {})
-        q = b.get("queries")
-        Bm, L = b["input_ids"].shape
-        Q = L if q is None else q.shape[1]
-        for l in layers:
-            if l not in heads:
-                heads[l] = torch.full((Bm, 1), -1, dtype=torch.long)
-                teacher[l] = torch.zeros(Bm, 1, Q, L)
-        dev = self.device
-        return ({l: heads[l].to(dev) for l in layers}, {l: teacher[l].to(dev) for l in layers},
-                None if q is None else q.to(dev))
-
-    # ---------------------------------------------------------------- SEEKR statistics
-    def _sensitivity_chunks(self, samples, bs):
-        """This rank's share of the samples in chunks of ``bs``, plus weight-0 filler chunks so
-        every rank runs the same number of passes (FSDP needs matched collectives)."""
-        n = len(samples)
-        mine = [samples[i] for i in shard(list(range(n)), self.dist.rank, self.dist.world)]
-        chunks = [(mine[i:i + bs], 1.0) for i in range(0, len(mine), bs)]
-        need = -(-(-(-n // self.dist.world)) // bs)
-        return chunks + [([samples[0]], 0.0)] * (need - len(chunks))
-
-    def _sensitivity(self, samples) -> torch.Tensor:
-        """Task sensitivity per head on the replay samples (mean over samples of the mean
-        (dL/dA)^2 over each head's map), normalised per layer as published."""
-        from .importance import measure_sensitivity, sensitivity_loss
-        model = self.base
-        was = model.training
-        model.eval()
-        L, H = self.importance.shape
-        sums = torch.zeros(L, H, dtype=torch.float64)
-        for chunk, w in self._sensitivity_chunks(samples, self.cfg.distill.sensitivity_batch_size):
-            b = collate([Encoded(s.prompt_ids, s.answer_ids) for s in chunk], self.tokenizer.pad_token_id)
-            b = {k: v.to(self.device) for k, v in b.items()}
-            with measure_sensitivity(model, region=self.cfg.distill.sensitivity_region) as m:
-                with self._autocast():
-                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                position_ids=b["position_ids"], use_cache=False)
-                # Sum of per-sample mean CE: each sample gets the gradient it gets alone.
-                sensitivity_loss(out.logits, b["labels"]).backward()
-            if w:
-                sums += m.sums.double().cpu()
-            model.zero_grad(set_to_none=True)
-        sens = self.dist.all_reduce(sums) / max(1, len(samples))
-        model.train(was)
-        return (sens / sens.sum(1, keepdim=True).clamp_min(1e-30)).float()
-
-    def _pre_task_snapshot(self, samples):
-        """What forgettability compares against: a frozen copy of the pre-task model, or
-        (FSDP, where a sharded module cannot be copied) every head's rows on the host."""
-        if self._fsdp:
-            return self._all_head_rows(samples)
-        import copy
-
-        from ..llama import patch_llama
-        base = self.base
-        # A fresh module with the same weights (the patched model holds a lock: no deepcopy).
-        with _fork_rng():
-            snap = type(base)(copy.deepcopy(base.config))
-        snap.load_state_dict(base.state_dict())
-        snap = patch_llama(snap.to(device=self.device, dtype=next(base.parameters()).dtype)).eval()
-        for p in snap.parameters():
-            p.requires_grad_(False)
-        return snap
-
-    def _forgettability(self, samples, before) -> torch.Tensor:
-        """Mean (A_before - A_after)^2 per head over the replay samples' query rows."""
-        L, H = self.importance.shape
-        if isinstance(before, list):
-            mine = shard(list(range(len(samples))), 0, 1)
-            after = self._all_head_rows(samples)
-            acc = torch.zeros(L, H, dtype=torch.float64)
-            for i in mine:
-                for l in range(L):
-                    acc[l] += ((before[i][l].double() - after[i][l].double()) ** 2).mean((1, 2))
-            return (acc / max(1, len(samples))).float()
-        from .importance import ForgettabilityMeter
-        model = self.base
-        was = model.training
-        model.eval()
-        meter = ForgettabilityMeter(normalize="sample", backend=self.cfg.distill.backend)
-        n_local = 0
-        mine = [samples[i] for i in shard(list(range(len(samples))), self.dist.rank, self.dist.world)]
-        bs = self.cfg.eval.batch_size
-        for i in range(0, len(mine), bs):
-            chunk = mine[i:i + bs]
-            b = collate([Encoded(s.prompt_ids, s.answer_ids) for s in chunk], self.tokenizer.pad_token_id)
-            Lb = b["input_ids"].shape[1]
-            inputs = {k: b[k].to(self.device) for k in ("input_ids", "attention_mask", "position_ids")}
-            inputs["use_cache"] = False
-            if any(s.queries is not None for s in chunk):
-                q, qm = self._query_table(chunk, Lb)
-                inputs["queries"], inputs["query_mask"] = q.to(self.device), qm.to(self.device)
-            with self._autocast():
-                meter.update(before, model, inputs)
-            n_local += len(chunk)
-        model.train(was)
-        sc = meter.scores.double() if n_local else torch.zeros(L, H, dtype=torch.float64)
-        return (self.dist.all_reduce(sc * n_local) / max(1, len(samples))).float()
-
-    @staticmethod
-    def _query_table(chunk, Lb):
-        """[B, Q] absolute query positions of left-padded samples, and which slots are real."""
-        Qm = max(s.length if s.queries is None else s.queries.numel() for s in chunk)
-        q = torch.zeros(len(chunk), Qm, dtype=torch.long)
-        qm = torch.zeros(len(chunk), Qm, dtype=torch.bool)
-        for j, s in enumerate(chunk):
-            p = Lb - s.length
-            rel = torch.arange(s.length) if s.queries is None else s.queries.long()
-            q[j, :rel.numel()] = rel + p
-            qm[j, :rel.numel()] = True
-        return q, qm
-
-    @torch.no_grad()
-    def _all_head_rows(self, samples) -> list:
-        """Every head's attention rows at the samples' query rows: per sample {l: [H, Q, len]}."""
-        from ..llama import capture_attention
-        model = self.base
-        was = model.training
-        model.eval()
-        L, H = self.importance.shape
-        heads = {l: torch.arange(H) for l in range(L)}
-        out = []
-        for s in samples:
-            b = collate([Encoded(s.prompt_ids, s.answer_ids)], self.tokenizer.pad_token_id)
-            b = {k: v.to(self.device) for k, v in b.items()}
-            q = None if s.queries is None else s.queries[None].to(self.device)
-            with capture_attention(model, heads, q, b["attention_mask"], device="cpu",
-                                   backend=self.cfg.distill.backend) as c, self._autocast():
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                      position_ids=b["position_ids"], use_cache=False)
-            out.append({l: r[0].float() for l, r in c.rows.items()})
-        model.train(was)
-        self._reshard()
-        return out
-
-    @torch.no_grad()
-    def _capture_teacher(self, samples, heads):
-        """Teacher logits (and selected heads' attention rows) of the new replay samples."""
-        model = self.base
-        was = model.training
-        model.eval()
-        topk = self.cfg.distill.teacher_logits_topk
-        bs = self.cfg.eval.batch_size
-        for i in range(0, len(samples), bs):
-            chunk = samples[i:i + bs]
-            b = collate([Encoded(s.prompt_ids, s.answer_ids) for s in chunk], self.tokenizer.pad_token_id)
-            Lb = b["input_ids"].shape[1]
-            b = {k: v.to(self.device) for k, v in b.items()}
-            pads = [Lb - s.length for s in chunk]
-            ctx = contextlib.nullcontext()
-            if heads:
-                from ..llama import capture_attention
-                all_rows = all(s.queries is None for s in chunk)
-                q = None
-                if not all_rows:
-                    Qm = max(Lb if s.queries is None else s.queries.numel() for s in chunk)
-                    q = torch.zeros(len(chunk), Qm, dtype=torch.long)
-                    for j, (s, p) in enumerate(zip(chunk, pads)):
-                        rel = torch.arange(s.length) if s.queries is None else s.queries
-                        q[j, :rel.numel()] = rel + p
-                    q = q.to(self.device)
-                ctx = capture_attention(model, {l: h.to(self.device) for l, h in heads.items()}, q,
-                                        b["attention_mask"], device="cpu", backend=self.cfg.distill.backend)
-            with ctx as c, self._autocast():
-                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                            position_ids=b["position_ids"], use_cache=False)
-            logits = out.logits.float().cpu()
-            for j, (s, p) in enumerate(zip(chunk, pads)):
-                a0 = max(p, p + len(s.prompt_ids) - 1)
-                A = len(s.answer_ids) - (0 if s.prompt_ids else 1)
-                lg = logits[j, a0:a0 + A].clone()
-                if topk:
-                    from ..ops.topk import TopK
-                    s.logits = TopK.from_dense(lg, min(topk, lg.shape[-1]), kind="logits")
-                else:
-                    s.logits = lg
-                if heads:
-                    Q = s.length if s.queries is None else s.queries.numel()
-                    s.attn = {l: (r[j][:, p:, p:] if s.queries is None else r[j][:, :Q, p:]).clone().float()
-                              for l, r in c.rows.items()}
-        model.train(was)
-        self._reshard()
+        return self._replay_record(sums)
 
     # ---------------------------------------------------------------- evaluation
     def _evaluate_upto(self, t: int):
@@ -935,14 +733,19 @@ class ContinualTrainer:
                                f"unexpected {sorted(unexpected)})")
         if tied:
             self.model.tie_weights()
-        self.importance = load_file(os.path.join(ck, "seekr_state.safetensors"))["importance"]
-        self.heads = {int(l): torch.tensor(h, dtype=torch.long) for l, h in st.get("heads", {}).items()}
-        self.rows = [list(r) for r in st["rows"]][:k]
-        self.loglik_rows = [list(r) for r in st["loglik_rows"]][:k]
+        from .replay import ReplayMemory
+        memory = ReplayMemory()
         if self.method != "sft":
             for ti in range(k):
-                self.memory.add(self.memory.load_task(os.path.join(self.out, "memory"), ti,
-                                                      self.task_names[ti]))
+                memory.add(memory.load_task(os.path.join(self.out, "memory"), ti, self.task_names[ti]))
+        rc = self.recipe
+        rc.load_state_dict({**rc.state_dict(), "num_tasks": k, "task_names": self.task_names[:k],
+                            "importance": load_file(os.path.join(ck, "seekr_state.safetensors"))["importance"],
+                            "heads": {int(l): torch.tensor(h, dtype=torch.long)
+                                      for l, h in st.get("heads", {}).items()},
+                            "memory": memory.tasks, "current": None})
+        self.rows = [list(r) for r in st["rows"]][:k]
+        self.loglik_rows = [list(r) for r in st["loglik_rows"]][:k]
         return k
 
 

@@ -64,7 +64,7 @@ def out_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def attention_kl_rows(a: AttnArgs, teacher, tmass, backend: str):
+def attention_kl_rows(a: AttnArgs, teacher, tmass, backend: str, log_eps: float = 0.0):
     """Per-row KL for validated args; ``teacher=None`` means rows = tmass * lse."""
     if a.S == 0 or a.Q == 0:
         ensure_index_ranges(a)      # nothing is indexed, but the same input is refused everywhere
@@ -76,13 +76,13 @@ def attention_kl_rows(a: AttnArgs, teacher, tmass, backend: str):
         tmass = tmass.detach().to(out_dtype(a.q)).contiguous()
     if backend == "torch":
         ensure_index_ranges(a)
-        return reference.attention_kl_rows(a, teacher, tmass).to(out_dtype(a.q))
+        return reference.attention_kl_rows(a, teacher, tmass, log_eps).to(out_dtype(a.q))
     rows, _, _ = _AttentionKLFunction.apply(a.q, a.k, teacher, tmass, a, backend)
     return rows
 
 
 def attention_kl(q, k, teacher, heads, queries=None, attention_mask=None, *, scale=None,
-                 reduction="batchmean", backend="auto", check_values=True):
+                 reduction="batchmean", backend="auto", check_values=True, log_eps=0.0):
     """KL(teacher || student) attention distillation loss for selected heads and query rows.
 
     Args:
@@ -108,6 +108,13 @@ def attention_kl(q, k, teacher, heads, queries=None, attention_mask=None, *, sca
             scores that could overflow the accumulator (one host sync). Turn off only for
             inputs already known to be valid: the result of such input is then undefined.
             Head and query ranges are re-checked by every backend even when off.
+        log_eps: 0 (default) for the exact KL above. ``eps > 0`` gives the published
+            code's ``sum t log t - sum t log(p + eps)`` (it used ``log(p + 1e-8)``), with
+            p the student's softmax over the valid keys; gradients follow that formula.
+            Only the ``torch`` backend implements it (``auto`` picks it): the fused
+            kernels rely on ``log p = z - lse`` being linear in the scores, which
+            ``log(p + eps)`` is not (it would need an extra pass forward and backward).
+            A dense teacher is required.
 
     Returns:
         fp32 loss (scalar, or [B, S, Q] for reduction='none'); fp64 for fp64 inputs (the
@@ -127,6 +134,10 @@ def attention_kl(q, k, teacher, heads, queries=None, attention_mask=None, *, sca
     a = check_attention_args(q, k, heads, queries, attention_mask, scale, check_values)
     check_reduction(reduction)
     from .topk import TopK  # local: topk imports this module
+    if log_eps != 0.0:
+        eps = _check_log_eps(log_eps, backend, teacher, TopK)
+        check_teacher_rows(teacher, a, check_values)
+        return reduce_rows(attention_kl_rows(a, teacher, None, "torch", eps), a.row_active, reduction)
     if isinstance(teacher, TopK):
         from .topk import attention_kl_topk_rows
         rows = attention_kl_topk_rows(a, teacher, _resolve(backend, q), check_values)
@@ -134,6 +145,19 @@ def attention_kl(q, k, teacher, heads, queries=None, attention_mask=None, *, sca
         check_teacher_rows(teacher, a, check_values)
         rows = attention_kl_rows(a, teacher, None, _resolve(backend, q))
     return reduce_rows(rows, a.row_active, reduction)
+
+
+def _check_log_eps(log_eps, backend, teacher, TopK):
+    import math
+    if isinstance(log_eps, bool) or not isinstance(log_eps, (int, float)) or not math.isfinite(log_eps) \
+            or not 0 <= log_eps < 1:
+        raise ValueError(f"log_eps: expected a number in [0, 1), got {log_eps!r}")
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"log_eps: {log_eps} > 0 is implemented by the torch backend only (backend='auto' "
+                         f"or 'torch'), got backend={backend!r}")
+    if isinstance(teacher, TopK):
+        raise ValueError("log_eps: a TopK teacher is not supported with log_eps > 0; pass the dense rows")
+    return float(log_eps)
 
 
 def _resolve(backend, q):

@@ -1,0 +1,1104 @@
+"""The SEEKR recipe as one object that any training loop drives.
+
+:class:`SeekrRecipe` holds everything SEEKR carries from task to task — the replay memory
+with its teachers, the accumulated head importance, the current head selection and the
+configuration — and offers the three moments of the method to a loop (the package's own
+:class:`~seekr_kernels.continual.trainer.ContinualTrainer`, the Hugging Face ``Trainer``,
+an accelerate script, or the few lines below)::
+
+    recipe = sk.SeekrRecipe({"method": "seekr", "replay": {"ratio": 0.01}}, model=model,
+                            pad_token_id=tok.pad_token_id)
+    for task in tasks:
+        recipe.begin_task(model, task.train)          # replay subset, query rows, pre-task weights
+        sched = recipe.replay_schedule(len(train_batches))
+        for step, batch in enumerate(train_batches):
+            if sched.is_replay_step(step):
+                rb = recipe.batch(sched.next_batch())
+                loss, parts = recipe.replay_loss(model, rb)
+                loss.backward(); opt.step(); opt.zero_grad()
+            ...ordinary training step on batch...
+        recipe.end_task(model)                        # importance, heads, teachers, memory
+        recipe.save("run/seekr")                      # atomic; SeekrRecipe.load(...) verifies
+
+What happens when (the published recipe, jinghan1he/SEEKR ``training/seekr.py``):
+
+* :meth:`SeekrRecipe.begin_task` draws the task's replay subset (``replay.ratio``,
+  ``replay.subset``) and, for ``seekr``, its query rows (``distill.query_budget``,
+  ``distill.query_sampling``) and keeps what forgettability needs of the pre-task model:
+  its trainable parameters on the host (:class:`PreTaskWeights`; no copy of the model,
+  so PEFT/LoRA models work and only the adapters are kept), or under a sharded model
+  (FSDP) every head's attention rows at the query rows.
+* :meth:`SeekrRecipe.replay_loss` is ``(1 - a) CE + a logits-KL + b attention-KL`` on a
+  replay batch (``replay``: CE only; ``replay+logits``: b = 0), each term a sum over this
+  process's share divided by the *global* batch's counts, so N data-parallel processes
+  (each backpropagating ``loss * N``, as DDP/FSDP average gradients) give the gradient
+  of the single-process global batch.
+* :meth:`SeekrRecipe.end_task` measures task sensitivity and forgettability on the new
+  replay samples, updates the importance, reselects heads under the budgets, captures the
+  teacher (:meth:`SeekrRecipe.capture_teacher`) and adds the samples to the memory.
+
+Distributed statistics go through :class:`DistributedHooks` (a sum all-reduce, a reshard
+after forward-only passes of a sharded model, rank and world size); the recipe knows
+nothing of the loop's process group, so the Hugging Face Trainer or accelerate can
+provide their own.
+
+Memory of the pre-task snapshot at Llama-2-7B shapes
+----------------------------------------------------
+Full fine-tuning (6.74 B trainable parameters in bf16): 13.5 GB on the host
+(``snapshot_device="cpu"``, the default) for the whole task and nothing on the device;
+while the forgettability passes run, the saved parameters sit on the device next to the
+trained ones (+13.5 GB there for those passes; the task's optimiser states are gone by
+then). LoRA (r = 8 on q/v of 32 layers: 4.2 M fp32 parameters): 17 MB. The model copy
+this replaces cost 13.5 GB on the device for the whole task, and could not be built for
+PEFT models. Under FSDP the snapshot is every head's rows at the query rows of every
+replay sample, on the host in fp32: 50 samples (1% of a 5k-sample task) x 32 layers x 32
+heads x Q x n x 4 B = 21 GB for Q = 100 and n = 1024 tokens (2.6 GB at n = 128); with
+query budget 0 (Q = n) 210 GB at n = 1024 — use the query budget, or DDP, with FSDP.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from ..utils.io import atomic_dir
+from .config import ConfigError, RecipeConfig, RunConfig, recipe_from_dict
+from .data import Encoded, collate, shard
+from .losses import IGNORE_INDEX, ce_sum, logits_kl_mean, replay_objective
+
+__all__ = ["SeekrRecipe", "DistributedHooks", "PreTaskWeights", "PendingSample", "ReplaySchedule",
+           "task_seed"]
+
+FORMAT = 1
+_KIND = "seekr-recipe"
+_META = "recipe.json"
+_TENSORS = "tensors.safetensors"
+_MEMORY = "memory"
+
+
+def task_seed(seed: int, t: int) -> int:
+    """The seed of task t: every RNG of the task derives from it."""
+    return (int(seed) * 1000003 + 7919 * (t + 1)) % (2 ** 31 - 1)
+
+
+# ============================================================================ distributed hooks
+
+@dataclass
+class DistributedHooks:
+    """What the recipe needs from a data-parallel job, injected by the loop.
+
+    Args:
+        rank, world_size: this process and the number of processes.
+        all_reduce: ``f(tensor) -> tensor`` summing over processes (required when
+            ``world_size > 1``); the recipe passes CPU tensors and reads the result on
+            the CPU.
+        reshard: called after the recipe's forward-only passes (FSDP2 keeps the root's
+            parameters gathered after a forward without backward).
+        sharded: the parameters are sharded (FSDP): every process then runs the same
+            forward passes (matched collectives) and the pre-task snapshot is attention
+            rows instead of parameters.
+    """
+    rank: int = 0
+    world_size: int = 1
+    all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    reshard: Optional[Callable[[], None]] = None
+    sharded: bool = False
+
+    def __post_init__(self):
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank/world_size: {self.rank}/{self.world_size} is not a valid position")
+        if self.world_size > 1 and self.all_reduce is None:
+            raise ValueError("all_reduce: required when world_size > 1 (statistics are summed over processes)")
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (identity in one process)."""
+        return self.all_reduce(t) if self.world_size > 1 else t
+
+    def after_forward(self) -> None:
+        if self.reshard is not None:
+            self.reshard()
+
+    @classmethod
+    def from_torch(cls, model=None, device=None, sharded: Optional[bool] = None) -> "DistributedHooks":
+        """Hooks for the current ``torch.distributed`` process group (world 1 without one).
+
+        ``device``: where the collective runs (the NCCL device); ``model``: resharded after
+        forward-only passes when it holds FSDP2 modules (``sharded`` defaults to that).
+        """
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+
+        def all_reduce(t):
+            x = t.to(dev)
+            dist.all_reduce(x)
+            return x.to(t.device)
+
+        fsdp = []
+        if model is not None:
+            try:
+                from torch.distributed.fsdp import FSDPModule
+                fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+            except ImportError:  # pragma: no cover - torch without FSDP2
+                fsdp = []
+
+        def reshard():
+            for m in fsdp:
+                m.reshard()
+        return cls(dist.get_rank(), dist.get_world_size(), all_reduce, reshard if fsdp else None,
+                   bool(fsdp) if sharded is None else sharded)
+
+
+# ============================================================================ pre-task weights
+
+class PreTaskWeights:
+    """The trainable parameters of a model at one moment, to run the model with them later.
+
+    SEEKR's forgettability compares each head's attention before and after a task. Rather
+    than a copy of the model (which needs to rebuild its class — impossible for PEFT
+    models — and costs a second model on the device for the whole task), this keeps the
+    parameters that the task can change (those with ``requires_grad``; frozen ones are
+    assumed unchanged) and swaps them in for the pre-task passes::
+
+        before = PreTaskWeights.capture(model)       # host copy of the trainable tensors
+        ...train...
+        with before.applied(model):                   # the model runs its pre-task weights
+            model(**batch)
+        measure_forgettability(before.module(model), model, batches)   # both at once
+
+    Swapping replaces ``param.data`` (no in-place write, so the trained weights are never
+    touched and come back bit for bit). Not for sharded (FSDP) parameters.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors: Dict[str, torch.Tensor] = dict(tensors)
+
+    @classmethod
+    def capture(cls, model: torch.nn.Module, device="cpu", trainable_only: bool = True) -> "PreTaskWeights":
+        """Copy ``model``'s (trainable) parameters to ``device`` (None: where they are)."""
+        out = {}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if trainable_only and not p.requires_grad:
+                    continue
+                out[n] = p.detach().to(p.device if device is None else device, copy=True)
+        return cls(out)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """Run ``model`` with these parameters inside the context; restored on exit."""
+        params = dict(model.named_parameters())
+        missing = sorted(set(self.tensors) - set(params))
+        if missing:
+            raise ValueError(f"model: has no parameters {missing[:5]} of the snapshot (another model?)")
+        saved = {}
+        try:
+            for n, t in self.tensors.items():
+                p = params[n]
+                if tuple(p.shape) != tuple(t.shape) or p.dtype != t.dtype:
+                    raise ValueError(f"model: parameter {n} is {list(p.shape)} {p.dtype}, the snapshot holds "
+                                     f"{list(t.shape)} {t.dtype}")
+                saved[n] = p.data
+                p.data = t.to(p.device)
+            yield model
+        finally:
+            for n, d in saved.items():
+                params[n].data = d
+
+    def module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A module view of ``model`` that runs with these parameters (for
+        :func:`~seekr_kernels.measure_forgettability`'s ``model_before``)."""
+        return _WithWeights(self, model)
+
+
+class _WithWeights(torch.nn.Module):
+    def __init__(self, weights: PreTaskWeights, model: torch.nn.Module):
+        super().__init__()
+        self._weights = weights
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with self._weights.applied(self.model):
+            return self.model(*args, **kwargs)
+
+
+# ============================================================================ samples
+
+@dataclass
+class PendingSample:
+    """A new replay sample while its task is being learned (:meth:`to_replay` gives the
+    :class:`~seekr_kernels.ReplaySample` stored in the memory).
+
+    ``logits``: teacher logits ``[A, V]`` (or a TopK) at the positions that predict the
+    A answer tokens that have a token before them; ``queries``: ``[Q]`` positions within
+    the sample (None = all rows); ``attn``: ``{layer: [S_l, Q, n]}`` teacher rows.
+    """
+    prompt_ids: list
+    answer_ids: list
+    task: int
+    logits: object = None
+    queries: Optional[torch.Tensor] = None
+    attn: dict = field(default_factory=dict)
+
+    @property
+    def length(self):
+        return len(self.prompt_ids) + len(self.answer_ids)
+
+    def to_replay(self):
+        from .replay import ReplaySample
+        ids = torch.tensor(self.prompt_ids + self.answer_ids, dtype=torch.long)
+        mask = torch.zeros(self.length, dtype=torch.bool)
+        mask[len(self.prompt_ids):] = True
+        # Teacher logits sit at the positions that predict answer tokens.
+        return ReplaySample(ids, mask, self.queries, self.logits, max(0, len(self.prompt_ids) - 1), self.attn)
+
+
+def _as_pair(item, i):
+    """(prompt_ids, answer_ids) of one task sample: an ``Encoded``, a mapping with
+    ``prompt_ids``/``answer_ids``, or a mapping with ``input_ids`` and ``labels`` (-100 on
+    the prompt; the supervised tokens must be a suffix), optionally ``attention_mask``."""
+    name = f"task_samples[{i}]"
+    if isinstance(item, Encoded):
+        return list(item.prompt_ids), list(item.answer_ids)
+    if not isinstance(item, Mapping):
+        raise TypeError(f"{name}: expected an Encoded or a mapping, got {type(item).__name__}")
+    if "prompt_ids" in item and "answer_ids" in item:
+        p, a = [int(x) for x in item["prompt_ids"]], [int(x) for x in item["answer_ids"]]
+    elif "input_ids" in item and "labels" in item:
+        ids = torch.as_tensor(item["input_ids"]).reshape(-1)
+        lab = torch.as_tensor(item["labels"]).reshape(-1)
+        if ids.shape != lab.shape:
+            raise ValueError(f"{name}: input_ids and labels differ in length ({ids.numel()} vs {lab.numel()})")
+        if "attention_mask" in item and item["attention_mask"] is not None:
+            keep = torch.as_tensor(item["attention_mask"]).reshape(-1).bool()
+            if keep.shape != ids.shape:
+                raise ValueError(f"{name}: attention_mask differs in length from input_ids")
+            ids, lab = ids[keep], lab[keep]
+        sup = (lab != IGNORE_INDEX).nonzero().flatten()
+        if sup.numel() == 0:
+            raise ValueError(f"{name}: no supervised token (every label is -100)")
+        s0 = int(sup[0])
+        if sup.numel() != ids.numel() - s0 or not torch.equal(lab[s0:], ids[s0:]):
+            raise ValueError(f"{name}: the supervised tokens (labels != -100) must be a suffix of input_ids "
+                             "with labels equal to the tokens (a prompt followed by its answer)")
+        p, a = ids[:s0].tolist(), ids[s0:].tolist()
+    else:
+        raise ValueError(f"{name}: expected keys prompt_ids/answer_ids or input_ids/labels, got {sorted(item)}")
+    if not a:
+        raise ValueError(f"{name}: empty answer")
+    return p, a
+
+
+def _targets(rs) -> int:
+    """Next-token targets of a ReplaySample: answer tokens with a token before them."""
+    return int(rs.answer_mask[1:].sum())
+
+
+def _encoded(samples):
+    return [Encoded(s.prompt_ids, s.answer_ids) for s in samples]
+
+
+@dataclass
+class _TaskState:
+    index: int
+    name: str
+    indices: list
+    samples: list
+    before: object = None      # PreTaskWeights, per-sample rows (sharded), or None
+
+
+# ============================================================================ replay schedule
+
+class ReplaySchedule:
+    """When to replay within a task, and which replay batches (global key lists).
+
+    Replay runs before train step ``step`` when ``(step + 1) % cycle == 0``; the default
+    cycle is train batches per epoch // replay batches per pass over the memory, and when
+    replay batches outnumber train batches ``outnumbered`` decides: ``every_step`` (cycle
+    1) or ``skip`` (cycle 0: no replay, as published). ``per_epoch`` replay batches run per
+    epoch. ``order="reshuffle"``: every pass over the memory in a fresh seeded order, the
+    queue continuing across epochs; ``"fixed"``: one seeded order, restarted at every
+    epoch (:meth:`start_epoch`) as the published loader does. A trailing batch smaller
+    than ``min_batch`` (world size x micro-steps: every process and micro-step needs a
+    sample) is dropped.
+    """
+
+    def __init__(self, keys: Sequence, batch_size: int, n_train_batches: int, *, cycle: int = 0,
+                 min_batch: int = 1, order: str = "reshuffle", outnumbered: str = "every_step", seed: int = 0):
+        self.keys = list(keys)
+        self.batch_size = int(batch_size)
+        self.min_batch = int(min_batch)
+        self.order = order
+        self._rng = random.Random(seed)
+        self.cycle, self.per_epoch = 0, 0
+        if self.keys:
+            n_rb = len(self._pass())
+            if n_rb:
+                if cycle:
+                    self.cycle = cycle
+                elif n_train_batches >= n_rb or outnumbered == "every_step":
+                    self.cycle = max(1, n_train_batches // n_rb)
+                self.per_epoch = n_train_batches // self.cycle if self.cycle else 0
+        self._rng.seed(seed)
+        self._fixed = self._pass() if order == "fixed" and self.keys else None
+        self._queue: list = []
+
+    def _pass(self):
+        order = self.keys[:]
+        self._rng.shuffle(order)
+        bl = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return bl[:-1] if bl and len(bl[-1]) < self.min_batch else bl
+
+    def is_replay_step(self, step: int) -> bool:
+        """Whether a replay batch runs before train step ``step`` (0-based, per epoch)."""
+        return bool(self.cycle) and (step + 1) % self.cycle == 0
+
+    def start_epoch(self, epoch: int) -> None:
+        """Call at the start of every epoch (the fixed order restarts there)."""
+        if self._fixed is not None:
+            self._queue = list(self._fixed)
+
+    def next_batch(self) -> list:
+        """The next replay batch's global keys."""
+        if not self._queue:
+            self._queue = list(self._fixed) if self._fixed is not None else self._pass()
+        return self._queue.pop(0)
+
+
+# ============================================================================ the recipe
+
+class SeekrRecipe:
+    """SEEKR for any training loop: replay memory, importance, heads and the three moments.
+
+    Args:
+        config: a :class:`~seekr_kernels.continual.config.RecipeConfig`, a ``RunConfig``
+            (its recipe part is taken), a dict for
+            :func:`~seekr_kernels.continual.config.recipe_from_dict`, or None (defaults).
+        model: the model (for its layer and head counts, and for budget checks now).
+        num_layers, num_heads: the shape, when no model is given (else taken at
+            :meth:`begin_task`).
+        pad_token_id: padding token of every batch the recipe builds.
+        device: where the recipe's own forward passes run (default: the model's).
+        autocast_dtype: autocast dtype of those passes (e.g. ``torch.bfloat16``), or None.
+        distributed: :class:`DistributedHooks` (default: one process).
+        snapshot_device: where :class:`PreTaskWeights` keeps the pre-task parameters
+            (``"cpu"``, or None for the parameters' own device).
+
+    State carried across tasks: :attr:`memory` (:class:`~seekr_kernels.ReplayMemory`),
+    :attr:`importance` (``[n_layers, n_heads]`` fp32), :attr:`heads` (``{layer: heads}``),
+    :attr:`num_tasks` and :attr:`task_names` (tasks ended). :meth:`state_dict` /
+    :meth:`save` include a task in progress (its samples, queries and pre-task snapshot),
+    so a run can be checkpointed and resumed mid-task.
+    """
+
+    def __init__(self, config=None, *, model=None, num_layers: Optional[int] = None,
+                 num_heads: Optional[int] = None, pad_token_id: int = 0, device=None, autocast_dtype=None,
+                 distributed: Optional[DistributedHooks] = None, snapshot_device="cpu"):
+        if config is None:
+            config = RecipeConfig()
+        if isinstance(config, RunConfig):
+            config = config.recipe_config()
+        elif isinstance(config, Mapping):
+            config = recipe_from_dict(dict(config))
+        elif not isinstance(config, RecipeConfig):
+            raise TypeError(f"config: expected a RecipeConfig, RunConfig, dict or None, got {type(config).__name__}")
+        self.cfg = config.validate()
+        self.method = self.cfg.method
+        self.pad_token_id = int(pad_token_id)
+        self.device = None if device is None else torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.dist = distributed or DistributedHooks()
+        self.snapshot_device = snapshot_device
+        from .replay import ReplayMemory
+        self.memory = ReplayMemory()
+        self.heads: Dict[int, torch.Tensor] = {}
+        self.num_tasks = 0
+        self.task_names: List[str] = []
+        self.current: Optional[_TaskState] = None
+        self.importance: Optional[torch.Tensor] = None
+        self.budgets = None
+        if model is not None:
+            c = _model_config(model)
+            num_layers, num_heads = c.num_hidden_layers, c.num_attention_heads
+        if num_layers is not None and num_heads is not None:
+            self._set_shape(int(num_layers), int(num_heads))
+
+    # ---------------------------------------------------------------- shape and budgets
+    def _set_shape(self, n_layers, n_heads):
+        d = self.cfg.distill
+        lb = d.layer_budget or max(1, round(0.75 * n_layers))
+        hb = d.head_budget or max(1, (n_layers * n_heads) // 8)
+        if lb > n_layers:
+            raise ConfigError(f"distill.layer_budget: {lb} is more than the model's {n_layers} layers")
+        if hb > lb * n_heads:
+            raise ConfigError(f"distill.head_budget: {hb} is more than layer_budget x heads = "
+                              f"{lb} x {n_heads}")
+        self.num_layers, self.num_heads = n_layers, n_heads
+        self.budgets = (lb, hb)
+        if self.importance is None:
+            self.importance = torch.zeros(n_layers, n_heads, dtype=torch.float32)
+
+    def _ensure_shape(self, model):
+        c = _model_config(model)
+        if self.budgets is None:
+            self._set_shape(c.num_hidden_layers, c.num_attention_heads)
+        elif (c.num_hidden_layers, c.num_attention_heads) != (self.num_layers, self.num_heads):
+            raise ValueError(f"model: {c.num_hidden_layers} layers x {c.num_attention_heads} heads, the recipe "
+                             f"was built for {self.num_layers} x {self.num_heads}")
+
+    def _device_of(self, model):
+        if self.device is not None:
+            return self.device
+        return next(iter(model.parameters())).device
+
+    def _autocast(self, device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.method == "seekr"
+
+    @property
+    def uses_memory(self) -> bool:
+        return self.method != "sft"
+
+    # ---------------------------------------------------------------- begin task
+    def begin_task(self, model, task_samples: Sequence, name: Optional[str] = None) -> List[int]:
+        """Start a task: draw its replay subset (and, for ``seekr``, the query rows and the
+        pre-task snapshot of ``model``). Returns the indices of the replay samples.
+
+        ``task_samples``: the task's training samples, a sequence (``len`` and indexing;
+        only the drawn ones are read) of :class:`~seekr_kernels.continual.data.Encoded`,
+        of mappings with ``prompt_ids``/``answer_ids``, or of mappings with ``input_ids``
+        and ``labels`` (-100 on the prompt). Call before training on the task; ``seekr``
+        patches ``model`` (:func:`~seekr_kernels.patch_llama`) if it is not yet. Uses no
+        global RNG: the draws are seeded by (``seed``, task index).
+        """
+        if self.current is not None:
+            raise RuntimeError(f"begin_task: task {self.current.name!r} is in progress; call end_task first")
+        t = self.num_tasks
+        name = f"task-{t}" if name is None else str(name)
+        if name in self.task_names:
+            raise ValueError(f"name: task {name!r} was already learned (task names must be unique)")
+        idx, new, before = [], [], None
+        if self.uses_memory:
+            try:
+                n = len(task_samples)
+            except TypeError:
+                raise TypeError("task_samples: expected a sequence (len and indexing)") from None
+            if n < 1:
+                raise ValueError("task_samples: the task has no training sample")
+            from .replay import ReplayMemory
+            idx = ReplayMemory.sample_indices(n, self.cfg.replay.ratio, task_seed(self.cfg.seed, t) + 1,
+                                              mode=self.cfg.replay.subset)
+            new = [PendingSample(*_as_pair(task_samples[i], i), t) for i in idx]
+        if self.uses_attention:
+            self._ensure_shape(model)
+            _ensure_patched(model)
+            self._choose_queries(new, t)
+            before = self.snapshot(model, new)
+        self.current = _TaskState(t, name, idx, new, before)
+        return idx
+
+    def _choose_queries(self, samples, t):
+        from .replay import ReplayMemory
+        d = self.cfg.distill
+        qs = ReplayMemory.choose_queries([x.length for x in samples], d.query_budget,
+                                         task_seed(self.cfg.seed, t) + 2, mode=d.query_sampling)
+        for x, q in zip(samples, qs):
+            x.queries = q
+
+    def snapshot(self, model, samples):
+        """What forgettability compares against: :class:`PreTaskWeights` of ``model``, or
+        (sharded parameters) every head's rows at the samples' query rows on the host."""
+        if self.dist.sharded:
+            return self._all_head_rows(model, samples)
+        return PreTaskWeights.capture(_unwrap(model), self.snapshot_device)
+
+    # ---------------------------------------------------------------- replay batches
+    def replay_schedule(self, n_train_batches: int) -> ReplaySchedule:
+        """The current task's :class:`ReplaySchedule` over the memory of earlier tasks.
+
+        ``n_train_batches``: train steps per epoch — optimiser steps, or micro-steps when
+        :attr:`replays_in_accumulation`. Replay batches hold ``replay.batch_size`` samples
+        (default: the train batch, or one micro-batch of it in accumulation).
+        """
+        rc, c = self.cfg.replay, self.cfg
+        t = self.current.index if self.current is not None else self.num_tasks
+        W = self.dist.world_size
+        if self.replays_in_accumulation:
+            bs, need = rc.batch_size or c.batch_size // c.grad_accum, W
+        else:
+            bs, need = rc.batch_size or c.batch_size, W * c.grad_accum
+        if bs < need:
+            raise ConfigError(f"replay.batch_size: {bs} is smaller than the {need} samples a replay batch needs "
+                              "(one per process and accumulation micro-step)")
+        keys = self.memory.keys() if self.uses_memory else []
+        return ReplaySchedule(keys, bs, n_train_batches, cycle=rc.cycle, min_batch=need, order=rc.order,
+                              outnumbered=rc.outnumbered, seed=task_seed(c.seed, t) + 3)
+
+    @property
+    def replays_in_accumulation(self) -> bool:
+        """A replay batch is one micro-step of an accumulation window (``replay.in_accumulation``
+        with ``grad_accum`` > 1) rather than an optimiser step of its own."""
+        return self.cfg.replay.in_accumulation and self.cfg.grad_accum > 1
+
+    def micro_batches(self, items: Sequence, grad_accum: Optional[int] = None) -> List[list]:
+        """This process's micro-batches of a global batch: indices into ``items``, one list
+        per accumulation micro-step (contiguous rank slices, then micro-step slices)."""
+        mine = shard(list(range(len(items))), self.dist.rank, self.dist.world_size)
+        acc = self.cfg.grad_accum if grad_accum is None else grad_accum
+        return [shard(mine, k, acc) for k in range(acc)]
+
+    def distill_layers(self, keys) -> list:
+        """Distilled layers of a (global) replay batch: every layer some sample's task names."""
+        ls = set()
+        for k in keys:
+            t = self.memory.tasks[k[0]]
+            if t.has_attention:
+                ls.update(t.heads)
+        return sorted(ls)
+
+    def batch(self, keys: Sequence, *, global_keys: Optional[Sequence] = None) -> dict:
+        """A left-padded replay batch of ``keys`` (:meth:`ReplayMemory.batch` with the
+        recipe's padding and teachers) plus the normalisers of the global batch:
+        ``num_items_in_batch`` (next-token targets), ``num_samples_in_batch`` and
+        ``distill_layers``. ``global_keys``: the whole global batch this process's
+        ``keys`` are part of (default: ``keys`` is the global batch)."""
+        gk = list(keys if global_keys is None else global_keys)
+        layers = self.distill_layers(gk) if self.uses_attention else []
+        b = self.memory.batch(list(keys), self.pad_token_id, self.cfg.pad_to_multiple_of,
+                              logits=self.method in ("replay+logits", "seekr"), attention=bool(layers),
+                              layers=layers or None)
+        b["num_items_in_batch"] = sum(_targets(self.memory.sample(k)) for k in gk)
+        b["num_samples_in_batch"] = len(gk)
+        b["distill_layers"] = layers
+        b["counts_are_global"] = True
+        return b
+
+    def dataset(self):
+        """The memory as a :class:`torch.utils.data.Dataset` of sample keys; batch it with
+        :meth:`collate_fn` (works with a ``DistributedSampler``)."""
+        return self.memory.dataset()
+
+    def collate_fn(self, keys) -> dict:
+        """DataLoader ``collate_fn`` for :meth:`dataset`: :meth:`batch` of this process's
+        keys, with per-process counts that :meth:`replay_loss` all-reduces."""
+        b = self.batch([tuple(k) for k in keys])
+        b["counts_are_global"] = False
+        return b
+
+    def _global_counts(self, batch):
+        """(targets, samples, layers) of the global batch for a batch built from local keys."""
+        if batch.get("counts_are_global", True) or self.dist.world_size == 1:
+            return batch["num_items_in_batch"], batch["num_samples_in_batch"], list(batch["distill_layers"])
+        L = self.num_layers or 0
+        v = torch.zeros(2 + L, dtype=torch.float64)
+        v[0], v[1] = batch["num_items_in_batch"], batch["num_samples_in_batch"]
+        for l in batch["distill_layers"]:
+            v[2 + l] = 1
+        v = self.dist.reduce(v)
+        return int(v[0]), int(v[1]), [l for l in range(L) if v[2 + l] > 0]
+
+    # ---------------------------------------------------------------- replay loss
+    def replay_loss(self, model, batch: Mapping, *, num_items_in_batch: Optional[int] = None):
+        """The replay objective of one (micro-)batch from :meth:`batch`: ``(loss, parts)``.
+
+        ``loss = (1 - a) CE + a logits-KL + b attention-KL`` (``replay``: CE; ``replay+logits``:
+        b = 0), every term this process's share of the global batch: CE and logits-KL are
+        sums over the batch's target tokens divided by the global target count, the
+        attention KL is the mean over the global batch's distilled layers of 'batchmean'
+        KL times this batch's share of the global samples. Summed over micro-steps and
+        processes it is the loss of the global batch; under DDP/FSDP (gradients averaged
+        over processes) backpropagate ``loss * world_size``. ``parts`` holds the detached
+        ``ce``, ``logits_kl`` and ``attn_kl`` shares that the method uses.
+
+        ``model`` runs the forward pass (a DDP wrapper is fine; autocast is the caller's);
+        ``num_items_in_batch`` overrides the global target count (Hugging Face style).
+        The logits term comes from :meth:`logits_loss`, the CE from :meth:`ce_loss`.
+        """
+        d = self.cfg.distill
+        N, B, layers = self._global_counts(batch)
+        if num_items_in_batch is not None:
+            N = int(num_items_in_batch)
+        dev = self._device_of(model)
+        inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        attn = None
+        if layers and self.uses_attention:
+            from ..llama import distill_attention
+            heads, teacher, q = self._attention_targets(batch, layers, dev)
+            backend = "torch" if d.attn_log_eps else d.backend
+            with distill_attention(model, heads, q, teacher, inputs["attention_mask"], backend=backend,
+                                   log_eps=d.attn_log_eps) as dctx:
+                out = _forward(model, inputs)
+            attn = dctx.loss() * (inputs["input_ids"].shape[0] / B)
+        else:
+            out = _forward(model, inputs)
+        ce = self.ce_loss(out, inputs, N)
+        lkl = None
+        if self.method in ("replay+logits", "seekr"):
+            lkl = self.logits_loss(out, {**inputs, "teacher_logits": batch["teacher_logits"]}, N)
+        loss = replay_objective(self.method, ce, lkl, attn, d.logits_weight, d.attn_weight)
+        parts = {"ce": ce.detach()}
+        if lkl is not None:
+            parts["logits_kl"] = lkl.detach()
+        if attn is not None:
+            parts["attn_kl"] = attn.detach()
+        return loss, parts
+
+    def ce_loss(self, outputs, batch: Mapping, num_items_in_batch: int) -> torch.Tensor:
+        """Next-token CE summed over this batch's targets / the global target count."""
+        return ce_sum(outputs.logits, batch["labels"]) / num_items_in_batch
+
+    def logits_loss(self, outputs, batch: Mapping, num_items_in_batch: int) -> torch.Tensor:
+        """The logits-distillation term (published: CE of the student against
+        softmax(teacher logits), mean over target tokens), as this batch's share: its mean
+        times its targets / the global target count.
+
+        The one place that reads the student's logits for distillation (``outputs.logits``
+        and ``batch["teacher_logits"]``, aligned by :meth:`batch`): a loop that computes
+        the term from final hidden states and the ``lm_head`` weight instead of
+        materialised logits overrides this method.
+        """
+        labels = batch["labels"]
+        tl = batch["teacher_logits"].to(labels.device)
+        n_loc = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return logits_kl_mean(outputs.logits, tl, labels) * (n_loc / num_items_in_batch)
+
+    @staticmethod
+    def _attention_targets(b, layers, dev):
+        """heads / teacher / queries of a replay micro-batch on ``dev``, with an empty
+        [B, 1] slot table for global-batch layers none of its samples distils."""
+        heads = dict(b.get("heads") or {})
+        teacher = dict(b.get("teacher_attention") or {})
+        q = b.get("queries")
+        Bm, L = b["input_ids"].shape
+        Q = L if q is None else q.shape[1]
+        for l in layers:
+            if l not in heads:
+                heads[l] = torch.full((Bm, 1), -1, dtype=torch.long)
+                teacher[l] = torch.zeros(Bm, 1, Q, L)
+        return ({l: heads[l].to(dev) for l in layers}, {l: teacher[l].to(dev) for l in layers},
+                None if q is None else q.to(dev))
+
+    # ---------------------------------------------------------------- end task
+    def end_task(self, model) -> dict:
+        """Finish the task: sensitivity and forgettability of every head on the new replay
+        samples update the importance, heads are reselected, the teacher is captured and
+        the samples join the memory (``seekr``; ``replay+logits`` captures logits only,
+        ``replay`` keeps the samples, ``sft`` only counts the task).
+
+        Every process calls it (statistics are all-reduced through the hooks). Returns
+        ``{"task", "name", "heads", "sensitivity", "forgettability"}`` (the last three for
+        ``seekr``) for logging.
+        """
+        st = self.current
+        if st is None:
+            raise RuntimeError("end_task: no task in progress; call begin_task first")
+        info = {"task": st.index, "name": st.name}
+        if self.uses_attention:
+            sens = self.sensitivity(model, st.samples)
+            forget = self.forgettability(model, st.samples, st.before)
+            st.before = None
+            self.importance += sens * forget
+            from .selection import select_heads
+            self.heads = {int(l): torch.as_tensor(h).long()
+                          for l, h in select_heads(self.importance, *self.budgets).items()}
+            info.update(heads=self.heads, sensitivity=sens, forgettability=forget)
+        if self.method in ("replay+logits", "seekr"):
+            self.capture_teacher(model, st.samples, self.heads if self.uses_attention else {})
+        if self.uses_memory:
+            self.memory.add_task(st.name, [x.to_replay() for x in st.samples],
+                                 self.heads if self.uses_attention else {})
+        self.num_tasks += 1
+        self.task_names.append(st.name)
+        self.current = None
+        return info
+
+    # ---------------------------------------------------------------- statistics
+    def _set_length(self, samples) -> int:
+        """Length of the replay set collated as one batch (the published statistics' T)."""
+        m = self.cfg.pad_to_multiple_of
+        n = max(s.length for s in samples)
+        return -(-n // m) * m
+
+    def _sensitivity_chunks(self, samples, bs):
+        """This process's share of the samples in chunks of ``bs``, plus weight-0 filler
+        chunks so every process runs the same number of passes (FSDP needs matched
+        collectives)."""
+        n = len(samples)
+        R, W = self.dist.rank, self.dist.world_size
+        mine = [samples[i] for i in shard(list(range(n)), R, W)]
+        chunks = [(mine[i:i + bs], 1.0) for i in range(0, len(mine), bs)]
+        need = -(-(-(-n // W)) // bs)
+        return chunks + [([samples[0]], 0.0)] * (need - len(chunks))
+
+    def sensitivity(self, model, samples) -> torch.Tensor:
+        """Task sensitivity per head on the samples (mean over samples of the mean
+        (dL/dA)^2 over each head's map; ``distill.sensitivity_padding``), normalised per
+        layer as published. ``[n_layers, n_heads]`` fp32."""
+        from .importance import measure_sensitivity, sensitivity_loss
+        d = self.cfg.distill
+        model = _unwrap(model)
+        dev = self._device_of(model)
+        was = model.training
+        model.eval()
+        L, H = self.importance.shape
+        official = d.sensitivity_padding == "official"
+        pad_to = self._set_length(samples) if official else 1
+        sums = torch.zeros(L, H, dtype=torch.float64)
+        for chunk, w in self._sensitivity_chunks(samples, d.sensitivity_batch_size):
+            b = collate(_encoded(chunk), self.pad_token_id, pad_to)
+            b = {k: v.to(dev) for k, v in b.items()}
+            with measure_sensitivity(model, region=d.sensitivity_region,
+                                     padding="padded" if official else "real") as m:
+                with self._autocast(dev):
+                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                position_ids=b["position_ids"], use_cache=False)
+                # Sum of per-sample mean CE: each sample gets the gradient it gets alone.
+                sensitivity_loss(out.logits, b["labels"]).backward()
+            if w:
+                sums += m.sums.double().cpu()
+            model.zero_grad(set_to_none=True)
+        sens = self.dist.reduce(sums) / max(1, len(samples))
+        model.train(was)
+        return (sens / sens.sum(1, keepdim=True).clamp_min(1e-30)).float()
+
+    def forgettability(self, model, samples, before) -> torch.Tensor:
+        """Mean (A_before - A_after)^2 per head over the samples' query rows
+        (``distill.forgettability_norm``); ``before`` from :meth:`snapshot`."""
+        L, H = self.importance.shape
+        official = self.cfg.distill.forgettability_norm == "official"
+        T = self._set_length(samples)
+        if isinstance(before, list):      # rows on the host (sharded parameters)
+            after = self._all_head_rows(model, samples)
+            acc = torch.zeros(L, H, dtype=torch.float64)
+            for i, s in enumerate(samples):
+                for l in range(L):
+                    sq = (before[i][l].double() - after[i][l].double()) ** 2     # [H, Q, n]
+                    if official:
+                        rows = T if s.queries is None else s.queries.numel()
+                        acc[l] += sq.sum((1, 2)) / (rows * T)
+                    else:
+                        acc[l] += sq.mean((1, 2))
+            return (acc / max(1, len(samples))).float()
+        from .importance import ForgettabilityMeter
+        model = _unwrap(model)
+        dev = self._device_of(model)
+        was = model.training
+        model.eval()
+        meter = ForgettabilityMeter(normalize="official" if official else "sample", backend=self.cfg.distill.backend)
+        before_model = before.module(model)
+        n_local = 0
+        mine = [samples[i] for i in shard(list(range(len(samples))), self.dist.rank, self.dist.world_size)]
+        bs = self.cfg.capture_batch_size
+        for i in range(0, len(mine), bs):
+            chunk = mine[i:i + bs]
+            b = collate(_encoded(chunk), self.pad_token_id, T if official else 1)
+            Lb = b["input_ids"].shape[1]
+            inputs = {k: b[k].to(dev) for k in ("input_ids", "attention_mask", "position_ids")}
+            inputs["use_cache"] = False
+            if any(s.queries is not None for s in chunk):
+                q, qm = self._query_table(chunk, Lb)
+                inputs["queries"], inputs["query_mask"] = q.to(dev), qm.to(dev)
+            with self._autocast(dev):
+                meter.update(before_model, model, inputs)
+            n_local += len(chunk)
+        model.train(was)
+        sc = meter.scores.double() if n_local else torch.zeros(L, H, dtype=torch.float64)
+        return (self.dist.reduce(sc * n_local) / max(1, len(samples))).float()
+
+    @staticmethod
+    def _query_table(chunk, Lb):
+        """[B, Q] absolute query positions of left-padded samples, and which slots are real."""
+        Qm = max(s.length if s.queries is None else s.queries.numel() for s in chunk)
+        q = torch.zeros(len(chunk), Qm, dtype=torch.long)
+        qm = torch.zeros(len(chunk), Qm, dtype=torch.bool)
+        for j, s in enumerate(chunk):
+            p = Lb - s.length
+            rel = torch.arange(s.length) if s.queries is None else s.queries.long()
+            q[j, :rel.numel()] = rel + p
+            qm[j, :rel.numel()] = True
+        return q, qm
+
+    @torch.no_grad()
+    def _all_head_rows(self, model, samples) -> list:
+        """Every head's attention rows at the samples' query rows: per sample {l: [H, Q, n]}."""
+        from ..llama import capture_attention
+        model = _unwrap(model)
+        dev = self._device_of(model)
+        was = model.training
+        model.eval()
+        L, H = self.importance.shape
+        heads = {l: torch.arange(H) for l in range(L)}
+        out = []
+        for s in samples:
+            b = collate(_encoded([s]), self.pad_token_id)
+            b = {k: v.to(dev) for k, v in b.items()}
+            q = None if s.queries is None else s.queries[None].to(dev)
+            with capture_attention(model, heads, q, b["attention_mask"], device="cpu",
+                                   backend=self.cfg.distill.backend) as c, self._autocast(dev):
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                      position_ids=b["position_ids"], use_cache=False)
+            out.append({l: r[0].float() for l, r in c.rows.items()})
+        model.train(was)
+        self.dist.after_forward()
+        return out
+
+    # ---------------------------------------------------------------- teacher capture
+    @torch.no_grad()
+    def capture_teacher(self, model, samples: Sequence[PendingSample], heads: Optional[Mapping] = None) -> None:
+        """Fill each pending sample's teacher from ``model`` (eval mode, no gradients).
+
+        ``sample.logits``: the logits at the positions that predict its answer tokens —
+        position ``len(prompt) - 1 + j`` predicts answer token ``j`` (the first answer
+        token of a sample without prompt has no predicting position) — as ``[A, V]`` fp32,
+        or a TopK when ``distill.teacher_logits_topk`` is set. ``sample.attn``: for each
+        layer of ``heads`` (``{layer: 1-D heads}``; None/empty: logits only) the rows
+        ``[S_l, Q, n]`` of those heads at the sample's query rows (all n rows when
+        ``queries`` is None), over its n real keys. Samples run in batches of
+        ``capture_batch_size``, left padded; rows and logits are cut back to each sample.
+        """
+        d = self.cfg.distill
+        model = _unwrap(model)
+        dev = self._device_of(model)
+        heads = dict(heads or {})
+        was = model.training
+        model.eval()
+        topk = d.teacher_logits_topk
+        bs = self.cfg.capture_batch_size
+        for i in range(0, len(samples), bs):
+            chunk = samples[i:i + bs]
+            b = collate(_encoded(chunk), self.pad_token_id)
+            Lb = b["input_ids"].shape[1]
+            b = {k: v.to(dev) for k, v in b.items()}
+            pads = [Lb - s.length for s in chunk]
+            ctx = contextlib.nullcontext()
+            if heads:
+                from ..llama import capture_attention
+                all_rows = all(s.queries is None for s in chunk)
+                q = None
+                if not all_rows:
+                    Qm = max(Lb if s.queries is None else s.queries.numel() for s in chunk)
+                    q = torch.zeros(len(chunk), Qm, dtype=torch.long)
+                    for j, (s, p) in enumerate(zip(chunk, pads)):
+                        rel = torch.arange(s.length) if s.queries is None else s.queries
+                        q[j, :rel.numel()] = rel + p
+                    q = q.to(dev)
+                ctx = capture_attention(model, {l: h.to(dev) for l, h in heads.items()}, q,
+                                        b["attention_mask"], device="cpu", backend=d.backend)
+            with ctx as c, self._autocast(dev):
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                            position_ids=b["position_ids"], use_cache=False)
+            logits = out.logits.float().cpu()
+            for j, (s, p) in enumerate(zip(chunk, pads)):
+                a0 = max(p, p + len(s.prompt_ids) - 1)
+                A = len(s.answer_ids) - (0 if s.prompt_ids else 1)
+                lg = logits[j, a0:a0 + A].clone()
+                if topk:
+                    from ..ops.topk import TopK
+                    s.logits = TopK.from_dense(lg, min(topk, lg.shape[-1]), kind="logits")
+                else:
+                    s.logits = lg
+                if heads:
+                    Q = s.length if s.queries is None else s.queries.numel()
+                    s.attn = {l: (r[j][:, p:, p:] if s.queries is None else r[j][:, :Q, p:]).clone().float()
+                              for l, r in c.rows.items()}
+        model.train(was)
+        self.dist.after_forward()
+
+    # ---------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """Everything carried across tasks, and the task in progress, by reference:
+        ``format``, ``config``, ``shape``, ``num_tasks``, ``task_names``, ``importance``,
+        ``heads``, ``memory`` (the :class:`ReplayTask` list) and ``current`` (None, or
+        the task's index, name, replay indices, samples and pre-task snapshot)."""
+        cur = None
+        if self.current is not None:
+            st = self.current
+            cur = {"index": st.index, "name": st.name, "indices": list(st.indices),
+                   "samples": [{"prompt_ids": s.prompt_ids, "answer_ids": s.answer_ids,
+                                "queries": None if s.queries is None else s.queries.tolist()} for s in st.samples],
+                   "snapshot": _snapshot_tensors(st.before), "snapshot_kind": _snapshot_kind(st.before)}
+        return {"format": FORMAT, "kind": _KIND, "config": self.cfg.to_dict(),
+                "shape": None if self.budgets is None else [self.num_layers, self.num_heads],
+                "num_tasks": self.num_tasks, "task_names": list(self.task_names),
+                "importance": None if self.importance is None else self.importance,
+                "heads": dict(self.heads), "memory": list(self.memory.tasks), "current": cur}
+
+    def load_state_dict(self, sd: Mapping) -> "SeekrRecipe":
+        """Restore :meth:`state_dict` output (checked: format, method, shape)."""
+        if not isinstance(sd, Mapping) or sd.get("kind") != _KIND:
+            raise ValueError("state_dict: not a SeekrRecipe state")
+        if sd.get("format") != FORMAT:
+            raise ValueError(f"state_dict: format {sd.get('format')!r}, this version reads {FORMAT}")
+        method = (sd.get("config") or {}).get("method")
+        if method != self.method:
+            raise ValueError(f"state_dict: holds a {method!r} recipe, this one is {self.method!r}")
+        shape = sd.get("shape")
+        if shape is not None:
+            if self.budgets is None:
+                self._set_shape(*shape)
+            elif list(shape) != [self.num_layers, self.num_heads]:
+                raise ValueError(f"state_dict: shape {shape}, this recipe is [{self.num_layers}, {self.num_heads}]")
+            imp = sd.get("importance")
+            if not isinstance(imp, torch.Tensor) or list(imp.shape) != list(shape):
+                raise ValueError(f"state_dict['importance']: expected a tensor of shape {list(shape)}")
+            self.importance = imp.detach().to("cpu", torch.float32).clone()
+        from .replay import ReplayMemory
+        self.memory = ReplayMemory(sd.get("memory") or [])
+        self.heads = {int(l): torch.as_tensor(h).long() for l, h in (sd.get("heads") or {}).items()}
+        self.num_tasks = int(sd.get("num_tasks", 0))
+        self.task_names = [str(n) for n in sd.get("task_names", [])]
+        if len(self.task_names) != self.num_tasks:
+            raise ValueError(f"state_dict: {len(self.task_names)} task names for {self.num_tasks} tasks")
+        if self.uses_memory and len(self.memory.tasks) != self.num_tasks:
+            raise ValueError(f"state_dict: memory holds {len(self.memory.tasks)} tasks, {self.num_tasks} were learned")
+        cur = sd.get("current")
+        self.current = None
+        if cur is not None:
+            samples = []
+            for s in cur["samples"]:
+                ps = PendingSample(list(s["prompt_ids"]), list(s["answer_ids"]), int(cur["index"]))
+                ps.queries = None if s.get("queries") is None else torch.tensor(s["queries"], dtype=torch.long)
+                samples.append(ps)
+            self.current = _TaskState(int(cur["index"]), str(cur["name"]), list(cur["indices"]), samples,
+                                      _snapshot_from_tensors(cur.get("snapshot_kind"), cur.get("snapshot"),
+                                                             len(samples)))
+        return self
+
+    def save(self, path: str) -> None:
+        """Write the state to directory ``path`` atomically (a reader sees the old one or
+        the complete new one): ``recipe.json`` (metadata, with the sha256 of the tensors),
+        ``tensors.safetensors`` (importance, pre-task snapshot) and ``memory/`` (one
+        checksummed directory per task, :meth:`ReplayMemory.save`)."""
+        from safetensors.torch import save as st_save
+
+        from .importance import _tensor_digest
+        from .replay import ReplayMemory
+        sd = self.state_dict()
+        tensors = {}
+        if sd["importance"] is not None:
+            tensors["importance"] = sd["importance"].contiguous()
+        cur = sd["current"]
+        if cur is not None:
+            for k, v in (cur.pop("snapshot") or {}).items():
+                tensors[f"snapshot/{k}"] = v.detach().cpu().contiguous()
+        payload = st_save(tensors)
+        meta = {k: v for k, v in sd.items() if k not in ("importance", "memory")}
+        meta["heads"] = {str(l): h.tolist() for l, h in self.heads.items()}
+        meta["tensors_sha256"] = _tensor_digest(tensors)
+        with atomic_dir(path) as tmp:
+            with open(os.path.join(tmp, _TENSORS), "wb") as f:
+                f.write(payload)
+            if self.memory.tasks:
+                ReplayMemory(self.memory.tasks).save(os.path.join(tmp, _MEMORY))
+            with open(os.path.join(tmp, _META), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1, sort_keys=True)
+
+    def load(self, path: str) -> "SeekrRecipe":
+        """Restore a state written by :meth:`save` into this recipe (same method and
+        shape); a missing, corrupt or foreign file raises ``ValueError`` naming it."""
+        from safetensors.torch import load as st_load
+
+        from .importance import _tensor_digest
+        from .replay import ReplayMemory
+        meta_p = os.path.join(path, _META)
+        try:
+            with open(meta_p, encoding="utf-8") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{meta_p}: missing (not a saved SeekrRecipe, or an interrupted write)") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{meta_p}: unreadable ({e})") from None
+        if not isinstance(meta, dict) or meta.get("kind") != _KIND:
+            raise ValueError(f"{meta_p}: not a SeekrRecipe state")
+        ten_p = os.path.join(path, _TENSORS)
+        try:
+            with open(ten_p, "rb") as f:
+                tensors = st_load(f.read())
+        except FileNotFoundError:
+            raise ValueError(f"{ten_p}: missing") from None
+        except Exception as e:  # safetensors raises its own types on a damaged header
+            raise ValueError(f"{ten_p}: unreadable ({e})") from None
+        if _tensor_digest(tensors) != meta.get("tensors_sha256"):
+            raise ValueError(f"{ten_p}: checksum mismatch (corrupt file)")
+        mem_p = os.path.join(path, _MEMORY)
+        memory = ReplayMemory.load(mem_p, meta.get("task_names")).tasks if os.path.isdir(mem_p) else []
+        sd = dict(meta)
+        sd["importance"] = tensors.get("importance")
+        sd["memory"] = memory
+        cur = sd.get("current")
+        if cur is not None:
+            cur["snapshot"] = {k[len("snapshot/"):]: v for k, v in tensors.items() if k.startswith("snapshot/")}
+        try:
+            return self.load_state_dict(sd)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+# ============================================================================ helpers
+
+def _unwrap(model):
+    """The module under a DDP wrapper (FSDP2 and PEFT models are used as they are)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _model_config(model):
+    c = getattr(_unwrap(model), "config", None)
+    if c is None or not hasattr(c, "num_hidden_layers") or not hasattr(c, "num_attention_heads"):
+        raise TypeError("model: expected a transformers model with config.num_hidden_layers and "
+                        "config.num_attention_heads")
+    return c
+
+
+def _ensure_patched(model):
+    from ..llama import is_patched, patch_llama
+    if not is_patched(model):
+        patch_llama(_unwrap(model))
+
+
+def _forward(model, inputs):
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                 position_ids=inputs["position_ids"], use_cache=False)
+
+
+def _snapshot_kind(before):
+    if before is None:
+        return None
+    return "weights" if isinstance(before, PreTaskWeights) else "rows"
+
+
+def _snapshot_tensors(before):
+    """The pre-task snapshot as flat tensors (by reference)."""
+    if before is None:
+        return None
+    if isinstance(before, PreTaskWeights):
+        return dict(before.tensors)
+    return {f"{i}/{l}": r for i, rows in enumerate(before) for l, r in rows.items()}
+
+
+def _snapshot_from_tensors(kind, tensors, n_samples):
+    if kind is None or tensors is None:
+        return None
+    if kind == "weights":
+        return PreTaskWeights(tensors)
+    if kind != "rows":
+        raise ValueError(f"state_dict: unknown pre-task snapshot kind {kind!r}")
+    rows = [dict() for _ in range(n_samples)]
+    for k, v in tensors.items():
+        i, l = k.split("/")
+        rows[int(i)][int(l)] = v
+    return rows
