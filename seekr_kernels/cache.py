@@ -10,17 +10,23 @@ One cache is one ``.safetensors`` file. Its tensors:
 ``heads.<layer>``                  int heads of that layer, [S] or [B, S] (-1 = empty)
 ``queries``                        int query positions [B, Q] (absent = all rows)
 ``logits.dense``                   dense teacher logits [N, L, V]
-``logits.values`` / ``.indices``   TopK (kind "logits") with the rows' ``lse``
-``logits.lse``
+``logits.values`` / ``.indices``   TopK (kind "logits") with the rows' ``lse``, or a
+``logits.lse``                     SampledTeacher (kind "sampled": values = weights)
 ``extra.<name>``                   any caller tensors (input ids, labels, masks, ...)
 =================================  ==================================================
+
+Indices of TopK / sampled rows (version 2) are stored packed
+(:func:`~seekr_kernels.ops.topk.pack_indices`): ``<base>.indices16`` (int16, the low 16
+bits) and, when the full size exceeds 65536, ``<base>.indices_hi`` (uint8, the high bits
+bit-packed), instead of version 1's int32 ``<base>.indices``; they are int32 again in
+memory after loading. Version 1 files (int32 indices) still load.
 
 and one metadata entry, ``seekr_teacher_cache``, a JSON header kept inside the
 safetensors header (so a cache is a single file that cannot lose its sidecar)::
 
-    {"format": "seekr-teacher-cache", "version": 1,
+    {"format": "seekr-teacher-cache", "version": 2,
      "attention": {"<layer>": {"kind": "dense"|"topk", "full_size": L, "k": k}},
-     "logits": null | {"kind": "dense"|"topk", "full_size": V, "k": k},
+     "logits": null | {"kind": "dense"|"topk"|"sampled", "full_size": V, "k": k},
      "tensors": {"<name>": {"dtype": "bfloat16", "shape": [...], "sha256": "..."}},
      "meta": {...caller JSON...}}
 
@@ -40,11 +46,13 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from .ops.topk import TopK
+from .ops.topk import SampledTeacher, TopK, pack_indices, unpack_indices
 from .utils.io import atomic_path
 
 FORMAT = "seekr-teacher-cache"
-VERSION = 1
+VERSION = 2
+#: Versions this build reads: 1 (int32 indices) and 2 (packed indices, sampled teachers).
+READ_VERSIONS = (1, 2)
 _META_KEY = "seekr_teacher_cache"
 
 Rows = Union[torch.Tensor, TopK]
@@ -84,7 +92,8 @@ class TeacherCache:
     Args:
         attention: ``{layer: rows}``, rows dense [B, S, Q, L] (any float dtype) or a
             ``TopK`` of kind ``"probs"`` standing for them.
-        logits: teacher logits [N, L, V] (dense) or a ``TopK`` of kind ``"logits"``; or None.
+        logits: teacher logits [N, L, V] (dense), a ``TopK`` of kind ``"logits"`` or a
+            :class:`~seekr_kernels.SampledTeacher`; or None.
         heads: ``{layer: heads}`` int [S] or [B, S] (-1 = empty slot); when given, one per
             attention layer, S matching the rows.
         queries: int [B, Q] query positions of the rows, or None (= all L rows).
@@ -157,8 +166,8 @@ class TeacherCache:
         lg = self.logits
         if lg is not None:
             if isinstance(lg, TopK):
-                if lg.kind != "logits":
-                    _fail("logits", f"a TopK of logits must be of kind 'logits', got {lg.kind!r}")
+                if lg.kind not in ("logits", "sampled"):
+                    _fail("logits", f"a TopK of logits must be of kind 'logits' or 'sampled', got {lg.kind!r}")
             elif isinstance(lg, torch.Tensor):
                 if not lg.dtype.is_floating_point:
                     _fail("logits", f"expected floating-point logits, got {lg.dtype}", TypeError)
@@ -214,11 +223,17 @@ class TeacherCache:
                 seen.add(t.data_ptr())
             tensors[name] = t
 
+        def put_indices(base, tk):
+            packed = pack_indices(tk.indices, tk.full_size)
+            put(f"{base}.indices16", packed["lo"])
+            if "hi" in packed:
+                put(f"{base}.indices_hi", packed["hi"])
+
         for layer, rows in self.attention.items():
             base = f"attention.{layer}"
             if isinstance(rows, TopK):
                 put(f"{base}.values", rows.values)
-                put(f"{base}.indices", rows.indices)
+                put_indices(base, rows)
                 if rows.mass is not None:
                     put(f"{base}.mass", rows.mass)
                 att[str(layer)] = {"kind": "topk", "full_size": rows.full_size, "k": rows.k}
@@ -232,9 +247,12 @@ class TeacherCache:
         lg = self.logits
         if isinstance(lg, TopK):
             put("logits.values", lg.values)
-            put("logits.indices", lg.indices)
-            put("logits.lse", lg.lse)
-            logits = {"kind": "topk", "full_size": lg.full_size, "k": lg.k}
+            put_indices("logits", lg)
+            if lg.kind == "sampled":
+                logits = {"kind": "sampled", "full_size": lg.full_size, "k": lg.k}
+            else:
+                put("logits.lse", lg.lse)
+                logits = {"kind": "topk", "full_size": lg.full_size, "k": lg.k}
         elif lg is not None:
             put("logits.dense", lg)
             logits = {"kind": "dense", "full_size": lg.shape[-1]}
@@ -287,9 +305,9 @@ class TeacherCache:
                     raise bad(f"corrupt header ({e})") from None
                 if not isinstance(header, dict) or header.get("format") != FORMAT:
                     raise bad(f"not a seekr teacher cache (format {header.get('format') if isinstance(header, dict) else None!r})")
-                if header.get("version") != VERSION:
+                if header.get("version") not in READ_VERSIONS:
                     raise bad(f"format version {header.get('version')!r} is not supported "
-                              f"(this build reads version {VERSION})")
+                              f"(this build reads versions {list(READ_VERSIONS)})")
                 listed = header.get("tensors", {})
                 if set(listed) != names:
                     raise bad(f"tensors {sorted(names ^ set(listed))} are not both in the file and "
@@ -327,6 +345,12 @@ class TeacherCache:
             used.add(n)
             return tensors[n]
 
+        def indices(base, full_size):
+            if header.get("version") == 1:
+                return take(f"{base}.indices")
+            hi = take(f"{base}.indices_hi") if f"{base}.indices_hi" in tensors else None
+            return unpack_indices(take(f"{base}.indices16"), hi, full_size)
+
         attention = {}
         for layer_s, info in header["attention"].items():
             layer, base = int(layer_s), f"attention.{layer_s}"
@@ -334,8 +358,8 @@ class TeacherCache:
                 attention[layer] = take(f"{base}.dense")
             elif info["kind"] == "topk":
                 mass = take(f"{base}.mass") if f"{base}.mass" in tensors else None
-                attention[layer] = TopK(take(f"{base}.values"), take(f"{base}.indices"),
-                                        int(info["full_size"]), "probs", mass=mass)
+                fs = int(info["full_size"])
+                attention[layer] = TopK(take(f"{base}.values"), indices(base, fs), fs, "probs", mass=mass)
             else:
                 raise ValueError(f"attention layer {layer}: unknown kind {info['kind']!r}")
         heads = {int(n.split(".", 1)[1]): take(n) for n in tensors if n.startswith("heads.")}
@@ -346,8 +370,11 @@ class TeacherCache:
             if info["kind"] == "dense":
                 logits = take("logits.dense")
             elif info["kind"] == "topk":
-                logits = TopK(take("logits.values"), take("logits.indices"), int(info["full_size"]),
-                              "logits", lse=take("logits.lse"))
+                fs = int(info["full_size"])
+                logits = TopK(take("logits.values"), indices("logits", fs), fs, "logits", lse=take("logits.lse"))
+            elif info["kind"] == "sampled" and header.get("version") != 1:
+                fs = int(info["full_size"])
+                logits = SampledTeacher(take("logits.values"), indices("logits", fs), fs, "sampled")
             else:
                 raise ValueError(f"logits: unknown kind {info['kind']!r}")
         extra = {n[len("extra."):]: take(n) for n in tensors if n.startswith("extra.")}
