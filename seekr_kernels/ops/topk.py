@@ -354,7 +354,7 @@ def unpack_indices(lo: torch.Tensor, hi: Optional[torch.Tensor], full_size: int)
               f"{[*lo.shape[:-1], nbytes]}")
     bits = (hi.to(torch.int32)[..., None] >> torch.arange(8, device=hi.device, dtype=torch.int32)) & 1
     bits = bits.reshape(*lo.shape[:-1], nbytes * 8)[..., :k * hb].reshape(*lo.shape, hb)
-    high = (bits << torch.arange(hb, device=hi.device, dtype=torch.int32)).sum(-1)
+    high = (bits << torch.arange(hb, device=hi.device, dtype=torch.int32)).sum(-1, dtype=torch.int32)
     return i | (high << 16)
 
 
