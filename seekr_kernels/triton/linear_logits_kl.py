@@ -34,7 +34,7 @@ import triton.language as tl
 from ._tiles import mm
 
 # Finite start for maxima: exp(m_old - m_new) stays 0/1 for all -inf tiles (see logits_kl.py).
-_NEG = -3.0e38
+_NEG = tl.constexpr(-3.0e38)
 
 #: Number of fp32 partial statistics per (row, vocabulary tile) written by _logits_fwd.
 NSTAT = 7
@@ -128,17 +128,19 @@ _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 def gemm_config(dtype, cuda=True):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, DOT_PREC, UPCAST) of _logits_fwd.
 
-    CUDA, bf16/fp16: 64 x 128 tiles, 8 warps, 3 stages (tensor cores; the epilogue holds a
-    second fp32 tile of the teacher, which 128 x 128 would spill). fp32: exact "ieee"
-    products like torch's default fp32 matmul, or "tf32" when
-    torch.backends.cuda.matmul.allow_tf32 is set; 64 x 64 tiles, 4 warps.
+    CUDA, bf16/fp16: 64 x 128 x 64 tiles, 8 warps, 3 stages (tensor cores; ahead-of-time
+    compile with the JIT's divisibility hints: 112 registers on sm_90, 128 on sm_80, no
+    spills; 128 x 128 needs 185+ registers for the epilogue's extra teacher tile, 4 warps
+    230+). fp32: exact "ieee" products like torch's default fp32 matmul, or "tf32" when
+    torch.backends.cuda.matmul.allow_tf32 is set; 64 x 64 x 32, 8 warps (80 / 126
+    registers; 4 warps spill on sm_90).
     Interpreter: 16-wide tiles (tl.dot's minimum), half tiles upcast (_tiles.mm).
     """
     if not cuda:
         return 16, 16, 16, 1, 1, "ieee", dtype in (torch.bfloat16, torch.float16)
     if dtype == torch.float32:
         prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-        return 64, 64, 32, 4, 3, prec, False
+        return 64, 64, 32, 8, 3, prec, False
     return 64, 128, 64, 8, 3, "tf32", False
 
 
@@ -227,14 +229,21 @@ def compile_specs():
     without either (pure hard CE / ``kept``), with and without bias; the row kernel with
     and without dense teacher and label term. ``expect_mma``: the tile product should
     lower to tensor-core MMA (bf16/fp16; fp32 uses exact FMA products by default).
+    ``divisible_by_16``: arguments the runtime specialises as multiples of 16 in the usual
+    case (torch's allocations, Hd and V multiples of 16: 4096, 32000, 128256); compile with
+    ``attrs={(index,): [["tt.divisibility", 16]]}`` for them, as the JIT does, or the
+    GEMM is compiled without vectorised, pipelined loads and looks far worse than it runs.
     """
     specs = []
-    for dtype, name in _TL.items():
+    for dtype, name in list(_TL.items()) + [(torch.float32, "fp32-tf32")]:
         BM, BN, BK, warps, stages, prec, upcast = gemm_config(dtype, cuda=True)
-        prec = "ieee" if dtype == torch.float32 else prec
-        ptr = "*" + name
-        for has_t, qlogq, has_b in ((True, False, False), (True, False, True), (False, True, False),
-                                    (False, False, False), (False, False, True)):
+        prec = "tf32" if name != "fp32" else "ieee"
+        ptr = "*" + name.split("-")[0]
+        variants = ((True, False, False), (True, False, True), (False, True, False), (False, False, False),
+                    (False, False, True))
+        if name == "fp32-tf32":        # only with torch.backends.cuda.matmul.allow_tf32 = True
+            variants = variants[:1]
+        for has_t, qlogq, has_b in variants:
             sig = {"H": ptr, "W": ptr, "BIAS": ptr, "T": ptr, "Z": ptr, "P": "*fp32",
                    "C": "i32", "V": "i32", "D": "i32", "NVB": "i32",
                    "h_sr": "i32", "w_sr": "i32", "t_sr": "i32", "z_sr": "i32"}
@@ -243,7 +252,11 @@ def compile_specs():
             tag = ("t" if has_t else ("qlogq" if qlogq else "plain")) + ("_bias" if has_b else "")
             specs.append({"kernel": _logits_fwd, "name": f"linear_logits_kl._logits_fwd[{name},{tag}]",
                           "signature": sig, "constexprs": const, "num_warps": warps, "num_stages": stages,
-                          "dtype": name, "expect_mma": dtype != torch.float32})
+                          "dtype": name, "expect_mma": name != "fp32",
+                          "divisible_by_16": ["H", "W", "BIAS", "T", "Z", "P", "D", "h_sr", "w_sr", "t_sr",
+                                              "z_sr"]})
+        if name == "fp32-tf32":
+            continue
         BLOCK, warps = row_config(128256, cuda=True)
         for has_t, has_l in ((True, True), (True, False), (False, True), (False, False)):
             sig = {"Z": ptr, "T": ptr, "LSE_S": "*fp32", "LSE_T": "*fp32", "A": "*fp32", "B": "*fp32",
@@ -252,5 +265,7 @@ def compile_specs():
             tag = ("t" if has_t else "sparse") + ("_label" if has_l else "")
             specs.append({"kernel": _grad_rows, "name": f"linear_logits_kl._grad_rows[{name},{tag}]",
                           "signature": sig, "constexprs": const, "num_warps": warps, "num_stages": 1,
-                          "dtype": name, "expect_mma": False})
+                          "dtype": name, "expect_mma": False,
+                          "divisible_by_16": ["Z", "T", "LSE_S", "LSE_T", "A", "B", "U", "CL", "LABEL", "V",
+                                              "z_sr", "t_sr"]})
     return specs
