@@ -154,6 +154,7 @@ def test_strided_inputs_and_default_chunk():
     assert default_chunk(8192, 128256, 4096) == 256
     assert default_chunk(2048, 32000, 1024) == 64
     assert default_chunk(10, 128256, 64) == 16
+    assert default_chunk(2048, 128256, 1024, "cpu") == 128 and default_chunk(2048, 32000, 1024, "cpu") == 512
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])

@@ -42,7 +42,8 @@ Backends:
 
 Default chunk: about as many logits per chunk as the hidden states hold numbers,
 c = T / ceil(V / Hd) rounded up to a power of two, at least 16 (Liger's rule): at V =
-128256, Hd = 4096 a chunk of 256 rows for T = 8192.
+128256, Hd = 4096 a chunk of 256 rows for T = 8192. On CPU at least 2**24 / V rows
+(128 at V = 128256, 512 at V = 32000; see ``default_chunk``).
 
 Distributed: a weight (or bias) that is a ``torch.distributed.tensor.DTensor`` (FSDP2
 shards parameters as DTensors) is gathered with ``full_tensor()`` around the call; its
@@ -181,39 +182,63 @@ def _resolve(backend, hidden):
     return backend
 
 
-def default_chunk(T, V, Hd):
-    """Liger's rule: about as many logits per chunk as hidden numbers, a power of two >= 16."""
+def default_chunk(T, V, Hd, device_type="cuda"):
+    """Rows per chunk: Liger's rule, about as many logits per chunk as hidden numbers (a
+    power of two >= 16); on CPU at least ~2**24 logits (64 MiB of fp32) per chunk, since
+    every chunk streams W twice and dW once through memory and CPU BLAS wants tall
+    chunks (measured at V = 128256: 16-32 rows took twice the time of 128-1024)."""
     c = -(-T // -(-V // Hd))
-    return max(16, 1 << max(0, (c - 1).bit_length()))
+    c = max(16, 1 << max(0, (c - 1).bit_length()))
+    if device_type != "cuda":
+        c = max(c, 1 << max(0, ((1 << 24) // V).bit_length() - 1))
+    return c
 
 
 # ---------------------------------------------------------------------------- chunk engines
 class _TorchEngine:
-    """The chunked backend's per-chunk steps in plain PyTorch (logits in acc dtype)."""
+    """The chunked backend's per-chunk steps in plain PyTorch, in place on two [c, V]
+    buffers (logits -> softmax -> gradient, and the teacher's softmax)."""
 
     def __init__(self, W, b, acc):
         self.acc = acc
         self.W = W.to(acc)                      # no copy for fp32 / fp64 weights
         self.b = None if b is None else b.to(acc)
+        self.p = None
 
-    def logits(self, h, t, qlogq):
+    def forward(self, h, t, label, idx, qlogq):
+        """Returns (softmax(z) [c, V], stats); the gathers and sums are taken of z first."""
         z = h.to(self.acc) @ self.W.t()
         if self.b is not None:
             z += self.b
-        lse = torch.logsumexp(z, -1)
-        st = {"lse_s": lse, "sum_s": z.sum(-1)}
+        st = {}
+        if label is not None:
+            st["zl"] = z.gather(1, label[:, None]).squeeze(1)
+        if idx is not None:
+            st["zk"] = z.gather(1, idx)
+            st["sum_s"] = z.sum(-1)
         if t is not None:
-            p = torch.softmax(t.to(self.acc), -1)
-            st["lse_t"] = None
-            st["pz"] = torch.linalg.vecdot(p, z)
+            p = t.to(self.acc)
+            if p.data_ptr() == t.data_ptr():
+                p = p.clone()
+            _softmax_(p)
+            st["pz"] = _rowdot(p, z)
             self.p = p
-        elif qlogq:
-            logq = z - lse[:, None]
-            st["qlogq"] = torch.linalg.vecdot(torch.exp(logq), logq)
+        m = z.amax(-1, keepdim=True)
+        z.sub_(m)                               # z - max: the rest needs no more than this
+        if qlogq:
+            e = torch.exp(z)
+            S = e.sum(-1)
+            # sum q log q = sum e (z - m) / S - log S
+            st["qlogq"] = _rowdot(e, z) / S - torch.log(S)
+            del e
+        z.exp_()
+        S = z.sum(-1)
+        z.div_(S[:, None])
+        st["lse_s"] = m.squeeze(1) + torch.log(S)
         return z, st
 
-    def grad(self, z, t, st, A, B, U, CL, label):
-        d = z.sub_(st["lse_s"][:, None]).exp_().mul_(A[:, None])
+    def grad(self, q, t, st, A, B, U, CL, label):
+        d = q.mul_(A[:, None])
         if t is not None:
             d.sub_(self.p.mul_(B[:, None]))
             self.p = None
@@ -232,15 +257,33 @@ class _TorchEngine:
         return dh
 
 
+def _rowdot(a, b):
+    """sum_v a_v b_v per row as a batched BLAS dot (vecdot would allocate a * b)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+def _softmax_(x):
+    """Row softmax in place (torch.softmax would allocate a second [c, V])."""
+    x.sub_(x.amax(-1, keepdim=True)).exp_()
+    x.div_(x.sum(-1, keepdim=True))
+    return x
+
+
 class _TritonEngine:
     def __init__(self, W, b, acc, block=None):
         self.W = W if W.stride(-1) == 1 else W.contiguous()
         self.b = None if b is None else b.contiguous()
         self.block = block
 
-    def logits(self, h, t, qlogq):
+    def forward(self, h, t, label, idx, qlogq):
+        """Returns (z [c, V] in the input dtype, stats)."""
         from ..triton import linear_logits_kl as tri
-        return tri.logits_chunk(h.contiguous(), self.W, self.b, t, qlogq)
+        z, st = tri.logits_chunk(h.contiguous(), self.W, self.b, t, qlogq)
+        if label is not None:
+            st["zl"] = z.gather(1, label[:, None]).squeeze(1)
+        if idx is not None:
+            st["zk"] = z.gather(1, idx)
+        return z, st
 
     def grad(self, z, t, st, A, B, U, CL, label):
         from ..triton import linear_logits_kl as tri
@@ -309,40 +352,41 @@ def _fused(h2, W, b, teacher, lab, hw, sw, reduction, topk_mode, chunk_size, bac
         mode, p_all = sparse_teacher_probs(teacher, topk_mode, acc)
         p_all = p_all.reshape(-1, teacher.k)
         i_all = teacher.indices.reshape(-1, teacher.k)
-    c = chunk_size or default_chunk(T, V, Hd)
+    c = chunk_size or default_chunk(T, V, Hd, dev.type)
     for r, cn in _row_chunks(idx, c):
         h_c = _take(h2, r)
         t_c = _take(t2, r) if dense else None
         l_c = _take(lab, r).long()
-        need_q = sparse and mode == "student_tail"
-        z, st = eng.logits(h_c, t_c, need_q)
+        ik = _take(i_all, r).long() if sparse and sw else None
+        buf, st = eng.forward(h_c, t_c, l_c if hw else None, ik, sparse and mode == "student_tail")
         lse = st["lse_s"].to(acc)
         rows = torch.zeros(cn, device=dev, dtype=acc)
         A = torch.full((cn,), (hw + sw) * scale if not sparse else hw * scale, device=dev, dtype=acc)
         B = U = corr = None
         if hw:
-            rows += hw * (lse - z.gather(1, l_c[:, None]).squeeze(1).to(acc))
+            rows += hw * (lse - st["zl"].to(acc))
         if dense and sw:
             rows += sw * (lse - st["pz"].to(acc))
             B = torch.full((cn,), sw * scale, device=dev, dtype=acc)
-        if sparse and sw:
-            ik = _take(i_all, r).long()
-            zk = z.gather(1, ik).to(acc)
-            trow, At, Ut, Wk, w = _topk_terms(mode, _take(p_all, r), zk, lse, st["sum_s"].to(acc),
-                                              st.get("qlogq", st["sum_s"]).to(acc), V, acc)
+        if ik is not None:
+            zk = st["zk"].to(acc)
+            sum_s = st.get("sum_s", lse).to(acc)
+            trow, At, Ut, Wk, w = _topk_terms(mode, _take(p_all, r), zk, lse, sum_s,
+                                              st.get("qlogq", lse).to(acc), V, acc)
             rows += sw * trow
             A = A + sw * scale * At
             if bool((Ut != 0).any()):
                 U = sw * scale * Ut
-            # Kept positions: the row kernel writes A q - U there; add what turns it into
+            # Kept positions: the row step writes A q - U there; add what turns it into
             # the TopK gradient, (Wk - At) q + Ut - w (times sw * scale).
             qk = torch.exp(zk - lse[:, None])
             corr = (sw * scale) * ((Wk - At)[:, None] * qk + Ut[:, None] - w)
         total = total + rows.sum()
         if not any_grad:
+            eng.p = None
             continue
         CL = torch.full((cn,), hw * scale, device=dev, dtype=acc) if hw else None
-        d = eng.grad(z, t_c, st, A, B, U, CL, l_c if hw else None)
+        d = eng.grad(buf, t_c, st, A, B, U, CL, l_c if hw else None)
         if corr is not None:
             d.scatter_add_(1, ik, corr.to(d.dtype))
         dh_c = eng.products(d, h_c, need_dh, dW, db)
@@ -351,7 +395,7 @@ def _fused(h2, W, b, teacher, lab, hw, sw, reduction, topk_mode, chunk_size, bac
                 dh[r] = dh_c.to(dh.dtype)
             else:
                 dh.index_copy_(0, r, dh_c.to(dh.dtype))
-        del z, d
+        del buf, d
     loss = total * scale
     if dW is not None and dW.dtype != W.dtype:
         dW = dW.to(W.dtype)
