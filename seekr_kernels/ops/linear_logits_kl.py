@@ -157,13 +157,17 @@ def _check_args(hidden, weight, teacher, labels, bias, hard_weight, soft_weight,
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         _fail(ValueError, "chunk_size", f"expected an int >= 1 or None, got {chunk_size!r}")
+    _check_options(backend, reduction, topk_mode)
+    return hw, sw
+
+
+def _check_options(backend, reduction, topk_mode):
     if backend not in BACKENDS:
         _fail(ValueError, "backend", f"must be one of {BACKENDS}, got {backend!r}")
     if reduction not in REDUCTIONS:
         _fail(ValueError, "reduction", f"must be one of {REDUCTIONS}, got {reduction!r}")
     if topk_mode is not None and topk_mode not in TOPK_MODES:
         _fail(ValueError, "topk_mode", f"must be one of {TOPK_MODES}, got {topk_mode!r}")
-    return hw, sw
 
 
 def _resolve(backend, hidden):
@@ -547,12 +551,7 @@ class LinearLogitsKLLoss(torch.nn.Module):
         super().__init__()
         _check_weight_arg("hard_weight", hard_weight)
         _check_weight_arg("soft_weight", soft_weight)
-        if backend not in BACKENDS:
-            _fail(ValueError, "backend", f"must be one of {BACKENDS}, got {backend!r}")
-        if reduction not in REDUCTIONS:
-            _fail(ValueError, "reduction", f"must be one of {REDUCTIONS}, got {reduction!r}")
-        if topk_mode is not None and topk_mode not in TOPK_MODES:
-            _fail(ValueError, "topk_mode", f"must be one of {TOPK_MODES}, got {topk_mode!r}")
+        _check_options(backend, reduction, topk_mode)
         self.hard_weight, self.soft_weight = hard_weight, soft_weight
         self.chunk_size, self.backend, self.topk_mode = chunk_size, backend, topk_mode
         self.reduction, self.check_values = reduction, check_values

@@ -52,6 +52,21 @@ def _fail(exc, name, msg):
     raise exc(f"{name}: {msg}")
 
 
+def _check_dense(x, k):
+    """x: a float tensor [..., N], N >= 1; k: an int in [1, N]."""
+    if not isinstance(x, torch.Tensor):
+        _fail(TypeError, "x", f"expected a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        _fail(TypeError, "x", f"expected a floating dtype, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        _fail(ValueError, "x", f"expected shape [..., N] with N >= 1, got {tuple(x.shape)}")
+    N = x.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int):
+        _fail(TypeError, "k", f"expected an int, got {type(k).__name__}")
+    if not 1 <= k <= N:
+        _fail(ValueError, "k", f"must lie in [1, {N}] (the size of x's last dim), got {k}")
+
+
 @dataclass(eq=False)
 class TopK:
     """k largest entries of each row of a dense teacher tensor (see the module docstring).
@@ -139,21 +154,12 @@ class TopK:
         Ties are broken by torch.topk. Values keep x's dtype; lse/mass are fp32 (fp64 for
         fp64 x).
         """
-        if not isinstance(x, torch.Tensor):
-            _fail(TypeError, "x", f"expected a torch.Tensor, got {type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            _fail(TypeError, "x", f"expected a floating dtype, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] == 0:
-            _fail(ValueError, "x", f"expected shape [..., N] with N >= 1, got {tuple(x.shape)}")
+        _check_dense(x, k)
         if kind not in KINDS:
             _fail(ValueError, "kind", f"must be one of {KINDS}, got {kind!r}")
         if kind == "sampled":
             _fail(ValueError, "kind", "a sampled teacher is drawn by SampledTeacher.from_dense")
         N = x.shape[-1]
-        if isinstance(k, bool) or not isinstance(k, int):
-            _fail(TypeError, "k", f"expected an int, got {type(k).__name__}")
-        if not 1 <= k <= N:
-            _fail(ValueError, "k", f"must lie in [1, {N}] (the size of x's last dim), got {k}")
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         lead = x.shape[:-1]
         x2 = x.detach().reshape(-1, N)
@@ -408,17 +414,8 @@ class SampledTeacher(TopK):
         dtype: of the stored weights (default fp32; fp64 for fp64 x). With k = V both
         methods return the dense probabilities exactly.
         """
-        if not isinstance(x, torch.Tensor):
-            _fail(TypeError, "x", f"expected a torch.Tensor, got {type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            _fail(TypeError, "x", f"expected a floating dtype, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] == 0:
-            _fail(ValueError, "x", f"expected shape [..., V] with V >= 1, got {tuple(x.shape)}")
+        _check_dense(x, k)
         V = x.shape[-1]
-        if isinstance(k, bool) or not isinstance(k, int):
-            _fail(TypeError, "k", f"expected an int, got {type(k).__name__}")
-        if not 1 <= k <= V:
-            _fail(ValueError, "k", f"must lie in [1, {V}] (the size of x's last dim), got {k}")
         if method not in SAMPLING_METHODS:
             _fail(ValueError, "method", f"must be one of {SAMPLING_METHODS}, got {method!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
