@@ -416,8 +416,8 @@ def run_quality(args):
         g_dense_a = grads_of(dense_a)
         dense_l = student_losses(None, tlogits, logit_fn=_local_logits_loss)["logits"]
         g_dense_l = grads_of(dense_l)
-        print(f"  student after {drift} steps of task B: dense attention-KL {float(dense_a):.5f}, "
-              f"dense logits loss {float(dense_l):.5f}")
+        print(f"  student after {drift} steps of task B: dense attention-KL {float(dense_a.detach()):.5f}, "
+              f"dense logits loss {float(dense_l.detach()):.5f}")
 
         def record(what, variant, k, mode, loss, g, dense, g_dense, extra=None):
             rel = abs(float(loss) - float(dense)) / max(abs(float(dense)), 1e-30)

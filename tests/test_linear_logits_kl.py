@@ -86,6 +86,16 @@ def test_topk_modes(backend, mode):
     assert_match(out, reference(h, W, b, lab, teacher, topk_mode=mode), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_many_rows_in_one_chunk(backend):
+    """39 rows in one chunk: several row tiles of the GEMM (16 rows each under the interpreter)."""
+    h, W, b, lab, t = make(seed=2, shape=(3, 13))
+    teacher = TopK.from_dense(t, 6, kind="logits")
+    for te in (t, teacher):
+        out = run(h, W, b, lab, te, backend, hard_weight=0.5, soft_weight=0.5)
+        assert_match(out, reference(h, W, b, lab, te, hard_weight=0.5, soft_weight=0.5), torch.float32)
+
+
 @pytest.mark.parametrize("backend", ["chunked", "torch"])
 def test_fp64_gradcheck(backend):
     g = torch.Generator().manual_seed(0)
@@ -235,6 +245,25 @@ def test_bad_input():
     t2 = t.clone()
     t2[lab == -100] = float("nan")
     assert torch.isfinite(linear_logits_kl(h, W, t2, lab, backend="chunked"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_triton_vs_oracle_llama_vocab(dtype):
+    """Real CUDA compile and launch configs, shapes that are not tile multiples."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    T, H, Vb = 300, 256, 32003
+    h = torch.randn(T, H, generator=g).to(dev, dtype)
+    W = (torch.randn(Vb, H, generator=g) * H ** -0.5).to(dev, dtype)
+    b = torch.randn(Vb, generator=g).to(dev, dtype)
+    lab = torch.randint(0, Vb, (T,), generator=g).to(dev)
+    lab[:70] = -100
+    t = (torch.randn(T, Vb, generator=g) * 3).to(dev, torch.bfloat16)
+    for teacher in (t, TopK.from_dense(t, 64, kind="logits"), SampledTeacher.from_dense(t, 64, seed=0)):
+        out = run(h, W, b, lab, teacher, "triton", hard_weight=0.5, soft_weight=0.5, chunk_size=128)
+        ref = reference(h, W, b, lab, teacher, hard_weight=0.5, soft_weight=0.5)
+        assert_match(out, ref, dtype)
 
 
 # ---------------------------------------------------------------------------- FSDP2 DTensor weight
