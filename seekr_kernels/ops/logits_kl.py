@@ -48,6 +48,12 @@ gradient cosine >= 0.997 at k = 64 (uniform's is higher by <= 0.0015 at drift >=
 lower by up to 0.015 at drift 0.3; kept/renorm fall to 0.47). A rejected fifth option, weighting lse
 by the full mass 1 with kept terms only, depends on the student logits' offset.
 
+A :class:`~seekr_kernels.ops.topk.SampledTeacher` (TopK kind ``"sampled"``) holds importance
+weights p_hat with E[p_hat] = softmax(t) at k sampled positions; the loss against it,
+sum_K -p_hat_i log q_i (``"kept"`` with p = p_hat: lse(s) weighted by sum p_hat, gradient
+sum(p_hat) q - p_hat), is linear in p_hat and so an unbiased estimate of the dense value and
+gradient (tests/test_topk.py checks it statistically).
+
 Backends: ``triton`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) streams the
 vocabulary in chunks (seekr_kernels/triton/logits_kl.py); ``torch`` works through the
 supervised rows in chunks of ~2M logits, so neither creates an fp32 copy of [N, L, V].
@@ -101,9 +107,12 @@ def _check_args(student_logits, teacher, labels, reduction, topk_mode, check_val
     if labels.device != s.device:
         _fail(ValueError, "labels", f"is on {labels.device}, student_logits is on {s.device}")
     if isinstance(teacher, TopK):
-        if teacher.kind != "logits":
-            _fail(ValueError, "teacher", f"a TopK logits teacher must be of kind 'logits', got "
-                  f"kind {teacher.kind!r}")
+        if teacher.kind not in ("logits", "sampled"):
+            _fail(ValueError, "teacher", f"a TopK logits teacher must be of kind 'logits' or "
+                  f"'sampled', got kind {teacher.kind!r}")
+        if teacher.kind == "sampled" and topk_mode is not None:
+            _fail(ValueError, "topk_mode", "applies to TopK teachers of kind 'logits'; a sampled "
+                  "teacher is used as it is (it is unbiased)")
         if tuple(teacher.shape) != (N, L, V):
             _fail(ValueError, "teacher", f"TopK stands for shape {list(teacher.shape)}, expected "
                   f"student_logits' shape {[N, L, V]}")
@@ -372,6 +381,16 @@ class _LogitsKLFunction(torch.autograd.Function):
         return (grad,) + none
 
 
+def sparse_teacher_probs(teacher, topk_mode, acc):
+    """(mode, p [..., k]) of a TopK logits or sampled teacher: the exact kept probabilities
+    exp(v - lse_t) and the chosen treatment of the dropped mass, or a sampled teacher's
+    importance weights with ``"kept"`` (sum_k -p_hat log q is the unbiased estimate)."""
+    if teacher.kind == "sampled":
+        return "kept", teacher.values.detach().to(acc)
+    mode = DEFAULT_TOPK_MODE if topk_mode is None else topk_mode
+    return mode, torch.exp(teacher.values.detach().to(acc) - teacher.lse.detach().to(acc)[..., None])
+
+
 def _check_rows(rows, valid, s, t):
     """One host sync: every supervised row's loss must be finite. Only when one is not are
     the offending rows examined, to name the argument at fault."""
@@ -403,7 +422,10 @@ def logits_kl(student_logits, teacher, labels, *, reduction="mean", backend="aut
         student_logits: [N, L, V] fp32/fp16/bf16 (fp64 on the torch backend); any strides
             (a non-contiguous last dim is made contiguous). Receives the gradient.
         teacher: dense teacher logits [N, L, V] (any float dtype, no gradient), or a
-            :class:`TopK` of kind ``"logits"`` standing for them (see ``topk_mode``).
+            :class:`TopK` of kind ``"logits"`` standing for them (see ``topk_mode``), or a
+            :class:`SampledTeacher` (kind ``"sampled"``): the loss against its importance
+            weights p_hat, sum_k -p_hat log softmax(s), an unbiased estimate of the dense
+            value and gradient.
         labels: [N, L] integer; rows with ``labels == -100`` are ignored (never read).
             Aligned with the logits: **no shift** is applied (see the module docstring).
         reduction: ``"mean"`` (default, the published term) over supervised tokens;
@@ -417,9 +439,9 @@ def logits_kl(student_logits, teacher, labels, *, reduction="mean", backend="aut
             the supervised rows. Ignored rows are never read (dense or TopK), so they may
             hold anything. With ``check_values=False`` the TopK indices of supervised rows
             are still range-checked (they are gathered).
-        topk_mode: approximation for a TopK teacher with k < V: ``"student_tail"``
-            (default), ``"uniform"``, ``"kept"`` or ``"renorm"`` (``TOPK_MODES``; module
-            docstring).
+        topk_mode: approximation for a TopK logits teacher with k < V:
+            ``"student_tail"`` (default), ``"uniform"``, ``"kept"`` or ``"renorm"``
+            (``TOPK_MODES``; module docstring). Must be None for a sampled teacher.
 
     Returns:
         fp32 scalar (fp64 for fp64 logits), or [N, L] for ``reduction="none"``.
@@ -436,7 +458,7 @@ def logits_kl(student_logits, teacher, labels, *, reduction="mean", backend="aut
     if isinstance(teacher, TopK):
         if check_values:
             teacher.check("teacher", rows=valid)
-        mode = DEFAULT_TOPK_MODE if topk_mode is None else topk_mode
+        mode, p = sparse_teacher_probs(teacher, topk_mode, acc)
         t = None
         # Ignored rows are never read: their indices become 0..k-1 (in range, distinct) and
         # their probabilities 0, so whatever they hold (NaN, garbage) cannot leak.
@@ -447,8 +469,6 @@ def logits_kl(student_logits, teacher, labels, *, reduction="mean", backend="aut
             lo, hi = torch.aminmax(idx)
             if int(lo) < 0 or int(hi) >= V:
                 _fail(ValueError, "teacher", f"TopK indices must lie in [0, full_size={V})")
-        # exact kept teacher probabilities exp(v - lse_t)
-        p = torch.exp(teacher.values.detach().to(acc) - teacher.lse.detach().to(acc)[..., None])
         p = torch.where(keep, p, torch.zeros((), dtype=acc, device=s.device))
     else:
         t = teacher.detach()

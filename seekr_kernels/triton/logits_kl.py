@@ -35,7 +35,7 @@ import triton.language as tl
 
 # Start value of the running maxima: finite, so exp(m_old - m_new) stays 0 or 1 when a
 # whole chunk is -inf (an -inf start would give exp(-inf + inf) = NaN).
-_NEG = -3.0e38
+_NEG = tl.constexpr(-3.0e38)
 
 
 def _refuse_fp64(s):
