@@ -495,6 +495,7 @@ class ContinualTrainer:
         self._resume_state = None         # its trainer_state.json while parts of it are pending
         self._resumed = None              # the trainer_state.json the run resumed from
         self._stop = False
+        self._base_dir = None
 
     # The state carried across tasks lives in the recipe.
     @property
@@ -633,7 +634,8 @@ class ContinualTrainer:
                          else f"after task {start}/{T}")
                 self._print(f"resuming {where} at step {self.global_step} from {self._resume_ck}")
                 self.log(kind="resume", completed=len(self.rows), checkpoint=self._resume_ck)
-            if cfg.model.lora is not None and not cfg.model.path and self._resumed is None:
+            if self.lora and self._resumed is None and self._base_path() == os.path.abspath(
+                    os.path.join(self.out, "base")):
                 self._save_base()
             if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
                 self._stop = True        # already there: raise train.max_steps (or 0) to go on
@@ -1040,10 +1042,16 @@ class ContinualTrainer:
         return out
 
     def _base_path(self):
-        """Where a LoRA run's base model lives (named in adapter_config.json)."""
+        """Where a LoRA run's base model lives (named in adapter_config.json): model.path,
+        the local directory a PEFT model passed in was loaded from, or output_dir/base."""
         if self.cfg.model.path:
             return os.path.abspath(self.cfg.model.path)
-        return os.path.abspath(os.path.join(self.out, "base"))
+        if self._base_dir is None:
+            named = self.base.peft_config[self.base.active_adapter].base_model_name_or_path
+            own = self.cfg.model.lora is not None      # built here from model.arch
+            self._base_dir = (os.path.abspath(named) if not own and named and os.path.isfile(
+                os.path.join(named, "config.json")) else os.path.abspath(os.path.join(self.out, "base")))
+        return self._base_dir
 
     def _save_base(self):
         """A LoRA run on a model built from model.arch: its frozen base weights, once, so
@@ -1062,7 +1070,7 @@ class ContinualTrainer:
     def _save_model_files(self, d: str, sd):
         with _quiet_transformers():
             if self.lora:
-                self.base.peft_config["default"].base_model_name_or_path = self._base_path()
+                self.base.peft_config[self.base.active_adapter].base_model_name_or_path = self._base_path()
                 self.base.save_pretrained(d)
             else:
                 self.base.save_pretrained(d, state_dict=sd, safe_serialization=True,
@@ -1204,7 +1212,17 @@ class ContinualTrainer:
                 except OSError:
                     import shutil
                     shutil.copy2(os.path.join(src, rel), dst)
-        ck.write(final, fill, meta={"what": "final model", "global_step": self.global_step})
+        def fill_final(tmp):
+            fill(tmp)
+            cp = os.path.join(tmp, "config.json")
+            if os.path.exists(cp):      # training turned the KV cache off; a finished model wants it
+                with open(cp, encoding="utf-8") as f:
+                    c = json.load(f)
+                c["use_cache"] = True
+                os.unlink(cp)           # maybe a hard link into the checkpoint: never write through it
+                with open(cp, "w", encoding="utf-8") as f:
+                    json.dump(c, f, indent=2, sort_keys=True)
+        ck.write(final, fill_final, meta={"what": "final model", "global_step": self.global_step})
         self._write_state(os.path.relpath(src, self.out), final="final")
         self.dist.barrier()
 
