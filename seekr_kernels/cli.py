@@ -1,7 +1,7 @@
 """The ``seekr`` command: continual fine-tuning runs, evaluation and the built-in demo.
 
     seekr demo [--out DIR] [--quick]          four methods on a built-in task stream
-    seekr train --config run.yaml [--set train.lr=1e-4 ...]
+    seekr train --config run.yaml [--set train.lr=1e-4 ...] [--resume | --resume-from CKPT | --overwrite]
     seekr eval --model DIR --task PATH [--task PATH ...] [--split test] [--metric NAME]
     seekr eval --run OUTPUT_DIR               the last checkpoint of a run on its tasks
     seekr --version                           package, torch and which backends are built

@@ -688,6 +688,10 @@ class ContinualTrainer:
         self.loglik_rows.append(ll)
         self.log(kind="eval", task=t, name=task.name, scores=row, loglik=ll,
                  train_seconds=round(time.time() - t_start, 3))
+        if self.dist.main and hasattr(self.logger, "log_eval"):      # RunLogger: scores, matrix, OP/BWT
+            res = self.results()
+            self.logger.log_eval(t, self.global_step, names=self.task_names, row=row, matrix=res["matrix"],
+                                 op=res.get("OP"), bwt=res.get("BWT"))
         self._print(f"[{self.method}] after task {t + 1}/{len(self.tasks)} ({task.name}): "
                     + ", ".join(f"{n}={s:.3f}" for n, s in zip(self.task_names, row)))
         self._save_task(t)
@@ -732,8 +736,10 @@ class ContinualTrainer:
 
     def _fast_forward(self, loop: _TaskLoop, events):
         """Skip the events a resumed task's checkpoint already did; then restore the RNGs."""
-        for _ in range(loop.consumed):
-            next(events)
+        for i in range(loop.consumed):
+            if next(events, None) is None:
+                raise CheckpointError(f"{self._resume_ck}: the checkpoint is {loop.consumed} steps into task "
+                                      f"{loop.task}, which has only {i} (the data or a batch setting changed)")
         st = self._resume_state
         if st is not None and st["phase"] == "mid_task" and st["task"] == loop.task:
             if loop.schedule.state_dict() != st["schedule"]:
@@ -1306,7 +1312,7 @@ class ContinualTrainer:
         except ResumeError as e:
             raise ResumeError(f"{e}; {self._hint()}") from None
         if st.get("kind") != _STATE_KIND or st.get("version") != STATE_VERSION:
-            if "completed" in st and "version" in st and st.get("version") < STATE_VERSION:
+            if "completed" in st and isinstance(st.get("version"), int) and st["version"] < STATE_VERSION:
                 raise ResumeError(f"{p}: written by an older seekr-kernels (state version {st.get('version')}, "
                                   "checkpoints without manifests); finish it with that version, or start over "
                                   "with --overwrite")

@@ -10,7 +10,7 @@ import torch
 
 from seekr_kernels.continual import checkpoint as ck
 from seekr_kernels.continual.checkpoint import CheckpointError, ResumeError
-from seekr_kernels.continual.config import ConfigError, from_dict
+from seekr_kernels.continual.config import ConfigError
 from seekr_kernels.continual.trainer import ContinualTrainer, _schedule
 
 from test_trainer import read_log, tiny_config, tiny_tasks  # noqa: E402  (same folder)

@@ -114,6 +114,10 @@ def test_peft_model_through_the_api_and_adapter_save(tmp_path, data):
     assert is_peft_model(loaded)
     ids = torch.randint(4, 20, (2, 9), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(logits(loaded, ids), logits(tr.base, ids), atol=1e-6, rtol=1e-6)
+    from seekr_kernels.cli import main
+    assert main(["eval", "--model", str(final), "--task", data[0], "--max-prompt-len", "12",
+                 "--max-answer-len", "6", "--out", str(tmp_path / "ev.json")]) == 0
+    assert json.loads((tmp_path / "ev.json").read_text())["tasks"]["rev"]["score"] == pytest.approx(res["matrix"][-1][0])
     # a LoRA checkpoint refuses a full-model run (and vice versa), naming the file
     from seekr_kernels.continual.checkpoint import CheckpointError
     full = ContinualTrainer(tiny_config(tmp_path / "run", data, "seekr", **{"train.lr": 1e-2}), quiet=True)
