@@ -136,6 +136,10 @@ def _finish(z, cfg):
     assert z.wait() == 0, z.err()
 
 
+def _leftovers(out):
+    return [n for root, ds, fs in os.walk(out) for n in ds + fs if ".tmp" in n or ".old-" in n]
+
+
 def _write(cfg_dict, path):
     path.write_text(json.dumps(cfg_dict))        # JSON is YAML
     return path
@@ -147,7 +151,7 @@ def _campaign(z, tmp_path, cfg_dict, name, total):
     want_final, want_res = tree_bytes(ref / "final"), (ref / "results.json").read_bytes()
     want_log = records(ref)
     rng = random.Random(f"kill-train-{name}")
-    kills = mid_task = 0
+    kills = mid_task = mid_write = 0
     for trial in range(TRIALS):
         out = tmp_path / f"trial-{trial}"
         cfg = _write({**cfg_dict, "output_dir": str(out)}, tmp_path / f"trial-{trial}.yaml")
@@ -157,19 +161,19 @@ def _campaign(z, tmp_path, cfg_dict, name, total):
                 kills += 1
                 st = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else {}
                 mid_task += str(st.get("checkpoint", "")).startswith("checkpoints/step-")
+                mid_write += bool(_leftovers(out))
         _finish(z, cfg)
         assert tree_bytes(out / "final") == want_final, f"trial {trial}: final model differs"
         assert (out / "results.json").read_bytes() == want_res, f"trial {trial}: results differ"
         assert records(out) == want_log, f"trial {trial}: log differs (a step logged twice or missing)"
-        leftovers = [n for root, ds, fs in os.walk(out) for n in ds + fs if ".tmp" in n or ".old-" in n]
-        assert not leftovers, leftovers
-    print(f"kill-train-{name}: {TRIALS} runs, {kills} kills, {mid_task} resumed from a mid-task checkpoint, "
-          f"all byte-identical")
+        assert not _leftovers(out), _leftovers(out)
+    print(f"kill-train-{name}: {TRIALS} runs, {kills} kills ({mid_write} mid-write), {mid_task} resumed from "
+          f"a mid-task checkpoint, all byte-identical")
     path = os.environ.get("SEEKR_FUZZ_REPORT")
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"campaign": f"kill-train-{name}", "runs": TRIALS, "kills": kills,
-                                "mid_task": mid_task, "identical": TRIALS}) + "\n")
+                                "mid_task": mid_task, "mid_write": mid_write, "identical": TRIALS}) + "\n")
     return kills
 
 
