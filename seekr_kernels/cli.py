@@ -1,7 +1,7 @@
 """The ``seekr`` command: continual fine-tuning runs, evaluation and the built-in demo.
 
     seekr demo [--out DIR] [--quick]          four methods on a built-in task stream
-    seekr train --config run.yaml [--set train.lr=1e-4 ...]
+    seekr train --config run.yaml [--set train.lr=1e-4 ...] [--resume | --resume-from CKPT | --overwrite]
     seekr eval --model DIR --task PATH [--task PATH ...] [--split test] [--metric NAME]
     seekr eval --run OUTPUT_DIR               the last checkpoint of a run on its tasks
     seekr --version                           package, torch and which backends are built
@@ -50,9 +50,15 @@ def cmd_train(args) -> int:
         ov["output_dir"] = args.output_dir
     if args.method:
         ov["method"] = args.method
+    from .continual.checkpoint import CheckpointError, ResumeError
     cfg = load_config(args.config, ov)
-    trainer = ContinualTrainer(cfg)
-    res = trainer.run()
+    try:
+        trainer = ContinualTrainer(cfg)
+        res = trainer.run(resume=args.resume_from or args.resume, overwrite=args.overwrite,
+                          allow_config_change=args.allow_config_change)
+    except (CheckpointError, ResumeError) as e:
+        print(f"seekr train: error: {e}", file=sys.stderr)
+        return 2
     if trainer.dist.main:
         if res.get("complete"):
             print(M.format_table({cfg.method: res}))
@@ -181,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train", help="train a task stream from a YAML config (resumes an existing output_dir)",
+    t = sub.add_parser("train", help="train a task stream from a YAML config (--resume continues a run)",
                        description="Continual fine-tuning from a YAML config; see "
                                    "seekr_kernels/continual/config.py for every key. Under torchrun it "
                                    "trains with DDP (or FSDP2 with distributed.strategy: fsdp).")
@@ -189,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.lr=1e-4")
     t.add_argument("--output-dir", help="override output_dir")
     t.add_argument("--method", choices=["sft", "replay", "replay+logits", "seekr"], help="override method")
+    r = t.add_mutually_exclusive_group()
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from its newest checkpoint (also mid-task; starts a "
+                        "run if there is none yet). Without --resume or --overwrite an output_dir that holds "
+                        "a run is refused")
+    r.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue from this checkpoint directory (e.g. an older one when the newest is damaged)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="delete the run in output_dir (only what a seekr run writes) and start over")
+    t.add_argument("--allow-config-change", nargs="+", default=(), metavar="KEY",
+                   help="with --resume: config keys or sections (train.lr, tasks, ...) that may differ from "
+                        "the run's; any other change is refused")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a model (local HF directory) on tasks",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -38,6 +39,30 @@ METHODS = ("sft", "replay", "replay+logits", "seekr")
 
 class ConfigError(ValueError):
     """A config key that is unknown, of the wrong type or out of range (message names it)."""
+
+
+# ---------------------------------------------------------------- LoRA and checkpoint keys
+# (model.lora; train.save_steps, save_total_limit, max_steps, max_shard_size,
+# optimizer_scope, precision fp16: see _validate_checkpointing)
+
+@dataclass
+class LoRAConfig:
+    """``model.lora``: train LoRA adapters (PEFT) instead of the full model.
+
+    ``r``, ``alpha`` (``lora_alpha``), ``dropout`` (``lora_dropout``) and
+    ``target_modules`` (module names, or ``"all-linear"``) are PEFT's ``LoraConfig``
+    fields. Checkpoints hold the adapters only; ``save`` says what the finished run
+    writes to ``output_dir/final``: ``merged`` (default: a plain Hugging Face model with
+    the adapters merged into the weights, loadable by any tool without PEFT) or
+    ``adapter`` (the adapters alone, ``adapter_config.json`` naming the base model:
+    ``model.path``, or ``output_dir/base`` for a model built from ``model.arch``).
+    Needs the ``peft`` package (``pip install 'seekr-kernels[lora]'``).
+    """
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Any = field(default_factory=lambda: ["q_proj", "v_proj"])
+    save: str = "merged"                # merged | adapter
 
 
 @dataclass
@@ -54,6 +79,7 @@ class ModelConfig:
     alphabet: Optional[str] = None
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    lora: Optional[LoRAConfig] = None   # null: full fine-tuning
 
 
 @dataclass
@@ -85,10 +111,16 @@ class TrainConfig:
     max_prompt_len: int = 512
     max_answer_len: int = 512
     pad_to_multiple_of: int = 8
-    precision: str = "auto"             # auto (bf16 autocast on CUDA) | fp32 | bf16
+    precision: str = "auto"             # auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16 (autocast + GradScaler)
     gradient_checkpointing: bool = False
     shuffle: bool = True
     order: str = "reshuffle"            # reshuffle: a new order every epoch | fixed: epoch 0's order every epoch
+    # --- checkpoints (README "Checkpoints and resume")
+    save_steps: int = 0                 # a mid-task checkpoint every N optimiser steps; 0: task ends only
+    save_total_limit: Optional[int] = 2  # mid-task checkpoints kept (newest); null: all
+    max_steps: int = 0                  # stop after N optimiser steps in all (a smoke run); 0: no limit
+    max_shard_size: str = "5GB"         # save_pretrained's shard size of checkpoint weights
+    optimizer_scope: str = "task"       # task: a fresh AdamW + schedule per task | run: one for the run (published)
 
 
 @dataclass
@@ -288,7 +320,7 @@ RECIPES = ("package", "official")
 OFFICIAL = {
     "train": {"batch_size": 128, "grad_accum": 8, "lr": 1e-5, "weight_decay": 0.0, "betas": [0.9, 0.95],
               "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "pad_to_multiple_of": 8,
-              "max_prompt_len": 1024, "max_answer_len": 512, "order": "fixed"},
+              "max_prompt_len": 1024, "max_answer_len": 512, "order": "fixed", "optimizer_scope": "run"},
     "replay": {"ratio": 0.01, "subset": "first", "in_accumulation": True, "order": "fixed",
                "outnumbered": "skip"},
     "distill": {"logits_weight": 0.5, "attn_weight": 1000.0, "query_budget": 0, "sensitivity_region": "full",
@@ -431,10 +463,11 @@ def _validate(c: RunConfig):
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
         _err("train.betas", f"expected two numbers in [0, 1), got {t.betas!r}")
     _choice("train.schedule", t.schedule, ("constant", "linear", "cosine"))
-    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
     if t.batch_size % t.grad_accum:
         _err("train.grad_accum", f"must divide train.batch_size={t.batch_size}, got {t.grad_accum}")
     _choice("train.order", t.order, ("reshuffle", "fixed"))
+    _validate_checkpointing(c)
     _validate_replay(c.replay, "replay.")
     _validate_distill(c.distill, "distill.")
     e = c.eval
@@ -463,6 +496,38 @@ def _validate(c: RunConfig):
         for k in c.model.arch:
             if k not in known:
                 _err(f"model.arch.{k}", "unknown LlamaConfig field")
+
+
+def _validate_checkpointing(c: RunConfig):
+    """The LoRA, checkpoint, max_steps and fp16 keys."""
+    t = c.train
+    _positive("train.save_steps", t.save_steps, allow_zero=True)
+    _positive("train.save_total_limit", t.save_total_limit)
+    _positive("train.max_steps", t.max_steps, allow_zero=True)
+    _choice("train.optimizer_scope", t.optimizer_scope, ("task", "run"))
+    if t.optimizer_scope == "run" and t.schedule != "constant":
+        _err("train.optimizer_scope", f"'run' needs train.schedule: constant (a {t.schedule} decay would need "
+                                      f"the whole run's step count in advance), got {t.schedule!r}")
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*", str(t.max_shard_size), re.IGNORECASE):
+        _err("train.max_shard_size", f"expected a size such as '5GB' or '200MB', got {t.max_shard_size!r}")
+    if t.precision == "fp16" and c.model.dtype != "float32" and c.model.lora is None:
+        _err("train.precision", f"fp16 (autocast + gradient scaler) needs float32 trainable weights; "
+                                f"model.dtype is {c.model.dtype} (use model.dtype: float32, or model.lora)")
+    lo = c.model.lora
+    if lo is None:
+        return
+    _positive("model.lora.r", lo.r)
+    _positive("model.lora.alpha", lo.alpha)
+    if not (math.isfinite(lo.dropout) and 0 <= lo.dropout < 1):
+        _err("model.lora.dropout", f"must lie in [0, 1), got {lo.dropout}")
+    tm = lo.target_modules
+    if not ((isinstance(tm, str) and tm) or (isinstance(tm, list) and tm and all(isinstance(x, str) and x
+                                                                                for x in tm))):
+        _err("model.lora.target_modules", f"expected a non-empty list of module names or 'all-linear', got {tm!r}")
+    _choice("model.lora.save", lo.save, ("merged", "adapter"))
+    import importlib.util
+    if importlib.util.find_spec("peft") is None:
+        _err("model.lora", "needs the peft package: pip install peft (or 'seekr-kernels[lora]')")
 
 
 def _validate_generation(e: EvalConfig):

@@ -64,6 +64,8 @@ softmaxes. For a TopK teacher both run the same streaming pass over the student 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._backend import available, resolve
@@ -315,6 +317,18 @@ def _topk_terms(mode, p, sk, lse_s, sum_s, qlogq, V, acc):
     return rows, 1.0 - ratio, torch.zeros_like(tk), ones, p
 
 
+def _outside_autocast(fn):
+    """Run an autograd.Function method with autocast off: the op chooses its own
+    precision (fp32 accumulation), and autocast would turn its reductions into fp16/bf16
+    ops whose results no longer fit the fp32 buffers (an error, or lost precision)."""
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        dev = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type=dev, enabled=False):
+            return fn(ctx, *args)
+    return run
+
+
 class _LogitsKLFunction(torch.autograd.Function):
     """Per-row loss [N, L] (0 on ignored rows) plus lse_s, lse_t [N*L]; gradient to s only.
 
@@ -326,6 +340,7 @@ class _LogitsKLFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @_outside_autocast
     def forward(ctx, s, t, valid, idx, p, mode, backend, block):
         N, L, V = s.shape
         acc = _acc(s)
@@ -349,6 +364,7 @@ class _LogitsKLFunction(torch.autograd.Function):
         return loss.reshape(N, L), lse_s, lse_t
 
     @staticmethod
+    @_outside_autocast
     def backward(ctx, grad_rows, _g1, _g2):
         refuse_double_backward("logits_kl", "every backend is", "is not supported")
         s, t, valid, idx, lse_s, lse_t, A, Uc, Wk, w = ctx.saved_tensors

@@ -80,8 +80,12 @@ def test_train_then_eval(tmp_path, capsys):
     assert "seekr" in out and "OP" in out
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["complete"] and res["tasks"] == list(TASKS[:2])
-    # Running again resumes a finished run: nothing retrained, same numbers.
-    assert main(["train", "--config", cfg]) == 0
+    # Running again is refused without a flag; --resume resumes the finished run:
+    # nothing retrained, same numbers.
+    assert main(["train", "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "holds a seekr run" in err and "--resume" in err and "--overwrite" in err
+    assert main(["train", "--config", cfg, "--resume"]) == 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["matrix"] == res["matrix"]
     # Evaluate the run's checkpoint on its tasks, and a checkpoint directory on one task.
     assert main(["eval", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "ev.json")]) == 0
