@@ -50,7 +50,6 @@ import random
 import shutil
 import string
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,7 +62,9 @@ from .data import (CharTokenizer, Encoded, EncodedDataset, collate, epoch_batche
                    load_tokenizer, shard)
 from .evaluate import GenerationOptions, evaluate_examples
 from .losses import ce_sum
+from .preflight import check_run, check_tasks, eval_split, model_max_positions
 from .recipe import DistributedHooks, PendingSample, SeekrRecipe, task_seed
+from .runlog import RunLogger
 
 _Sample = PendingSample   # the name this module used before the recipe moved out
 
@@ -262,6 +263,7 @@ class ContinualTrainer:
         if tasks is not None and not config.tasks:
             config.tasks = [TaskSpec(name=t.name, path=f"<{t.name}>", metric=t.metric) for t in tasks]
         config.validate()
+        check_run(config)       # device, backend, model and output folders, state.json: before any loading
         self.dist = setup_distributed(config)
         self.device = _device(config, self.dist)
         self.dist.device = self.device
@@ -273,6 +275,8 @@ class ContinualTrainer:
         self.tasks = tasks if tasks is not None else [
             load_task(ts.path, task_name(ts), ts.metric) for ts in config.tasks]
         self.task_names = [t.name for t in self.tasks]
+        check_tasks(config, self.tasks, self.tokenizer, world=self.dist.world,
+                    max_positions=model_max_positions(config, model))
         self.model = model if model is not None else build_model(config.model, self.tokenizer, config.seed)
         self.out = config.output_dir
         tr = config.train
@@ -287,8 +291,8 @@ class ContinualTrainer:
         self.budgets = self.recipe.budgets
         self.rows: list = []
         self.loglik_rows: list = []
-        self._tb = None
-        self._log_f = None
+        self.logger = RunLogger(self.out, config.train.report_to, main=self.dist.main, config=config.to_dict(),
+                                run_name=os.path.basename(os.path.normpath(self.out)))
         self._fsdp = False
 
     # The state carried across tasks lives in the recipe.
@@ -310,18 +314,24 @@ class ContinualTrainer:
             print(*a, flush=True)
 
     def log(self, **rec):
+        """One record to the run's logs (:class:`RunLogger`): ``kind`` and ``global_step``
+        (default: the last step logged) are its coordinates, the rest its fields."""
+        step = rec.pop("global_step", None)
+        self.logger.log(rec.pop("kind", "train"), self.logger.step if step is None else step, **rec)
+
+    def _log_eval(self, t: int, row, loglik, seconds: float):
+        """The evaluation after task ``t``: its row, the matrix so far, OP/BWT at the end and
+        (for the report_to backends) the heatmap."""
         if not self.dist.main:
             return
-        rec.setdefault("time", round(time.time(), 3))
-        if self._log_f is None:
-            os.makedirs(self.out, exist_ok=True)
-            self._log_f = open(os.path.join(self.out, "log.jsonl"), "a", encoding="utf-8")
-        self._log_f.write(json.dumps(rec) + "\n")
-        self._log_f.flush()
-        if self._tb is not None and "step" in rec:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time", "task", "epoch"):
-                    self._tb.add_scalar(f"{rec.get('kind', 'train')}/{k}", v, rec["global_step"])
+        res = self.results()
+        heat = None
+        if self.logger.backends:
+            heat = M.plot_heatmap(res["matrix"], os.path.join(self.out, "heatmap.png"), self.task_names,
+                                  title=self.method)
+        self.logger.log_eval(t, getattr(self, "global_step", self.logger.step), names=self.task_names, row=row,
+                             matrix=res["matrix"], op=res.get("OP"), bwt=res.get("BWT"), heatmap=heat,
+                             loglik=loglik, train_seconds=round(seconds, 3))
 
     def _autocast(self):
         if self.autocast is None:
@@ -393,13 +403,6 @@ class ContinualTrainer:
     # ---------------------------------------------------------------- run
     def run(self) -> dict:
         """Train (or resume) the whole stream; returns the results dict."""
-        cfg = self.cfg
-        if cfg.log.tensorboard and self.dist.main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(self.out, "tensorboard"))
-            except Exception as e:  # tensorboard not installed
-                warnings.warn(f"log.tensorboard: TensorBoard is unavailable ({e}); logging to log.jsonl only")
         start = self._resume()
         self._prepare_model()
         T = len(self.tasks)
@@ -411,11 +414,7 @@ class ContinualTrainer:
             for t in range(start, T):
                 self._run_task(t)
         finally:
-            if self._log_f is not None:
-                self._log_f.close()
-                self._log_f = None
-            if self._tb is not None:
-                self._tb.close()
+            self.logger.close()
         res = self.results()
         res["seconds"] = time.time() - t0
         return res
@@ -445,8 +444,7 @@ class ContinualTrainer:
         row, ll = self._evaluate_upto(t)
         self.rows.append(row)
         self.loglik_rows.append(ll)
-        self.log(kind="eval", task=t, name=task.name, scores=row, loglik=ll,
-                 train_seconds=round(time.time() - t_start, 3))
+        self._log_eval(t, row, ll, time.time() - t_start)
         self._print(f"[{self.method}] after task {t + 1}/{len(self.tasks)} ({task.name}): "
                     + ", ".join(f"{n}={s:.3f}" for n, s in zip(self.task_names, row)))
         self._save(t)
@@ -650,7 +648,7 @@ class ContinualTrainer:
         row, ll = [], []
         for j in range(t + 1):
             task = self.tasks[j]
-            exs = task.split(e.split) or task.eval or task.test or task.train
+            exs = eval_split(task, e.split)     # a fallback split was warned about at the start
             if e.max_samples:
                 exs = exs[: e.max_samples]
             r = evaluate_examples(self.base, self.tokenizer, exs, metric=task.metric,
