@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "seekr_kernels/continual/config.py for every key. Under torchrun it "
                                    "trains with DDP (or FSDP2 with distributed.strategy: fsdp).")
     t.add_argument("--config", required=True, help="YAML config file")
-    t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys as if written in the file, e.g. train.lr=1e-4, "
+    t.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override config keys as if written in the file, e.g. train.lr=1e-4, "
                    "tasks.0.epochs=2 or tasks[0].epochs=2")
     t.add_argument("--output-dir", help="override output_dir (relative to the working directory)")
     t.add_argument("--method", choices=["sft", "replay", "replay+logits", "seekr"], help="override method")

@@ -279,21 +279,26 @@ def _check_replay_batches(cfg, tasks, world):
     in_acc = rc.in_accumulation and tr.grad_accum > 1
     bs = rc.batch_size or (tr.batch_size // tr.grad_accum if in_acc else tr.batch_size)
     need = world if in_acc else world * tr.grad_accum
-    key = "replay.batch_size" + ("" if rc.batch_size else " (default: train.batch_size"
-                                 + (" / train.grad_accum)" if in_acc else ")"))
-    mem, short, replays = 0, [], False
+    what = f"replay batches of {bs} samples" + ("" if rc.batch_size else " (the default: train.batch_size"
+                                                + (" / train.grad_accum)" if in_acc else ")"))
+    mem, short, none, replays = 0, [], [], False
     for i, t in enumerate(tasks):
         if i:
-            if mem < bs:
+            if mem < need:
+                none.append(t.name)
+            elif mem < bs:
                 short.append((t.name, mem))
             replays = replays or mem >= need
         mem += _replay_count(len(t.train), rc.ratio)
     if not replays:
-        raise ConfigError(f"{key}: a replay batch needs {need} sample(s) but the replay memory holds at most "
-                          f"{mem - _replay_count(len(tasks[-1].train), rc.ratio)} before the last task: "
-                          f"method {cfg.method} would never replay; raise replay.ratio")
+        raise ConfigError(f"replay.ratio: the replay memory never holds the {need} samples a replay batch needs "
+                          f"(one per process and accumulation micro-step): method {cfg.method} would never "
+                          "replay; raise replay.ratio")
+    if none:
+        _warn(f"replay.ratio: no replay before task(s) {', '.join(none)}: the memory holds fewer than the {need} "
+              "samples a replay batch needs")
     if short:
         name, m = short[0]
-        _warn(f"{key}={bs} is larger than the replay memory before task {name} ({m} samples"
-              + (f"; {len(short)} task(s) in all" if len(short) > 1 else "") + "): its replay batches hold "
-              "the whole memory (fewer samples than replay.batch_size)")
+        more = f" (and {len(short) - 1} later task(s))" if len(short) > 1 else ""
+        _warn(f"replay.batch_size: {what}, but the replay memory holds only {m} before task {name}{more}: "
+              "those replay batches are the whole memory")

@@ -115,6 +115,8 @@ def load_checkpoint_model(path: str, model_cfg: Optional[ModelConfig] = None, *,
     from .trainer import build_model, build_tokenizer
     from .data import load_tokenizer
     mcfg = model_cfg or ModelConfig()
+    if "lora" in {f.name for f in dataclasses.fields(mcfg)}:
+        mcfg = dataclasses.replace(mcfg, lora=None)   # the checkpoint brings its own adapters
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint folder is missing")
     if tokenizer is None:
@@ -196,13 +198,13 @@ def rebuild_matrix(run_dir: str, settings: EvalSettings, device, *, progress=Non
     task is complete), the layout of the run's ``results.json``."""
     from . import metrics as M
     st, cfg = load_run(run_dir)
-    tasks = run_tasks(cfg)
     done = int(st["completed"])
     missing = [t for t in range(done) if not os.path.isdir(task_checkpoint(run_dir, t))]
     if missing:
         raise FileNotFoundError(f"--matrix: {task_checkpoint(run_dir, missing[0])} is missing ({len(missing)} of "
                                 f"{done} task checkpoints); the matrix needs every task's checkpoint: train with "
                                 "keep_checkpoints: all")
+    tasks = run_tasks(cfg)
     rows, ll_rows = [], []
     tok = None
     for t in range(done):

@@ -117,12 +117,24 @@ def test_tensorboard_steps_after_rewind(tmp_path):
     _check_jsonl_eval(tmp_path)
 
 
-def _wandb_history(out):
-    """{step: {key: value}} of every offline W&B run file under out/wandb, in order, and the
-    run ids (the .wandb file is a LevelDB-style log of protobuf records)."""
+def _wandb_history(out, timeout=60.0):
+    """[(step, {key: value})] of every offline W&B run file under out/wandb, in order, and
+    the run ids (the .wandb file is a LevelDB-style log of protobuf records). W&B's service
+    process writes the file after `finish` returns: wait for each file's exit record."""
+    import time
+    deadline = time.time() + timeout
+    while True:
+        rows, ids, done = _wandb_records(out)
+        if done or time.time() > deadline:
+            return rows, ids
+        time.sleep(0.5)
+
+
+def _wandb_records(out):
     from wandb.proto import wandb_internal_pb2 as pb
-    rows, ids = [], set()
+    rows, ids, done = [], set(), True
     for f in sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb"))):
+        exited = False
         data = open(f, "rb").read()
         assert data[:4] == b":W&B"
         pos, buf = 7, b""
@@ -144,7 +156,9 @@ def _wandb_history(out):
             elif kind == "history":
                 rows.append((r.history.step.num, {i.key or "/".join(i.nested_key): json.loads(i.value_json)
                                                   for i in r.history.item}))
-    return rows, ids
+            exited = exited or kind == "exit"
+        done = done and exited
+    return rows, ids, done
 
 
 def test_wandb_offline_steps_after_rewind(tmp_path, monkeypatch):
