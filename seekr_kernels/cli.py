@@ -69,9 +69,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-#: --flag -> EvalSettings field (flags left unset keep the run's value, or the default).
-_EVAL_FLAGS = ("split", "batch_size", "max_prompt_len", "max_answer_len", "max_new_tokens", "max_samples",
-               "do_sample", "temperature", "top_p", "top_k", "num_repeats", "seed")
+#: --flags -> EvalSettings fields, and GenerationOptions fields (flags left unset keep the
+#: run's value, or the default).
+_EVAL_FLAGS = ("split", "batch_size", "max_prompt_len", "max_answer_len", "max_new_tokens", "max_samples")
+_GENERATION_FLAGS = ("do_sample", "temperature", "top_p", "top_k", "num_repeats", "seed")
 
 
 def _eval_settings(args, cfg):
@@ -82,18 +83,16 @@ def _eval_settings(args, cfg):
     s = EvalSettings.from_run(cfg) if cfg is not None else EvalSettings()
     for f in _EVAL_FLAGS:
         v = getattr(args, f, None)
-        if v is None:
-            continue
-        flag = "--" + f.replace("_", "-")
-        if f in ("batch_size", "max_prompt_len", "max_answer_len", "max_new_tokens", "max_samples") and v < 1:
-            raise ConfigError(f"{flag}: must be > 0, got {v}")
-        s = dataclasses.replace(s, **{f: v})
+        if v is not None:
+            if f != "split" and v < 1:
+                raise ConfigError(f"--{f.replace('_', '-')}: must be > 0, got {v}")
+            s = dataclasses.replace(s, **{f: v})
+    gen = {f: getattr(args, f) for f in _GENERATION_FLAGS if getattr(args, f, None) is not None}
     try:
-        s.generation()
+        return dataclasses.replace(s, generation=dataclasses.replace(s.generation, **gen))
     except ValueError as e:   # "top_p: must ..." -> "--top-p: must ..."
         key, _, msg = str(e).partition(":")
         raise ConfigError(f"--{key.replace('_', '-')}:{msg}") from None
-    return s
 
 
 def cmd_eval(args) -> int:

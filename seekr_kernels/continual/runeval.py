@@ -18,24 +18,21 @@ from typing import Optional, Sequence
 import torch
 
 from .config import ConfigError, ModelConfig, RunConfig, from_dict, task_name
+from .evaluate import GenerationOptions
 from .preflight import RunStateError, eval_split, read_run_state
 
 
 @dataclasses.dataclass
 class EvalSettings:
-    """How a model is evaluated (from a run's config, overridable per field)."""
+    """How a model is evaluated (from a run's config, overridable per field); ``generation``
+    holds the decoding options (greedy by default)."""
     split: str = "test"
     batch_size: int = 32
     max_prompt_len: int = 512
     max_answer_len: int = 512
     max_new_tokens: Optional[int] = None
     max_samples: Optional[int] = None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    num_repeats: int = 1
-    seed: int = 0
+    generation: GenerationOptions = dataclasses.field(default_factory=GenerationOptions)
     precision: str = "fp32"
 
     @classmethod
@@ -43,13 +40,7 @@ class EvalSettings:
         e, t = cfg.eval, cfg.train
         return cls(split=e.split, batch_size=e.batch_size, max_prompt_len=t.max_prompt_len,
                    max_answer_len=t.max_answer_len, max_new_tokens=e.max_new_tokens, max_samples=e.max_samples,
-                   do_sample=e.do_sample, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
-                   num_repeats=e.num_repeats, seed=cfg.seed if e.seed is None else e.seed, precision=t.precision)
-
-    def generation(self):
-        from .evaluate import GenerationOptions
-        return GenerationOptions(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
-                                 top_k=self.top_k, num_repeats=self.num_repeats, seed=self.seed)
+                   generation=GenerationOptions.from_config(e, cfg.seed), precision=t.precision)
 
     def autocast(self, device: torch.device):
         """The autocast dtype training used on this device type (None on CPU unless bf16)."""
@@ -162,7 +153,7 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence, settings: EvalSettings, de
                               max_answer_len=settings.max_answer_len, batch_size=settings.batch_size,
                               max_new_tokens=settings.max_new_tokens, device=device,
                               autocast_dtype=settings.autocast(device), keep_predictions=keep_predictions,
-                              generation=settings.generation())
+                              generation=settings.generation)
         out.append(r)
     return out
 
