@@ -17,6 +17,13 @@ Example ``run.yaml``::
     replay: {ratio: 0.01}
     distill: {logits_weight: 0.5, attn_weight: 1000, head_budget: 128, query_budget: 100}
 
+Paths (``output_dir``, ``model.path``, ``model.tokenizer``, ``tasks[i].path``) are relative
+to the config file's folder (:func:`load_config`; the working directory for
+:func:`from_dict`) and kept absolute. ``train.report_to`` picks the logging backends
+(:mod:`seekr_kernels.continual.runlog`). Checks that need the machine or the files
+(devices, kernels, folders, data, a saved run) run before training
+(:mod:`seekr_kernels.continual.preflight`).
+
 ``recipe: official`` (top level) switches every place where the package's definitions
 differ from the published code (jinghan1he/SEEKR) to the published choice at once; see
 :data:`OFFICIAL` for the keys it sets and README.md "Deviations from the published code"
@@ -217,11 +224,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "RunConfig":
-        """Check values (ranges, choices); raise :class:`ConfigError` naming the key."""
+        """Check values (ranges, choices); raise :class:`ConfigError` naming the key.
+        Relative paths left (a config built in Python) become absolute against the
+        working directory."""
         _choice("recipe", self.recipe, RECIPES)
         if self.recipe == "official" and not self._preset_applied:
             _apply_preset_to_defaults(self)
         _validate(self)
+        resolve_paths(self)
         return self
 
     # Not a field: set once the official preset is merged (from_dict merges it under the

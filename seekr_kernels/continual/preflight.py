@@ -46,7 +46,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def _warn(msg: str) -> None:
-    warnings.warn(msg, RunWarning, stacklevel=3)
+    warnings.warn(msg, RunWarning, stacklevel=2)
 
 
 # ============================================================================ before loading
@@ -233,10 +233,18 @@ def _replay_count(n: int, ratio: float) -> int:
 
 
 def check_tasks(cfg: RunConfig, tasks: Sequence, tokenizer=None, *, world: int = 1,
-                max_positions: Optional[int] = None) -> None:
+                max_positions: Optional[int] = None, warn: bool = True) -> None:
     """Data-level checks once ``tasks`` (:class:`~seekr_kernels.continual.data.Task`) are
     loaded: errors for a task without training data or with fewer samples than one step
-    needs; :class:`RunWarning` for the cases in the module docstring."""
+    needs; :class:`RunWarning` for the cases in the module docstring (``warn=False``: the
+    errors only, e.g. on all ranks but the first)."""
+    with warnings.catch_warnings():
+        if not warn:
+            warnings.simplefilter("ignore", RunWarning)
+        _check_tasks(cfg, tasks, tokenizer, world, max_positions)
+
+
+def _check_tasks(cfg, tasks, tokenizer, world, max_positions):
     from .data import DataError
     tr, rc = cfg.train, cfg.replay
     A = tr.grad_accum

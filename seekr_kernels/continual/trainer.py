@@ -276,7 +276,7 @@ class ContinualTrainer:
             load_task(ts.path, task_name(ts), ts.metric) for ts in config.tasks]
         self.task_names = [t.name for t in self.tasks]
         check_tasks(config, self.tasks, self.tokenizer, world=self.dist.world,
-                    max_positions=model_max_positions(config, model))
+                    max_positions=model_max_positions(config, model), warn=self.dist.main)
         self.model = model if model is not None else build_model(config.model, self.tokenizer, config.seed)
         self.out = config.output_dir
         tr = config.train
