@@ -246,8 +246,11 @@ def check_tasks(cfg: RunConfig, tasks: Sequence, tokenizer=None, *, world: int =
 
 def _check_tasks(cfg, tasks, tokenizer, world, max_positions):
     from .data import DataError
-    tr, rc = cfg.train, cfg.replay
+    tr = cfg.train
     A = tr.grad_accum
+    if tr.batch_size < world * A:
+        raise ConfigError(f"train.batch_size: {tr.batch_size} is smaller than world size x train.grad_accum = "
+                          f"{world} x {A}: every process and accumulation micro-step needs a sample")
     where = [f"tasks[{i}] ({t.name})" for i, t in enumerate(tasks)]
     for w, t in zip(where, tasks):
         n = len(t.train)
@@ -289,6 +292,9 @@ def _check_replay_batches(cfg, tasks, world):
     need = world if in_acc else world * tr.grad_accum
     what = f"replay batches of {bs} samples" + ("" if rc.batch_size else " (the default: train.batch_size"
                                                 + (" / train.grad_accum)" if in_acc else ")"))
+    if bs < need:     # the recipe refuses it at the first replay step: say it now
+        raise ConfigError(f"replay.batch_size: {what} are fewer than the {need} samples a replay batch needs "
+                          "(one per process and accumulation micro-step)")
     mem, short, none, replays = 0, [], [], False
     for i, t in enumerate(tasks):
         if i:

@@ -180,6 +180,8 @@ TRAIN_CASES = [
     ("report-to-missing-package", _missing_package, "train.report_to: wandb needs the 'wandb' package"),
     ("too-few-samples-for-a-step", lambda d, r, m: d["train"].update(batch_size=32, grad_accum=32),
      "train.grad_accum: tasks[0] (rev) has 24 training sample(s)"),
+    ("replay-batch-below-accum", lambda d, r, m: (d["train"].update(grad_accum=2), d["replay"].update(batch_size=1)),
+     "replay.batch_size: replay batches of 1 samples are fewer than the 2"),
     ("replay-never", lambda d, r, m: (d["train"].update(grad_accum=2), d["replay"].update(ratio=1)),
      "replay.ratio: the replay memory never holds"),
     ("config-missing", _args("--config", "no-such.yaml"), "--config: no-such.yaml: no such file"),
