@@ -64,7 +64,6 @@ import random
 import hashlib
 import string
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -79,7 +78,9 @@ from .data import (CharTokenizer, Encoded, EncodedDataset, collate, epoch_batche
                    load_tokenizer, shard)
 from .evaluate import GenerationOptions, evaluate_examples
 from .losses import ce_sum
+from .preflight import check_run, check_tasks, eval_split, model_max_positions
 from .recipe import DistributedHooks, PendingSample, SeekrRecipe, task_seed
+from .runlog import RunLogger
 
 _Sample = PendingSample   # the name this module used before the recipe moved out
 
@@ -362,71 +363,6 @@ class _TaskLoop:
     task_step: int = 0               # optimiser steps done in this task
 
 
-class _JsonlLog:
-    """``log.jsonl`` (and TensorBoard with ``log.tensorboard``) with the RunLogger
-    interface (``log``, ``rewind``, ``close``), used when that module is not available."""
-
-    def __init__(self, out: str, tensorboard: bool, main: bool):
-        self.out, self.main, self.tensorboard = out, main, tensorboard
-        self._f = None
-        self._tb = None
-        self._purge = None
-
-    def log(self, kind: str, step: int, **fields) -> None:
-        if not self.main:
-            return
-        rec = {"kind": kind, "step": int(step), **fields}
-        rec.setdefault("time", round(time.time(), 3))
-        if self._f is None:
-            os.makedirs(self.out, exist_ok=True)
-            self._f = open(os.path.join(self.out, "log.jsonl"), "a", encoding="utf-8")
-        self._f.write(json.dumps(rec) + "\n")
-        self._f.flush()
-        if self.tensorboard:
-            tb = self._writer()
-            if tb is not None:
-                for k, v in fields.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("time", "task", "epoch"):
-                        tb.add_scalar(f"{kind}/{k}", v, int(step))
-
-    def _writer(self):
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(self.out, "tensorboard"), purge_step=self._purge)
-            except Exception as e:  # tensorboard not installed
-                warnings.warn(f"log.tensorboard: TensorBoard is unavailable ({e}); logging to log.jsonl only")
-                self.tensorboard = False
-        return self._tb
-
-    def rewind(self, step: int) -> None:
-        """Drop every record after global step ``step`` (a resumed run logs them again);
-        a line cut by a kill is dropped too. TensorBoard purges the later steps."""
-        self._purge = int(step) + 1
-        p = os.path.join(self.out, "log.jsonl")
-        if not self.main or not os.path.exists(p):
-            return
-        keep = []
-        with open(p, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and int(rec.get("step", 0) or 0) <= step:
-                    keep.append(json.dumps(rec) + "\n")
-        from ..utils.io import atomic_write
-        atomic_write(p, lambda f: f.write("".join(keep)), binary=False)
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-
 class ContinualTrainer:
     """Runs a task stream with one method and writes checkpoints, memory and results.
 
@@ -448,6 +384,7 @@ class ContinualTrainer:
         if tasks is not None and not config.tasks:
             config.tasks = [TaskSpec(name=t.name, path=f"<{t.name}>", metric=t.metric) for t in tasks]
         config.validate()
+        check_run(config)       # device, backend, model and output folders, state.json: before any loading
         self.dist = setup_distributed(config)
         self.device = _device(config, self.dist)
         self.dist.device = self.device
@@ -459,6 +396,8 @@ class ContinualTrainer:
         self.tasks = tasks if tasks is not None else [
             load_task(ts.path, task_name(ts), ts.metric) for ts in config.tasks]
         self.task_names = [t.name for t in self.tasks]
+        check_tasks(config, self.tasks, self.tokenizer, world=self.dist.world,
+                    max_positions=model_max_positions(config, model), warn=self.dist.main)
         self.model = model if model is not None else build_model(config.model, self.tokenizer, config.seed)
         if config.model.lora is not None and not is_peft_model(self.model):
             self.model = apply_lora(self.model, config.model.lora, config.seed)
@@ -516,15 +455,7 @@ class ContinualTrainer:
             print(*a, flush=True)
 
     def _make_logger(self):
-        try:
-            from .runlog import RunLogger
-        except ImportError:
-            RunLogger = None
-        if RunLogger is None:
-            return _JsonlLog(self.out, self.cfg.log.tensorboard, self.dist.main)
-        report_to = (getattr(self.cfg.train, "report_to", None) or getattr(self.cfg.log, "report_to", None)
-                     or (["tensorboard"] if self.cfg.log.tensorboard else ["none"]))
-        return RunLogger(self.out, list(report_to), run_name=os.path.basename(os.path.abspath(self.out)),
+        return RunLogger(self.out, self.cfg.train.report_to, run_name=os.path.basename(os.path.abspath(self.out)),
                          config=self.cfg.to_dict(), main=self.dist.main)
 
     def log(self, **rec):
@@ -534,8 +465,22 @@ class ContinualTrainer:
         if self.logger is None:
             self.logger = self._make_logger()
         kind = rec.pop("kind", "train")
-        step = rec.pop("step", rec.pop("global_step", self.global_step))
+        step = rec.pop("global_step", self.global_step)
         self.logger.log(kind, step, **rec)
+
+    def _log_eval(self, t: int, row, loglik, seconds: float):
+        """The evaluation after task ``t``: its row, the matrix so far, OP/BWT at the end and
+        (for the report_to backends) the heatmap."""
+        if not self.dist.main:
+            return
+        res = self.results()
+        heat = None
+        if self.logger.backends:
+            heat = M.plot_heatmap(res["matrix"], os.path.join(self.out, "heatmap.png"), self.task_names,
+                                  title=self.method)
+        self.logger.log_eval(t, self.global_step, names=self.task_names, row=row, matrix=res["matrix"],
+                             op=res.get("OP"), bwt=res.get("BWT"), heatmap=heat, loglik=loglik,
+                             train_seconds=round(seconds, 3))
 
     def _autocast(self):
         if self.autocast is None:
@@ -686,12 +631,7 @@ class ContinualTrainer:
         row, ll = self._evaluate_upto(t)
         self.rows.append(row)
         self.loglik_rows.append(ll)
-        self.log(kind="eval", task=t, name=task.name, scores=row, loglik=ll,
-                 train_seconds=round(time.time() - t_start, 3))
-        if self.dist.main and hasattr(self.logger, "log_eval"):      # RunLogger: scores, matrix, OP/BWT
-            res = self.results()
-            self.logger.log_eval(t, self.global_step, names=self.task_names, row=row, matrix=res["matrix"],
-                                 op=res.get("OP"), bwt=res.get("BWT"))
+        self._log_eval(t, row, ll, time.time() - t_start)
         self._print(f"[{self.method}] after task {t + 1}/{len(self.tasks)} ({task.name}): "
                     + ", ".join(f"{n}={s:.3f}" for n, s in zip(self.task_names, row)))
         self._save_task(t)
@@ -829,7 +769,7 @@ class ContinualTrainer:
         bar.update(1)
         if kind is not None and self._due(loop):
             self.log(kind=kind, task=loop.task, epoch=epoch, batch=step, task_step=loop.task_step,
-                     step=self.global_step, **rec)
+                     global_step=self.global_step, **rec)
         tr = self.cfg.train
         last = loop.task_step >= loop.total
         if tr.max_steps and self.global_step >= tr.max_steps:
@@ -885,7 +825,7 @@ class ContinualTrainer:
                 # logged at the step its window makes (a resumed run restarts that window)
                 if (self.global_step + 1) % self.cfg.log.every == 0:
                     self.log(kind="replay", task=t, epoch=epoch, batch=step, task_step=loop.task_step + 1,
-                             step=self.global_step + 1, **rec)
+                             global_step=self.global_step + 1, **rec)
             else:
                 losses.append(self._train_micro([ds[i] for i in x], boundary, 1.0 / A))
             loop.consumed += 1
@@ -998,7 +938,7 @@ class ContinualTrainer:
         row, ll = [], []
         for j in range(t + 1):
             task = self.tasks[j]
-            exs = task.split(e.split) or task.eval or task.test or task.train
+            exs = eval_split(task, e.split)     # a fallback split was warned about at the start
             if e.max_samples:
                 exs = exs[: e.max_samples]
             r = evaluate_examples(self.base, self.tokenizer, exs, metric=task.metric,

@@ -80,8 +80,8 @@ def test_killed_mid_task_resumes_bit_identical(tmp_path, data, monkeypatch, meth
     # record (losses included) is the uninterrupted run's.
     ra_log, rb_log = records(tmp_path / "a"), records(tmp_path / "b")
     assert rb_log == ra_log
-    steps = [r["step"] for r in ra_log if r["kind"] == "train"]
-    assert steps == sorted(set(steps)) and max(r["step"] for r in ra_log) == ra["global_step"]
+    steps = [r["global_step"] for r in ra_log if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and max(r["global_step"] for r in ra_log) == ra["global_step"]
     assert {r["task"] for r in ra_log if r["kind"] == "train"} == {0, 1, 2}
     kinds = [r["kind"] for r in read_log(tmp_path / "b")]
     assert kinds.count("resume") == 1
