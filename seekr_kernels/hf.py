@@ -341,6 +341,7 @@ class _ReplayLoader:
         self.in_accumulation = rc.replays_in_accumulation
         A = int(trainer.args.gradient_accumulation_steps)
         self.group = 1 if self.in_accumulation else A
+        trainer._seekr_group = self.group        # micro-batches per replay step, for the logs
         try:
             self.n = len(loader)
         except TypeError:
@@ -542,6 +543,13 @@ class SeekrTrainerMixin:
         ckpt = kwargs.pop("resume_from_checkpoint", args.pop(0) if args else None)
         if ckpt is not None and ckpt is not False:
             ckpt = self._seekr_resume(ckpt)
+        engine = getattr(self, "model_wrapped", None)
+        if _is_deepspeed(self) and engine is not None and engine is not self.model:
+            # A later task: the Trainer would keep the previous task's engine (freed by
+            # accelerate) instead of building one; release its ZeRO hooks and start afresh.
+            if hasattr(engine, "destroy"):
+                engine.destroy()
+            self.model_wrapped = self.model
         out = super().train(ckpt, *args, **kwargs)
         self._seekr_end()
         return out
@@ -634,12 +642,9 @@ class SeekrTrainerMixin:
         dl = super().get_train_dataloader()
         rc = self.recipe
         if not rc.uses_memory or len(rc.memory) == 0:
-            self._seekr_group = 1
             return dl
         rc.dist = self._seekr_hooks()
-        loader = _ReplayLoader(self, dl)
-        self._seekr_group = loader.group
-        return loader
+        return _ReplayLoader(self, dl)
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
         """A replay window's ``num_items_in_batch`` is the global replay batch's target count;
