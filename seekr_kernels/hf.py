@@ -29,6 +29,10 @@ What happens in ``train()`` (the moments of :class:`~seekr_kernels.SeekrRecipe`)
 * after the last step ``end_task`` measures sensitivity and forgettability, reselects the
   heads, captures the teacher and adds the samples to the memory.
 
+Every checkpoint holds the recipe state (``seekr_recipe/``); ``train(resume_from_checkpoint=...)``
+restores it and resumes the task where it stopped, replay position included (while
+``train()`` runs, the Trainer's ``skip_first_batches`` skips inside the replay loader).
+
 Loss normalisation follows transformers' convention: ``compute_loss`` keeps the
 ``num_items_in_batch`` argument and returns this process's share of the accumulated
 global batch, scaled by the number of processes (DDP, FSDP and DeepSpeed average
@@ -349,7 +353,8 @@ class _ReplayLoader:
         self.steps = -(-self.n // self.group)
         self.schedule = rc.replay_schedule(self.steps)
         self.epoch = 0
-        self.skip = 0
+        self._next_epoch = 0     # the epoch whose replay batches the schedule draws next
+        self._skip = 0           # micro-batches to drop at the next __iter__ (a resume)
 
     def __len__(self):
         return self.n + self.schedule.per_epoch * self.group
@@ -376,10 +381,29 @@ class _ReplayLoader:
             yield {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
                    REPLAY_KEY: _Replay(b, self.in_accumulation)}
 
+    def skip_first(self, num_batches: int) -> "_ReplayLoader":
+        """The Trainer's ``skip_first_batches`` for this loader (a resume mid-epoch): the
+        next epoch's stream drops its first ``num_batches`` micro-batches, replay ones
+        included, and the replay schedule still draws them, so the batches after the
+        skip are the uninterrupted run's."""
+        self._skip = int(num_batches)
+        return self
+
+    def _schedule_at(self, epoch):
+        """The schedule positioned at the start of ``epoch``: every epoch draws
+        ``per_epoch`` replay batches, and a resumed run starts at a later epoch with a
+        fresh loader (``order="reshuffle"`` continues its queue across epochs)."""
+        if epoch != self._next_epoch:
+            self.schedule = self._trainer.recipe.replay_schedule(self.steps)
+            for _ in range(epoch * self.schedule.per_epoch):
+                self.schedule.next_batch()
+        self._next_epoch = epoch + 1
+        self.schedule.start_epoch(epoch)
+        return self.schedule
+
     def __iter__(self):
-        sched = self.schedule
-        sched.start_epoch(self.epoch)
-        skip, self.skip = self.skip, 0      # resumed mid-epoch: micro-batches already trained
+        sched = self._schedule_at(self.epoch)
+        skip, self._skip = self._skip, 0
         it = iter(self.loader)
         for step in itertools.count():
             if step < self.steps and sched.is_replay_step(step):
@@ -397,6 +421,35 @@ class _ReplayLoader:
                     skip -= 1
                     continue
                 yield b
+
+
+_SKIP_ORIG = "_seekr_skip_first_batches_orig"
+
+
+@contextlib.contextmanager
+def _replay_aware_skip():
+    """While a SEEKR ``train()`` runs, the Trainer's ``skip_first_batches`` (its resume
+    mid-epoch) skips inside a :class:`_ReplayLoader` instead of rebuilding a plain
+    DataLoader from the dataset, which would lose the replay batches. Everything else
+    about the resume stays the Trainer's: the step and epoch counters, and the RNG state
+    it restores after the first batches of the resumed epoch."""
+    import transformers.trainer as hf_trainer
+    orig = getattr(hf_trainer, "skip_first_batches", None)
+    if orig is None or hasattr(orig, _SKIP_ORIG):      # not this Trainer's mechanism, or nested
+        yield
+        return
+
+    def skip_first_batches(dataloader, num_batches=0):
+        if isinstance(dataloader, _ReplayLoader):
+            return dataloader.skip_first(num_batches)
+        return orig(dataloader, num_batches)
+    setattr(skip_first_batches, _SKIP_ORIG, orig)
+    hf_trainer.skip_first_batches = skip_first_batches
+    try:
+        yield
+    finally:
+        if hf_trainer.skip_first_batches is skip_first_batches:
+            hf_trainer.skip_first_batches = orig
 
 
 # ============================================================================ the trainer
@@ -538,7 +591,10 @@ class SeekrTrainerMixin:
         """``Trainer.train`` as one SEEKR task: ``begin_task`` when training begins, replay
         steps inside, ``end_task`` after the last step. ``resume_from_checkpoint`` also
         restores the recipe state saved in the checkpoint (the task in progress with its
-        pre-task snapshot, the memory, importance and heads)."""
+        pre-task snapshot, the memory, importance and heads); the Trainer restores the
+        optimiser, schedule, counters and RNG, and the replay loader skips the micro-batches
+        already trained (replay ones included), so a task resumed mid-epoch ends bit for
+        bit where the uninterrupted run ends (``tests/test_hf.py``)."""
         args = list(args)
         ckpt = kwargs.pop("resume_from_checkpoint", args.pop(0) if args else None)
         if ckpt is not None and ckpt is not False:
@@ -550,7 +606,8 @@ class SeekrTrainerMixin:
             if hasattr(engine, "destroy"):
                 engine.destroy()
             self.model_wrapped = self.model
-        out = super().train(ckpt, *args, **kwargs)
+        with _replay_aware_skip():
+            out = super().train(ckpt, *args, **kwargs)
         self._seekr_end()
         return out
 
