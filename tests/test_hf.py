@@ -155,12 +155,12 @@ def _rows(t, n=12):
     return out
 
 
-def _tiny_llama():
+def _tiny_llama(**config):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=40,
-                                        max_position_embeddings=32, pad_token_id=0))
+                                        max_position_embeddings=32, pad_token_id=0, **config))
 
 
 def test_lora_gradient_checkpointing_sequence_and_checkpoints(tmp_path):
@@ -287,3 +287,34 @@ def test_examples_run(tmp_path, script):
     assert op and "BWT=" in op[0]
     assert any(x.startswith("last replay log: replay_ce=") and "replay_attn_kl=" in x for x in lines)
     assert sum(1 for x in lines if x.startswith("  ") and ":" in x) == 3       # the 3 x 3 matrix rows
+
+
+def test_resume_inside_a_task_ends_where_an_uninterrupted_run_ends(tmp_path):
+    """A task resumed from a mid-task checkpoint in its second epoch ends bit for bit where
+    the uninterrupted run ends (weights, importance, the teacher captured into memory):
+    the replay loader skips the trained micro-batches (replay ones included), the replay
+    schedule resumes its reshuffled order at that epoch, the Trainer restores the RNG
+    (attention dropout) and its counters (a partial last accumulation window)."""
+    def run(out, resume=None):
+        # 12 rows / batch 4, accumulation 2, a replay window before the 2nd step: per
+        # epoch the windows [t t] [r r] [t]; checkpoint-4 is the first window of epoch 2.
+        args = SeekrConfig(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=2,
+                           gradient_accumulation_steps=2, learning_rate=1e-2, save_strategy="steps",
+                           save_steps=4, use_cpu=True, report_to=[], disable_tqdm=True, replay_ratio=4,
+                           replay_cycle=2, replay_order="reshuffle", query_budget=3, layer_budget=2,
+                           head_budget=3, seekr_backend="torch", replay_pad_to_multiple_of=1, seed=1)
+        tr = SeekrTrainer(model=_tiny_llama(attention_dropout=0.2), args=args)
+        tr.train_task(_rows(0), "a")
+        tr.train_task(_rows(1), "b", **({} if resume is None else {"resume_from_checkpoint": str(resume)}))
+        return tr
+    full = run(tmp_path / "full")
+    ck = tmp_path / "full" / "b" / "checkpoint-4"
+    assert (ck / "seekr_recipe" / "recipe.json").is_file()
+    resumed = run(tmp_path / "resumed", resume=ck)
+    assert (resumed.state.global_step, resumed.state.epoch) == (full.state.global_step, full.state.epoch) == (6, 2)
+    assert [h["replay_loss"] for h in resumed.state.log_history if "replay_loss" in h]      # replay ran after resume
+    for (n, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    assert torch.equal(full.recipe.importance, resumed.recipe.importance)
+    x, y = full.recipe.memory.tasks[1].samples[0], resumed.recipe.memory.tasks[1].samples[0]
+    assert torch.equal(x.logits, y.logits)
