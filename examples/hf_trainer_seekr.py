@@ -18,7 +18,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_tasks import encode, exact_match, make_tasks, tiny_llama, train_tokenizer  # noqa: E402
+from tiny_tasks import encode, exact_match, make_tasks, report, tiny_llama, train_tokenizer  # noqa: E402
 
 
 def main(argv=None):
@@ -48,15 +48,7 @@ def main(argv=None):
     data = {name: Dataset.from_list(encode(tok, t["train"])) for name, t in tasks.items()}
     res = trainer.train_tasks(data, score=lambda tr, name: exact_match(tr.model, tok, tasks[name]["test"]))
     trainer.recipe.save(os.path.join(a.out, "seekr"))
-    replay_logs = [h for h in trainer.state.log_history if "replay_ce" in h]
-    if replay_logs:
-        last = replay_logs[-1]
-        print("last replay log: " + ", ".join(f"{k}={last[k]:.4f}" for k in
-                                               ("replay_ce", "replay_logits_kl", "replay_attn_kl") if k in last))
-    print("accuracy matrix (row: after task, column: task):")
-    for name, row in zip(res["tasks"], res["matrix"]):
-        print(f"  {name}: " + " ".join("  -  " if v is None else f"{v:.2f}" for v in row))
-    print(f"OP={res['OP']:.3f} BWT={res['BWT']:.3f}")
+    report(trainer, res)
     return res
 
 

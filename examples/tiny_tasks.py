@@ -85,3 +85,16 @@ def exact_match(model, tokenizer, pairs, bos=True, batch_size=32):
             hits += tokenizer.decode(ids, skip_special_tokens=True).strip() == a
     model.train(was)
     return hits / max(1, len(pairs))
+
+
+def report(trainer, res):
+    """Print the last replay log of a SEEKR Trainer and ``train_tasks``' matrix, OP and BWT."""
+    replay_logs = [h for h in trainer.state.log_history if "replay_ce" in h]
+    if replay_logs:
+        last = replay_logs[-1]
+        print("last replay log: " + ", ".join(f"{k}={last[k]:.4f}" for k in
+                                               ("replay_ce", "replay_logits_kl", "replay_attn_kl") if k in last))
+    print("accuracy matrix (row: after task, column: task):")
+    for name, row in zip(res["tasks"], res["matrix"]):
+        print(f"  {name}: " + " ".join("  -  " if v is None else f"{v:.2f}" for v in row))
+    print(f"OP={res['OP']:.3f} BWT={res['BWT']:.3f}")
