@@ -19,7 +19,9 @@ import triton
 import triton.language as tl
 
 from .._checks import AttnArgs
-from ._tiles import key_block, load_rows, mm, row_tile, tile_config
+from ._configs import (DTYPES, HEAD_DIMS, attention_example, block_d_for, choose, kernel_spec,
+                       tiles_to_check)
+from ._tiles import dot_config, key_block, load_rows, mm, row_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -84,11 +86,38 @@ def attention_probs(a: AttnArgs, out_dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(a.B, a.S, a.Q, a.L, device=a.q.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
-    bm, bn, bd, prec, up, acc, nw = tile_config(a)
-    grid = (triton.cdiv(a.Q, bm), a.B * a.S)
-    _probs_kernel[grid](a.q, a.k, a.heads, a.queries, a.key_mask, out,
-                        *a.q.stride(), *a.k.stride(),
-                        a.S, a.Q, a.L, a.D, a.group, a.scale * _LOG2E,
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, ACC=acc,
-                        num_warps=nw)
+    bd = block_d_for(a.D)
+    prec, up, acc = dot_config(a.q.dtype, a.q.is_cuda)
+
+    def run(tile):
+        return _probs_kernel[(triton.cdiv(a.Q, tile.block_m), a.B * a.S)](
+            a.q, a.k, a.heads, a.queries, a.key_mask, out, *a.q.stride(), *a.k.stride(),
+            a.S, a.Q, a.L, a.D, a.group, a.scale * _LOG2E,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, ACC=acc,
+            num_warps=tile.num_warps, num_stages=tile.num_stages)
+    run(choose("attention_probs", a.q, bd, False, a.L, a.Q, run))
     return out
+
+
+def compile_specs():
+    """The CUDA launch configuration above for fp32/bf16/fp16 inputs (output in the input's
+    dtype, the default) and head dims 64/96/128, as gpu_compile_check.py compiles it."""
+    specs = []
+    for dtype in DTYPES:
+        prec, up, acc = dot_config(dtype, on_cuda=True)
+        for D in HEAD_DIMS:
+            ex = attention_example(D, dtype)
+            bd = block_d_for(D)
+            ints = dict(zip(("stride_qb", "stride_qh", "stride_ql", "stride_qd"), ex["q"]))
+            ints.update(zip(("stride_kb", "stride_kh", "stride_kl", "stride_kd"), ex["k"]))
+            ints.update(S=ex["S"], Qn=ex["Qn"], L=ex["L"], D=D, G=ex["G"])
+            ptrs = dict(Q=dtype, K=dtype, HEADS=torch.int32, QPOS=torch.int32, KMASK=torch.int32,
+                        OUT=dtype)
+            for tile, role in tiles_to_check("attention_probs", bd, dtype, False):
+                consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=bd, DOT_PREC=prec,
+                              UPCAST=up, ACC=acc)
+                specs.append(kernel_spec(_probs_kernel, "attention_probs", pointers=ptrs, ints=ints,
+                                         floats=("scale2",), constexprs=consts, tile=tile, dtype=dtype,
+                                         expect_mma=dtype != torch.float32, head_dim=D, block_d=bd,
+                                         teacher=False, role=role))
+    return specs

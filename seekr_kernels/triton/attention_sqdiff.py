@@ -26,7 +26,9 @@ import triton
 import triton.language as tl
 
 from .._checks import AttnArgs
-from ._tiles import load_rows, mm, row_tile, tile_config
+from ._configs import (DTYPES, HEAD_DIMS, attention_example, block_d_for, choose, kernel_spec,
+                       tiles_to_check)
+from ._tiles import dot_config, load_rows, mm, row_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -112,22 +114,47 @@ def _sqdiff_kernel(QA, KA, QB, KB, HEADS, QPOS, KMASK, OUT,
     tl.store(OUT + pid_bs.to(tl.int64) * Qn + offs_m, tl.where(active, acc, 0.0), mask=m_in)
 
 
-def _blocks(block_d):
-    # Four [BLOCK_M, BLOCK_D] / [BLOCK_N, BLOCK_D] operand tiles live at once.
-    return (64, 64) if block_d <= 64 else (32, 64) if block_d <= 128 else (16, 32)
-
-
 def attention_sqdiff_rows(a: AttnArgs, q_b: torch.Tensor, k_b: torch.Tensor) -> torch.Tensor:
     """Rows [B, S, Q] for validated args (``a`` holds model a's q/k; ``q_b``/``k_b`` alike)."""
     out_dtype = torch.float64 if a.q.dtype == torch.float64 else torch.float32
     out = torch.empty(a.B, a.S, a.Q, device=a.q.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
-    bm, bn, bd, prec, up, acc, nw = tile_config(a, _blocks)
-    grid = (triton.cdiv(a.Q, bm), a.B * a.S)
-    _sqdiff_kernel[grid](a.q, a.k, q_b, k_b, a.heads, a.queries, a.key_mask, out,
-                         *a.q.stride(), *a.k.stride(), *q_b.stride(), *k_b.stride(),
-                         a.S, a.Q, a.L, a.D, a.group, a.scale * _LOG2E,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, ACC=acc,
-                         num_warps=nw)
+    bd = block_d_for(a.D)
+    prec, up, acc = dot_config(a.q.dtype, a.q.is_cuda)
+
+    def run(tile):
+        return _sqdiff_kernel[(triton.cdiv(a.Q, tile.block_m), a.B * a.S)](
+            a.q, a.k, q_b, k_b, a.heads, a.queries, a.key_mask, out,
+            *a.q.stride(), *a.k.stride(), *q_b.stride(), *k_b.stride(),
+            a.S, a.Q, a.L, a.D, a.group, a.scale * _LOG2E,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, ACC=acc,
+            num_warps=tile.num_warps, num_stages=tile.num_stages)
+    run(choose("attention_sqdiff", a.q, bd, False, a.L, a.Q, run))
     return out
+
+
+def compile_specs():
+    """The CUDA launch configuration above for fp32/bf16/fp16 inputs and head dims
+    64/96/128 (both models' q and k contiguous), as gpu_compile_check.py compiles it."""
+    specs = []
+    for dtype in DTYPES:
+        prec, up, acc = dot_config(dtype, on_cuda=True)
+        for D in HEAD_DIMS:
+            ex = attention_example(D, dtype)
+            bd = block_d_for(D)
+            ints = {}
+            for x in ("a", "b"):
+                ints.update(zip((f"s_q{x}_b", f"s_q{x}_h", f"s_q{x}_l", f"s_q{x}_d"), ex["q"]))
+                ints.update(zip((f"s_k{x}_b", f"s_k{x}_h", f"s_k{x}_l", f"s_k{x}_d"), ex["k"]))
+            ints.update(S=ex["S"], Qn=ex["Qn"], L=ex["L"], D=D, G=ex["G"])
+            ptrs = dict(QA=dtype, KA=dtype, QB=dtype, KB=dtype, HEADS=torch.int32, QPOS=torch.int32,
+                        KMASK=torch.int32, OUT=torch.float32)
+            for tile, role in tiles_to_check("attention_sqdiff", bd, dtype, False):
+                consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=bd, DOT_PREC=prec,
+                              UPCAST=up, ACC=acc)
+                specs.append(kernel_spec(_sqdiff_kernel, "attention_sqdiff", pointers=ptrs, ints=ints,
+                                         floats=("scale2",), constexprs=consts, tile=tile, dtype=dtype,
+                                         expect_mma=dtype != torch.float32, head_dim=D, block_d=bd,
+                                         teacher=False, role=role))
+    return specs
