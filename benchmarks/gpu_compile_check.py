@@ -152,8 +152,8 @@ def _compile_triton(module, index, arch):
             path = os.path.join(d, "k.cubin")
             with open(path, "wb") as f:
                 f.write(k.asm["cubin"])
-            res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-            sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+            res = sass = subprocess.run([cuobjdump, "-res-usage", "-sass", path], capture_output=True,
+                                        text=True).stdout
         u = _RES.search(res)
         if u:
             out["regs"] = int(u[1])     # the binary's own count (equals ptxas' report)
@@ -446,7 +446,7 @@ def _run_cuda(nvcc, src, archs, log):
 
 
 CUDA_COLUMNS = ["kernel", "template", "arch", "regs", "spill_stores", "spill_loads", "stack_bytes", "smem_static",
-                *[f"smem_D{D}" for D in CUDA_HEAD_DIMS], "smem_limit", "status", "symbol"]
+                *[f"smem_D{D}" for D in CUDA_HEAD_DIMS], "smem_limit", "status"]
 
 
 # ---- reporting ----------------------------------------------------------------------------

@@ -11,9 +11,12 @@ functions, while this test session runs the interpreter):
 * CUDA C++: every kernel of csrc/*.cu (every template instance) through nvcc -Xptxas -v
   for both targets: no spill, shared memory within the limit for D = 64, 96, 128.
 
-Per-spec results are cached (keyed by kernel source, specialisation, options, target and
-Triton / nvcc version) in pytest's cache directory, or SEEKR_COMPILE_CACHE if set
-(SEEKR_COMPILE_CACHE=0: no cache). A fresh clone (CI) compiles everything.
+Per-spec results are cached, keyed by everything that decides the compiled binary (the
+kernel's source and the sources it calls, the specialisation, the options, the target, the
+Triton / nvcc version): an unchanged kernel is not compiled again by the next run, on this
+clone or another. The cache lives in ~/.cache/seekr-kernels/gpu-compile, or in
+SEEKR_COMPILE_CACHE (=0: no cache, everything compiled: about 330 s of CPU time, 170 s on
+two idle cores).
 """
 from __future__ import annotations
 
@@ -33,11 +36,12 @@ import gpu_compile_check as gcc  # noqa: E402  (imports nothing heavy at module 
 
 
 @pytest.fixture
-def cache_args(request):
+def cache_args():
     where = os.environ.get("SEEKR_COMPILE_CACHE")
     if where == "0":
         return []
-    return ["--cache", where or str(request.config.cache.mkdir("gpu_compile"))]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return ["--cache", where or os.path.join(base, "seekr-kernels", "gpu-compile")]
 
 
 def _run(args):

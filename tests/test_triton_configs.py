@@ -37,7 +37,7 @@ def _kl(backend, case, tiles=None):
     k = k.detach().clone().requires_grad_()
     with _configs.use_tiles(**(tiles or {})):
         out = sk.attention_kl(q, k, t, heads, queries, mask, reduction="none", backend=backend)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     with _configs.use_tiles(**(tiles or {})):
         (out * w).sum().backward()
     return out.detach(), q.grad, k.grad
@@ -349,19 +349,31 @@ def test_gpu_autotuned_and_fixed_agree_with_torch(monkeypatch, dtype, D):
         got = _kl("triton", case)
         for x, y, what in zip(got, ref, ("rows", "dq", "dk")):
             assert_close(x.float(), y.float(), 4 * TOL[dtype], f"{what} (SEEKR_AUTOTUNE={setting})")
-    if dtype != torch.float32:
-        tuned = [e for e in _configs.TUNING_LOG if "best" in e and e["key"][2] == dtype and e["key"][3] == D]
+    if dtype == torch.bfloat16:   # the tuned dtype: all three kernels went through the tuner
+        bd = _configs.block_d_for(D)
+        tuned = [e for e in _configs.TUNING_LOG if "best" in e and e["key"][2] == dtype and e["key"][3] == bd]
         assert {e["key"][0] for e in tuned} == set(KL)
+        for e in tuned:
+            assert Tile(*e["best"]) in _configs.pruned(e["key"][0], "sm90", dtype, bd, e["key"][4]) + \
+                _configs.pruned(e["key"][0], "sm80", dtype, bd, e["key"][4])
 
 
 @pytest.mark.gpu
-def test_gpu_default_kernels_do_not_spill():
-    """The kernels the launchers compiled on this GPU (its Triton, its ptxas) hold no spills."""
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_gpu_compiled_kernels_do_not_spill(monkeypatch, setting):
+    """The kernels the launchers compiled on this GPU (its Triton, its ptxas), defaults and
+    tuned choices alike, hold no spilled registers."""
     from seekr_kernels.triton import attention_kl as mod
-    case = make_case(1, 8, 2, 600, 128, S=2, Q=None, dtype=torch.bfloat16, device="cuda")
-    _kl("triton", case)
-    for fn in (mod._fwd, mod._bwd_dq, mod._bwd_dk):
-        compiled = [k for cache in fn.device_caches.values() for k in cache[0].values()]
-        assert compiled, fn
-        for k in compiled:
-            assert getattr(k, "n_spills", 0) == 0, (fn, k.n_regs, k.n_spills)
+    monkeypatch.setenv("SEEKR_AUTOTUNE", setting)
+    handles = []
+
+    def spy(kernel, t, block_d, has_teacher, L, rows, run):
+        tile = _configs.choose(kernel, t, block_d, has_teacher, L, rows, run)
+        handles.append((kernel, tile, run(tile)))      # launching returns the compiled kernel
+        return tile
+    monkeypatch.setattr(mod, "choose", spy)
+    for D, dtype in ((128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float32)):
+        _kl("triton", make_case(1, 8, 2, 600, D, S=2, Q=None, dtype=dtype, device="cuda"))
+    assert {k for k, _, _ in handles} == set(KL)
+    for kernel, tile, compiled in handles:
+        assert getattr(compiled, "n_spills", 0) == 0, (kernel, tile, compiled.n_regs, compiled.n_spills)
