@@ -7,7 +7,8 @@
 # Nothing is installed: the package runs from this tree (PYTHONPATH) with the machine's
 # torch / triton / transformers (seen there: torch 2.11, triton 3.6, transformers 5.17).
 # Stages, each time-boxed so a slow one cannot eat the others (seconds, overridable as
-# GPU_CHECK_<STAGE>=N; GPU_CHECK_BUDGET caps the whole run):
+# GPU_CHECK_<STAGE>=N; GPU_CHECK_BUDGET, default 440, caps the stages together; `timeout`
+# kills a stage's whole process group):
 #
 #   env       GPU, driver, versions
 #   build     (background, CPU) the C++/CUDA extensions in place, for this GPU's arch only;
@@ -39,7 +40,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MPLBACKEND=
 export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 unset TRITON_INTERPRET
 start=$(date +%s)
-budget=${GPU_CHECK_BUDGET:-460}
+budget=${GPU_CHECK_BUDGET:-440}
 log=$out/gpu_check.log
 : > "$log"
 summary=()
@@ -117,7 +118,7 @@ build_ext() {
 }
 export -f build_ext
 export cap PY
-background build "${GPU_CHECK_BUILD:-240}" bash -c build_ext
+background build "${GPU_CHECK_BUILD:-150}" bash -c build_ext
 build_pid=$!
 mkdir -p "$work/compile"
 background compile "${GPU_CHECK_COMPILE:-360}" "$PY" benchmarks/gpu_compile_check.py --jobs 4 --out "$work/compile"
@@ -142,11 +143,11 @@ background_done build
 
 xdist=(); "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
 ptime=(); "$PY" -c "import pytest_timeout" 2>/dev/null && ptime=(--timeout 120)
-stage tests 140 env SEEKR_TEST_GPU=1 "$PY" -m pytest -q -m gpu "${xdist[@]}" "${ptime[@]}" -p no:cacheprovider \
+stage tests 130 env SEEKR_TEST_GPU=1 "$PY" -m pytest -q -m gpu "${xdist[@]}" "${ptime[@]}" -p no:cacheprovider \
   --junitxml="$work/gpu_tests.xml" tests
 
-stage attn 95 "$PY" benchmarks/bench_attention_kl.py --gpu --lengths 1024 4096 --queries 0 --reps 5 --out "$work"
-stage llama 115 "$PY" benchmarks/bench_llama_step.py --gpu --lengths 1024 4096 --methods plain patched \
+stage attn 90 "$PY" benchmarks/bench_attention_kl.py --gpu --lengths 1024 4096 --queries 0 --reps 5 --out "$work"
+stage llama 110 "$PY" benchmarks/bench_llama_step.py --gpu --lengths 1024 4096 --methods plain patched \
   --reps 3 --out "$work"
 
 # The compile matrix has had the whole run; give it what is left of the budget, then stop it.

@@ -309,13 +309,44 @@ def kernel_spec(fn, name: str, *, pointers: dict, ints: dict, floats=(), constex
                 expect_mma=bool(expect_mma), tile=tuple(tile) if tile else None, **meta)
 
 
-def attention_example(D: int, dtype: torch.dtype, B=2, H=32, Hkv=8, L=4096, S=4, Q=None):
-    """Integer arguments of a representative CUDA call (contiguous [B, H, L, D] q, k and a
-    contiguous [B, S, Q, L] teacher; Q = L: all rows). G = 4 (grouped-query attention)."""
-    Q = L if Q is None else Q
-    return dict(B=B, H=H, Hkv=Hkv, L=L, D=D, S=S, Qn=Q, G=H // Hkv,
-                q=(H * L * D, L * D, D, 1), k=(Hkv * L * D, L * D, D, 1),
-                t=(S * Q * L, Q * L, L, 1))
+def _example(D: int, B=2, H=32, Hkv=8, L=4096, S=4):
+    """Arguments of a representative CUDA call: contiguous [B, H, L, D] q and k, a
+    contiguous [B, S, L, L] teacher, all L rows selected, G = 4 (grouped-query attention)."""
+    return dict(Hkv=Hkv, L=L, D=D, S=S, Qn=L, G=H // Hkv,
+                q=(H * L * D, L * D, D, 1), k=(Hkv * L * D, L * D, D, 1), t=(S * L * L, L * L, L, 1))
+
+
+def tile_kernel_specs(fn, name: str, strides: list, pointers: Callable, teachers=(False,)) -> list[dict]:
+    """Compile specs of one selected-row tile kernel as its launcher runs it on CUDA: every
+    dtype of DTYPES, head dim of HEAD_DIMS and teacher variant, each with the tiles of
+    ``tiles_to_check``.
+
+    strides: [(the kernel's four stride parameters of a tensor, "q" | "k" | "t")] (the
+    teacher's are 0 without a teacher, as the launchers pass them); pointers(dtype,
+    has_teacher) -> {pointer parameter: torch dtype}.
+    """
+    from ._tiles import dot_config
+
+    args = set(fn.arg_names)
+    specs = []
+    for dtype in DTYPES:
+        prec, up, acc = dot_config(dtype, on_cuda=True)
+        for D in HEAD_DIMS:
+            ex = _example(D)
+            bd = block_d_for(D)
+            for has_t in teachers:
+                ints = {p: v for names, key in strides
+                        for p, v in zip(names, ex[key] if key != "t" or has_t else (0,) * 4)}
+                ints.update({p: ex[p] for p in ("Hkv", "L", "D", "S", "Qn", "G") if p in args})
+                for tile, role in tiles_to_check(name, bd, dtype, has_t):
+                    consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=bd, DOT_PREC=prec,
+                                  UPCAST=up, ACC=acc, HAS_TEACHER=has_t)
+                    specs.append(kernel_spec(
+                        fn, name, pointers=pointers(dtype, has_t), ints=ints,
+                        floats=[p for p in ("scale", "scale2") if p in args],
+                        constexprs={k: v for k, v in consts.items() if k in args}, tile=tile, dtype=dtype,
+                        expect_mma=dtype != torch.float32, head_dim=D, block_d=bd, teacher=has_t, role=role))
+    return specs
 
 
 def tiles_to_check(kernel: str, block_d: int, dtype: torch.dtype, has_teacher: bool = True):

@@ -24,8 +24,7 @@ import triton
 import triton.language as tl
 
 from .._checks import AttnArgs
-from ._configs import (DTYPES, HEAD_DIMS, attention_example, block_d_for, choose, kernel_spec,
-                       tiles_to_check)
+from ._configs import block_d_for, choose, tile_kernel_specs
 from ._tiles import dot_config, key_block, load_rows, mm, row_positions, row_tile
 
 
@@ -261,38 +260,19 @@ def scatter_dq(a: AttnArgs, dq_rows):
 
 def compile_specs():
     """Every configuration the launchers above use on CUDA (defaults and autotuning
-    candidates) for fp32/bf16/fp16 inputs, head dims 64/96/128, with and without a teacher,
-    as gpu_compile_check.py compiles them (representative shapes: see attention_example)."""
-    specs = []
-    kernels = (("attention_kl_fwd", _fwd), ("attention_kl_dq", _bwd_dq), ("attention_kl_dk", _bwd_dk))
-    for dtype in DTYPES:
-        prec, up, _ = dot_config(dtype, on_cuda=True)
-        for D in HEAD_DIMS:
-            ex = attention_example(D, dtype)
-            bd = block_d_for(D)
-            for has_t in (True, False):
-                ints = dict(zip(("stride_qb", "stride_qh", "stride_ql", "stride_qd"), ex["q"]))
-                ints.update(zip(("stride_kb", "stride_kh", "stride_kl", "stride_kd"), ex["k"]))
-                ints.update(zip(("stride_tb", "stride_ts", "stride_tq", "stride_tl"),
-                                ex["t"] if has_t else (0, 0, 0, 0)))
-                ints.update(S=ex["S"], Qn=ex["Qn"], L=ex["L"], D=D, G=ex["G"])
-                ptrs = dict(Q=dtype, K=dtype, T=dtype, HEADS=torch.int32,
-                            QPOS=torch.int32, KMASK=torch.int32)
-                for name, fn in kernels:
-                    if name == "attention_kl_fwd":
-                        p = dict(ptrs, TM_IN=torch.float32, ROWS=torch.float32, LSE=torch.float32,
-                                 TOUT=torch.float32)
-                        i = ints
-                    else:
-                        p = dict(ptrs, LSE=torch.float32, TM=torch.float32, GRAD=torch.float32)
-                        p["DQR" if name == "attention_kl_dq" else "DK"] = \
-                            torch.float32 if name == "attention_kl_dq" else dtype
-                        i = dict(ints, Hkv=ex["Hkv"]) if name == "attention_kl_dk" else ints
-                    for tile, role in tiles_to_check(name, bd, dtype, has_t):
-                        consts = dict(HAS_TEACHER=has_t, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                                      BLOCK_D=bd, DOT_PREC=prec, UPCAST=up)
-                        specs.append(kernel_spec(fn, name, pointers=p, ints=i, floats=("scale",),
-                                                 constexprs=consts, tile=tile, dtype=dtype,
-                                                 expect_mma=dtype != torch.float32, head_dim=D,
-                                                 block_d=bd, teacher=has_t, role=role))
-    return specs
+    candidates), with and without a teacher, as gpu_compile_check.py compiles them."""
+    strides = [(tuple(f"stride_{x}{d}" for d in "bhld"), x) for x in "qk"]
+    strides.append((("stride_tb", "stride_ts", "stride_tq", "stride_tl"), "t"))
+    f32 = torch.float32
+
+    def pointers(out, **extra):
+        return lambda dt, has_t: dict(Q=dt, K=dt, T=dt, HEADS=torch.int32, QPOS=torch.int32,
+                                      KMASK=torch.int32, **{k: (dt if v is None else v) for k, v in
+                                                            dict(out, **extra).items()})
+    bwd = dict(LSE=f32, TM=f32, GRAD=f32)
+    return (tile_kernel_specs(_fwd, "attention_kl_fwd", strides, pointers(
+                dict(TM_IN=f32, ROWS=f32, LSE=f32, TOUT=f32)), teachers=(True, False))
+            + tile_kernel_specs(_bwd_dq, "attention_kl_dq", strides, pointers(bwd, DQR=f32),
+                                teachers=(True, False))
+            + tile_kernel_specs(_bwd_dk, "attention_kl_dk", strides, pointers(bwd, DK=None),
+                                teachers=(True, False)))

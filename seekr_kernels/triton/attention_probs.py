@@ -19,8 +19,7 @@ import triton
 import triton.language as tl
 
 from .._checks import AttnArgs
-from ._configs import (DTYPES, HEAD_DIMS, attention_example, block_d_for, choose, kernel_spec,
-                       tiles_to_check)
+from ._configs import block_d_for, choose, tile_kernel_specs
 from ._tiles import dot_config, key_block, load_rows, mm, row_tile
 
 _LOG2E = 1.4426950408889634
@@ -100,24 +99,8 @@ def attention_probs(a: AttnArgs, out_dtype: torch.dtype) -> torch.Tensor:
 
 
 def compile_specs():
-    """The CUDA launch configuration above for fp32/bf16/fp16 inputs (output in the input's
-    dtype, the default) and head dims 64/96/128, as gpu_compile_check.py compiles it."""
-    specs = []
-    for dtype in DTYPES:
-        prec, up, acc = dot_config(dtype, on_cuda=True)
-        for D in HEAD_DIMS:
-            ex = attention_example(D, dtype)
-            bd = block_d_for(D)
-            ints = dict(zip(("stride_qb", "stride_qh", "stride_ql", "stride_qd"), ex["q"]))
-            ints.update(zip(("stride_kb", "stride_kh", "stride_kl", "stride_kd"), ex["k"]))
-            ints.update(S=ex["S"], Qn=ex["Qn"], L=ex["L"], D=D, G=ex["G"])
-            ptrs = dict(Q=dtype, K=dtype, HEADS=torch.int32, QPOS=torch.int32, KMASK=torch.int32,
-                        OUT=dtype)
-            for tile, role in tiles_to_check("attention_probs", bd, dtype, False):
-                consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=bd, DOT_PREC=prec,
-                              UPCAST=up, ACC=acc)
-                specs.append(kernel_spec(_probs_kernel, "attention_probs", pointers=ptrs, ints=ints,
-                                         floats=("scale2",), constexprs=consts, tile=tile, dtype=dtype,
-                                         expect_mma=dtype != torch.float32, head_dim=D, block_d=bd,
-                                         teacher=False, role=role))
-    return specs
+    """The CUDA launch configuration above (output in the input's dtype, the default), as
+    gpu_compile_check.py compiles it."""
+    strides = [(tuple(f"stride_{x}{d}" for d in "bhld"), x) for x in "qk"]
+    return tile_kernel_specs(_probs_kernel, "attention_probs", strides, lambda dt, _: dict(
+        Q=dt, K=dt, HEADS=torch.int32, QPOS=torch.int32, KMASK=torch.int32, OUT=dt))

@@ -26,8 +26,7 @@ import triton
 import triton.language as tl
 
 from .._checks import AttnArgs
-from ._configs import (DTYPES, HEAD_DIMS, attention_example, block_d_for, choose, kernel_spec,
-                       tiles_to_check)
+from ._configs import block_d_for, choose, tile_kernel_specs
 from ._tiles import dot_config, load_rows, mm, row_tile
 
 _LOG2E = 1.4426950408889634
@@ -135,26 +134,8 @@ def attention_sqdiff_rows(a: AttnArgs, q_b: torch.Tensor, k_b: torch.Tensor) -> 
 
 
 def compile_specs():
-    """The CUDA launch configuration above for fp32/bf16/fp16 inputs and head dims
-    64/96/128 (both models' q and k contiguous), as gpu_compile_check.py compiles it."""
-    specs = []
-    for dtype in DTYPES:
-        prec, up, acc = dot_config(dtype, on_cuda=True)
-        for D in HEAD_DIMS:
-            ex = attention_example(D, dtype)
-            bd = block_d_for(D)
-            ints = {}
-            for x in ("a", "b"):
-                ints.update(zip((f"s_q{x}_b", f"s_q{x}_h", f"s_q{x}_l", f"s_q{x}_d"), ex["q"]))
-                ints.update(zip((f"s_k{x}_b", f"s_k{x}_h", f"s_k{x}_l", f"s_k{x}_d"), ex["k"]))
-            ints.update(S=ex["S"], Qn=ex["Qn"], L=ex["L"], D=D, G=ex["G"])
-            ptrs = dict(QA=dtype, KA=dtype, QB=dtype, KB=dtype, HEADS=torch.int32, QPOS=torch.int32,
-                        KMASK=torch.int32, OUT=torch.float32)
-            for tile, role in tiles_to_check("attention_sqdiff", bd, dtype, False):
-                consts = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=bd, DOT_PREC=prec,
-                              UPCAST=up, ACC=acc)
-                specs.append(kernel_spec(_sqdiff_kernel, "attention_sqdiff", pointers=ptrs, ints=ints,
-                                         floats=("scale2",), constexprs=consts, tile=tile, dtype=dtype,
-                                         expect_mma=dtype != torch.float32, head_dim=D, block_d=bd,
-                                         teacher=False, role=role))
-    return specs
+    """The CUDA launch configuration above (both models' q and k contiguous), as
+    gpu_compile_check.py compiles it."""
+    strides = [(tuple(f"s_{x}{m}_{d}" for d in "bhld"), x) for x in "qk" for m in "ab"]
+    return tile_kernel_specs(_sqdiff_kernel, "attention_sqdiff", strides, lambda dt, _: dict(
+        QA=dt, KA=dt, QB=dt, KB=dt, HEADS=torch.int32, QPOS=torch.int32, KMASK=torch.int32, OUT=torch.float32))
