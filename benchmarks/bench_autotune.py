@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -29,22 +28,15 @@ import common  # noqa: E402
 
 
 def _time_ms(fn, device, reps):
+    """Median ms of fn() after one warm-up call (which compiles, and tunes when on)."""
     import torch
+
+    from seekr_kernels.triton import _configs
     fn()
     if device != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        return _configs.cpu_timer(fn)
     torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    return _configs.cuda_timer(fn, reps)
 
 
 def copy_gbps(device, nbytes=2 << 30, reps=10):

@@ -222,7 +222,7 @@ def test_choose_on_cuda(monkeypatch, fresh_tuning):
     def run(tile):
         seen.append(tile)
         return None
-    monkeypatch.setattr(_configs, "_cuda_timer", lambda fn: (fn(), -len(seen))[1])   # later = faster
+    monkeypatch.setattr(_configs, "cuda_timer", lambda fn: (fn(), -len(seen))[1])   # later = faster
     t = _FakeCuda()
     default = _configs.default_tile("attention_kl_fwd", 128, torch.bfloat16, True)
     monkeypatch.setenv("SEEKR_AUTOTUNE", "0")

@@ -210,7 +210,7 @@ def autotune(key: tuple, cands: list[Tile], run: Callable[[Tile], object],
     return best
 
 
-def _cuda_timer(fn, reps=5):
+def cuda_timer(fn, reps=5):
     """Median milliseconds of fn() on the current stream (events; fn already warmed up)."""
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
@@ -256,7 +256,7 @@ def choose(kernel: str, t: torch.Tensor, block_d: int, has_teacher: bool, L: int
     props = torch.cuda.get_device_properties(dev)
     limit = getattr(props, "shared_memory_per_block_optin", None)
     cands = pruned(kernel, arch_key((props.major, props.minor)), t.dtype, block_d, has_teacher, limit)
-    return autotune(key, cands, run, _cuda_timer)
+    return autotune(key, cands, run, cuda_timer)
 
 
 # ---- compile specs: what gpu_compile_check.py compiles ------------------------------------
