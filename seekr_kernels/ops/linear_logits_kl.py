@@ -321,11 +321,14 @@ def _take(x, r):
     return x[r] if isinstance(r, slice) else x.index_select(0, r)
 
 
-def _fused(h2, W, b, teacher, lab, hw, sw, reduction, topk_mode, chunk_size, backend, needs, block=None):
+def _fused(h2, W, b, teacher, lab, hw, sw, reduction, topk_mode, chunk_size, backend, needs, block=None,
+           parts=None):
     """Loss and (when ``needs``) the finished gradients of the fused computation.
 
     h2 [T, Hd], lab [T]; teacher dense [T, V], TopK/sampled over [T, V] rows, or None.
-    needs = (hidden, weight, bias) gradient flags. Returns (loss, dh, dW, db).
+    needs = (hidden, weight, bias) gradient flags. Returns (loss, dh, dW, db). ``parts``:
+    a dict that receives the unweighted ``hard`` (CE) and ``soft`` (distillation) terms,
+    each reduced like the loss (those with a weight > 0).
     """
     T, Hd = h2.shape
     V = W.shape[0]
@@ -344,6 +347,8 @@ def _fused(h2, W, b, teacher, lab, hw, sw, reduction, topk_mode, chunk_size, bac
     if need_db:
         db = torch.zeros((V,), device=dev, dtype=acc)
     total = torch.zeros((), device=dev, dtype=acc)
+    tot_hard = torch.zeros((), device=dev, dtype=acc)
+    tot_soft = torch.zeros((), device=dev, dtype=acc)
     eng = _TritonEngine(W, b, acc, block) if backend == "triton" else _TorchEngine(W, b, acc)
 
     dense = isinstance(teacher, torch.Tensor)
@@ -368,15 +373,23 @@ def _fused(h2, W, b, teacher, lab, hw, sw, reduction, topk_mode, chunk_size, bac
         A = torch.full((cn,), (hw + sw) * scale if not sparse else hw * scale, device=dev, dtype=acc)
         B = U = corr = None
         if hw:
-            rows += hw * (lse - st["zl"].to(acc))
+            ce_rows = lse - st["zl"].to(acc)
+            if parts is not None:
+                tot_hard += ce_rows.sum()
+            rows += hw * ce_rows
         if dense and sw:
-            rows += sw * (lse - st["pz"].to(acc))
+            kd_rows = lse - st["pz"].to(acc)
+            if parts is not None:
+                tot_soft += kd_rows.sum()
+            rows += sw * kd_rows
             B = torch.full((cn,), sw * scale, device=dev, dtype=acc)
         if ik is not None:
             zk = st["zk"].to(acc)
             sum_s = st.get("sum_s", lse).to(acc)
             trow, At, Ut, Wk, w = _topk_terms(mode, _take(p_all, r), zk, lse, sum_s,
                                               st.get("qlogq", lse).to(acc), V, acc)
+            if parts is not None:
+                tot_soft += trow.sum()
             rows += sw * trow
             A = A + sw * scale * At
             if bool((Ut != 0).any()):
@@ -401,6 +414,11 @@ def _fused(h2, W, b, teacher, lab, hw, sw, reduction, topk_mode, chunk_size, bac
                 dh.index_copy_(0, r, dh_c.to(dh.dtype))
         del buf, d
     loss = total * scale
+    if parts is not None:
+        if hw:
+            parts["hard"] = tot_hard * scale
+        if sw:
+            parts["soft"] = tot_soft * scale
     if dW is not None and dW.dtype != W.dtype:
         dW = dW.to(W.dtype)
     if db is not None and db.dtype != W.dtype:
@@ -416,7 +434,8 @@ class _LinearLogitsKL(torch.autograd.Function):
         h2 = hidden.reshape(-1, shape[-1])
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         loss, dh, dW, db = _fused(h2, weight, bias, teacher, lab, meta["hw"], meta["sw"], meta["reduction"],
-                                  meta["topk_mode"], meta["chunk"], meta["backend"], needs, meta.get("block"))
+                                  meta["topk_mode"], meta["chunk"], meta["backend"], needs, meta.get("block"),
+                                  meta.get("parts"))
         ctx.shape = shape
         ctx.save_for_backward(dh, dW, db)
         return loss
@@ -434,7 +453,7 @@ class _LinearLogitsKL(torch.autograd.Function):
         return (None if dh is None else dh.reshape(ctx.shape)), sc(dW), sc(db), None, None, None
 
 
-def _oracle(hidden, weight, bias, teacher, labels, hw, sw, reduction, topk_mode):
+def _oracle(hidden, weight, bias, teacher, labels, hw, sw, reduction, topk_mode, parts=None):
     """The materialising reference: logits, then cross_entropy and logits_kl."""
     from .logits_kl import logits_kl
     logits = torch.nn.functional.linear(hidden, weight, bias)
@@ -448,6 +467,8 @@ def _oracle(hidden, weight, bias, teacher, labels, hw, sw, reduction, topk_mode)
         ce = torch.nn.functional.cross_entropy(lg3[0].to(acc), lab[0].long(), ignore_index=IGNORE_INDEX,
                                                reduction="sum")
         loss = loss + hw * ce / n
+        if parts is not None:
+            parts["hard"] = (ce / n).detach()
     if sw:
         if isinstance(teacher, TopK):
             t3 = type(teacher)(teacher.values.reshape(1, -1, teacher.k), teacher.indices.reshape(1, -1, teacher.k),
@@ -455,7 +476,10 @@ def _oracle(hidden, weight, bias, teacher, labels, hw, sw, reduction, topk_mode)
                                lse=None if teacher.lse is None else teacher.lse.reshape(1, -1))
         else:
             t3 = teacher.reshape(1, -1, V)
-        loss = loss + sw * logits_kl(lg3, t3, lab, reduction=reduction, backend="torch", topk_mode=topk_mode)
+        kd = logits_kl(lg3, t3, lab, reduction=reduction, backend="torch", topk_mode=topk_mode)
+        loss = loss + sw * kd
+        if parts is not None:
+            parts["soft"] = kd.detach()
     return loss
 
 
@@ -474,7 +498,7 @@ def _diagnose(hidden, weight, bias, teacher):
 # ---------------------------------------------------------------------------- public API
 def linear_logits_kl(hidden, weight, teacher, labels, *, bias=None, hard_weight=0.0, soft_weight=1.0,
                      chunk_size=None, backend="auto", topk_mode=None, reduction="mean", check_values=True,
-                     _block=None):
+                     _block=None, _parts=None):
     """Fused lm_head + logits distillation (+ optional hard CE) without materialised logits.
 
     Args:
@@ -497,6 +521,9 @@ def linear_logits_kl(hidden, weight, teacher, labels, *, bias=None, hard_weight=
         reduction: ``"mean"`` over rows with a label (0 when there are none) or ``"sum"``.
         check_values: one host sync; a non-finite loss raises ValueError naming the
             argument at fault; also labels out of range, TopK contents.
+        _parts: a dict that receives the detached unweighted terms ``"hard"`` (the CE)
+            and ``"soft"`` (the distillation term), reduced like the loss, of those with
+            a weight > 0 (the replay loss logs them).
 
     Returns:
         fp32 scalar (fp64 for fp64 inputs).
@@ -517,11 +544,11 @@ def linear_logits_kl(hidden, weight, teacher, labels, *, bias=None, hard_weight=
         teacher.check("teacher")
     bk = _resolve(backend, hidden)
     if bk == "torch":
-        loss = _oracle(hidden, weight, bias, teacher, labels, hw, sw, reduction, topk_mode)
+        loss = _oracle(hidden, weight, bias, teacher, labels, hw, sw, reduction, topk_mode, _parts)
     else:
         lab = labels.reshape(-1)
         meta = {"teacher": teacher, "hw": hw, "sw": sw, "reduction": reduction, "topk_mode": topk_mode,
-                "chunk": chunk_size, "backend": bk, "block": _block}
+                "chunk": chunk_size, "backend": bk, "block": _block, "parts": _parts}
         dense_t = teacher.reshape(-1, V) if isinstance(teacher, torch.Tensor) else None
         if isinstance(teacher, TopK):
             meta["teacher"] = type(teacher)(teacher.values.reshape(-1, teacher.k),
@@ -536,7 +563,7 @@ def linear_logits_kl(hidden, weight, teacher, labels, *, bias=None, hard_weight=
             with torch.no_grad():
                 loss = _fused(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                               dense_t if dense_t is not None else meta["teacher"], lab, hw, sw, reduction,
-                              topk_mode, chunk_size, bk, (False, False, False), _block)[0]
+                              topk_mode, chunk_size, bk, (False, False, False), _block, _parts)[0]
     if check_values and not bool(torch.isfinite(loss.detach())):
         _diagnose(hidden, weight, bias, teacher)
     return loss
