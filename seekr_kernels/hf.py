@@ -107,7 +107,10 @@ _FIELDS = {
     "sensitivity_batch_size": ("distill", "sensitivity_batch_size"),
     "sensitivity_padding": ("distill", "sensitivity_padding"),
     "forgettability_norm": ("distill", "forgettability_norm"),
+    "teacher_logits": ("distill", "teacher_logits"),
+    "teacher_logits_k": ("distill", "teacher_logits_k"),
     "teacher_logits_topk": ("distill", "teacher_logits_topk"),
+    "fused_lm_head": ("distill", "fused_lm_head"),
     "attn_log_eps": ("distill", "attn_log_eps"),
     "seekr_backend": ("distill", "backend"),
     "capture_batch_size": ("capture_batch_size",),
@@ -177,8 +180,17 @@ class SeekrArguments:
         "'real' or 'official' (padded replay-set maps).", "'real'", "'official'"))
     forgettability_norm: Optional[str] = field(default=None, metadata=_help(
         "'sample' or 'official'.", "'sample'", "'official'"))
+    teacher_logits: Optional[str] = field(default=None, metadata=_help(
+        "What the replay memory keeps of the teacher's logits: 'dense', 'topk' (the k largest) or 'sampled' "
+        "(k positions sampled with importance weights: an unbiased teacher).", "'dense'"))
+    teacher_logits_k: Optional[int] = field(default=None, metadata=_help(
+        "k of a 'topk' or 'sampled' teacher.", 256))
     teacher_logits_topk: Optional[int] = field(default=None, metadata=_help(
-        "Keep the teacher's top-k logits per position (0: dense).", 0))
+        "Older spelling of teacher_logits='topk' with teacher_logits_k = this (0: dense).", 0))
+    fused_lm_head: Optional[str] = field(default=None, metadata=_help(
+        "'auto', 'true' or 'false': the replay CE and logits terms from the final hidden states and the lm_head "
+        "weight without [B, L, V] logits (auto: where it applies, not under FSDP or a LoRA-adapted lm_head; "
+        "true: refuse where it does not).", "'auto'"))
     attn_log_eps: Optional[float] = field(default=None, metadata=_help(
         "Attention KL with log(p + eps) (published 1e-8; 0 = exact).", 0.0, 1e-8))
     seekr_backend: Optional[str] = field(default=None, metadata=_help(
@@ -231,11 +243,10 @@ class SeekrArguments:
 
 
 def _field_message(msg: str) -> str:
-    """A recipe ConfigError ("distill.query_budget: ...") in the field names of the arguments."""
-    key, sep, rest = msg.partition(":")
-    if sep and key.strip() in _BY_PATH:
-        return f"{_BY_PATH[key.strip()]}:{rest}"
-    return msg
+    """A recipe ConfigError ("distill.query_budget: ...") in the field names of the arguments
+    (every key it names)."""
+    import re
+    return re.sub(r"\b[a-z_]+(?:\.[a-z_]+)+\b", lambda m: _BY_PATH.get(m.group(0), m.group(0)), msg)
 
 
 @dataclass

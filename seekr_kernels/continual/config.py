@@ -181,6 +181,24 @@ class DistillConfig:
     padding keys included).
     ``query_sampling``: ``subset`` (a sample with n <= Q tokens distils all n rows) or
     ``official`` (Q rows drawn with replacement, then sorted, when n < Q).
+
+    Logits teacher and student (README "Logits distillation without logits"):
+
+    ``teacher_logits``: what the replay memory keeps of the teacher's logits: ``dense``
+    (``[A, V]`` fp32 per sample, as published), ``topk`` (the ``teacher_logits_k``
+    largest logits and the row log-sum-exp, a :class:`~seekr_kernels.TopK`) or
+    ``sampled`` (``teacher_logits_k`` positions drawn by priority sampling with
+    importance weights, an unbiased :class:`~seekr_kernels.SampledTeacher`, seeded by
+    the run's seed, the task and the sample). ``teacher_logits_k``: k for ``topk`` /
+    ``sampled`` (default 256, the measured recommendation); not allowed with ``dense``.
+    ``teacher_logits_topk: K`` is the older spelling of ``teacher_logits: topk`` with
+    k = K (0: dense); it may be combined only with ``topk`` and the same k.
+    ``fused_lm_head``: ``auto`` (default) computes the replay CE and logits term from
+    the final hidden states and the ``lm_head`` weight
+    (:func:`~seekr_kernels.linear_logits_kl`) without materialising ``[B, L, V]``
+    logits, wherever that applies (an unsharded ``nn.Linear`` lm_head, not adapted by
+    LoRA, no logits post-processing); ``true`` refuses to run where it does not;
+    ``false`` always materialises the logits.
     """
     logits_weight: float = 0.5
     attn_weight: float = 1000.0
@@ -189,7 +207,10 @@ class DistillConfig:
     query_budget: int = 100
     sensitivity_region: str = "full"     # full | causal
     sensitivity_batch_size: int = 1
-    teacher_logits_topk: int = 0         # 0: dense teacher logits
+    teacher_logits: str = "dense"        # dense | topk | sampled
+    teacher_logits_k: Optional[int] = None   # k of topk / sampled (default 256)
+    teacher_logits_topk: int = 0         # older spelling: K > 0 = teacher_logits topk, k = K
+    fused_lm_head: Any = "auto"          # auto | true | false
     backend: str = "auto"
     attn_log_eps: float = 0.0
     forgettability_norm: str = "sample"  # sample | official
@@ -635,7 +656,7 @@ def _validate_distill(d, p="distill."):
     _positive(p + "head_budget", d.head_budget)
     _positive(p + "query_budget", d.query_budget, allow_zero=True)
     _positive(p + "sensitivity_batch_size", d.sensitivity_batch_size)
-    _positive(p + "teacher_logits_topk", d.teacher_logits_topk, allow_zero=True)
+    _validate_teacher_logits(d, p)
     _choice(p + "sensitivity_region", d.sensitivity_region, ("full", "causal"))
     _choice(p + "backend", d.backend, ("auto", "triton", "cpu", "cuda", "torch"))
     if not (math.isfinite(d.attn_log_eps) and 0 <= d.attn_log_eps < 1):
@@ -643,6 +664,43 @@ def _validate_distill(d, p="distill."):
     _choice(p + "forgettability_norm", d.forgettability_norm, ("sample", "official"))
     _choice(p + "sensitivity_padding", d.sensitivity_padding, ("real", "official"))
     _choice(p + "query_sampling", d.query_sampling, ("subset", "official"))
+
+
+#: k of a topk / sampled logits teacher when ``distill.teacher_logits_k`` is not given:
+#: the recommended k of benchmarks/results/README.md (1.7% KL error, gradient cosine 0.998).
+DEFAULT_TEACHER_LOGITS_K = 256
+
+
+def _validate_teacher_logits(d, p="distill."):
+    """``teacher_logits``, ``teacher_logits_k``, the older ``teacher_logits_topk`` and
+    ``fused_lm_head``; resolves the older spelling and the default k in place (so the
+    resolved config validates again unchanged)."""
+    _positive(p + "teacher_logits_topk", d.teacher_logits_topk, allow_zero=True)
+    _choice(p + "teacher_logits", d.teacher_logits, ("dense", "topk", "sampled"))
+    if d.teacher_logits_k is not None:
+        _positive(p + "teacher_logits_k", d.teacher_logits_k)
+    K = d.teacher_logits_topk
+    if K:
+        if d.teacher_logits == "sampled":
+            _err(p + "teacher_logits", f"'sampled' contradicts {p}teacher_logits_topk={K} (the older spelling "
+                                       f"of teacher_logits: topk); set {p}teacher_logits_k: {K} instead")
+        if d.teacher_logits_k is not None and d.teacher_logits_k != K:
+            _err(p + "teacher_logits_k", f"{d.teacher_logits_k} contradicts {p}teacher_logits_topk={K} (the older "
+                                         f"spelling of teacher_logits: topk with k = {K}); set one of them")
+        d.teacher_logits, d.teacher_logits_k = "topk", K
+    if d.teacher_logits == "dense":
+        if d.teacher_logits_k is not None:
+            _err(p + "teacher_logits_k", f"applies to teacher_logits topk or sampled; teacher_logits is dense "
+                                         f"(got k = {d.teacher_logits_k})")
+    elif d.teacher_logits_k is None:
+        d.teacher_logits_k = DEFAULT_TEACHER_LOGITS_K
+    f = d.fused_lm_head
+    if isinstance(f, str) and f.lower() in ("auto", "true", "false"):
+        d.fused_lm_head = f.lower()
+    elif isinstance(f, bool):
+        d.fused_lm_head = "true" if f else "false"
+    else:
+        _err(p + "fused_lm_head", f"must be auto, true or false, got {f!r}")
 
 
 def _default_name(path):

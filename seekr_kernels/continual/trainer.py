@@ -1318,6 +1318,10 @@ class ContinualTrainer:
     def _check_config(self, ts: dict, path: str, allow: tuple):
         saved, now = _flatten(ts.get("config") or {}), _flatten(self.cfg.to_dict())
         defaults = _flatten(RunConfig().to_dict())
+        K = saved.get("distill.teacher_logits_topk")
+        if K and "distill.teacher_logits" not in saved:
+            # Saved before distill.teacher_logits existed: its older spelling, resolved as now.
+            saved.update({"distill.teacher_logits": "topk", "distill.teacher_logits_k": K})
         saved.update({"world_size": ts.get("world_size"), "device_type": ts.get("device_type")})
         now.update({"world_size": self.dist.world, "device_type": self.device.type})
         data = ts.get("data") or []
