@@ -47,6 +47,17 @@ def _torch_logits_kl(student_logits, teacher_logits, labels):
     return -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean()
 
 
+def shifted_teacher(teacher):
+    """The teacher ([B, L, V] dense or a TopK of it) at the positions that predict a
+    next token (all but the last), as :func:`shifted` does for the student."""
+    from ..ops.topk import TopK
+    if isinstance(teacher, TopK):
+        return TopK(teacher.values[:, :-1], teacher.indices[:, :-1], teacher.full_size, teacher.kind,
+                    None if teacher.lse is None else teacher.lse[:, :-1],
+                    None if teacher.mass is None else teacher.mass[:, :-1])
+    return teacher[:, :-1]
+
+
 def logits_kl_mean(student_logits: torch.Tensor, teacher, labels: torch.Tensor) -> torch.Tensor:
     """Logits distillation on the positions that predict answer tokens, mean over them.
 
@@ -60,12 +71,7 @@ def logits_kl_mean(student_logits: torch.Tensor, teacher, labels: torch.Tensor) 
     except ImportError:
         logits_kl = None
     from ..ops.topk import TopK
-    if isinstance(teacher, TopK):
-        t = TopK(teacher.values[:, :-1], teacher.indices[:, :-1], teacher.full_size, teacher.kind,
-                 None if teacher.lse is None else teacher.lse[:, :-1],
-                 None if teacher.mass is None else teacher.mass[:, :-1])
-    else:
-        t = teacher[:, :-1]
+    t = shifted_teacher(teacher)
     if logits_kl is not None:
         return logits_kl(s, t, lb)
     if isinstance(t, TopK):
@@ -74,12 +80,19 @@ def logits_kl_mean(student_logits: torch.Tensor, teacher, labels: torch.Tensor) 
 
 
 def replay_objective(method: str, ce: torch.Tensor, logits_kl: torch.Tensor | None,
-                     attn_kl: torch.Tensor | None, logits_weight: float, attn_weight: float) -> torch.Tensor:
-    """Combine the replay terms for a method (see the module docstring)."""
-    if method == "replay":
+                     attn_kl: torch.Tensor | None, logits_weight: float, attn_weight: float,
+                     combined: torch.Tensor | None = None) -> torch.Tensor:
+    """Combine the replay terms for a method (see the module docstring). ``combined``:
+    the CE and logits terms already weighted and summed (``(1 - a) CE + a logits-KL``, or
+    the CE for ``replay``), as the fused lm_head computes them; ``ce`` and ``logits_kl``
+    are then not read."""
+    if combined is not None:
+        loss = combined
+    elif method == "replay":
         return ce
-    a = logits_weight
-    loss = (1 - a) * ce + a * logits_kl
+    else:
+        a = logits_weight
+        loss = (1 - a) * ce + a * logits_kl
     if method == "seekr" and attn_kl is not None and attn_weight:
         loss = loss + attn_weight * attn_kl
     return loss

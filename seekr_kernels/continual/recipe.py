@@ -69,10 +69,10 @@ import torch
 from ..utils.io import atomic_dir
 from .config import ConfigError, RecipeConfig, RunConfig, recipe_from_dict
 from .data import Encoded, collate, shard
-from .losses import IGNORE_INDEX, ce_sum, logits_kl_mean, replay_objective
+from .losses import IGNORE_INDEX, ce_sum, logits_kl_mean, replay_objective, shifted_teacher
 
 __all__ = ["SeekrRecipe", "DistributedHooks", "PreTaskWeights", "PendingSample", "ReplaySchedule",
-           "task_seed"]
+           "task_seed", "sample_seed"]
 
 FORMAT = 1
 _KIND = "seekr-recipe"
@@ -84,6 +84,11 @@ _MEMORY = "memory"
 def task_seed(seed: int, t: int) -> int:
     """The seed of task t: every RNG of the task derives from it."""
     return (int(seed) * 1000003 + 7919 * (t + 1)) % (2 ** 31 - 1)
+
+
+def sample_seed(seed: int, t: int, j: int) -> int:
+    """The seed of replay sample j of task t (its sampled teacher)."""
+    return (task_seed(seed, t) * 1000003 + 104729 * (j + 1)) % (2 ** 31 - 1)
 
 
 # ============================================================================ distributed hooks
@@ -521,6 +526,8 @@ class SeekrRecipe:
             idx = ReplayMemory.sample_indices(n, self.cfg.replay.ratio, task_seed(self.cfg.seed, t) + 1,
                                               mode=self.cfg.replay.subset)
             new = [PendingSample(*_as_pair(task_samples[i], i), t) for i in idx]
+        if self.uses_memory and self.cfg.distill.fused_lm_head == "true":
+            self.fused_lm_head(model)       # refused now, not at the first replay step
         if self.uses_attention:
             self._ensure_shape(model)
             _ensure_patched(model)
@@ -644,7 +651,11 @@ class SeekrRecipe:
 
         ``model`` runs the forward pass (a DDP wrapper is fine; autocast is the caller's);
         ``num_items_in_batch`` overrides the global target count (Hugging Face style).
-        The logits term comes from :meth:`logits_loss`, the CE from :meth:`ce_loss`.
+        The logits term comes from :meth:`logits_loss`, the CE from :meth:`ce_loss`, or,
+        where ``distill.fused_lm_head`` applies (:meth:`fused_lm_head`), both from one
+        :func:`~seekr_kernels.linear_logits_kl` call on the final hidden states and the
+        ``lm_head`` weight, so no ``[B, L, V]`` logits are materialised (the same loss
+        and gradients up to float rounding).
         """
         d = self.cfg.distill
         N, B, layers = self._global_counts(batch)
@@ -652,22 +663,31 @@ class SeekrRecipe:
             N = int(num_items_in_batch)
         dev = self._device_of(model)
         inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        head = self.fused_lm_head(model)
+        cap = _LmHeadInput(head) if head is not None else contextlib.nullcontext()
         attn = None
         if layers and self.uses_attention:
             from ..llama import distill_attention
             heads, teacher, q = self._attention_targets(batch, layers, dev)
             backend = "torch" if d.attn_log_eps else d.backend
             with distill_attention(model, heads, q, teacher, inputs["attention_mask"], backend=backend,
-                                   log_eps=d.attn_log_eps) as dctx:
+                                   log_eps=d.attn_log_eps) as dctx, cap:
                 out = _forward(model, inputs)
             attn = dctx.loss() * (inputs["input_ids"].shape[0] / B)
         else:
-            out = _forward(model, inputs)
-        ce = self.ce_loss(out, inputs, N)
-        lkl = None
-        if self.method in ("replay+logits", "seekr"):
-            lkl = self.logits_loss(out, {**inputs, "teacher_logits": batch["teacher_logits"]}, N)
-        loss = replay_objective(self.method, ce, lkl, attn, d.logits_weight, d.attn_weight)
+            with cap:
+                out = _forward(model, inputs)
+        uses_logits = self.method in ("replay+logits", "seekr")
+        combined = None
+        if head is not None:
+            combined, ce, lkl = self._fused_terms(head, cap.hidden(inputs["input_ids"]), inputs,
+                                                  batch["teacher_logits"] if uses_logits else None, N)
+        else:
+            ce = self.ce_loss(out, inputs, N)
+            lkl = None
+            if uses_logits:
+                lkl = self.logits_loss(out, {**inputs, "teacher_logits": batch["teacher_logits"]}, N)
+        loss = replay_objective(self.method, ce, lkl, attn, d.logits_weight, d.attn_weight, combined)
         parts = {"ce": ce.detach()}
         if lkl is not None:
             parts["logits_kl"] = lkl.detach()
@@ -693,6 +713,57 @@ class SeekrRecipe:
         tl = batch["teacher_logits"].to(labels.device)
         n_loc = int((labels[:, 1:] != IGNORE_INDEX).sum())
         return logits_kl_mean(outputs.logits, tl, labels) * (n_loc / num_items_in_batch)
+
+    # ---------------------------------------------------------------- fused lm_head
+    def fused_lm_head(self, model) -> Optional[torch.nn.Linear]:
+        """The ``lm_head`` :meth:`replay_loss` fuses with its CE and logits terms, or None
+        (materialised logits), by ``distill.fused_lm_head``: ``auto`` fuses where it
+        applies, ``true`` raises :class:`ConfigError` saying why where it does not,
+        ``false`` never fuses. It applies to a causal LM whose output embeddings
+        (``get_output_embeddings()``, through DDP and PEFT wrappers) are a plain
+        ``nn.Linear`` (not LoRA-adapted, no hooks) with unsharded weights (not FSDP /
+        ZeRO-3), whose logits the model does not rescale, and when neither
+        :meth:`ce_loss` nor :meth:`logits_loss` is overridden."""
+        mode = self.cfg.distill.fused_lm_head
+        if mode == "false":
+            return None
+        head, why = _fusable_lm_head(self, model)
+        if head is None and mode == "true":
+            raise ConfigError(f"distill.fused_lm_head: true, but {why}; use auto (materialised logits where "
+                              "the fused lm_head does not apply) or false")
+        return head
+
+    def _fused_terms(self, head, hidden, inputs, teacher, N):
+        """(combined, ce, logits_kl) of the fused path: ``combined`` with gradients, the
+        two terms detached (for ``parts``), each this batch's share of the global batch."""
+        from ..ops.linear_logits_kl import linear_logits_kl
+        d = self.cfg.distill
+        h, lb = hidden[:, :-1], inputs["labels"][:, 1:]
+        W, bias = head.weight, head.bias
+        dt = h.dtype
+        ac = torch.is_autocast_enabled(h.device.type)
+        if ac:     # as the lm_head's F.linear would run under autocast
+            dt = torch.get_autocast_dtype(h.device.type)
+        elif W.dtype != dt:
+            dt = W.dtype
+        h, W = h.to(dt), W.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        if teacher is None:
+            hw, sw, t = 1.0, 0.0, None
+        else:
+            hw, sw = 1.0 - d.logits_weight, float(d.logits_weight)
+            t = shifted_teacher(teacher.to(h.device))
+        kw = dict(bias=bias, reduction="sum", backend="triton" if d.backend == "triton" else "auto")
+        parts = {}
+        with torch.autocast(h.device.type, enabled=False) if ac else contextlib.nullcontext():
+            combined = linear_logits_kl(h, W, t, lb, hard_weight=hw, soft_weight=sw, _parts=parts, **kw) / N
+            with torch.no_grad():   # a term of weight 0 is still logged
+                if "hard" not in parts:
+                    linear_logits_kl(h, W, None, lb, hard_weight=1.0, soft_weight=0.0, _parts=parts, **kw)
+                if t is not None and "soft" not in parts:
+                    linear_logits_kl(h, W, t, lb, hard_weight=0.0, soft_weight=1.0, _parts=parts, **kw)
+        lkl = None if t is None else (parts["soft"] / N).float()
+        return combined.float(), (parts["hard"] / N).float(), lkl
 
     @staticmethod
     def _attention_targets(b, layers, dev):
@@ -881,8 +952,12 @@ class SeekrRecipe:
 
         ``sample.logits``: the logits at the positions that predict its answer tokens —
         position ``len(prompt) - 1 + j`` predicts answer token ``j`` (the first answer
-        token of a sample without prompt has no predicting position) — as ``[A, V]`` fp32,
-        or a TopK when ``distill.teacher_logits_topk`` is set. ``sample.attn``: for each
+        token of a sample without prompt has no predicting position) — as ``[A, V]`` fp32
+        (``distill.teacher_logits: dense``), a TopK of kind ``"logits"`` (``topk``) or a
+        :class:`~seekr_kernels.SampledTeacher` (``sampled``; sample ``j`` of ``samples``
+        drawn with seed :func:`sample_seed` (run seed, its task, ``j``), so a resumed run
+        draws the same teacher) with ``distill.teacher_logits_k`` entries per position
+        (at most V). ``sample.attn``: for each
         layer of ``heads`` (``{layer: 1-D heads}``; None/empty: logits only) the rows
         ``[S_l, Q, n]`` of those heads at the sample's query rows (all n rows when
         ``queries`` is None), over its n real keys. Samples run in batches of
@@ -894,7 +969,7 @@ class SeekrRecipe:
         heads = dict(heads or {})
         was = model.training
         model.eval()
-        topk = d.teacher_logits_topk
+        kind, k = d.teacher_logits, d.teacher_logits_k
         bs = self.cfg.capture_batch_size
         for i in range(0, len(samples), bs):
             chunk = samples[i:i + bs]
@@ -924,9 +999,13 @@ class SeekrRecipe:
                 a0 = max(p, p + len(s.prompt_ids) - 1)
                 A = len(s.answer_ids) - (0 if s.prompt_ids else 1)
                 lg = logits[j, a0:a0 + A].clone()
-                if topk:
+                if kind == "topk":
                     from ..ops.topk import TopK
-                    s.logits = TopK.from_dense(lg, min(topk, lg.shape[-1]), kind="logits")
+                    s.logits = TopK.from_dense(lg, min(k, lg.shape[-1]), kind="logits")
+                elif kind == "sampled":
+                    from ..ops.topk import SampledTeacher
+                    s.logits = SampledTeacher.from_dense(lg, min(k, lg.shape[-1]),
+                                                         seed=sample_seed(self.cfg.seed, s.task, i + j))
                 else:
                     s.logits = lg
                 if heads:
@@ -1078,6 +1157,82 @@ class SeekrRecipe:
 
 
 # ============================================================================ helpers
+
+def _fusable_lm_head(recipe, model):
+    """(lm_head, None) when :meth:`SeekrRecipe.replay_loss` can run it fused, else (None,
+    why not)."""
+    d = recipe.cfg.distill
+    if type(recipe).ce_loss is not SeekrRecipe.ce_loss or type(recipe).logits_loss is not SeekrRecipe.logits_loss:
+        return None, f"{type(recipe).__name__} overrides ce_loss or logits_loss"
+    if d.backend == "torch":
+        return None, "distill.backend is torch (the plain-PyTorch reference materialises the logits)"
+    if recipe.dist.sharded:
+        return None, "the model is sharded (FSDP): its lm_head weight is gathered only inside its forward"
+    m = _unwrap(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        if any(isinstance(x, (FSDPModule, FullyShardedDataParallel)) for x in m.modules()):
+            return None, "the model is sharded (FSDP): its lm_head weight is gathered only inside its forward"
+    except ImportError:   # pragma: no cover - torch without distributed
+        pass
+    get = getattr(m, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None, "the model has no output embeddings (get_output_embeddings() is None: not a causal LM?)"
+    if type(head) is not torch.nn.Linear:
+        return None, (f"the lm_head is a {type(head).__name__}, not a plain nn.Linear (adapted by LoRA, wrapped "
+                      "or quantised)")
+    if head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook") or "forward" in vars(head):
+        return None, "the lm_head has forward hooks or a replaced forward"
+    W = head.weight
+    try:
+        from torch.distributed.tensor import DTensor
+        sharded = isinstance(W, DTensor)
+    except ImportError:   # pragma: no cover
+        sharded = False
+    if sharded or hasattr(W, "ds_id"):
+        return None, "the lm_head weight is sharded (FSDP / ZeRO-3)"
+    if not W.dtype.is_floating_point:
+        return None, f"the lm_head weight is {W.dtype}"
+    cfg = getattr(m, "config", None)
+    for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        v = getattr(cfg, k, None)
+        if v not in (None, 1, 1.0):
+            return None, f"the model rescales its logits (config.{k} = {v})"
+    return head, None
+
+
+class _LmHeadInput:
+    """Inside the context the lm_head records its input (the final hidden states) and
+    returns a ``[..., 0]`` stand-in for the logits: the replay loss computes them chunk by
+    chunk from the hidden states instead. The stand-in is computed from the input and the
+    weight, so the forward's outputs still reach every parameter (DDP's search for unused
+    parameters)."""
+
+    def __init__(self, head):
+        self.head = head
+        self.inputs = []
+
+    def __enter__(self):
+        head, seen = self.head, self.inputs
+
+        def forward(x):
+            seen.append(x)
+            return torch.nn.functional.linear(x, head.weight[:0], None if head.bias is None else head.bias[:0])
+        head.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.head.forward
+
+    def hidden(self, input_ids):
+        """The recorded final hidden states [B, L, Hd] of the batch ``input_ids`` [B, L]."""
+        if len(self.inputs) != 1 or tuple(self.inputs[0].shape[:-1]) != tuple(input_ids.shape):
+            got = [tuple(x.shape) for x in self.inputs]
+            raise RuntimeError(f"distill.fused_lm_head: the model called its lm_head with {got}, expected one call "
+                               f"on hidden states {list(input_ids.shape)} + [hidden]; set distill.fused_lm_head: "
+                               "false for this model")
+        return self.inputs[0]
 
 def _unwrap(model):
     """The module under a DDP wrapper (FSDP2 and PEFT models are used as they are)."""

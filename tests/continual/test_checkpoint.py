@@ -58,6 +58,9 @@ def data(tmp_path_factory):
     ("seekr", {}, 7),                                       # mid task 2 (resumes from step 6)
     ("replay+logits", {"train.grad_accum": 2, "replay.in_accumulation": True, "replay.batch_size": 4}, 6),
     ("replay", {"train.optimizer_scope": "run", "train.schedule": "constant"}, 12),
+    # a sampled teacher (seeded per sample) and the fused lm_head in the replay steps
+    ("replay+logits", {"distill.teacher_logits": "sampled", "distill.teacher_logits_k": 8,
+                       "distill.backend": "auto", "distill.fused_lm_head": True}, 9),
 ])
 def test_killed_mid_task_resumes_bit_identical(tmp_path, data, monkeypatch, method, over, crash):
     over = {"train.save_steps": 2, **over}
