@@ -279,7 +279,17 @@ def linear_point(impl, T, Hd, V, k=256, reps=2, device="cpu", dtype="float32", c
             "ms_median": round(statistics.median(times), 1), "loss": float(loss.detach())}
 
 
+def _case(text):
+    """A ``--cases`` item: T x Hd x V."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected T x Hd x V as positive integers (2048x1024x128256), got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def linear_cases(args):
+    if args.cases:
+        return list(args.cases)
     if args.gpu:
         return [(8192, 4096, 32000), (8192, 4096, 128256)]
     if args.quick:
@@ -359,6 +369,8 @@ def main():
     ap.add_argument("--topk-quality", action="store_true", help="same as --section topk-quality")
     ap.add_argument("--out", default=None, help="result directory (default: a new temp dir)")
     ap.add_argument("--quick", action="store_true", help="small shapes (linear section)")
+    ap.add_argument("--cases", nargs="+", metavar="TxHdxV", default=None, type=_case,
+                    help="linear section: these cases instead (e.g. 2048x1024x128256)")
     ap.add_argument("--gpu", action="store_true", help="CUDA: triton backend, bf16")
     ap.add_argument("--impls", nargs="+", choices=LINEAR_IMPLS, default=None)
     ap.add_argument("--N", type=int, default=2)
