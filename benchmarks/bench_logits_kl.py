@@ -19,7 +19,8 @@ linear   Forward + backward time and peak memory of the replay logits loss
                           a teacher lm_head per chunk (it has no cached-teacher-logits input).
          Dense teachers are bf16 [T, V] (as a cache holds them); 25% of the rows are
          prompt (label -100). Cases: T = 2048 and 4096 with Hd = 1024, T = 2048 with
-         Hd = 4096; V = 32000 and 128256 (``--quick``: T = 512, Hd = 256, V = 8000/32000).
+         Hd = 4096; V = 32000 and 128256 (``--quick``: T = 256, Hd = 64, V = 2000/8000).
+         liger-jsd needs ``pip install liger-kernel``; without it that column is left out.
 logits   logits_kl on given student logits against the published computation (issue 3).
 topk-quality  TopK modes against the dense teacher on synthetic LM-like logits.
 
@@ -30,11 +31,11 @@ includes the gradients every path returns (dW [V, Hd] and dh). Time: minimum ove
 ``--reps`` calls after it (the CPU is shared; the median is in the CSV). On CUDA
 (``--gpu``, bf16, T = 8192, Hd = 4096) torch.cuda.max_memory_allocated is used.
 
-Results go to ``--out DIR`` (default: a fresh directory under the system temp dir, so
-committed results are never overwritten unless asked: ``--out benchmarks/results``):
-CSV + PNG per section.
+Results go to ``--out DIR`` (default ``./bench-out/``; committed results are replaced only
+when asked: ``--out benchmarks/results``): CSV per section, + PNG for ``linear``.
+``--quick``: tiny shapes, one process for the whole run (benchmarks/common.py).
 
-    python benchmarks/bench_logits_kl.py --quick
+    python benchmarks/bench_logits_kl.py --quick --out /tmp/x
     python benchmarks/bench_logits_kl.py --out benchmarks/results          # the full table
     python benchmarks/bench_logits_kl.py --section logits --out DIR
     python benchmarks/bench_logits_kl.py --section topk-quality --out DIR
@@ -42,6 +43,7 @@ CSV + PNG per section.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -53,7 +55,6 @@ if _ROOT not in sys.path:
     sys.path.insert(1, _ROOT)
 import common  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HW = SW = 0.5                   # SEEKR's (1 - a) * CE + a * KL with a = 0.5
 
 
@@ -117,6 +118,8 @@ def point(impl, N, L, V, dtype, device, k=0, reps=3):
 
 def bench(args):
     device = "cuda" if args.gpu else "cpu"
+    if args.quick:
+        args.N, args.L, args.V = 1, 64, 2000
     dtypes = ["bfloat16"] if args.gpu else ["float32", "bfloat16"]
     rows = []
     for dtype in dtypes:
@@ -124,7 +127,7 @@ def bench(args):
         for impl, k in (("published", 0), ("logits_kl", 0), ("logits_kl", args.k)):
             r = common.run_isolated("bench_logits_kl", "point",
                                     dict(impl=impl, N=args.N, L=args.L, V=args.V, dtype=dtype,
-                                         device=device, k=k, reps=args.reps))
+                                         device=device, k=k, reps=args.reps), isolated=not args.quick)
             if "error" in r:
                 print(f"{impl} k={k} {dtype}: ERROR {r['error']}")
                 continue
@@ -138,9 +141,10 @@ def bench(args):
                 r["mem_ratio_vs_published"] = round(base["peak_mib"] / max(r["peak_mib"], 1e-3), 2)
                 r["overhead_ratio_vs_published"] = round(base["overhead_mib"] / max(r["overhead_mib"], 1.0), 1)
                 r["speedup_vs_published"] = round(base["ms"] / max(r["ms"], 1e-3), 2)
-                print(f"  {name} vs published ({dtype}): {r['mem_ratio_vs_published']}x less peak memory "
-                      f"({r['overhead_ratio_vs_published']}x less beyond the gradient), "
-                      f"{r['speedup_vs_published']}x the speed")
+                print(f"  {name} vs published ({dtype}): peak memory "
+                      f"{common.ratio(r['peak_mib'], base['peak_mib'], 'memory', floor=0.1)} "
+                      f"(beyond the gradient {common.ratio(r['overhead_mib'], base['overhead_mib'], 'memory', floor=1.0)}), "
+                      f"time {common.ratio(r['ms'], base['ms'], floor=1e-3)}")
     out = os.path.join(args.out, f"logits_kl_{device}.csv")
     common.write_csv(out, rows)
     print("machine:", common.machine())
@@ -166,6 +170,8 @@ def topk_quality(args):
     import seekr_kernels as sk
     from seekr_kernels.ops.logits_kl import TOPK_MODES
 
+    if args.quick:
+        args.rows, args.V = 16, 2000
     rows = []
     V = args.V
     for temp, drift in ((0.5, 0.3), (0.7, 0.3), (0.7, 1.0), (0.7, 2.0), (1.0, 0.3), (1.0, 1.0)):
@@ -209,7 +215,7 @@ def _teacher_logits(T, V, g, device):
     t = torch.empty(T, V, dtype=torch.bfloat16, device=device)
     step = max(1, (1 << 24) // V)
     for r in range(0, T, step):
-        t[r:r + step] = (torch.randn(min(step, T - r), V, generator=g) * 3).to(device)
+        t[r:r + step] = torch.randn(min(step, T - r), V, generator=g, device=device) * 3
     return t
 
 
@@ -222,16 +228,17 @@ def linear_point(impl, T, Hd, V, k=256, reps=2, device="cpu", dtype="float32", c
 
     import seekr_kernels as sk
     dt = getattr(torch, dtype)
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(T, Hd, generator=g).to(device, dt).requires_grad_()
-    W = (torch.randn(V, Hd, generator=g) * Hd ** -0.5).to(device, dt).requires_grad_()
-    lab = torch.randint(0, V, (T,), generator=g).to(device)
+    # drawn on the device: on a GPU the CPU would take longer to draw the inputs than to run
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(T, Hd, generator=g, device=device).to(dt).requires_grad_()
+    W = (torch.randn(V, Hd, generator=g, device=device) * Hd ** -0.5).to(dt).requires_grad_()
+    lab = torch.randint(0, V, (T,), generator=g, device=device)
     lab[: T // 4] = -100
     teacher = th = tW = None
     if impl == "liger-jsd":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-        th = torch.randn(T, Hd, generator=g).to(device, dt)
-        tW = (torch.randn(V, Hd, generator=g) * Hd ** -0.5).to(device, dt)
+        th = torch.randn(T, Hd, generator=g, device=device).to(dt)
+        tW = (torch.randn(V, Hd, generator=g, device=device) * Hd ** -0.5).to(dt)
         liger = LigerFusedLinearJSDLoss(weight_hard_loss=HW, weight_soft_loss=SW, beta=0.0,
                                         compiled=device == "cuda")
     else:
@@ -293,7 +300,7 @@ def linear_cases(args):
     if args.gpu:
         return [(8192, 4096, 32000), (8192, 4096, 128256)]
     if args.quick:
-        return [(512, 256, 8000), (512, 256, 32000)]
+        return [(256, 64, 2000), (256, 64, 8000)]
     return [(T, Hd, V) for (T, Hd) in ((2048, 1024), (4096, 1024), (2048, 4096)) for V in (32000, 128256)]
 
 
@@ -301,13 +308,16 @@ def linear(args):
     device = "cuda" if args.gpu else "cpu"
     dtype = "bfloat16" if args.gpu else "float32"
     impls = args.impls or LINEAR_IMPLS
+    if "liger-jsd" in impls and not args.impls and importlib.util.find_spec("liger_kernel") is None:
+        print("liger-kernel is not installed (pip install liger-kernel): no liger-jsd column")
+        impls = [i for i in impls if i != "liger-jsd"]
     rows = []
     for T, Hd, V in linear_cases(args):
         pts = {}
         for impl in impls:
             r = common.run_isolated("bench_logits_kl", "linear_point",
                                     dict(impl=impl, T=T, Hd=Hd, V=V, k=args.k, reps=args.reps, device=device,
-                                         dtype=dtype), timeout=7200)
+                                         dtype=dtype), timeout=7200, isolated=not args.quick)
             if "error" in r:
                 print(f"T={T} Hd={Hd} V={V} {impl}: ERROR {r['error']}", flush=True)
                 rows.append({"impl": impl, "T": T, "Hd": Hd, "V": V, "error": r["error"]})
@@ -325,12 +335,12 @@ def linear(args):
                 r["mem_x_less_than_liger"] = round(lig["peak_mib"] / max(r["peak_mib"], 1e-3), 2)
                 r["time_vs_liger"] = round(r["ms"] / max(lig["ms"], 1e-3), 2)
             if "mem_x_less_than_materialised" in r:
-                extra = (f", {r['mem_x_less_than_liger']}x less memory than Liger at {r['time_vs_liger']}x its "
-                         f"time" if "mem_x_less_than_liger" in r else "")
-                print(f"    {name}: {r['mem_x_less_than_materialised']}x less peak memory than materialised, "
-                      f"{r['time_vs_materialised']}x its time{extra}", flush=True)
-    out = os.path.join(args.out, f"linear_logits_kl_{device}.csv")
-    common.write_csv(out, rows)
+                extra = (f"; vs Liger: memory {common.ratio(r['peak_mib'], lig['peak_mib'], 'memory', floor=0.1)}, "
+                         f"time {common.ratio(r['ms'], lig['ms'], floor=1e-3)}" if "mem_x_less_than_liger" in r else "")
+                print(f"    {name}: peak memory {common.ratio(r['peak_mib'], base['peak_mib'], 'memory', floor=0.1)}"
+                      f" than materialised, time {common.ratio(r['ms'], base['ms'], floor=1e-3)}{extra}", flush=True)
+        out = os.path.join(args.out, f"linear_logits_kl_{device}.csv")
+        common.write_csv(out, rows)      # after every case: a time-boxed run keeps what it measured
     print("machine:", common.machine())
     print("wrote", out)
     plot_linear(rows, os.path.join(args.out, f"linear_logits_kl_{device}.png"))
@@ -363,12 +373,9 @@ def plot_linear(rows, path):
 
 
 def main():
-    import tempfile
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--section", choices=["linear", "logits", "topk-quality"], default="linear")
     ap.add_argument("--topk-quality", action="store_true", help="same as --section topk-quality")
-    ap.add_argument("--out", default=None, help="result directory (default: a new temp dir)")
-    ap.add_argument("--quick", action="store_true", help="small shapes (linear section)")
     ap.add_argument("--cases", nargs="+", metavar="TxHdxV", default=None, type=_case,
                     help="linear section: these cases instead (e.g. 2048x1024x128256)")
     ap.add_argument("--gpu", action="store_true", help="CUDA: triton backend, bf16")
@@ -379,19 +386,18 @@ def main():
     ap.add_argument("--k", type=int, default=None, help="TopK / sampled k (linear: 256, logits: 64)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--rows", type=int, default=256, help="token rows for topk-quality")
+    common.add_common_args(ap)
     args = ap.parse_args()
     if args.topk_quality:
         args.section = "topk-quality"
-    if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="seekr-bench-")
-    os.makedirs(args.out, exist_ok=True)
+    args.out = common.out_dir(args)
     if args.section == "linear":
-        args.k = args.k or 256
-        args.reps = args.reps or (3 if args.quick else 2)
+        args.k = args.k or (16 if args.quick else 256)
+        args.reps = args.reps or (1 if args.quick else 2)
         linear(args)
     elif args.section == "logits":
-        args.k = args.k or 64
-        args.reps = args.reps or 5
+        args.k = args.k or (16 if args.quick else 64)
+        args.reps = args.reps or (1 if args.quick else 5)
         bench(args)
     else:
         topk_quality(args)

@@ -3,6 +3,8 @@
 # of under 8 minutes (machine start not counted):
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
+#   bash benchmarks/gpu_check.sh --quick OUT_DIR   # any machine, no GPU needed: every stage
+#                                                 # starts, at smoke sizes (~3 min)
 #
 # Nothing is installed: the package runs from this tree (PYTHONPATH) with the machine's
 # torch / triton / transformers (seen there: torch 2.11, triton 3.6, transformers 5.17).
@@ -18,20 +20,31 @@
 #             and nvcc: the compile matrix again, with the versions the GPU really runs
 #   autotune  benchmarks/bench_autotune.py: the tuner's choices, fixed vs tuned time,
 #             the forward's teacher-read bandwidth against the device copy bandwidth
-#   tests     the `gpu` tests (pytest -m gpu, 8 processes)
+#   tests     the `gpu` tests (pytest -m gpu, 8 processes; among them the Triton
+#             linear_logits_kl against its oracle at a Llama vocabulary, 3 dtypes)
 #   attn      bench_attention_kl --gpu: fused fwd+bwd vs the published eager path and vs
 #             plain SDPA fwd+bwd, bf16, L = 1024 / 4096, all rows
 #   llama     bench_llama_step --gpu: patched replay step vs a plain SDPA step, Llama-2-7B
 #             layer shapes (4 layers), L = 1024 / 4096
+#   logits    bench_logits_kl --gpu: fused linear_logits_kl vs materialised logits +
+#             logits_kl, forward + backward, bf16, T = 8192, Hd = 4096, V = 32000 / 128256
+#             (last: it gets what the budget has left)
 #
-# OUT_DIR gets at most 7 files (the device tool brings back 8): gpu_check.log (every stage's
-# output), summary.txt (the table printed last), attention_kl_cuda.csv, llama_step_cuda.csv,
-# autotune_cuda.csv, autotune_candidates_cuda.csv, extra.tar.gz (per-stage logs, the compile
-# tables, test report, plots).
+# Every benchmark writes into OUT_DIR (--out), nothing reads or writes benchmarks/results.
+# OUT_DIR keeps at most 8 files (what the device tool brings back): gpu_check.log (every
+# stage's output), summary.txt (the table printed last), attention_kl_cuda.csv,
+# llama_step_cuda.csv, linear_logits_kl_cuda.csv, autotune_cuda.csv,
+# autotune_candidates_cuda.csv, extra.tar.gz (per-stage logs, the compile tables, test
+# report, plots and any other file a stage left in OUT_DIR).
+#
+# --quick: a dry run of the same stages on CPU (no build; compile matrix for 4 specs on
+# sm_90; autotune --smoke; the gpu tests collected, not run; each benchmark --quick).
 set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/.."
-out=${1:?usage: gpu_check.sh OUT_DIR}
+quick=0
+if [[ ${1:-} == --quick ]]; then quick=1; shift; fi
+out=${1:?usage: gpu_check.sh [--quick] OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work=$(mktemp -d)
@@ -81,12 +94,13 @@ stage() {
 stage_note() {
   local f=$work/$1.log
   case $1 in
-    tests) grep -E '[0-9]+ (passed|failed)' "$f" | tail -n 1 ;;
+    tests) grep -E '[0-9]+ (passed|failed)|tests collected' "$f" | tail -n 1 ;;
     compile) grep -E '^RESULT|^FAIL|SKIP' "$f" | head -n 3 | tr '\n' ' ' ;;
     build) grep -E "CUDA extension|error" "$f" | tail -n 1 ;;
     autotune) grep -c ' tuned ' "$f" | sed 's/$/ points measured/' ;;
     attn) grep -E 'vs (eager|sdpa).*L= *4096' "$f" | head -n 2 | tr -s ' ' | tr '\n' ';' ;;
     llama) grep -E '^target|patched/plain' "$f" | tail -n 2 | tr -s ' ' | tr '\n' ';' ;;
+    logits) grep -E 'fused-dense: .*than materialised' "$f" | tr -s ' ' | tr '\n' ';' ;;
     *) tail -n 1 "$f" ;;
   esac
 }
@@ -118,10 +132,18 @@ build_ext() {
 }
 export -f build_ext
 export cap PY
-background build "${GPU_CHECK_BUILD:-150}" bash -c build_ext
-build_pid=$!
+if (( quick )); then    # no extension build: it would compile CUDA code into the tree
+  mkdir -p "$work"; echo "skipped (--quick)" > "$work/build.log"; echo 0 > "$work/build.rc"
+  echo 0 > "$work/build.time"; build_pid=
+else
+  background build "${GPU_CHECK_BUILD:-150}" bash -c build_ext
+  build_pid=$!
+fi
 mkdir -p "$work/compile"
-background compile "${GPU_CHECK_COMPILE:-360}" "$PY" benchmarks/gpu_compile_check.py --jobs 4 --out "$work/compile"
+compile_args=(--jobs 4)
+(( quick )) && compile_args=(--jobs 2 --parts triton --archs 90 --only linear_logits_kl_rows)
+background compile "${GPU_CHECK_COMPILE:-360}" "$PY" benchmarks/gpu_compile_check.py "${compile_args[@]}" \
+  --out "$work/compile"
 compile_pid=$!
 
 # Summary line of a background job once it has ended.
@@ -135,20 +157,31 @@ background_done() {
 }
 
 # ---- GPU stages ------------------------------------------------------------------------------
-stage autotune 75 "$PY" benchmarks/bench_autotune.py --out "$out" --dtypes bfloat16 --head-dims 128 64 \
-  --lengths 1024 4096
+# Each stage's arguments on the GPU, and (--quick) at smoke sizes on whatever machine this is.
+if (( quick )); then
+  autotune_args=(--smoke); tests_args=(--collect-only); bench_args=(--quick)
+  attn_args=(); llama_args=(); logits_args=()
+else
+  autotune_args=(--dtypes bfloat16 --head-dims 128 64 --lengths 1024 4096); tests_args=(); bench_args=(--gpu)
+  attn_args=(--lengths 1024 4096 --queries 0 --reps 5); llama_args=(--lengths 1024 4096 --reps 3)
+  logits_args=(--reps 3)
+fi
 
-wait "$build_pid"
+stage autotune 75 "$PY" benchmarks/bench_autotune.py --out "$out" "${autotune_args[@]}"
+
+[ -n "$build_pid" ] && wait "$build_pid"
 background_done build
 
-xdist=(); "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+xdist=(); "$PY" -c "import xdist" 2>/dev/null && (( ! quick )) && xdist=(-n 8)
 ptime=(); "$PY" -c "import pytest_timeout" 2>/dev/null && ptime=(--timeout 120)
 stage tests 130 env SEEKR_TEST_GPU=1 "$PY" -m pytest -q -m gpu "${xdist[@]}" "${ptime[@]}" -p no:cacheprovider \
-  --junitxml="$work/gpu_tests.xml" tests
+  --junitxml="$work/gpu_tests.xml" "${tests_args[@]}" tests
 
-stage attn 90 "$PY" benchmarks/bench_attention_kl.py --gpu --lengths 1024 4096 --queries 0 --reps 5 --out "$work"
-stage llama 110 "$PY" benchmarks/bench_llama_step.py --gpu --lengths 1024 4096 --methods plain patched \
-  --reps 3 --out "$work"
+stage attn 90 "$PY" benchmarks/bench_attention_kl.py "${bench_args[@]}" "${attn_args[@]}" --out "$out"
+stage llama 110 "$PY" benchmarks/bench_llama_step.py "${bench_args[@]}" --methods plain patched \
+  "${llama_args[@]}" --out "$out"
+stage logits 75 "$PY" benchmarks/bench_logits_kl.py "${bench_args[@]}" --section linear \
+  --impls materialised fused-dense "${logits_args[@]}" --out "$out"
 
 # The compile matrix has had the whole run; give it what is left of the budget, then stop it.
 left=$(( budget + 15 - ($(date +%s) - start) ))
@@ -158,10 +191,13 @@ kill "$watchdog" 2>/dev/null
 background_done compile
 
 # ---- collect ---------------------------------------------------------------------------------
-for f in attention_kl_cuda.csv llama_step_cuda.csv; do
-  [ -f "$work/$f" ] && cp "$work/$f" "$out/"
+# OUT_DIR keeps the log and the benchmark CSVs; whatever else the stages wrote there (plots)
+# goes into extra.tar.gz, so that at most 8 files come back.
+mkdir -p "$work/files"
+for f in "$out"/*; do
+  case $(basename "$f") in gpu_check.log|*.csv) ;; *) mv "$f" "$work/files/" ;; esac
 done
-(cd "$work" && tar czf "$out/extra.tar.gz" --exclude='*.csv.tmp' ./*.log ./*.xml ./*.png ./compile 2>/dev/null)
+(cd "$work" && tar czf "$out/extra.tar.gz" --exclude='*.csv.tmp' ./*.log ./*.xml ./files ./compile 2>/dev/null)
 {
   echo
   echo "gpu_check summary ($(( $(date +%s) - start )) s; budget ${budget} s)"

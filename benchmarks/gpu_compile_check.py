@@ -466,14 +466,14 @@ def triton_summary(rows):
     groups = {}
     for r in rows:
         groups.setdefault((r["kernel"], r["arch"], r["dtype"]), []).append(r)
-    lines = [f"{'kernel':18s} {'arch':5s} {'dtype':5s} {'cfgs':>4s} {'ok':>3s} {'pruned':>6s} {'FAIL':>4s} "
+    lines = [f"{'kernel':21s} {'arch':5s} {'dtype':5s} {'cfgs':>4s} {'ok':>3s} {'pruned':>6s} {'FAIL':>4s} "
              f"{'regs':>8s} {'smem KB':>11s} {'tensor cores':12s}"]
     for (k, a, dt), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
         regs = [r["regs"] for r in rs if r.get("regs") is not None]
         sm = [r["smem_bytes"] / 1024 for r in rs if not r.get("error")]
         tcs = sorted({r["tensor_cores"] for r in ok}) or ["-"]
-        lines.append(f"{k:18s} {a:5s} {dt:5s} {len(rs):4d} {len(ok):3d} "
+        lines.append(f"{k:21s} {a:5s} {dt:5s} {len(rs):4d} {len(ok):3d} "
                      f"{sum(r['status'].startswith('pruned') for r in rs):6d} "
                      f"{sum(r['status'].startswith('FAIL') for r in rs):4d} "
                      f"{(f'{min(regs)}-{max(regs)}' if regs else '-'):>8s} "

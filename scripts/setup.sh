@@ -24,6 +24,6 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 # Build tools first, then an editable install without build isolation, so the build reuses
 # them (isolation would fetch them again on every install).
-python -m pip install -q "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.18" ninja
+python -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja
 python -m pip install -q --no-build-isolation -e ".[${extras}]"
 seekr --version

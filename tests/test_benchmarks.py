@@ -2,8 +2,7 @@
 files there, prints ratios worded by common.ratio, and leaves the committed results alone.
 
 The numbers of a --quick run mean nothing (tiny shapes, one repetition); the scripts' real
-runs are documented in benchmarks/results/README.md. bench_logits_kl.py is not covered yet
-(being rewritten with the same flags).
+runs are documented in benchmarks/results/README.md.
 """
 import argparse
 import csv
@@ -25,6 +24,7 @@ SCRIPTS = {
     "bench_attention_kl.py": ["attention_kl_cpu.csv", "attention_kl_cpu.png"],
     "bench_importance.py": ["importance_cpu.csv", "importance_host.csv", "importance_cpu.png"],
     "bench_llama_step.py": ["llama_step_cpu.csv", "llama_step_cpu.png"],
+    "bench_logits_kl.py": ["linear_logits_kl_cpu.csv", "linear_logits_kl_cpu.png"],
     "bench_teacher.py": ["teacher_capture.csv", "teacher_cache_bytes.csv", "teacher_topk_quality.csv",
                          "teacher.png"],
 }

@@ -70,7 +70,8 @@ def test_triton_compile_matrix(tmp_path, cache_args):
         mod = importlib.import_module(f"seekr_kernels.triton.{m}")
         if hasattr(mod, "compile_specs"):
             expected |= {(m, s["name"], s["dtype"]) for s in mod.compile_specs()}
-    assert {"attention_kl", "attention_probs", "attention_sqdiff", "logits_kl"} <= {m for m, _, _ in expected}
+    assert {"attention_kl", "attention_probs", "attention_sqdiff", "logits_kl", "linear_logits_kl"} <= \
+        {m for m, _, _ in expected}
     for arch in ("sm80", "sm90"):
         got = {(r["module"], r["kernel"], r["dtype"]) for r in rows if r["arch"] == arch}
         assert got == expected, arch
@@ -87,10 +88,13 @@ def test_triton_compile_matrix(tmp_path, cache_args):
         assert int(r["smem_bytes"]) <= int(r["smem_limit"]), what
         if r["expect_mma"] == "True":
             assert r["tensor_cores"] in ("mma", "wgmma"), what
-    # The 16-bit attention kernels do use the tensor cores, fp32 ones multiply exactly (FMA).
-    dots = [r for r in rows if r["module"] != "logits_kl" and r["status"] == "ok"]
-    assert all(r["tensor_cores"] != "none" for r in dots if r["dtype"] != "fp32")
-    assert all(r["tensor_cores"] == "none" for r in dots if r["dtype"] == "fp32")
+    # 16-bit (and tf32) dots use the tensor cores, exact fp32 ones multiply on the FMA units,
+    # kernels without a dot have no tensor-core instruction.
+    for r in rows:
+        if r["status"] == "ok":
+            prec = re.search(r"\bDOT_PREC=(\w+)", r["constexprs"])
+            exact = prec is None or (r["dtype"] == "fp32" and prec[1] == "ieee")
+            assert (r["tensor_cores"] == "none") == exact, f"{r['kernel']} {r['arch']} {r['constexprs']}"
     assert "stored autotuning table matches" in p.stdout
 
 

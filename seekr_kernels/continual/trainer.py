@@ -76,7 +76,7 @@ from .checkpoint import CheckpointError, ResumeError, is_peft_model
 from .config import ConfigError, RunConfig, TaskSpec, task_name
 from .data import (CharTokenizer, Encoded, EncodedDataset, collate, epoch_batches, load_task,
                    load_tokenizer, shard)
-from .evaluate import GenerationOptions, evaluate_examples
+from .evaluate import GenerationOptions, evaluate_examples, resolve_metric_name
 from .losses import ce_sum
 from .preflight import check_run, check_tasks, eval_split, model_max_positions
 from .recipe import DistributedHooks, PendingSample, SeekrRecipe, task_seed
@@ -395,6 +395,9 @@ class ContinualTrainer:
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.model)
         self.tasks = tasks if tasks is not None else [
             load_task(ts.path, task_name(ts), ts.metric) for ts in config.tasks]
+        for t in self.tasks:          # a Task passed in may say "auto": pick by its name
+            if t.metric == "auto":
+                t.metric = resolve_metric_name("auto", t.name)
         self.task_names = [t.name for t in self.tasks]
         check_tasks(config, self.tasks, self.tokenizer, world=self.dist.world,
                     max_positions=model_max_positions(config, model), warn=self.dist.main)

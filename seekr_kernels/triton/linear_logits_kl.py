@@ -144,6 +144,10 @@ def gemm_config(dtype, cuda=True):
     return 64, 128, 64, 8, 3, "tf32", False
 
 
+#: num_stages of _grad_rows (Triton's CUDA default, stated so compile_specs matches the launch).
+ROW_STAGES = 3
+
+
 def row_config(V, cuda=True, block=None):
     """(BLOCK, num_warps) of _grad_rows."""
     if block is not None:
@@ -215,57 +219,55 @@ def grad_rows(z, t, lse_s, lse_t, A, B, U, CL, label, block=None):
     _grad_rows[(c,)](z, tt, f32(lse_s), f32(lse_t) if has_t else dummy, f32(A), f32(B) if has_t else dummy,
                      f32(U), f32(CL) if has_l else dummy,
                      label.to(torch.int32).contiguous() if has_l else dummy, V, z.stride(0), tt.stride(0),
-                     HAS_T=has_t, HAS_LABEL=has_l, BLOCK=BLOCK, num_warps=warps)
+                     HAS_T=has_t, HAS_LABEL=has_l, BLOCK=BLOCK, num_warps=warps, num_stages=ROW_STAGES)
     return z
 
 
 # ---------------------------------------------------------------------------- compile matrix
 def compile_specs():
-    """The kernel configurations the launcher uses on CUDA, for an ahead-of-time compile
-    check (``triton.compile(ASTSource(kernel, signature, constexprs), target=...)``).
+    """Both kernels as the launchers above run them on CUDA, in the form
+    ``benchmarks/gpu_compile_check.py`` compiles for sm_80 / sm_90 (``_configs.kernel_spec``).
 
-    One entry per (kernel, dtype, constexpr variant): the GEMM with a dense teacher, with
-    the student-only statistics of a sparse teacher (qlogq for ``student_tail``), and
-    without either (pure hard CE / ``kept``), with and without bias; the row kernel with
-    and without dense teacher and label term. ``expect_mma``: the tile product should
-    lower to tensor-core MMA (bf16/fp16; fp32 uses exact FMA products by default).
-    ``divisible_by_16``: arguments the runtime specialises as multiples of 16 in the usual
-    case (torch's allocations, Hd and V multiples of 16: 4096, 32000, 128256); compile with
-    ``attrs={(index,): [["tt.divisibility", 16]]}`` for them, as the JIT does, or the
-    GEMM is compiled without vectorised, pipelined loads and looks far worse than it runs.
+    Representative call: Hd = 4096, V = 32000, a chunk of 1024 rows (``default_chunk`` at
+    T = 8192), contiguous tensors. V = 128256 compiles to the same binaries (every integer
+    keeps its specialisation: V, the row strides and the chunk are multiples of 16, the
+    number of vocabulary tiles is not) and is left out to keep the matrix within CI's time.
+
+    ``_logits_fwd``: fp32/bf16/fp16 with a dense teacher, with the student-only statistics
+    of a sparse teacher (qlogq, for ``student_tail``) and with neither (hard CE only /
+    ``kept``), with and without bias; fp32 also with tf32 products (what the launcher picks
+    when ``torch.backends.cuda.matmul.allow_tf32`` is set), which like bf16/fp16 must lower
+    to tensor-core MMA. ``_grad_rows``: with and without the dense teacher and label term.
     """
+    from ._configs import DTYPES, Tile, kernel_spec
+
+    Hd, V, C = 4096, 32000, 1024
+    f32 = torch.float32
     specs = []
-    for dtype, name in list(_TL.items()) + [(torch.float32, "fp32-tf32")]:
+    for dtype in DTYPES:
         BM, BN, BK, warps, stages, prec, upcast = gemm_config(dtype, cuda=True)
-        prec = "tf32" if name != "fp32" else "ieee"
-        ptr = "*" + name.split("-")[0]
-        variants = ((True, False, False), (True, False, True), (False, True, False), (False, False, False),
-                    (False, False, True))
-        if name == "fp32-tf32":        # only with torch.backends.cuda.matmul.allow_tf32 = True
-            variants = variants[:1]
-        for has_t, qlogq, has_b in variants:
-            sig = {"H": ptr, "W": ptr, "BIAS": ptr, "T": ptr, "Z": ptr, "P": "*fp32",
-                   "C": "i32", "V": "i32", "D": "i32", "NVB": "i32",
-                   "h_sr": "i32", "w_sr": "i32", "t_sr": "i32", "z_sr": "i32"}
-            const = {"HAS_BIAS": has_b, "HAS_T": has_t, "QLOGQ": qlogq, "BLOCK_M": BM, "BLOCK_N": BN,
-                     "BLOCK_K": BK, "DOT_PREC": prec, "UPCAST": upcast}
-            tag = ("t" if has_t else ("qlogq" if qlogq else "plain")) + ("_bias" if has_b else "")
-            specs.append({"kernel": _logits_fwd, "name": f"linear_logits_kl._logits_fwd[{name},{tag}]",
-                          "signature": sig, "constexprs": const, "num_warps": warps, "num_stages": stages,
-                          "dtype": name, "expect_mma": name != "fp32",
-                          "divisible_by_16": ["H", "W", "BIAS", "T", "Z", "P", "D", "h_sr", "w_sr", "t_sr",
-                                              "z_sr"]})
-        if name == "fp32-tf32":
-            continue
-        BLOCK, warps = row_config(128256, cuda=True)
+        precs = ("ieee", "tf32") if dtype == f32 else (prec,)
+        for prec in precs:
+            variants = ((True, False, False), (True, False, True), (False, True, False), (False, False, False),
+                        (False, False, True))
+            if dtype == f32 and prec == "tf32":
+                variants = variants[:1]
+            for has_t, qlogq, has_b in variants:
+                specs.append(kernel_spec(
+                    _logits_fwd, "linear_logits_kl_fwd",
+                    pointers=dict(H=dtype, W=dtype, BIAS=dtype, T=dtype, Z=dtype, P=f32),
+                    ints=dict(C=C, V=V, D=Hd, NVB=triton.cdiv(V, BN), h_sr=Hd, w_sr=Hd, t_sr=V, z_sr=V),
+                    constexprs=dict(HAS_BIAS=has_b, HAS_T=has_t, QLOGQ=qlogq, BLOCK_M=BM, BLOCK_N=BN,
+                                    BLOCK_K=BK, DOT_PREC=prec, UPCAST=upcast),
+                    tile=Tile(BM, BN, warps, stages), dtype=dtype, expect_mma=prec == "tf32",
+                    vocab=V, teacher=has_t, role="default"))
+        BLOCK, warps = row_config(V, cuda=True)
         for has_t, has_l in ((True, True), (True, False), (False, True), (False, False)):
-            sig = {"Z": ptr, "T": ptr, "LSE_S": "*fp32", "LSE_T": "*fp32", "A": "*fp32", "B": "*fp32",
-                   "U": "*fp32", "CL": "*fp32", "LABEL": "*i32", "V": "i32", "z_sr": "i32", "t_sr": "i32"}
-            const = {"HAS_T": has_t, "HAS_LABEL": has_l, "BLOCK": BLOCK}
-            tag = ("t" if has_t else "sparse") + ("_label" if has_l else "")
-            specs.append({"kernel": _grad_rows, "name": f"linear_logits_kl._grad_rows[{name},{tag}]",
-                          "signature": sig, "constexprs": const, "num_warps": warps, "num_stages": 1,
-                          "dtype": name, "expect_mma": False,
-                          "divisible_by_16": ["Z", "T", "LSE_S", "LSE_T", "A", "B", "U", "CL", "LABEL", "V",
-                                              "z_sr", "t_sr"]})
+            specs.append(kernel_spec(
+                _grad_rows, "linear_logits_kl_rows",
+                pointers=dict(Z=dtype, T=dtype, LSE_S=f32, LSE_T=f32, A=f32, B=f32, U=f32, CL=f32,
+                              LABEL=torch.int32),
+                ints=dict(V=V, z_sr=V, t_sr=V), constexprs=dict(HAS_T=has_t, HAS_LABEL=has_l, BLOCK=BLOCK),
+                num_warps=warps, num_stages=ROW_STAGES, dtype=dtype, expect_mma=False, vocab=V,
+                teacher=has_t, role="default"))
     return specs

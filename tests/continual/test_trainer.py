@@ -227,3 +227,13 @@ def test_topk_teacher_logits(tmp_path):
     assert isinstance(tr.memory.sample((0, 0)).logits, TopK) and tr.memory.sample((0, 0)).logits.k == 5
     rec = [r for r in read_log(tmp_path / "run") if r["kind"] == "replay"]
     assert rec and all(r["logits_kl"] > 0 for r in rec)
+
+
+def test_task_with_auto_metric_through_the_api(tmp_path):
+    """A Task passed to the trainer with metric="auto" is scored by the metric its name picks."""
+    from seekr_kernels.continual.data import load_task
+    from seekr_kernels.continual.evaluate import resolve_metric_name
+    paths = tiny_tasks(tmp_path / "data")[:1]
+    task = load_task(paths[0], "rev", "auto")
+    tr = ContinualTrainer(tiny_config(tmp_path / "run", paths, "sft"), tasks=[task], quiet=True)
+    assert tr.tasks[0].metric == resolve_metric_name("auto", "rev") != "auto"
