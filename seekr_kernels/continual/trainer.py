@@ -1325,6 +1325,11 @@ class ContinualTrainer:
         if K and "distill.teacher_logits" not in saved:
             # Saved before distill.teacher_logits existed: its older spelling, resolved as now.
             saved.update({"distill.teacher_logits": "topk", "distill.teacher_logits_k": K})
+        if "distill.fused_lm_head" not in saved and ts.get("config"):
+            # Saved before the fused replay step existed: it trained on materialised logits,
+            # and the default (auto) would now fuse, which is not bit-identical. Refused as a
+            # change unless the run says fused_lm_head: false (or allows the change).
+            saved["distill.fused_lm_head"] = "false"
         saved.update({"world_size": ts.get("world_size"), "device_type": ts.get("device_type")})
         now.update({"world_size": self.dist.world, "device_type": self.device.type})
         data = ts.get("data") or []

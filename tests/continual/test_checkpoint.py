@@ -340,3 +340,25 @@ def test_checkpoint_keys_validated(tmp_path, data):
             tiny_config(tmp_path, data[:1], "sft", **{key: val})
     with pytest.raises(ConfigError, match="train.optimizer_scope: 'run' needs train.schedule: constant"):
         tiny_config(tmp_path, data[:1], "sft", **{"train.optimizer_scope": "run"})   # tiny_config: linear
+
+
+def test_run_saved_before_fused_lm_head_keeps_materialised_logits(stopped_run, tmp_path, data):
+    """A checkpoint whose config predates distill.fused_lm_head trained on materialised
+    logits: resuming it under the default (auto, which would fuse) is refused naming the
+    key; with fused_lm_head: false it resumes."""
+    d, over = _copy(stopped_run, tmp_path)
+    newest = d / json.loads((d / "state.json").read_text())["checkpoint"]
+    tsp = newest / ck.TRAINER_STATE
+    ts = json.loads(tsp.read_text())
+    del ts["config"]["distill"]["fused_lm_head"]           # as written by the older version
+    tsp.write_text(json.dumps(ts))
+    man = json.loads((newest / "manifest.json").read_text())   # resealed: a genuine old file
+    n, h = ck._file_digest(str(tsp))
+    man["files"][ck.TRAINER_STATE] = {"bytes": n, "sha256": h}
+    man["sha256"] = ck.json_digest(man)
+    (newest / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ResumeError, match="distill.fused_lm_head"):
+        ContinualTrainer(tiny_config(d, data, "seekr", **over), quiet=True).run(resume=True)
+    res = ContinualTrainer(tiny_config(d, data, "seekr", **over, **{"distill.fused_lm_head": "false"}),
+                           quiet=True).run(resume=True)
+    assert res["global_step"] == 6
