@@ -81,7 +81,7 @@ class TrainConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     schedule: str = "constant"          # constant | linear | cosine
     warmup_steps: int = 0
-    max_grad_norm: float = 0.0          # 0: no clipping
+    max_grad_norm: float = 1.0          # 0: no clipping
     max_prompt_len: int = 512
     max_answer_len: int = 512
     pad_to_multiple_of: int = 8
