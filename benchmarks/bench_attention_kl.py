@@ -5,7 +5,9 @@ against
   (a) `eager`: what the published SEEKR code does — eager attention for all H heads
       ([B, H, L, L], fp32 softmax), index_select of heads and rows, log(p + 1e-8),
       KLDivLoss('batchmean') per sample, divided by B;
-  (b) `torch-selected`: plain PyTorch on the selected heads only ([B, S, Q, L]).
+  (b) `torch-selected`: plain PyTorch on the selected heads only ([B, S, Q, L]);
+  (c) `sdpa` (--gpu): plain scaled_dot_product_attention fwd+bwd of all H heads (with a
+      value tensor), i.e. the attention the distillation loss rides along with.
 
     python benchmarks/bench_attention_kl.py              # CPU: L in 512, 1024, 2048
     python benchmarks/bench_attention_kl.py --gpu        # CUDA: bf16, L up to 8192
@@ -71,10 +73,14 @@ def point(method, L, Q, H=32, D=128, S=4, dtype="float32", device="cpu", reps=3)
     dt = getattr(torch, dtype)
     q, k, teacher, heads, queries, mask = _inputs(L, Q, H, D, S, dt, device)
 
+    v = torch.randn_like(k).requires_grad_() if method == "sdpa" else None
+
     def step():
         q.grad = k.grad = None
         if method == "eager":
             loss = eager_published(q, k, teacher, heads, queries, mask)
+        elif method == "sdpa":
+            loss = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).float().square().mean()
         else:
             backend = "torch" if method == "torch-selected" else method
             loss = sk.attention_kl(q, k, teacher, heads, queries, mask, backend=backend,
@@ -98,6 +104,8 @@ def main():
     ap.add_argument("--gpu", action="store_true", help="run on CUDA (bf16, L up to 8192)")
     ap.add_argument("--lengths", type=int, nargs="*", default=None)
     ap.add_argument("--methods", nargs="*", default=None)
+    ap.add_argument("--queries", type=int, nargs="*", default=None,
+                    help="query rows per sample, 0 = all L (default: 100 and all; --quick 32 and all)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3; --quick 1)")
     common.add_common_args(ap)
     args = ap.parse_args()
@@ -117,7 +125,7 @@ def main():
     if args.methods:
         methods = args.methods
     else:
-        methods = ["eager", "torch-selected"]
+        methods = ["eager", "torch-selected"] + (["sdpa"] if args.gpu else [])
         for b in (["triton", "cuda"] if args.gpu else ["cpu"]):
             if _backend.available(b, torch.device(device))[0]:
                 methods.append(b)
@@ -128,7 +136,7 @@ def main():
     print(f"torch.matmul [{n}x128]x[128x{n}] {dtype}: {mm:.1f} GFLOP/s")
     rows = []
     for L in lengths:
-        for Q in (q_few, L):
+        for Q in ([q or L for q in args.queries] if args.queries else (q_few, L)):
             for m in methods:
                 r = common.run_isolated("bench_attention_kl", "point",
                                         dict(method=m, L=L, Q=Q, dtype=dtype, device=device, reps=reps),
@@ -143,7 +151,7 @@ def main():
     path = os.path.join(out, f"attention_kl_{device}.csv")
     common.write_csv(path, rows)
     print(f"wrote {path}")
-    _ratios(rows, [m for m in methods if m not in ("eager", "torch-selected")])
+    _ratios(rows, [m for m in methods if m not in ("eager", "torch-selected", "sdpa")])
     _plot(rows, os.path.join(out, f"attention_kl_{device}.png"))
 
 
@@ -154,7 +162,7 @@ def _ratios(rows, fused):
         for (m, L, Q), r in sorted(ok.items(), key=lambda x: (x[0][1], x[0][2])):
             if m != f:
                 continue
-            for base in ("eager", "torch-selected"):
+            for base in ("eager", "torch-selected", "sdpa"):
                 b = ok.get((base, L, Q))
                 if b:
                     print(f"  {f:7s} vs {base:15s} L={L:5d} Q={Q:5d}: "

@@ -75,7 +75,10 @@ def _build(L, Q, S, shape, device, seed=0):
         num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"],
         vocab_size=shape["vocab"], max_position_embeddings=max(L, 128), use_cache=False)
     dtype = getattr(torch, shape["dtype"])
-    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).train()
+    # Initialised where it runs: on CUDA a 7B-shaped model's CPU init costs more than its steps.
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(cfg)
+    model = model.to(dtype=dtype).train()
     g = torch.Generator().manual_seed(seed + 1)
     B = 1
     ids = torch.randint(0, shape["vocab"], (B, L), generator=g).to(device)
@@ -84,11 +87,11 @@ def _build(L, Q, S, shape, device, seed=0):
     queries = None if Q >= L else torch.sort(torch.randperm(L, generator=g)[:Q]).values[None].to(device)
     Qn = L if queries is None else Q
     qpos = torch.arange(L).expand(B, L) if queries is None else queries.cpu()
-    valid = torch.arange(L)[None, None, None, :] <= qpos[:, None, :, None]
+    valid = (torch.arange(L)[None, None, None, :] <= qpos[:, None, :, None]).to(device)
     teacher = {}
     for l in heads:
-        z = torch.randn(B, S, Qn, L, generator=g)
-        teacher[l] = (torch.softmax(z.masked_fill(~valid, float("-inf")), -1)).to(device=device, dtype=dtype)
+        z = torch.randn(B, S, Qn, L, generator=g).to(device)
+        teacher[l] = (torch.softmax(z.masked_fill(~valid, float("-inf")), -1)).to(dtype=dtype)
     return model, ids, mask, heads, queries, teacher
 
 

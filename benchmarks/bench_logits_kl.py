@@ -1,23 +1,43 @@
-"""Forward + backward time and peak memory of logits_kl against the published computation.
+"""Logits distillation benchmarks: the fused lm_head + logits term (issue 13), logits_kl
+against the published computation (issue 3), and TopK quality.
 
-Published (SEEKR reference, ``cal_replay_logits_distill_loss``)::
+Sections (``--section``; default ``linear``):
 
-    CrossEntropyLoss()(s[sel], softmax(t[sel], -1))        sel = labels != -100
+linear   Forward + backward time and peak memory of the replay logits loss
+         0.5 * CE(labels) + 0.5 * distillation, starting from the final hidden states
+         h [T, Hd] and the lm_head W [V, Hd] (fp32 on CPU), for
+           materialised   logits = h @ W.T, then F.cross_entropy + sk.logits_kl (today's path)
+           published      logits = h @ W.T, then CrossEntropyLoss on s[sel] against labels
+                          and against softmax(t[sel]) (the SEEKR reference code)
+           fused-dense    sk.linear_logits_kl with the dense teacher
+           fused-topk     sk.linear_logits_kl with a TopK teacher (k = --k, default 256)
+           fused-sampled  sk.linear_logits_kl with a SampledTeacher (k = --k)
+           liger-jsd      Liger-Kernel's chunked LigerFusedLinearJSDLoss (plain torch,
+                          compiled=False, its default chunk of 1024 rows) with beta = 0,
+                          i.e. KL(teacher || student): the same gradient as the logits term,
+                          but it recomputes the teacher logits from teacher hidden states and
+                          a teacher lm_head per chunk (it has no cached-teacher-logits input).
+         Dense teachers are bf16 [T, V] (as a cache holds them); 25% of the rows are
+         prompt (label -100). Cases: T = 2048 and 4096 with Hd = 1024, T = 2048 with
+         Hd = 4096; V = 32000 and 128256 (``--quick``: T = 512, Hd = 256, V = 8000/32000).
+logits   logits_kl on given student logits against the published computation (issue 3).
+topk-quality  TopK modes against the dense teacher on synthetic LM-like logits.
 
-which materialises s[sel], softmax(t[sel]) and CE's log-softmax (plus autograd's saved
-copies) for every selected token. logits_kl streams rows in chunks (torch backend) or
-vocabulary blocks (triton) and keeps 3 fp32 numbers per row for the backward.
+Measurement: every (impl, case) runs in a fresh subprocess (common.run_isolated), one at
+a time. Peak memory = extra resident memory of the first call (VmHWM after resetting it,
+minus VmRSS before; inputs are built before and not counted; see common.py); it
+includes the gradients every path returns (dW [V, Hd] and dh). Time: minimum over
+``--reps`` calls after it (the CPU is shared; the median is in the CSV). On CUDA
+(``--gpu``, bf16, T = 8192, Hd = 4096) torch.cuda.max_memory_allocated is used.
 
-    python benchmarks/bench_logits_kl.py                 # CPU, torch backend, N=2 L=1024 V=32000
-    python benchmarks/bench_logits_kl.py --gpu           # CUDA, triton backend
-    python benchmarks/bench_logits_kl.py --topk-quality  # TopK modes vs the dense teacher
+Results go to ``--out DIR`` (default: a fresh directory under the system temp dir, so
+committed results are never overwritten unless asked: ``--out benchmarks/results``):
+CSV + PNG per section.
 
-Each timing point runs in a fresh subprocess (see common.py for how peak memory is
-measured); peak memory includes the gradient [N, L, V] that both paths must return, so
-the script also prints the peak beyond it ("overhead"). On a shared CPU the times are
-noisy: the time reported is the minimum over --reps runs (the median is in the CSV);
-the memory figures are not noisy.
-Writes benchmarks/results/logits_kl_<device>.csv (and logits_kl_topk_quality.csv).
+    python benchmarks/bench_logits_kl.py --quick
+    python benchmarks/bench_logits_kl.py --out benchmarks/results          # the full table
+    python benchmarks/bench_logits_kl.py --section logits --out DIR
+    python benchmarks/bench_logits_kl.py --section topk-quality --out DIR
 """
 from __future__ import annotations
 
@@ -34,6 +54,7 @@ if _ROOT not in sys.path:
 import common  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HW = SW = 0.5                   # SEEKR's (1 - a) * CE + a * KL with a = 0.5
 
 
 def _inputs(N, L, V, dtype, device, prompt_frac=0.3):
@@ -120,7 +141,7 @@ def bench(args):
                 print(f"  {name} vs published ({dtype}): {r['mem_ratio_vs_published']}x less peak memory "
                       f"({r['overhead_ratio_vs_published']}x less beyond the gradient), "
                       f"{r['speedup_vs_published']}x the speed")
-    out = os.path.join(RESULTS, f"logits_kl_{device}.csv")
+    out = os.path.join(args.out, f"logits_kl_{device}.csv")
     common.write_csv(out, rows)
     print("machine:", common.machine())
     print("wrote", out)
@@ -173,26 +194,195 @@ def topk_quality(args):
             cells = [f"{r['mode']}: {r['rel_err_value']:.4f} / {r['grad_cosine']:.4f}"
                      for r in rows if r["teacher_temp"] == temp and r["student_drift"] == drift and r["k"] == k]
             print(f"  k={k:3d} (rel. value error / grad cosine)  " + "   ".join(cells))
-    out = os.path.join(RESULTS, "logits_kl_topk_quality.csv")
+    out = os.path.join(args.out, "logits_kl_topk_quality.csv")
     common.write_csv(out, rows)
     print("wrote", out)
 
 
+# ------------------------------------------------------------------------ linear (issue 13)
+LINEAR_IMPLS = ("materialised", "published", "fused-dense", "fused-topk", "fused-sampled", "liger-jsd")
+
+
+def _teacher_logits(T, V, g, device):
+    """bf16 [T, V] teacher logits, generated in row chunks (no fp32 [T, V] temporary)."""
+    import torch
+    t = torch.empty(T, V, dtype=torch.bfloat16, device=device)
+    step = max(1, (1 << 24) // V)
+    for r in range(0, T, step):
+        t[r:r + step] = (torch.randn(min(step, T - r), V, generator=g) * 3).to(device)
+    return t
+
+
+def linear_point(impl, T, Hd, V, k=256, reps=2, device="cpu", dtype="float32", chunk=None):
+    """One (impl, case) measurement; runs in its own process."""
+    import gc
+
+    import torch
+    import torch.nn.functional as F
+
+    import seekr_kernels as sk
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(T, Hd, generator=g).to(device, dt).requires_grad_()
+    W = (torch.randn(V, Hd, generator=g) * Hd ** -0.5).to(device, dt).requires_grad_()
+    lab = torch.randint(0, V, (T,), generator=g).to(device)
+    lab[: T // 4] = -100
+    teacher = th = tW = None
+    if impl == "liger-jsd":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        th = torch.randn(T, Hd, generator=g).to(device, dt)
+        tW = (torch.randn(V, Hd, generator=g) * Hd ** -0.5).to(device, dt)
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=HW, weight_soft_loss=SW, beta=0.0,
+                                        compiled=device == "cuda")
+    else:
+        teacher = _teacher_logits(T, V, g, device)
+        if impl == "fused-topk":
+            teacher = sk.TopK.from_dense(teacher, k, kind="logits")
+        elif impl == "fused-sampled":
+            teacher = sk.SampledTeacher.from_dense(teacher, k, seed=0, dtype=torch.bfloat16)
+    gc.collect()
+    backend = "auto" if device == "cuda" else "chunked"
+
+    def step():
+        if impl == "materialised":
+            lg = h @ W.t()
+            loss = HW * F.cross_entropy(lg, lab) + SW * sk.logits_kl(lg[None], teacher[None], lab[None])
+        elif impl == "published":
+            lg = h @ W.t()
+            sel = torch.nonzero(lab != -100, as_tuple=True)
+            s = lg[sel]
+            loss = (HW * torch.nn.CrossEntropyLoss()(s, lab[sel])
+                    + SW * torch.nn.CrossEntropyLoss()(s, F.softmax(teacher[sel].float(), dim=-1)))
+        elif impl == "liger-jsd":
+            loss = liger(h, W, th, tW, lab)
+        else:
+            loss = sk.linear_logits_kl(h, W, teacher, lab, hard_weight=HW, soft_weight=SW, backend=backend,
+                                       chunk_size=chunk)
+        loss.backward()
+        h.grad = W.grad = None
+        return loss
+
+    peak, _ = common.measure(step, device=device, warmup=0, reps=1)
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    grads_mib = (V * Hd + T * Hd) * h.element_size() / 2 ** 20
+    return {"impl": impl, "T": T, "Hd": Hd, "V": V, "k": k if impl in ("fused-topk", "fused-sampled") else "",
+            "dtype": dtype, "device": device, "peak_mib": round(peak, 1), "grads_mib": round(grads_mib, 1),
+            "beyond_grads_mib": round(peak - grads_mib, 1), "ms": round(min(times), 1),
+            "ms_median": round(statistics.median(times), 1), "loss": float(loss.detach())}
+
+
+def linear_cases(args):
+    if args.gpu:
+        return [(8192, 4096, 32000), (8192, 4096, 128256)]
+    if args.quick:
+        return [(512, 256, 8000), (512, 256, 32000)]
+    return [(T, Hd, V) for (T, Hd) in ((2048, 1024), (4096, 1024), (2048, 4096)) for V in (32000, 128256)]
+
+
+def linear(args):
+    device = "cuda" if args.gpu else "cpu"
+    dtype = "bfloat16" if args.gpu else "float32"
+    impls = args.impls or LINEAR_IMPLS
+    rows = []
+    for T, Hd, V in linear_cases(args):
+        pts = {}
+        for impl in impls:
+            r = common.run_isolated("bench_logits_kl", "linear_point",
+                                    dict(impl=impl, T=T, Hd=Hd, V=V, k=args.k, reps=args.reps, device=device,
+                                         dtype=dtype), timeout=7200)
+            if "error" in r:
+                print(f"T={T} Hd={Hd} V={V} {impl}: ERROR {r['error']}", flush=True)
+                rows.append({"impl": impl, "T": T, "Hd": Hd, "V": V, "error": r["error"]})
+                continue
+            pts[impl] = r
+            rows.append(r)
+            print(f"T={T:5d} Hd={Hd:5d} V={V:6d} {impl:>14s}: peak {r['peak_mib']:8.1f} MiB (beyond the "
+                  f"gradients {r['beyond_grads_mib']:8.1f})  {r['ms']:9.1f} ms  loss {r['loss']:.4f}", flush=True)
+        base, lig = pts.get("materialised"), pts.get("liger-jsd")
+        for name, r in pts.items():
+            if base and name != "materialised":
+                r["mem_x_less_than_materialised"] = round(base["peak_mib"] / max(r["peak_mib"], 1e-3), 2)
+                r["time_vs_materialised"] = round(r["ms"] / max(base["ms"], 1e-3), 2)
+            if lig and name.startswith("fused"):
+                r["mem_x_less_than_liger"] = round(lig["peak_mib"] / max(r["peak_mib"], 1e-3), 2)
+                r["time_vs_liger"] = round(r["ms"] / max(lig["ms"], 1e-3), 2)
+            if "mem_x_less_than_materialised" in r:
+                extra = (f", {r['mem_x_less_than_liger']}x less memory than Liger at {r['time_vs_liger']}x its "
+                         f"time" if "mem_x_less_than_liger" in r else "")
+                print(f"    {name}: {r['mem_x_less_than_materialised']}x less peak memory than materialised, "
+                      f"{r['time_vs_materialised']}x its time{extra}", flush=True)
+    out = os.path.join(args.out, f"linear_logits_kl_{device}.csv")
+    common.write_csv(out, rows)
+    print("machine:", common.machine())
+    print("wrote", out)
+    plot_linear(rows, os.path.join(args.out, f"linear_logits_kl_{device}.png"))
+    return rows
+
+
+def plot_linear(rows, path):
+    plt = common.pyplot()
+    if plt is None:
+        return
+    rows = [r for r in rows if "error" not in r]
+    cases = list(dict.fromkeys((r["T"], r["Hd"], r["V"]) for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, ax = plt.subplots(1, 2, figsize=(14, 4.5))
+    w = 0.8 / max(1, len(impls))
+    for j, impl in enumerate(impls):
+        for a, key in ((ax[0], "peak_mib"), (ax[1], "ms")):
+            ys = [next((r[key] for r in rows if (r["T"], r["Hd"], r["V"]) == c and r["impl"] == impl), 0)
+                  for c in cases]
+            a.bar([i + j * w for i in range(len(cases))], ys, w, label=impl)
+    for a, title in ((ax[0], "peak memory (MiB, incl. dW and dh)"), (ax[1], "forward + backward (ms)")):
+        a.set_xticks([i + w * (len(impls) - 1) / 2 for i in range(len(cases))])
+        a.set_xticklabels([f"T={T}\nHd={Hd}\nV={V}" for T, Hd, V in cases], fontsize=7)
+        a.set_yscale("log")
+        a.set_title(title)
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print("wrote", path)
+
+
 def main():
+    import tempfile
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpu", action="store_true", help="CUDA + triton backend (bf16)")
+    ap.add_argument("--section", choices=["linear", "logits", "topk-quality"], default="linear")
+    ap.add_argument("--topk-quality", action="store_true", help="same as --section topk-quality")
+    ap.add_argument("--out", default=None, help="result directory (default: a new temp dir)")
+    ap.add_argument("--quick", action="store_true", help="small shapes (linear section)")
+    ap.add_argument("--gpu", action="store_true", help="CUDA: triton backend, bf16")
+    ap.add_argument("--impls", nargs="+", choices=LINEAR_IMPLS, default=None)
     ap.add_argument("--N", type=int, default=2)
     ap.add_argument("--L", type=int, default=1024)
     ap.add_argument("--V", type=int, default=32000)
-    ap.add_argument("--k", type=int, default=64, help="TopK teacher size for the extra point")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--topk-quality", action="store_true", help="measure the TopK modes instead")
-    ap.add_argument("--rows", type=int, default=256, help="token rows for --topk-quality")
+    ap.add_argument("--k", type=int, default=None, help="TopK / sampled k (linear: 256, logits: 64)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--rows", type=int, default=256, help="token rows for topk-quality")
     args = ap.parse_args()
     if args.topk_quality:
-        topk_quality(args)
-    else:
+        args.section = "topk-quality"
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="seekr-bench-")
+    os.makedirs(args.out, exist_ok=True)
+    if args.section == "linear":
+        args.k = args.k or 256
+        args.reps = args.reps or (3 if args.quick else 2)
+        linear(args)
+    elif args.section == "logits":
+        args.k = args.k or 64
+        args.reps = args.reps or 5
         bench(args)
+    else:
+        topk_quality(args)
 
 
 if __name__ == "__main__":

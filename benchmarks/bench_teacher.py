@@ -15,18 +15,24 @@ capture  Time and peak memory of capturing the attention rows of S selected head
          /proc/self/clear_refs), then makes the measured call and reads VmHWM. Peak = VmHWM -
          VmRSS just before the call: every byte the call touched (torch, numpy, C++
          buffers, its output), no sampling. On CUDA: torch.cuda.max_memory_allocated delta.
-cache    Bytes of teacher cache per replayed sample at Llama-2-7B shapes, analytically from
-         the storage formats (no allocation).
+cache    Bytes of teacher cache per replayed sample at Llama-2-7B shapes (and with Llama-3's
+         128256-token vocabulary), analytically from the storage formats (no allocation):
+         dense, TopK with int32 indices (in memory), TopK with packed indices (on disk:
+         int16, plus bit-packed high bits above 65536), and the sampled teacher.
 quality  On a tiny Llama (transformers, eager attention) trained briefly on made-up data:
          capture the teacher (attention rows of selected heads for a query budget, and
          logits), train on a second made-up task, then compare the attention-KL and the
          logits distillation loss with the dense teacher against TopK teachers per k:
          relative error of the value and cosine of the gradient w.r.t. all parameters.
+         Sampled teachers (sk.SampledTeacher, priority sampling) at the same bytes as each
+         TopK (k + 1 slots: no lse), over --q-draws seeds: per-draw error and cosine, and
+         the cosine of the draws' mean gradient (the bias: -> 1 for an unbiased teacher).
 
 Writes teacher_capture.csv, teacher_cache_bytes.csv, teacher_topk_quality.csv and
 teacher.png into --out (default ./bench-out/; the committed numbers: --out
 benchmarks/results) and prints the numbers and ratios. ``--quick``: L = 128 for capture and a
-tiny quality run (L = 64, vocabulary 256, a few steps, one k each) - seconds.
+tiny quality run (L = 64, vocabulary 256, a few steps, one k each, two sampled draws) -
+seconds.
 """
 from __future__ import annotations
 
@@ -193,12 +199,16 @@ def cache_rows(layers=32, heads=32, sel_heads=128, L=1024, vocab=32000, queries=
     config) + full-vocabulary logits of every position as returned by transformers 4.31's
     LlamaForCausalLM (upcast to fp32) + int64 query positions.
     dense bf16: the same rows and logits in bf16, int32 query positions.
-    topk: per row k bf16 values + k int32 indices (TopK in memory) + one fp32 (attention:
-    row mass, logits: lse), int32 query positions.
-    topk idx16: the same with indices stored as int16 on disk (L = 1024 and V = 32000 both
-    fit below 2**15), widened to int32 at load.
+    topk int32: per row k bf16 values + k int32 indices (TopK in memory) + one fp32
+    (attention: row mass, logits: lse), int32 query positions.
+    topk packed: the same with indices as TeacherCache / ReplayMemory store them
+    (ops.topk.pack_indices: int16, plus bit-packed high bits when the size exceeds 65536:
+    2.125 bytes at V = 128256 and k = 256).
+    sampled: attention as topk packed; logits a SampledTeacher of k + 1 slots (bf16
+    weights + packed indices, no lse): the same bytes as the TopK of k logits.
     (``layers`` and ``heads`` only set how many heads exist; the caches hold sel_heads.)
     """
+    from seekr_kernels.ops.topk import packed_nbytes
     assert sel_heads <= layers * heads
     out = []
     for Qb in queries:
@@ -214,29 +224,33 @@ def cache_rows(layers=32, heads=32, sel_heads=128, L=1024, vocab=32000, queries=
         out.append({**base, "format": "dense bf16", "k_attn": "", "k_logits": "",
                     "attn_bytes": den_a, "logits_bytes": den_l, "total_bytes": den,
                     "x_smaller": round(ref / den, 2)})
-        for fmt, ib in (("topk", 4), ("topk idx16", 2)):
-            if ib == 2 and max(L, vocab) > 2 ** 15:
-                continue
+        for fmt in ("topk int32", "topk packed", "sampled"):
             for ka, kl in ((ka, kl) for ka in k_attn for kl in k_logits):
-                ta = arows * (ka * (2 + ib) + 4)
-                tlg = lrows * (kl * (2 + ib) + 4)
-                tot = ta + tlg + den_q
-                out.append({**base, "format": fmt, "k_attn": ka, "k_logits": kl, "attn_bytes": ta,
-                            "logits_bytes": tlg, "total_bytes": tot, "x_smaller": round(ref / tot, 2)})
+                ia = 4 if fmt == "topk int32" else packed_nbytes(ka, L)
+                ta = arows * (ka * (2 + ia) + 4)
+                if fmt == "sampled":
+                    tlg = lrows * (kl + 1) * (2 + packed_nbytes(kl + 1, vocab))
+                else:
+                    il = 4 if fmt == "topk int32" else packed_nbytes(kl, vocab)
+                    tlg = lrows * (kl * (2 + il) + 4)
+                tot = int(ta + tlg + den_q)
+                out.append({**base, "format": fmt, "k_attn": ka, "k_logits": kl, "attn_bytes": int(ta),
+                            "logits_bytes": int(tlg), "total_bytes": tot, "x_smaller": round(ref / tot, 2)})
     return out
 
 
 def run_cache(args):
-    rows = cache_rows()
-    print("\n== teacher cache bytes per replayed sample, Llama-2-7B (32 layers x 32 heads, "
-          "128 selected heads, L=1024, vocab 32000) ==")
-    ref = {r["Q"]: r["total_bytes"] for r in rows if r["format"] == "reference"}
-    for r in rows:
-        ks = f"k_attn={r['k_attn']:>3} k_logits={r['k_logits']:>3}" if r["k_attn"] != "" else " " * 25
-        vs = ("" if r["format"] == "reference" else
-              f"  {common.ratio(r['total_bytes'], ref[r['Q']], 'size', 1)} than reference")
-        print(f"  Q={r['Q']:5d} {r['format']:10s} {ks}  attention {r['attn_bytes'] / 2**20:8.2f} MiB  "
-              f"logits {r['logits_bytes'] / 2**20:8.2f} MiB  total {r['total_bytes'] / 2**20:8.2f} MiB{vs}")
+    rows = []
+    for vocab, name in ((32000, "Llama-2-7B"), (128256, "Llama-2-7B shapes with Llama-3's vocabulary")):
+        part = cache_rows(vocab=vocab)
+        rows += part
+        print(f"\n== teacher cache bytes per replayed sample, {name} (32 layers x 32 heads, "
+              f"128 selected heads, L=1024, vocab {vocab}) ==")
+        for r in part:
+            ks = f"k_attn={r['k_attn']:>3} k_logits={r['k_logits']:>3}" if r["k_attn"] != "" else " " * 25
+            print(f"  Q={r['Q']:5d} {r['format']:11s} {ks}  attention {r['attn_bytes'] / 2**20:8.2f} MiB  "
+                  f"logits {r['logits_bytes'] / 2**20:8.2f} MiB  total {r['total_bytes'] / 2**20:8.2f} MiB  "
+                  f"{r['x_smaller']:7.1f}x smaller than reference")
     _write_csv(args.out_dir, "teacher_cache_bytes.csv", rows)
     return rows
 
@@ -404,8 +418,8 @@ def run_quality(args):
         g_dense_a = grads_of(dense_a)
         dense_l = student_losses(None, tlogits, logit_fn=_local_logits_loss)["logits"]
         g_dense_l = grads_of(dense_l)
-        print(f"  student after {drift} steps of task B: dense attention-KL {float(dense_a):.5f}, "
-              f"dense logits loss {float(dense_l):.5f}")
+        print(f"  student after {drift} steps of task B: dense attention-KL {float(dense_a.detach()):.5f}, "
+              f"dense logits loss {float(dense_l.detach()):.5f}")
 
         def record(what, variant, k, mode, loss, g, dense, g_dense, extra=None):
             rel = abs(float(loss) - float(dense)) / max(abs(float(dense)), 1e-30)
@@ -415,7 +429,8 @@ def run_quality(args):
             if extra:
                 r.update(extra)
             rows.append(r)
-            dm = f"  dropped mass {extra['dropped_mass']:.4f}" if extra else ""
+            dm = f"  dropped mass {extra['dropped_mass']:.4f}" if extra and "dropped_mass" in extra else ""
+            dm += f"  draw {extra['draw']}" if extra and "draw" in extra else ""
             print(f"    {what:6s} {variant:10s} k={str(k):>4} {mode or '':22s} value {float(loss):.5f} "
                   f"rel.err {rel * 100:7.3f}%  grad cos {cos:.5f}{dm}")
 
@@ -440,6 +455,17 @@ def run_quality(args):
                 ll = student_losses(None, tk, logit_fn=fn)["logits"]
                 record("logits", "topk bf16", k, name, ll, grads_of(ll), dense_l, g_dense_l,
                        {"dropped_mass": dropped})
+            # Sampled teacher at the same bytes (k + 1 slots of bf16 weight + index, no lse),
+            # one row per draw, then the mean over draws (value and gradient).
+            gsum, vsum = 0, 0.0
+            for d in range(args.q_draws):
+                st = sk.SampledTeacher.from_dense(tlogits, min(k + 1, V), seed=d, dtype=torch.bfloat16)
+                ll = student_losses(None, st, logit_fn=logit_fns[0][1])["logits"]
+                g = grads_of(ll)
+                gsum, vsum = gsum + g, vsum + float(ll)
+                record("logits", "sampled bf16", k, "sk.logits_kl", ll, g, dense_l, g_dense_l, {"draw": d})
+            record("logits", "sampled bf16 mean", k, "sk.logits_kl", vsum / args.q_draws, gsum / args.q_draws,
+                   dense_l, g_dense_l, {"draw": f"mean of {args.q_draws}"})
     _write_csv(args.out_dir, "teacher_topk_quality.csv", rows)
     return rows
 
@@ -468,15 +494,29 @@ def summarize(capture, cache, quality, rel_max=0.05, cos_min=0.99):
             print(f"  {what} ({mode}): smallest k with rel.err < {rel_max:.0%} and grad cos > {cos_min} at every "
                   f"drift level: {best[what] if ks else 'none of the k tried'}")
         _ = last
+    if quality:
+        for k in sorted({r["k"] for r in quality if r["teacher"] == "sampled bf16"}):
+            for drift in sorted({r["drift_steps"] for r in quality}):
+                tk = next((r for r in quality if r["teacher"] == "topk bf16" and r["mode"] == "sk.logits_kl"
+                           and r["k"] == k and r["drift_steps"] == drift), None)
+                sd = [r for r in quality if r["teacher"] == "sampled bf16" and r["k"] == k
+                      and r["drift_steps"] == drift]
+                mean = next((r for r in quality if r["teacher"] == "sampled bf16 mean" and r["k"] == k
+                             and r["drift_steps"] == drift), None)
+                if tk and sd and mean:
+                    print(f"  logits at equal bytes, k={k}, drift {drift}: TopK rel.err {tk['rel_err']:.2%} cos "
+                          f"{tk['grad_cos']:.4f}; sampled (one draw, mean of {len(sd)}) rel.err "
+                          f"{statistics.mean(r['rel_err'] for r in sd):.2%} cos "
+                          f"{statistics.mean(r['grad_cos'] for r in sd):.4f}; mean of the draws: rel.err "
+                          f"{mean['rel_err']:.2%} cos {mean['grad_cos']:.4f}")
     if cache:
         for Q in sorted({r["Q"] for r in cache}):
             ref = next((r["total_bytes"] for r in cache if r["Q"] == Q and r["format"] == "reference"), None)
             for r in cache:
-                if r["Q"] == Q and r["format"].startswith("topk") and ref and (
+                if r["Q"] == Q and r["format"] != "reference" and r["format"] != "dense bf16" and (
                         r["k_attn"] == best.get("attn") and r["k_logits"] == best.get("logits")):
-                    print(f"  cache Q={Q}: {r['format']} k_attn={r['k_attn']} k_logits={r['k_logits']}: "
-                          f"{r['total_bytes'] / 2**20:.2f} MiB/sample, "
-                          f"{common.ratio(r['total_bytes'], ref, 'size', 1)} than the reference")
+                    print(f"  cache V={r['vocab']} Q={Q}: {r['format']} k_attn={r['k_attn']} k_logits={r['k_logits']}: "
+                          f"{r['total_bytes'] / 2**20:.2f} MiB/sample, {r['x_smaller']:.1f}x smaller than the reference")
 
 
 def plot(out, capture, cache, quality):
@@ -497,8 +537,8 @@ def plot(out, capture, cache, quality):
     if cache:
         # Reference, dense bf16 and the matched (k_attn, k_logits) pairs, per query budget.
         pairs = {(8, 16), (32, 64), (128, 256)}
-        sel = [r for r in cache if r["format"] in ("reference", "dense bf16")
-               or (r["k_attn"], r["k_logits"]) in pairs]
+        sel = [r for r in cache if r["vocab"] == 32000 and (r["format"] in ("reference", "dense bf16")
+                                                            or (r["k_attn"], r["k_logits"]) in pairs)]
         names = list(dict.fromkeys(
             r["format"] + (f" {r['k_attn']}/{r['k_logits']}" if r["k_attn"] != "" else "") for r in sel))
         qs = sorted({r["Q"] for r in sel})
@@ -529,9 +569,18 @@ def plot(out, capture, cache, quality):
                            label=f"{what} {mode} rel.err %")
                 ax[2].plot([r["k"] for r in rs], [(1 - r["grad_cos"]) * 100 for r in rs], style, alpha=0.4,
                            label=f"{what} {mode} (1-cos)x100")
+        for teacher, style in (("sampled bf16", "P-"), ("sampled bf16 mean", "*-")):
+            ks = sorted({r["k"] for r in quality if r["teacher"] == teacher and r["drift_steps"] == last})
+            if ks:
+                agg = [[r for r in quality if r["teacher"] == teacher and r["k"] == k and r["drift_steps"] == last]
+                       for k in ks]
+                ax[2].plot(ks, [statistics.mean(r["rel_err"] for r in a) * 100 for a in agg], style,
+                           label=f"logits {teacher} rel.err %")
+                ax[2].plot(ks, [statistics.mean(1 - r["grad_cos"] for r in a) * 100 for a in agg], style,
+                           alpha=0.4, label=f"logits {teacher} (1-cos)x100")
         ax[2].set_xscale("log", base=2)
         ax[2].set_yscale("log")
-        ax[2].set_xlabel("k")
+        ax[2].set_xlabel("k (sampled: k + 1 slots, same bytes)")
         ax[2].set_title(f"TopK quality (student after {last} steps)")
         ax[2].legend(fontsize=6)
     fig.tight_layout()
@@ -542,7 +591,7 @@ def plot(out, capture, cache, quality):
 
 # --quick: seconds, not minutes; every section still runs end to end.
 QUICK = dict(lengths=[128], reps=1, q_len=64, q_vocab=256, q_batch=2, q_queries=16, q_steps_a=5,
-             q_drift=[2], q_k_attn=[8], q_k_logits=[16])
+             q_drift=[2], q_k_attn=[8], q_k_logits=[16], q_draws=2)
 
 
 def main():
@@ -566,6 +615,7 @@ def main():
     p.add_argument("--q-drift", type=int, nargs="+", default=[10, 100])
     p.add_argument("--q-k-attn", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--q-k-logits", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--q-draws", type=int, default=8, help="sampled-teacher draws per k")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     p.add_argument("--replot", action="store_true",

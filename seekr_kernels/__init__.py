@@ -9,7 +9,8 @@ from .ops.attention_kl import AttentionKLLoss, attention_kl
 from .ops.attention_probs import attention_probs
 from .ops.attention_sqdiff import attention_sqdiff
 from .ops.logits_kl import LogitsKLLoss, logits_kl
-from .ops.topk import TopK
+from .ops.linear_logits_kl import LinearLogitsKLLoss, linear_logits_kl
+from .ops.topk import SampledTeacher, TopK
 from .cache import TeacherCache, TeacherCacheError
 # Model integration
 from .llama import capture_attention, distill_attention, observe_attention, patch_llama, unpatch_llama
@@ -26,7 +27,7 @@ from ._version import __version__
 
 __all__ = [
     "attention_kl", "AttentionKLLoss", "attention_probs", "attention_sqdiff", "logits_kl",
-    "LogitsKLLoss", "TopK", "TeacherCache", "TeacherCacheError",
+    "LogitsKLLoss", "linear_logits_kl", "LinearLogitsKLLoss", "TopK", "SampledTeacher", "TeacherCache", "TeacherCacheError",
     "patch_llama", "unpatch_llama", "distill_attention", "capture_attention", "observe_attention",
     "measure_sensitivity", "measure_forgettability", "sensitivity_loss", "Importance",
     "select_heads", "batch_heads", "ReplayMemory", "ReplaySample", "ReplayTask", "ReplayDataset",

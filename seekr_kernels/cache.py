@@ -10,17 +10,23 @@ One cache is one ``.safetensors`` file. Its tensors:
 ``heads.<layer>``                  int heads of that layer, [S] or [B, S] (-1 = empty)
 ``queries``                        int query positions [B, Q] (absent = all rows)
 ``logits.dense``                   dense teacher logits [N, L, V]
-``logits.values`` / ``.indices``   TopK (kind "logits") with the rows' ``lse``
-``logits.lse``
+``logits.values`` / ``.indices``   TopK (kind "logits") with the rows' ``lse``, or a
+``logits.lse``                     SampledTeacher (kind "sampled": values = weights)
 ``extra.<name>``                   any caller tensors (input ids, labels, masks, ...)
 =================================  ==================================================
+
+Indices of TopK / sampled rows (version 3) are stored packed
+(:func:`~seekr_kernels.ops.topk.pack_indices`): ``<base>.indices16`` (int16, the low 16
+bits) and, when the full size exceeds 65536, ``<base>.indices_hi`` (uint8, the high bits
+bit-packed), instead of versions 1-2's int32 ``<base>.indices``; they are int32 again in
+memory after loading. Files of versions 1 and 2 still load (a re-save writes version 3).
 
 and one metadata entry, ``seekr_teacher_cache``, a JSON header kept inside the
 safetensors header (so a cache is a single file that cannot lose its sidecar)::
 
-    {"format": "seekr-teacher-cache", "version": 2,
+    {"format": "seekr-teacher-cache", "version": 3,
      "attention": {"<layer>": {"kind": "dense"|"topk", "full_size": L, "k": k}},
-     "logits": null | {"kind": "dense"|"topk", "full_size": V, "k": k},
+     "logits": null | {"kind": "dense"|"topk"|"sampled", "full_size": V, "k": k},
      "tensors": {"<name>": {"dtype": "bfloat16", "shape": [...], "sha256": "..."}},
      "meta": {...caller JSON...},
      "header_sha256": "..."}
@@ -34,7 +40,8 @@ everything else, so an edited ``meta``, ``full_size`` or layer list is refused t
 every tensor must be listed in the header with the recorded dtype and shape, its bytes
 must match the recorded SHA-256, and the shapes must agree with the header's sizes. Any
 failure raises :class:`TeacherCacheError` naming the file; nothing is returned
-half-checked. Version 1 files (no header checksum) are refused: re-capture the teacher.
+half-checked. Version 1 files have no header checksum: they load with the structural
+checks and the per-tensor checksums only (load and save one to add it).
 """
 from __future__ import annotations
 
@@ -46,11 +53,14 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from .ops.topk import TopK
+from .ops.topk import SampledTeacher, TopK, pack_indices, unpack_indices
 from .utils.io import atomic_path, clean_leftovers
 
 FORMAT = "seekr-teacher-cache"
-VERSION = 2
+#: 3: packed indices and sampled teachers; 2: the JSON header checksummed; 1: the first.
+VERSION = 3
+#: Versions this build reads (see the module docstring for what a version-1 file lacks).
+READ_VERSIONS = (1, 2, 3)
 _META_KEY = "seekr_teacher_cache"
 
 Rows = Union[torch.Tensor, TopK]
@@ -126,7 +136,8 @@ class TeacherCache:
     Args:
         attention: ``{layer: rows}``, rows dense [B, S, Q, L] (any float dtype) or a
             ``TopK`` of kind ``"probs"`` standing for them.
-        logits: teacher logits [N, L, V] (dense) or a ``TopK`` of kind ``"logits"``; or None.
+        logits: teacher logits [N, L, V] (dense), a ``TopK`` of kind ``"logits"`` or a
+            :class:`~seekr_kernels.SampledTeacher`; or None.
         heads: ``{layer: heads}`` int [S] or [B, S] (-1 = empty slot); when given, one per
             attention layer, S matching the rows.
         queries: int [B, Q] query positions of the rows, or None (= all L rows).
@@ -199,8 +210,8 @@ class TeacherCache:
         lg = self.logits
         if lg is not None:
             if isinstance(lg, TopK):
-                if lg.kind != "logits":
-                    _fail("logits", f"a TopK of logits must be of kind 'logits', got {lg.kind!r}")
+                if lg.kind not in ("logits", "sampled"):
+                    _fail("logits", f"a TopK of logits must be of kind 'logits' or 'sampled', got {lg.kind!r}")
             elif isinstance(lg, torch.Tensor):
                 if not lg.dtype.is_floating_point:
                     _fail("logits", f"expected floating-point logits, got {lg.dtype}", TypeError)
@@ -256,11 +267,17 @@ class TeacherCache:
                 seen.add(t.data_ptr())
             tensors[name] = t
 
+        def put_indices(base, tk):
+            packed = pack_indices(tk.indices, tk.full_size)
+            put(f"{base}.indices16", packed["lo"])
+            if "hi" in packed:
+                put(f"{base}.indices_hi", packed["hi"])
+
         for layer, rows in self.attention.items():
             base = f"attention.{layer}"
             if isinstance(rows, TopK):
                 put(f"{base}.values", rows.values)
-                put(f"{base}.indices", rows.indices)
+                put_indices(base, rows)
                 if rows.mass is not None:
                     put(f"{base}.mass", rows.mass)
                 att[str(layer)] = {"kind": "topk", "full_size": rows.full_size, "k": rows.k}
@@ -274,9 +291,12 @@ class TeacherCache:
         lg = self.logits
         if isinstance(lg, TopK):
             put("logits.values", lg.values)
-            put("logits.indices", lg.indices)
-            put("logits.lse", lg.lse)
-            logits = {"kind": "topk", "full_size": lg.full_size, "k": lg.k}
+            put_indices("logits", lg)
+            if lg.kind == "sampled":
+                logits = {"kind": "sampled", "full_size": lg.full_size, "k": lg.k}
+            else:
+                put("logits.lse", lg.lse)
+                logits = {"kind": "topk", "full_size": lg.full_size, "k": lg.k}
         elif lg is not None:
             put("logits.dense", lg)
             logits = {"kind": "dense", "full_size": lg.shape[-1]}
@@ -331,10 +351,12 @@ class TeacherCache:
                     raise bad(f"corrupt header ({e})") from None
                 if not isinstance(header, dict) or header.get("format") != FORMAT:
                     raise bad(f"not a seekr teacher cache (format {header.get('format') if isinstance(header, dict) else None!r})")
-                if header.get("version") != VERSION:
+                if type(header.get("version")) is not int or header["version"] not in READ_VERSIONS:
                     raise bad(f"format version {header.get('version')!r} is not supported "
-                              f"(this build reads version {VERSION})")
-                if header.get("header_sha256") != _header_digest(header):
+                              f"(this build reads versions {list(READ_VERSIONS)})")
+                # Version 1 predates the header checksum: its header is held to the
+                # structural checks and the tensors to their own checksums only.
+                if header["version"] >= 2 and header.get("header_sha256") != _header_digest(header):
                     raise bad("header checksum mismatch (the JSON header was edited or is corrupt)")
                 try:
                     _check_header(header)
@@ -377,6 +399,12 @@ class TeacherCache:
             used.add(n)
             return tensors[n]
 
+        def indices(base, full_size):
+            if header["version"] < 3:            # int32 indices before packing
+                return take(f"{base}.indices")
+            hi = take(f"{base}.indices_hi") if f"{base}.indices_hi" in tensors else None
+            return unpack_indices(take(f"{base}.indices16"), hi, full_size)
+
         attention = {}
         for layer_s, info in header["attention"].items():
             layer, base = int(layer_s), f"attention.{layer_s}"
@@ -385,8 +413,8 @@ class TeacherCache:
                 _same_size(f"attention layer {layer}", info, attention[layer].shape[-1], None)
             elif info["kind"] == "topk":
                 mass = take(f"{base}.mass") if f"{base}.mass" in tensors else None
-                attention[layer] = TopK(take(f"{base}.values"), take(f"{base}.indices"),
-                                        int(info["full_size"]), "probs", mass=mass)
+                fs = int(info["full_size"])
+                attention[layer] = TopK(take(f"{base}.values"), indices(base, fs), fs, "probs", mass=mass)
                 _same_size(f"attention layer {layer}", info, None, attention[layer].k)
             else:
                 raise ValueError(f"attention layer {layer}: unknown kind {info['kind']!r}")
@@ -399,8 +427,12 @@ class TeacherCache:
                 logits = take("logits.dense")
                 _same_size("logits", info, logits.shape[-1], None)
             elif info["kind"] == "topk":
-                logits = TopK(take("logits.values"), take("logits.indices"), int(info["full_size"]),
-                              "logits", lse=take("logits.lse"))
+                fs = int(info["full_size"])
+                logits = TopK(take("logits.values"), indices("logits", fs), fs, "logits", lse=take("logits.lse"))
+                _same_size("logits", info, None, logits.k)
+            elif info["kind"] == "sampled" and header["version"] >= 3:
+                fs = int(info["full_size"])
+                logits = SampledTeacher(take("logits.values"), indices("logits", fs), fs, "sampled")
                 _same_size("logits", info, None, logits.k)
             else:
                 raise ValueError(f"logits: unknown kind {info['kind']!r}")

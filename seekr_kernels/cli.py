@@ -1,12 +1,15 @@
 """The ``seekr`` command: continual fine-tuning runs, evaluation and the built-in demo.
 
     seekr demo [--out DIR] [--quick] [--seeds N]   four methods on a built-in task stream, N seeds
-    seekr train --config run.yaml [--set train.lr=1e-4 ...]
+    seekr train --config run.yaml [--set train.lr=1e-4 ...] [--resume | --resume-from CKPT | --overwrite]
     seekr eval --model DIR --task PATH [--task PATH ...] [--split test] [--metric NAME]
-    seekr eval --run OUTPUT_DIR               the last checkpoint of a run on its tasks
+    seekr eval --run OUTPUT_DIR [--matrix]    a run's last model on its tasks, with its settings
+                                              (--matrix: the whole matrix from per-task checkpoints)
     seekr --version                           package, torch and which backends are built
 
-Also runnable as ``python -m seekr_kernels``.
+Also runnable as ``python -m seekr_kernels``. An expected error (config, data, run state,
+files, a missing package) prints one line naming the key, file or path and exits 2;
+``seekr --debug ...`` shows the traceback too.
 """
 from __future__ import annotations
 
@@ -25,10 +28,11 @@ def _parse_value(text: str):
 
 
 def _overrides(pairs):
+    from .continual.config import ConfigError
     out = {}
     for p in pairs or []:
         if "=" not in p:
-            raise SystemExit(f"seekr: --set expects KEY=VALUE, got {p!r}")
+            raise ConfigError(f"--set: expected KEY=VALUE, got {p!r}")
         k, v = p.split("=", 1)
         out[k.strip()] = _parse_value(v)
     return out
@@ -57,83 +61,120 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     from .continual import metrics as M
-    from .continual.config import load_config
+    from .continual.config import ConfigError, load_config
     from .continual.trainer import ContinualTrainer
+    if not os.path.isfile(args.config):
+        raise ConfigError(f"--config: {args.config}: no such file")
     ov = _overrides(args.set)
-    if args.output_dir:
-        ov["output_dir"] = args.output_dir
+    if args.output_dir:      # a command-line path: relative to the working directory
+        ov["output_dir"] = os.path.abspath(args.output_dir)
     if args.method:
         ov["method"] = args.method
     cfg = load_config(args.config, ov)
     trainer = ContinualTrainer(cfg)
-    res = trainer.run()
-    if trainer.dist.main:
-        if res.get("complete"):
-            print(M.format_table({cfg.method: res}))
-        print(f"results: {os.path.join(cfg.output_dir, 'results.json')}")
-    trainer.dist.close()
+    try:
+        res = trainer.run(resume=args.resume_from or args.resume, overwrite=args.overwrite,
+                          allow_config_change=args.allow_config_change)
+        if trainer.dist.main:
+            if res.get("complete"):
+                print(M.format_table({cfg.method: res}))
+            print(f"results: {os.path.join(cfg.output_dir, 'results.json')}")
+    finally:
+        trainer.dist.close()
     return 0
 
 
-def cmd_eval(args) -> int:
-    import torch
+#: --flags -> EvalSettings fields, and GenerationOptions fields (flags left unset keep the
+#: run's value, or the default).
+_EVAL_FLAGS = ("split", "batch_size", "max_prompt_len", "max_answer_len", "max_new_tokens", "max_samples")
+_GENERATION_FLAGS = ("do_sample", "temperature", "top_p", "top_k", "num_repeats", "seed")
 
-    from .continual.config import ConfigError, ModelConfig
-    from .continual.data import load_task, load_tokenizer
-    from .continual.evaluate import GenerationOptions, evaluate_examples, get_metric, resolve_metric_name
-    from .continual.metrics import write_json
-    from .continual.trainer import build_model
 
-    tasks_paths = list(args.task or [])
-    metrics, names = {}, {}
-    model_dir = args.model
-    if args.run:
-        with open(os.path.join(args.run, "state.json"), encoding="utf-8") as f:
-            st = json.load(f)
-        model_dir = model_dir or os.path.join(args.run, st["checkpoint"])
-        if not tasks_paths:
-            # The run's own task names and metrics (auto already resolved when it started).
-            for ts in st["config"]["tasks"]:
-                tasks_paths.append(ts["path"])
-                names[ts["path"]] = ts.get("name")
-                metrics[ts["path"]] = ts.get("metric", "exact_match")
-    if not model_dir:
-        raise SystemExit("seekr eval: give --model DIR or --run OUTPUT_DIR")
-    if not tasks_paths:
-        raise SystemExit("seekr eval: give at least one --task PATH (or --run OUTPUT_DIR)")
+def _eval_settings(args, cfg):
+    import dataclasses
+
+    from .continual.config import ConfigError
+    from .continual.runeval import EvalSettings
+    s = EvalSettings.from_run(cfg) if cfg is not None else EvalSettings()
+    for f in _EVAL_FLAGS:
+        v = getattr(args, f, None)
+        if v is not None:
+            if f != "split" and v < 1:
+                raise ConfigError(f"--{f.replace('_', '-')}: must be > 0, got {v}")
+            s = dataclasses.replace(s, **{f: v})
+    gen = {f: getattr(args, f) for f in _GENERATION_FLAGS if getattr(args, f, None) is not None}
     try:
-        gen = GenerationOptions(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, num_repeats=args.num_repeats, seed=args.seed)
+        return dataclasses.replace(s, generation=dataclasses.replace(s.generation, **gen))
     except ValueError as e:   # "top_p: must ..." -> "--top-p: must ..."
         key, _, msg = str(e).partition(":")
         raise ConfigError(f"--{key.replace('_', '-')}:{msg}") from None
-    tasks = []
-    for p in tasks_paths:
-        task = load_task(p, name=names.get(p))
-        task.metric = resolve_metric_name(args.metric or metrics.get(p, "auto"), task.name)
-        try:
-            get_metric(task.metric)
-        except (ValueError, ImportError) as e:
-            raise ConfigError(f"{'--metric' if args.metric else task.name}: {e}") from None
-        tasks.append(task)
-    tok = load_tokenizer(args.tokenizer or model_dir)
-    model = build_model(ModelConfig(path=model_dir), tok)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
+
+
+def cmd_eval(args) -> int:
+    from .continual import metrics as M
+    from .continual.config import ConfigError, ModelConfig
+    from .continual.data import load_task, load_tokenizer
+    from .continual.runeval import (checked_metric, evaluate_tasks, final_checkpoint, load_checkpoint_model,
+                                    load_run, rebuild_matrix, resolve_device, run_tasks, _has_tokenizer)
+
+    if args.matrix and not args.run:
+        raise ConfigError("--matrix: needs --run OUTPUT_DIR (it evaluates the run's per-task checkpoints)")
+    if args.matrix and (args.model or args.task):
+        raise ConfigError("--matrix: evaluates the run's checkpoints on the run's tasks; drop --model and --task")
+    st = cfg = None
+    if args.run:
+        st, cfg = load_run(args.run)
+    settings = _eval_settings(args, cfg)
+    device = resolve_device(args.device)
+
+    if args.matrix:
+        def row(t, tasks, scores):
+            print(f"after {tasks[t].name:<20} " + "  ".join(f"{tk.name}={v:.4f}" for tk, v in zip(tasks, scores)),
+                  flush=True)
+        res = rebuild_matrix(args.run, settings, device, progress=row)
+        out = args.out or os.path.join(args.run, "eval-matrix.json")
+        import dataclasses
+        M.write_json(out, {**res, "run": os.path.abspath(args.run), "settings": dataclasses.asdict(settings)})
+        png = os.path.splitext(out)[0] + ".png"
+        M.plot_heatmap(res["matrix"], png, res["tasks"], title=f"{res['method']} (rebuilt from checkpoints)")
+        if res["complete"]:
+            print(M.format_table({res["method"]: res}))
+        else:
+            print(f"partial run: {sum(r[0] is not None for r in res['matrix'])} of {len(res['tasks'])} tasks "
+                  "(no OP/BWT)")
+        print(f"results: {out}\nheatmap: {png}")
+        return 0
+
+    model_dir = args.model or (final_checkpoint(args.run, st) if args.run else None)
+    if not model_dir:
+        raise ConfigError("--model: give --model DIR or --run OUTPUT_DIR")
+    if args.task:
+        tasks = []
+        for p in args.task:
+            task = load_task(p)
+            task.metric = checked_metric(args.metric or "auto", task.name, "--metric" if args.metric else task.name)
+            tasks.append(task)
+    elif cfg is not None:
+        tasks = run_tasks(cfg)
+        if args.metric:
+            for t in tasks:
+                t.metric = checked_metric(args.metric, t.name, "--metric")
+    else:
+        raise ConfigError("--task: give at least one --task PATH (or --run OUTPUT_DIR)")
+    tok = None
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+    elif cfg is None and not _has_tokenizer(model_dir):
+        raise ConfigError(f"--tokenizer: {model_dir} holds no tokenizer; give --tokenizer DIR")
+    model, tok = load_checkpoint_model(model_dir, cfg.model if cfg is not None else ModelConfig(), tokenizer=tok,
+                                       seed=cfg.seed if cfg is not None else 0, device=device)
     out = {}
-    for task in tasks:
-        exs = task.split(args.split) or task.eval or task.test or task.train
-        if args.max_samples:
-            exs = exs[: args.max_samples]
-        r = evaluate_examples(model, tok, exs, metric=task.metric, max_prompt_len=args.max_prompt_len,
-                              max_answer_len=args.max_answer_len, batch_size=args.batch_size,
-                              max_new_tokens=args.max_new_tokens, device=device, keep_predictions=3,
-                              generation=gen)
+    for task, r in zip(tasks, evaluate_tasks(model, tok, tasks, settings, device, keep_predictions=3)):
         out[task.name] = {"metric": task.metric, "score": r["score"], "scores": r["scores"],
                           "loglik": r["loglik"], "n": r["n"]}
         print(f"{task.name:<20} {task.metric}={r['score']:.4f}  loglik={r['loglik']:.4f}  (n={r['n']})")
     if args.out:
-        write_json(args.out, {"model": model_dir, "split": args.split, "tasks": out})
+        M.write_json(args.out, {"model": os.path.abspath(model_dir), "split": settings.split, "tasks": out})
     return 0
 
 
@@ -180,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                "with four methods (sft, replay 1%, replay 10%, SEEKR 1%).")
     p.add_argument("--version", action=_VersionAction,
                    help="print the package and torch versions and which backends are built, then exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its line")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run the built-in demo (four methods, three seeds; about 5 minutes on 2 idle "
@@ -201,63 +243,131 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per process (default 1; 0 = torch's default)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train", help="train a task stream from a YAML config (resumes an existing output_dir)",
+    t = sub.add_parser("train", help="train a task stream from a YAML config (--resume continues a run)",
                        description="Continual fine-tuning from a YAML config; see "
                                    "seekr_kernels/continual/config.py for every key. Under torchrun it "
                                    "trains with DDP (or FSDP2 with distributed.strategy: fsdp).")
     t.add_argument("--config", required=True, help="YAML config file")
-    t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.lr=1e-4")
-    t.add_argument("--output-dir", help="override output_dir")
+    t.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override config keys as if written in the file, e.g. train.lr=1e-4, "
+                   "tasks.0.epochs=2 or tasks[0].epochs=2")
+    t.add_argument("--output-dir", help="override output_dir (relative to the working directory)")
     t.add_argument("--method", choices=["sft", "replay", "replay+logits", "seekr"], help="override method")
+    r = t.add_mutually_exclusive_group()
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from its newest checkpoint (also mid-task; starts a "
+                        "run if there is none yet). Without --resume or --overwrite an output_dir that holds "
+                        "a run is refused")
+    r.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue from this checkpoint directory (e.g. an older one when the newest is damaged)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="delete the run in output_dir (only what a seekr run writes) and start over")
+    t.add_argument("--allow-config-change", nargs="+", default=(), metavar="KEY",
+                   help="with --resume: config keys or sections (train.lr, tasks, ...) that may differ from "
+                        "the run's; any other change is refused")
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a model (local HF directory) on tasks",
-                       description="Generation (greedy by default) scored by each task's metric, and "
-                                   "the answer's mean log-likelihood.")
+    e = sub.add_parser("eval", help="evaluate a model or a run (its last model, or its whole accuracy matrix)",
+                       description="Generation (greedy by default) scored by each task's metric, and the "
+                                   "answer's mean log-likelihood. With --run every setting (lengths, eval "
+                                   "section, generation options, metrics, tokenizer) is the run's; a flag "
+                                   "given here overrides it.")
     e.add_argument("--model", help="local Hugging Face model directory (e.g. a run's checkpoint)")
-    e.add_argument("--run", help="a `seekr train` output_dir: its last checkpoint and tasks")
+    e.add_argument("--run", help="a `seekr train` output_dir: its last checkpoint, tasks and settings")
+    e.add_argument("--matrix", action="store_true",
+                   help="with --run: rebuild the accuracy matrix from the per-task checkpoints (the model after "
+                        "task i on tasks 0..i; needs keep_checkpoints: all), print OP/BWT, write the results "
+                        "JSON (--out, default RUN/eval-matrix.json) and a heatmap PNG beside it")
     e.add_argument("--task", action="append", help="task directory (TRACE layout) or JSON-lines file; repeatable")
-    e.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    e.add_argument("--split", default="test", choices=["train", "eval", "test"])
+    e.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, else the run's)")
+    e.add_argument("--split", choices=["train", "eval", "test"], help="default: the run's eval.split, else test")
     e.add_argument("--metric", help="for every task: exact_match, contains, prefix, accuracy_extract, "
                    "accuracy_choice, rouge_l, edit_sim, sari, bleu1, bleu4, trace:TASK, auto or "
                    "module:function (default: the run's metric per task with --run, else auto: "
                    "TRACE's metric for a TRACE task name, exact_match otherwise)")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-prompt-len", type=int, default=512)
-    e.add_argument("--max-answer-len", type=int, default=512)
-    e.add_argument("--max-new-tokens", type=int, help="generation length (default: --max-answer-len)")
-    e.add_argument("--do-sample", action="store_true",
+    e.add_argument("--batch-size", type=int, help="default: the run's eval.batch_size, else 32")
+    e.add_argument("--max-prompt-len", type=int, help="default: the run's train.max_prompt_len, else 512")
+    e.add_argument("--max-answer-len", type=int, help="default: the run's train.max_answer_len, else 512")
+    e.add_argument("--max-new-tokens", type=int, help="generation length (default: the run's, else --max-answer-len)")
+    e.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
                    help="sample instead of greedy decoding (the published repeated inference: "
-                        "--do-sample --temperature 0.1 --num-repeats 2)")
-    e.add_argument("--temperature", type=float, default=1.0)
-    e.add_argument("--top-p", type=float, default=1.0)
-    e.add_argument("--top-k", type=int, default=50, help="0: off")
-    e.add_argument("--num-repeats", type=int, default=1, help="sampled answers per prompt; the mean is reported")
-    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+                        "--do-sample --temperature 0.1 --num-repeats 2); default: the run's")
+    e.add_argument("--temperature", type=float)
+    e.add_argument("--top-p", type=float)
+    e.add_argument("--top-k", type=int, help="0: off")
+    e.add_argument("--num-repeats", type=int, help="sampled answers per prompt; the mean is reported")
+    e.add_argument("--seed", type=int, help="sampling seed (default: the run's eval seed, else 0)")
     e.add_argument("--max-samples", type=int)
     e.add_argument("--device", default="auto")
     e.add_argument("--out", help="write the scores as JSON here")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_eval)
     return p
 
 
+def expected_errors() -> tuple:
+    """Exceptions the command reports as one line (exit 2) instead of a traceback: bad
+    config, data, run state or files, and a missing optional package."""
+    from .cache import TeacherCacheError
+    from .continual.checkpoint import CheckpointError, ResumeError
+    from .continual.config import ConfigError
+    from .continual.data import DataError
+    from .continual.preflight import RunStateError
+    from .continual.replay import ReplayMemoryError
+    return (ConfigError, DataError, RunStateError, ReplayMemoryError, TeacherCacheError, CheckpointError,
+            ResumeError, OSError, ImportError)
+
+
+def one_line(e: BaseException) -> str:
+    """An error message on one line: the first line, the first detail after it, and how
+    many more there are (DataError lists every bad record)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    msg = lines[0]
+    if len(lines) > 1:
+        msg = f"{msg.rstrip(':')}: {lines[1]}"
+        if len(lines) > 2:
+            msg += f" (and {len(lines) - 2} more; --debug shows all)"
+    return msg
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # Run warnings name their key: print them as the command's own lines, not as source locations.
+    print(f"seekr: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
-    """Entry point of the ``seekr`` console script."""
+    """Entry point of the ``seekr`` console script: exit 0, or 2 with one line naming the
+    key, file or path for every expected error (``--debug``: the traceback too)."""
+    import warnings
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    from .continual.config import ConfigError
-    from .continual.data import DataError
-    try:
-        return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"seekr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    debug = getattr(args, "debug", False)
+    expected = expected_errors()
+    from .continual.preflight import RunWarning
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        def show(message, category, *a, **k):
+            if issubclass(category, (RunWarning, FutureWarning)):
+                return _show_warning(message, category, *a, **k)
+            return shown(message, category, *a, **k)
+        warnings.showwarning = show
+        try:
+            return args.func(args)
+        except expected as e:
+            if debug:
+                import traceback
+                traceback.print_exc()
+            print(f"seekr {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"seekr {args.command}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -293,3 +293,64 @@ def test_atomic_helpers(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a", "b.bin", "t.pt"]
     m = os.stat(tmp_path / "b.bin").st_mode & 0o777
     assert m == 0o666 & ~sio._umask()
+
+
+# ---------------------------------------------------------------- compact teachers (issue 13)
+LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy")
+
+
+@pytest.mark.parametrize("V", [11, 70000, 128256])
+def test_packed_indices_and_sampled_round_trip(tmp_path, V):
+    from safetensors import safe_open
+    g = torch.Generator().manual_seed(3)
+    lg = torch.randn(B, L, V, generator=g)
+    lg[..., -3:] += 6                                       # large indices among the kept ones
+    for teacher in (TopK.from_dense(lg, 4, kind="logits"), sk.SampledTeacher.from_dense(lg, 5, seed=2)):
+        c = TeacherCache({3: TopK.from_dense(rows(), 3)}, teacher.to(dtype=torch.bfloat16))
+        c.save(tmp_path / "c.safetensors")
+        with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+            names = set(f.keys())
+            assert f.get_tensor("logits.indices16").dtype == torch.int16
+            assert f.get_tensor("attention.3.indices16").dtype == torch.int16
+            idx_bytes = sum(f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in names
+                            if n.startswith("logits.indices"))
+            header = json.loads(f.metadata()[cache_mod._META_KEY])
+        assert header["version"] == cache_mod.VERSION == 3
+        assert "logits.indices" not in names and ("logits.indices_hi" in names) == (V > 65536)
+        assert header["logits"]["kind"] == ("sampled" if teacher.kind == "sampled" else "topk")
+        back = TeacherCache.load(tmp_path / "c.safetensors")
+        same(c.logits, back.logits)
+        same(c.attention[3], back.attention[3])
+        assert type(back.logits) is type(teacher)
+        k = teacher.k
+        assert idx_bytes == B * L * (2 * k + (-(-k // 8) if V > 65536 else 0))    # not 4 bytes an index
+
+
+@pytest.mark.parametrize("version, commit", [(1, "61b56de"), (2, "3575421")])
+def test_older_versions_still_load(version, commit):
+    """tests/data/legacy/cache_v1_* were written at 61b56de (version 1: int32 indices, no
+    header checksum), cache_v2_* at 3575421 (version 2: header checksum, int32 indices);
+    make_legacy.py there shows how. Their contents are recomputed here the same way."""
+    g = torch.Generator().manual_seed(0)
+    att = torch.softmax(torch.randn(2, 2, 3, 5, generator=g), -1)
+    lg = (torch.randn(2, 5, 40, generator=g) * 3).to(torch.bfloat16)
+    path = os.path.join(LEGACY, f"cache_v{version}_dense.safetensors")
+    header = json.loads(__import__("safetensors").safe_open(path, "pt").metadata()[cache_mod._META_KEY])
+    assert header["version"] == version and ("header_sha256" in header) == (version >= 2)
+    c = TeacherCache.load(path)
+    assert c.meta == {"written_by": commit} and c.layers == [1]
+    assert torch.equal(c.logits, lg)
+    same(c.attention[1], TopK.from_dense(att, 3))
+    assert torch.equal(c.extra["ids"], torch.arange(10).reshape(2, 5))
+    c = TeacherCache.load(os.path.join(LEGACY, f"cache_v{version}_topk.safetensors"))
+    same(c.logits, TopK.from_dense(lg, 6, kind="logits"))
+    assert torch.equal(c.attention[1], att.to(torch.bfloat16))
+    labels = torch.zeros(2, 5, dtype=torch.long)
+    s = torch.randn(2, 5, 40, generator=g)
+    torch.testing.assert_close(sk.logits_kl(s, c.logits, labels),
+                               sk.logits_kl(s, TopK.from_dense(lg, 6, kind="logits"), labels))
+    # re-saved (the current version) and read back: the same teacher
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        c.save(os.path.join(d, "c.safetensors"))
+        same(TeacherCache.load(os.path.join(d, "c.safetensors")).logits, c.logits)

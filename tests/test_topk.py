@@ -317,3 +317,151 @@ def test_bucket_with_sharpening_student_matches_fp64(backend):
             torch.testing.assert_close(r32.sum(), r64.sum(), rtol=3e-2, atol=1e-4)
         else:               # tail below the floor: its pull is lost, but nothing blows up
             assert g32.norm() <= 2 * g64.norm(), sharp
+
+
+# ---------------------------------------------------------------- packed indices, sampled teacher (issue 13)
+from seekr_kernels.ops.topk import SampledTeacher, pack_indices, packed_nbytes, unpack_indices  # noqa: E402
+
+
+@pytest.mark.parametrize("V", [1, 2, 40, 32768, 32769, 65536, 65537, 128256, 2 ** 24])
+def test_pack_indices_round_trip(V):
+    g = torch.Generator().manual_seed(V % 1000)
+    idx = torch.randint(0, V, (3, 4, 9), generator=g, dtype=torch.int32)
+    idx[0, 0, 0], idx[0, 0, 1] = 0, V - 1
+    packed = pack_indices(idx, V)
+    assert packed["lo"].dtype == torch.int16 and packed["lo"].shape == idx.shape
+    assert ("hi" in packed) == (V > 65536)
+    if V > 65536:
+        hb = (V - 1).bit_length() - 16
+        assert packed["hi"].dtype == torch.uint8 and packed["hi"].shape == (3, 4, -(-9 * hb // 8))
+    back = unpack_indices(packed["lo"], packed.get("hi"), V)
+    assert back.dtype == torch.int32 and torch.equal(back, idx)
+    # row slices of the packing are the packing of row slices
+    assert torch.equal(unpack_indices(packed["lo"][1:], None if "hi" not in packed else packed["hi"][1:], V),
+                       idx[1:])
+    assert packed_nbytes(256, V) == (2 if V <= 65536 else 2 + (-(-256 * hb // 8)) / 256)
+
+
+def test_unpack_indices_errors():
+    p = pack_indices(torch.tensor([[1, 70000]]), 128256)
+    with pytest.raises(ValueError, match="indices"):
+        unpack_indices(p["lo"], None, 128256)
+    with pytest.raises(ValueError, match="indices"):
+        unpack_indices(p["lo"].int(), p["hi"], 128256)
+    with pytest.raises(ValueError, match="indices"):
+        unpack_indices(p["lo"], p["hi"][:, :0], 128256)
+    with pytest.raises(ValueError, match="indices"):
+        unpack_indices(p["lo"], p["hi"], 100)
+
+
+@pytest.mark.parametrize("method", ["priority", "multinomial"])
+def test_sampled_teacher_basics(method):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 50, generator=g) * 2
+    a = SampledTeacher.from_dense(x, 7, method=method, seed=5)
+    assert isinstance(a, TopK) and a.kind == "sampled" and a.k == 7 and a.shape == x.shape
+    assert a.values.dtype == torch.float32 and a.lse is None and a.mass is None
+    a.check()
+    idx = a.indices.long()
+    assert torch.equal(idx, idx.sort(-1).values) and (idx[..., 1:] > idx[..., :-1]).all()   # sorted, distinct
+    assert (a.values >= 0).all() and (a.values.sum(-1) > 0).all()
+    b = SampledTeacher.from_dense(x, 7, method=method, seed=5)
+    assert torch.equal(a.values, b.values) and torch.equal(a.indices, b.indices)          # reproducible
+    c = SampledTeacher.from_dense(x, 7, method=method, seed=6)
+    assert not torch.equal(a.indices, c.indices)
+    full = SampledTeacher.from_dense(x, 50, method=method)                                # k = V: exact
+    torch.testing.assert_close(full.to_dense(), torch.softmax(x, -1))
+    assert isinstance(a.to(dtype=torch.bfloat16), SampledTeacher)
+    assert a.to(dtype=torch.bfloat16).values.dtype == torch.bfloat16
+    if method == "priority":
+        # tokens above the threshold are kept with their exact probability
+        p = torch.softmax(x, -1).gather(-1, idx)
+        tau = a.values.min(-1, keepdim=True).values
+        big = p > tau
+        torch.testing.assert_close(a.values[big], p[big])
+
+
+def test_sampled_teacher_errors():
+    x = torch.randn(2, 9)
+    for kw, exc, name in ((dict(k=0), ValueError, "k"), (dict(k=10), ValueError, "k"), (dict(k=2.0), TypeError, "k"),
+                          (dict(method="topk"), ValueError, "method"), (dict(seed=1.5), TypeError, "seed"),
+                          (dict(temperature=0.0), ValueError, "temperature"),
+                          (dict(dtype=torch.int32), TypeError, "dtype")):
+        args = dict(k=3)
+        args.update(kw)
+        with pytest.raises(exc, match=name):
+            SampledTeacher.from_dense(x, args.pop("k"), **args)
+    with pytest.raises(ValueError, match="x"):
+        SampledTeacher.from_dense(torch.full((2, 9), float("nan")), 3)
+    with pytest.raises(TypeError, match="x"):
+        SampledTeacher.from_dense(torch.ones(2, 9, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="kind"):
+        TopK.from_dense(x, 3, kind="sampled")
+    with pytest.raises(ValueError, match="lse"):
+        TopK(torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.long), 9, kind="sampled", lse=torch.zeros(2))
+    with pytest.raises(ValueError, match="values"):
+        TopK(-torch.rand(2, 3), torch.tensor([[0, 1, 2], [0, 1, 2]]), 9, kind="sampled").check()
+    s = SampledTeacher.from_dense(torch.randn(1, 2, 9), 3)
+    with pytest.raises(ValueError, match="topk_mode"):
+        sk.logits_kl(torch.randn(1, 2, 9), s, torch.zeros(1, 2, dtype=torch.long), topk_mode="uniform")
+
+
+def _estimates(s, teachers, labels):
+    """logits_kl value and its gradient projected on 3 fixed directions, one row per
+    teacher: the teachers are stacked along the batch so that one call does all draws."""
+    dirs = torch.randn(3, *s.shape[1:], generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    M = len(teachers)
+    if isinstance(teachers[0], TopK):
+        cat = (lambda f: torch.cat([getattr(t, f) for t in teachers]))
+        big = type(teachers[0])(cat("values"), cat("indices"), s.shape[-1], teachers[0].kind)
+    else:
+        big = torch.cat(teachers)
+    ss = s.repeat(M, 1, 1).requires_grad_()
+    rows = sk.logits_kl(ss, big, labels.repeat(M, 1), reduction="none", backend="torch")
+    v = rows.sum(1) / (labels != -100).sum()                       # each draw's 'mean' loss
+    gr, = torch.autograd.grad(v.sum(), ss)
+    proj = (dirs[None] * gr[:, None]).flatten(2).sum(2)            # [M, 3]
+    return torch.cat([v.detach()[:, None], proj], 1)
+
+
+def _zscores(est, dense):
+    M = est.shape[0]
+    return (est.mean(0) - dense[0]) / (est.std(0) / M ** 0.5)
+
+
+@pytest.mark.parametrize("method", ["priority", "multinomial"])
+def test_sampled_teacher_is_unbiased(method):
+    """Mean over many draws of the loss and of the gradient (3 projections) equals the
+    dense teacher's within 4.5 standard errors; a biased estimate from the same draws
+    (the sampled positions with their plain probabilities) fails the same test."""
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(1, 3, 50, generator=g, dtype=torch.float64) * 2
+    s = torch.randn(1, 3, 50, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[0, -100, 4]])
+    dense = _estimates(s, [t], labels)
+    draws = [SampledTeacher.from_dense(t, 6, method=method, seed=i) for i in range(300)]
+    z = _zscores(_estimates(s, draws, labels), dense)
+    assert z.abs().max() < 4.5, z
+    p = torch.softmax(t, -1)
+    biased = [SampledTeacher(p.gather(-1, d.indices.long()), d.indices, 50, "sampled") for d in draws]
+    zb = _zscores(_estimates(s, biased, labels), dense)
+    assert zb.abs().max() > 10, zb
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_kl_sampled_teacher_equals_dense_estimate(backend):
+    """Against a sampled teacher logits_kl is CE(student, p_hat) with p_hat = to_dense()."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(2, 4, 37, generator=g) * 2
+    s = torch.randn(2, 4, 37, generator=g, requires_grad=True)
+    labels = torch.randint(0, 37, (2, 4), generator=g)
+    labels[0, 1] = -100
+    st = SampledTeacher.from_dense(t, 5, seed=1)
+    v = sk.logits_kl(s, st, labels, backend=backend, _block=16)
+    gv, = torch.autograd.grad(v, s)
+    sel = labels != -100
+    ph = st.to_dense()
+    ref = -(ph[sel] * torch.log_softmax(s[sel], -1)).sum(-1).mean()
+    gr, = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(v, ref)
+    torch.testing.assert_close(gv, gr)

@@ -17,6 +17,13 @@ Example ``run.yaml``::
     replay: {ratio: 0.01}
     distill: {logits_weight: 0.5, attn_weight: 1000, head_budget: 128, query_budget: 100}
 
+Paths (``output_dir``, ``model.path``, ``model.tokenizer``, ``tasks[i].path``) are relative
+to the config file's folder (:func:`load_config`; the working directory for
+:func:`from_dict`) and kept absolute. ``train.report_to`` picks the logging backends
+(:mod:`seekr_kernels.continual.runlog`). Checks that need the machine or the files
+(devices, kernels, folders, data, a saved run) run before training
+(:mod:`seekr_kernels.continual.preflight`).
+
 ``recipe: official`` (top level) switches every place where the package's definitions
 differ from the published code (jinghan1he/SEEKR) to the published choice at once; see
 :data:`OFFICIAL` for the keys it sets and README.md "Deviations from the published code"
@@ -29,6 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -38,6 +47,30 @@ METHODS = ("sft", "replay", "replay+logits", "seekr")
 
 class ConfigError(ValueError):
     """A config key that is unknown, of the wrong type or out of range (message names it)."""
+
+
+# ---------------------------------------------------------------- LoRA and checkpoint keys
+# (model.lora; train.save_steps, save_total_limit, max_steps, max_shard_size,
+# optimizer_scope, precision fp16: see _validate_checkpointing)
+
+@dataclass
+class LoRAConfig:
+    """``model.lora``: train LoRA adapters (PEFT) instead of the full model.
+
+    ``r``, ``alpha`` (``lora_alpha``), ``dropout`` (``lora_dropout``) and
+    ``target_modules`` (module names, or ``"all-linear"``) are PEFT's ``LoraConfig``
+    fields. Checkpoints hold the adapters only; ``save`` says what the finished run
+    writes to ``output_dir/final``: ``merged`` (default: a plain Hugging Face model with
+    the adapters merged into the weights, loadable by any tool without PEFT) or
+    ``adapter`` (the adapters alone, ``adapter_config.json`` naming the base model:
+    ``model.path``, or ``output_dir/base`` for a model built from ``model.arch``).
+    Needs the ``peft`` package (``pip install 'seekr-kernels[lora]'``).
+    """
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Any = field(default_factory=lambda: ["q_proj", "v_proj"])
+    save: str = "merged"                # merged | adapter
 
 
 @dataclass
@@ -54,6 +87,7 @@ class ModelConfig:
     alphabet: Optional[str] = None
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    lora: Optional[LoRAConfig] = None   # null: full fine-tuning
 
 
 @dataclass
@@ -85,10 +119,18 @@ class TrainConfig:
     max_prompt_len: int = 512
     max_answer_len: int = 512
     pad_to_multiple_of: int = 8
-    precision: str = "auto"             # auto (bf16 autocast on CUDA) | fp32 | bf16
+    precision: str = "auto"             # auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16 (autocast + GradScaler)
     gradient_checkpointing: bool = False
     shuffle: bool = True
     order: str = "reshuffle"            # reshuffle: a new order every epoch | fixed: epoch 0's order every epoch
+    # --- checkpoints (README "Checkpoints and resume")
+    save_steps: int = 0                 # a mid-task checkpoint every N optimiser steps; 0: task ends only
+    save_total_limit: Optional[int] = 2  # mid-task checkpoints kept (newest); null: all
+    max_steps: int = 0                  # stop after N optimiser steps in all (a smoke run); 0: no limit
+    max_shard_size: str = "5GB"         # save_pretrained's shard size of checkpoint weights
+    optimizer_scope: str = "task"       # task: a fresh AdamW + schedule per task | run: one for the run (published)
+    # --- logging (Hugging Face's key and values; log.jsonl is always written)
+    report_to: Any = "none"             # tensorboard | wandb | mlflow | none | all, or a list of them
 
 
 @dataclass
@@ -178,6 +220,9 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
+    """Progress bars and the logging interval (``every`` optimiser steps). Where the logs
+    go is ``train.report_to``; ``tensorboard: true`` is a deprecated alias of
+    ``train.report_to: [tensorboard]`` (a warning, then added to it)."""
     progress: bool = True
     tensorboard: bool = False
     every: int = 1
@@ -210,11 +255,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "RunConfig":
-        """Check values (ranges, choices); raise :class:`ConfigError` naming the key."""
+        """Check values (ranges, choices); raise :class:`ConfigError` naming the key.
+        Relative paths left (a config built in Python) become absolute against the
+        working directory."""
         _choice("recipe", self.recipe, RECIPES)
         if self.recipe == "official" and not self._preset_applied:
             _apply_preset_to_defaults(self)
         _validate(self)
+        resolve_paths(self)
         return self
 
     # Not a field: set once the official preset is merged (from_dict merges it under the
@@ -288,7 +336,7 @@ RECIPES = ("package", "official")
 OFFICIAL = {
     "train": {"batch_size": 128, "grad_accum": 8, "lr": 1e-5, "weight_decay": 0.0, "betas": [0.9, 0.95],
               "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "pad_to_multiple_of": 8,
-              "max_prompt_len": 1024, "max_answer_len": 512, "order": "fixed"},
+              "max_prompt_len": 1024, "max_answer_len": 512, "order": "fixed", "optimizer_scope": "run"},
     "replay": {"ratio": 0.01, "subset": "first", "in_accumulation": True, "order": "fixed",
                "outnumbered": "skip"},
     "distill": {"logits_weight": 0.5, "attn_weight": 1000.0, "query_budget": 0, "sensitivity_region": "full",
@@ -357,11 +405,13 @@ def _coerce(value, tp, key):
             _err(key, f"expected a number, got {value!r}")
         if isinstance(value, str):
             try:   # YAML reads "1e-5" (no dot) as a string
-                return float(value)
+                value = float(value)
             except ValueError:
                 _err(key, f"expected a number, got {value!r}")
         if not isinstance(value, (int, float)):
             _err(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):   # YAML's .nan / .inf: no key takes them
+            _err(key, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -431,10 +481,11 @@ def _validate(c: RunConfig):
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
         _err("train.betas", f"expected two numbers in [0, 1), got {t.betas!r}")
     _choice("train.schedule", t.schedule, ("constant", "linear", "cosine"))
-    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
     if t.batch_size % t.grad_accum:
         _err("train.grad_accum", f"must divide train.batch_size={t.batch_size}, got {t.grad_accum}")
     _choice("train.order", t.order, ("reshuffle", "fixed"))
+    _validate_checkpointing(c)
     _validate_replay(c.replay, "replay.")
     _validate_distill(c.distill, "distill.")
     e = c.eval
@@ -457,12 +508,87 @@ def _validate(c: RunConfig):
     if len(set(names)) != len(names):
         _err("tasks", f"task names must be unique, got {names}")
     _validate_metrics(c.tasks, names)
-    if c.model.arch:
-        from transformers import LlamaConfig
-        known = set(LlamaConfig().to_dict())
-        for k in c.model.arch:
-            if k not in known:
-                _err(f"model.arch.{k}", "unknown LlamaConfig field")
+    _validate_arch(c.model)
+    _validate_report_to(c)
+
+
+def _validate_report_to(c: RunConfig):
+    import warnings
+
+    from .runlog import resolve_report_to
+    c.train.report_to = resolve_report_to(c.train.report_to, "train.report_to")
+    if c.log.tensorboard:
+        warnings.warn("log.tensorboard is deprecated: use train.report_to: [tensorboard]", FutureWarning,
+                      stacklevel=3)
+        c.train.report_to = resolve_report_to(c.train.report_to + ["tensorboard"], "log.tensorboard")
+        c.log.tensorboard = False
+
+
+#: LlamaConfig fields that are sizes (positive integers when given).
+_ARCH_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "head_dim")
+
+
+def _validate_arch(m: ModelConfig):
+    """``model.arch``: known LlamaConfig fields, positive sizes, heads that divide the
+    hidden size and key/value heads that divide the heads (of the model it builds: the
+    package's tiny defaults under the given fields)."""
+    if not m.arch:
+        return
+    from transformers import LlamaConfig
+    known = set(LlamaConfig().to_dict()) | {"head_dim"}
+    for k, v in m.arch.items():
+        key = f"model.arch.{k}"
+        if k not in known:
+            _err(key, "unknown LlamaConfig field")
+        if k in _ARCH_SIZES and v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            _err(key, f"must be a positive integer, got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            _err(key, f"expected a finite number, got {v!r}")
+    if m.path:
+        return      # a model directory brings its own architecture
+    from .trainer import TINY_ARCH
+    a = {**TINY_ARCH, **m.arch}
+    H, KV = a["num_attention_heads"], a.get("num_key_value_heads") or a["num_attention_heads"]
+    if "head_dim" not in m.arch and a["hidden_size"] % H:
+        _err("model.arch.num_attention_heads", f"{H} heads do not divide hidden_size={a['hidden_size']}")
+    if H % KV:
+        _err("model.arch.num_key_value_heads", f"{KV} key/value heads do not divide num_attention_heads={H}")
+    eps = a.get("rms_norm_eps")
+    if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        _err("model.arch.rms_norm_eps", f"must be a finite number > 0, got {eps!r}")
+
+
+def _validate_checkpointing(c: RunConfig):
+    """The LoRA, checkpoint, max_steps and fp16 keys."""
+    t = c.train
+    _positive("train.save_steps", t.save_steps, allow_zero=True)
+    _positive("train.save_total_limit", t.save_total_limit)
+    _positive("train.max_steps", t.max_steps, allow_zero=True)
+    _choice("train.optimizer_scope", t.optimizer_scope, ("task", "run"))
+    if t.optimizer_scope == "run" and t.schedule != "constant":
+        _err("train.optimizer_scope", f"'run' needs train.schedule: constant (a {t.schedule} decay would need "
+                                      f"the whole run's step count in advance), got {t.schedule!r}")
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*", str(t.max_shard_size), re.IGNORECASE):
+        _err("train.max_shard_size", f"expected a size such as '5GB' or '200MB', got {t.max_shard_size!r}")
+    if t.precision == "fp16" and c.model.dtype != "float32" and c.model.lora is None:
+        _err("train.precision", f"fp16 (autocast + gradient scaler) needs float32 trainable weights; "
+                                f"model.dtype is {c.model.dtype} (use model.dtype: float32, or model.lora)")
+    lo = c.model.lora
+    if lo is None:
+        return
+    _positive("model.lora.r", lo.r)
+    _positive("model.lora.alpha", lo.alpha)
+    if not (math.isfinite(lo.dropout) and 0 <= lo.dropout < 1):
+        _err("model.lora.dropout", f"must lie in [0, 1), got {lo.dropout}")
+    tm = lo.target_modules
+    if not ((isinstance(tm, str) and tm) or (isinstance(tm, list) and tm and all(isinstance(x, str) and x
+                                                                                for x in tm))):
+        _err("model.lora.target_modules", f"expected a non-empty list of module names or 'all-linear', got {tm!r}")
+    _choice("model.lora.save", lo.save, ("merged", "adapter"))
+    import importlib.util
+    if importlib.util.find_spec("peft") is None:
+        _err("model.lora", "needs the peft package: pip install peft (or 'seekr-kernels[lora]')")
 
 
 def _validate_generation(e: EvalConfig):
@@ -524,8 +650,12 @@ def _default_name(path):
     return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
 
 
-def from_dict(data: dict, validate: bool = True) -> RunConfig:
-    """Build a :class:`RunConfig` from a plain dict (e.g. parsed YAML)."""
+def from_dict(data: dict, validate: bool = True, base_dir: Optional[str] = None) -> RunConfig:
+    """Build a :class:`RunConfig` from a plain dict (e.g. parsed YAML).
+
+    Relative paths (``output_dir``, ``model.path``, ``model.tokenizer``, ``tasks[i].path``)
+    are made absolute against ``base_dir`` (default: the working directory), see
+    :func:`resolve_paths`."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -533,6 +663,7 @@ def from_dict(data: dict, validate: bool = True) -> RunConfig:
     official = data.get("recipe") == "official"
     cfg = _build(RunConfig, _merge_preset(data, OFFICIAL) if official else data)
     cfg._preset_applied = official
+    resolve_paths(cfg, base_dir)
     return cfg.validate() if validate else cfg
 
 
@@ -552,57 +683,111 @@ def recipe_from_dict(data: Optional[dict] = None, validate: bool = True) -> Reci
 
 
 def load_config(path: str, overrides: dict | None = None) -> RunConfig:
-    """Read a YAML (or JSON) config file; ``overrides`` (dotted keys) are applied on top.
+    """Read a YAML (or JSON) config file; ``overrides`` (dotted keys, see
+    :func:`set_dotted`) are applied on top, as if written in the file.
 
-    Relative task and model paths are resolved against the config file's directory.
+    Every relative path in it (``output_dir``, ``model.path``, ``model.tokenizer``,
+    ``tasks[i].path``, overrides included) is resolved against the config file's folder
+    and kept absolute, so the saved config (``state.json``) works from any directory.
     """
-    import os
-
     import yaml
-    with open(path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    for k, v in (overrides or {}).items():
-        set_dotted(data, k, v)
-    base = os.path.dirname(os.path.abspath(path))
-
-    def rel(p):
-        return p if p is None or os.path.isabs(p) else os.path.join(base, p)
-
     try:
-        cfg = from_dict(data, validate=False)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    for ts in cfg.tasks:
-        if ts.path and not os.path.exists(ts.path) and os.path.exists(rel(ts.path)):
-            ts.path = rel(ts.path)
-    for attr in ("path", "tokenizer"):
-        p = getattr(cfg.model, attr)
-        if p and not os.path.exists(p) and os.path.exists(rel(p)):
-            setattr(cfg.model, attr, rel(p))
-    try:
+        for k, v in (overrides or {}).items():
+            set_dotted(data, k, v)
+        cfg = from_dict(data, validate=False, base_dir=os.path.dirname(os.path.abspath(path)))
         return cfg.validate()
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def resolve_paths(cfg: RunConfig, base_dir: Optional[str] = None) -> RunConfig:
+    """Make ``cfg``'s relative paths absolute against ``base_dir`` (default: the working
+    directory): ``output_dir``, ``model.path``, ``model.tokenizer``, ``tasks[i].path``
+    (``~`` expanded). Task placeholders like ``<name>`` (tasks given as objects) stay."""
+    base = os.path.abspath(base_dir or os.getcwd())
+
+    def rel(p):
+        if not isinstance(p, str) or not p or (p.startswith("<") and p.endswith(">")):
+            return p
+        return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+
+    cfg.output_dir = rel(cfg.output_dir)
+    cfg.model.path = rel(cfg.model.path)
+    cfg.model.tokenizer = rel(cfg.model.tokenizer)
+    for ts in cfg.tasks:
+        if isinstance(ts, TaskSpec):
+            ts.path = rel(ts.path)
+    return cfg
+
+
+_SEGMENT = re.compile(r"([^\[\]]*)((?:\[-?\d+\])*)")
+
+
+def _key_parts(key: str) -> list:
+    """``"tasks[0].epochs"`` / ``"tasks.0.epochs"`` -> ``["tasks", 0, "epochs"]``."""
+    parts = []
+    for seg in key.split("."):
+        m = _SEGMENT.fullmatch(seg)
+        if m is None or not seg:
+            raise ConfigError(f"{key}: malformed key (expected names and indices: tasks.0.epochs "
+                              "or tasks[0].epochs)")
+        head = m.group(1)
+        if head:
+            parts.append(int(head) if re.fullmatch(r"-?\d+", head) else head)
+        parts += [int(x) for x in re.findall(r"-?\d+", m.group(2))]
+    return parts
+
+
 def set_dotted(data: dict, key: str, value: Any) -> None:
-    """``set_dotted(d, "train.lr", 1e-4)`` sets d["train"]["lr"], creating mappings."""
-    parts = key.split(".")
+    """Set one key of a config dict: ``set_dotted(d, "train.lr", 1e-4)`` sets
+    ``d["train"]["lr"]`` (missing mappings are created); list items by index,
+    ``tasks.0.epochs`` or ``tasks[0].epochs`` (a task given as a path string becomes
+    ``{path: ...}``). A bad index or a key under a value that is not a mapping is a
+    :class:`ConfigError` naming it; unknown names are reported by validation."""
+    parts = _key_parts(key)
     cur = data
-    for p in parts[:-1]:
-        nxt = cur.get(p)
-        if nxt is None:
-            nxt = cur[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{key}: {p} is not a mapping")
+    where = ""
+    for n, p in enumerate(parts):
+        last = n == len(parts) - 1
+        here = f"{where}[{p}]" if isinstance(p, int) else (f"{where}.{p}" if where else p)
+        if isinstance(p, int):
+            if not isinstance(cur, list):
+                raise ConfigError(f"{key}: {where or 'the config'} is not a list (no index {p})")
+            if not -len(cur) <= p < len(cur):
+                raise ConfigError(f"{key}: index {p} out of range ({where} has {len(cur)} item(s))")
+            if last:
+                cur[p] = value
+                return
+            if where == "tasks" and isinstance(cur[p], str):
+                cur[p] = {"path": cur[p]}
+            nxt = cur[p]
+        else:
+            if not isinstance(cur, dict):
+                raise ConfigError(f"{key}: {where} is not a mapping (no key {p!r})")
+            if last:
+                cur[p] = value
+                return
+            nxt = cur.get(p)
+            if nxt is None:
+                if isinstance(parts[n + 1], int):
+                    raise ConfigError(f"{key}: {here} is not set, so it has no index {parts[n + 1]}")
+                nxt = cur[p] = {}
+        if not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"{key}: {here} is {type(nxt).__name__} {nxt!r}, not a mapping or list")
         cur = nxt
-    cur[parts[-1]] = value
+        where = here
 
 
 def task_name(spec: TaskSpec) -> str:

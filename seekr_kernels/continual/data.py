@@ -127,8 +127,7 @@ def load_records(path: str) -> list:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     errors, out = [], []
     stripped = text.lstrip()
     if stripped.startswith("["):
@@ -141,6 +140,19 @@ def load_records(path: str) -> list:
             out.append(ex)
     _raise(errors, path)
     return out
+
+
+def read_text(path: str) -> str:
+    """A data file's text; bytes that are not UTF-8 are a :class:`DataError` at ``file:line``."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col}); "
+                        "task files must be UTF-8 encoded") from None
 
 
 def _jsonl_records(text, path, errors):
@@ -169,6 +181,8 @@ def load_task(path: str, name: str | None = None, metric: str = "exact_match") -
                 p = os.path.join(path, split + ext)
                 if os.path.isfile(p):
                     setattr(task, split, load_records(p))
+                    if split == "train" and not task.train:
+                        raise DataError(f"{p}: no training records (an empty list)")
                     break
             else:
                 if split == "train":
@@ -176,8 +190,7 @@ def load_task(path: str, name: str | None = None, metric: str = "exact_match") -
         return task
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such task directory or file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     errors = []
     for rec, line in _jsonl_records(text, path, errors):
         split = rec.get("split", "train") if isinstance(rec, dict) else "train"

@@ -374,6 +374,23 @@ class ReplaySchedule:
             self._queue = list(self._fixed) if self._fixed is not None else self._pass()
         return self._queue.pop(0)
 
+    def state_dict(self) -> dict:
+        """Where the schedule stands (its RNG and the batches left in the current pass),
+        as JSON-ready values, for a checkpoint taken in the middle of a task."""
+        v, st, gauss = self._rng.getstate()
+        return {"cycle": self.cycle, "per_epoch": self.per_epoch, "rng": [v, list(st), gauss],
+                "queue": [[list(k) for k in b] for b in self._queue]}
+
+    def load_state_dict(self, sd: Mapping) -> "ReplaySchedule":
+        """Restore :meth:`state_dict` output (of a schedule built the same way)."""
+        if (sd.get("cycle"), sd.get("per_epoch")) != (self.cycle, self.per_epoch):
+            raise ValueError(f"replay schedule: saved with cycle {sd.get('cycle')} x {sd.get('per_epoch')} per "
+                             f"epoch, this one has {self.cycle} x {self.per_epoch} (another memory or batch size?)")
+        v, st, gauss = sd["rng"]
+        self._rng.setstate((v, tuple(st), gauss))
+        self._queue = [[tuple(k) for k in b] for b in sd["queue"]]
+        return self
+
 
 # ============================================================================ the recipe
 
@@ -979,11 +996,13 @@ class SeekrRecipe:
                                                              len(samples)))
         return self
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, *, memory: bool = True) -> None:
         """Write the state to directory ``path`` atomically (a reader sees the old one or
         the complete new one): ``recipe.json`` (metadata, with the sha256 of the tensors),
         ``tensors.safetensors`` (importance, pre-task snapshot) and ``memory/`` (one
-        checksummed directory per task, :meth:`ReplayMemory.save`)."""
+        checksummed directory per task, :meth:`ReplayMemory.save`). ``memory=False``
+        leaves the memory out (a loop that keeps it elsewhere, e.g. the trainer's
+        ``output_dir/memory``, passes it back to :meth:`load`)."""
         from safetensors.torch import save as st_save
 
         from .importance import _tensor_digest
@@ -1003,14 +1022,16 @@ class SeekrRecipe:
         with atomic_dir(path) as tmp:
             with open(os.path.join(tmp, _TENSORS), "wb") as f:
                 f.write(payload)
-            if self.memory.tasks:
+            if self.memory.tasks and memory:
                 ReplayMemory(self.memory.tasks).save(os.path.join(tmp, _MEMORY))
             with open(os.path.join(tmp, _META), "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=1, sort_keys=True)
 
-    def load(self, path: str) -> "SeekrRecipe":
+    def load(self, path: str, *, memory=None) -> "SeekrRecipe":
         """Restore a state written by :meth:`save` into this recipe (same method and
-        shape); a missing, corrupt or foreign file raises ``ValueError`` naming it."""
+        shape); a missing, corrupt or foreign file raises ``ValueError`` naming it.
+        ``memory``: the replay memory (a ``ReplayMemory`` or its task list) of a state
+        saved with ``memory=False``; its task names must be the state's."""
         from safetensors.torch import load as st_load
 
         from .importance import _tensor_digest
@@ -1036,7 +1057,14 @@ class SeekrRecipe:
         if _tensor_digest(tensors) != meta.get("tensors_sha256"):
             raise ValueError(f"{ten_p}: checksum mismatch (corrupt file)")
         mem_p = os.path.join(path, _MEMORY)
-        memory = ReplayMemory.load(mem_p, meta.get("task_names")).tasks if os.path.isdir(mem_p) else []
+        if memory is not None:
+            memory = list(getattr(memory, "tasks", memory))
+            names = [t.name for t in memory]
+            if self.uses_memory and names != list(meta.get("task_names") or []):
+                raise ValueError(f"memory: holds tasks {names}, the state at {path} learned "
+                                 f"{meta.get('task_names')}")
+        else:
+            memory = ReplayMemory.load(mem_p, meta.get("task_names")).tasks if os.path.isdir(mem_p) else []
         sd = dict(meta)
         sd["importance"] = tensors.get("importance")
         sd["memory"] = memory

@@ -67,7 +67,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..ops.topk import TopK
+from ..ops.topk import SampledTeacher, TopK, pack_indices, unpack_indices
 from ..utils.io import atomic_dir, atomic_write_bytes, clean_leftovers
 from .selection import batch_heads
 
@@ -99,7 +99,7 @@ class ReplaySample:
     input_ids: ``[n]`` integer token ids, real tokens only.
     answer_mask: ``[n]`` bool, True on supervised (answer) tokens.
     queries: ``[Q]`` sorted relative query positions in ``[0, n)``, or None (all n rows).
-    logits: teacher logits ``[A, V]`` (dense) or a TopK of kind 'logits' ``[A, k]``, for
+    logits: teacher logits ``[A, V]`` (dense), a TopK of kind 'logits' or a SampledTeacher ``[A, k]``, for
         relative positions ``logits_start .. logits_start + A - 1``; or None.
     attention: ``{layer: [S_l, Q, n]}`` teacher rows, slot s = the task's ``heads[layer][s]``.
     """
@@ -135,8 +135,9 @@ class ReplaySample:
         if self.logits is not None:
             lg = self.logits
             if isinstance(lg, TopK):
-                if lg.kind != "logits" or lg.values.dim() != 2:
-                    raise ReplayMemoryError("logits: a TopK teacher must be of kind 'logits' with shape [A, k]")
+                if lg.kind not in ("logits", "sampled") or lg.values.dim() != 2:
+                    raise ReplayMemoryError("logits: a TopK teacher must be of kind 'logits' or 'sampled' with "
+                                            "shape [A, k]")
                 A = lg.values.shape[0]
                 self.logits = lg.to("cpu")
             elif isinstance(lg, torch.Tensor) and lg.dim() == 2 and lg.dtype.is_floating_point:
@@ -237,7 +238,7 @@ def _logits_kind(lg):
     if lg is None:
         return None
     if isinstance(lg, TopK):
-        return ("topk", lg.full_size, lg.k, str(lg.values.dtype))
+        return ("sampled" if lg.kind == "sampled" else "topk", lg.full_size, lg.k, str(lg.values.dtype))
     return ("dense", lg.shape[1], None, str(lg.dtype))
 
 
@@ -380,8 +381,8 @@ class ReplayMemory:
             ``input_ids, attention_mask, position_ids, labels`` ``[B, L]`` (labels -100
             except on answer tokens; positions count real tokens only);
             ``task`` ``[B]``;
-            ``teacher_logits`` ``[B, L, V]`` dense or TopK ``[B, L, k]`` with the teacher
-            at each sample's stored positions (elsewhere 0, or a uniform TopK filler) and
+            ``teacher_logits`` ``[B, L, V]`` dense, or TopK / SampledTeacher ``[B, L, k]``, with the teacher
+            at each sample's stored positions (elsewhere 0, a uniform TopK filler or zero sampled weights) and
             ``logits_mask`` ``[B, L]`` bool marking them;
             ``heads`` ``{layer: [B, S]}`` (-1 = empty slot), ``queries`` ``[B, Q]`` absolute
             positions or None (all rows, when no sample has a query budget), and
@@ -487,20 +488,24 @@ class ReplayMemory:
                     t[b, a0:a0 + s.logits.shape[0]] = s.logits
                     lmask[b, a0:a0 + s.logits.shape[0]] = True
             return {"teacher_logits": t, "logits_mask": lmask}
+        sampled = kind[0] == "sampled"
         _, V, k, dts = kind
-        # Filler rows (no teacher) hold a uniform distribution: distinct indices, equal values.
+        # Filler rows (no teacher) hold a uniform distribution (TopK: distinct indices, equal
+        # values) or, sampled, zero weights (no pull).
         vals = torch.zeros(B, L, k, dtype=getattr(torch, dts.split(".")[-1]))
         idx = torch.arange(k, dtype=torch.int32).expand(B, L, k).clone()
-        lse = torch.full((B, L), math.log(V), dtype=torch.float32)
+        lse = None if sampled else torch.full((B, L), math.log(V), dtype=torch.float32)
         for b, (s, p) in enumerate(zip(samples, pads)):
             if s.logits is not None:
                 a0 = p + s.logits_start
                 A = s.logits.values.shape[0]
                 vals[b, a0:a0 + A] = s.logits.values
                 idx[b, a0:a0 + A] = s.logits.indices
-                lse[b, a0:a0 + A] = s.logits.lse.float()
+                if not sampled:
+                    lse[b, a0:a0 + A] = s.logits.lse.float()
                 lmask[b, a0:a0 + A] = True
-        return {"teacher_logits": TopK(vals, idx, V, "logits", lse=lse), "logits_mask": lmask}
+        teacher = SampledTeacher(vals, idx, V, "sampled") if sampled else TopK(vals, idx, V, "logits", lse=lse)
+        return {"teacher_logits": teacher, "logits_mask": lmask}
 
     # ---------------------------------------------------------------- persistence
     def save(self, root: str) -> List[int]:
@@ -633,9 +638,12 @@ class ReplayMemory:
             raise ReplayMemoryError(f"{man_p}: belongs to task #{man.get('index')}, found in the directory of #{index}")
         if name is not None and man.get("name") != name:
             raise ReplayMemoryError(f"{man_p}: holds task {man.get('name')!r}, expected {name!r}")
-        if man.get("manifest_sha256") != _json_digest(man, "manifest_sha256"):
+        # A manifest without its own checksum was written before manifests carried one
+        # (61b56de and earlier): it still loads, its data still has to match the checksum the
+        # manifest records, and _unpack cross-checks the layout against the data's tensors.
+        if "manifest_sha256" in man and man["manifest_sha256"] != _json_digest(man, "manifest_sha256"):
             raise ReplayMemoryError(f"{man_p}: manifest checksum mismatch (the manifest was edited or is "
-                                    "corrupt, or was written by an older version)")
+                                    "corrupt)")
         info = (man.get("files") or {}).get(_DATA) or {}
         data_p = os.path.join(d, _DATA)
         try:
@@ -813,8 +821,14 @@ def _pack(task: ReplayTask):
         else:
             t["logits_rows"] = torch.tensor([s.logits.values.shape[0] for s in S], dtype=torch.long)
             t["logits.values"] = torch.cat([s.logits.values for s in S]).contiguous()
-            t["logits.indices"] = torch.cat([s.logits.indices for s in S]).contiguous()
-            t["logits.lse"] = torch.cat([s.logits.lse for s in S]).contiguous()
+            # packed indices (int16 low bits [+ uint8 high bits]); "logits.indices" (int32)
+            # is what older versions wrote, and they fail loudly on these names
+            packed = pack_indices(torch.cat([s.logits.indices for s in S]), kind[1])
+            t["logits.indices16"] = packed["lo"].contiguous()
+            if "hi" in packed:
+                t["logits.indices_hi"] = packed["hi"].contiguous()
+            if kind[0] == "topk":
+                t["logits.lse"] = torch.cat([s.logits.lse for s in S]).contiguous()
             layout["vocab"] = kind[1]
     if task.has_attention:
         for l in task.heads:
@@ -825,6 +839,20 @@ def _pack(task: ReplayTask):
         for l, h in task.heads.items():
             t[f"heads.{l}"] = h
     return t, layout
+
+
+def _unpack_sparse_logits(layout, t, sl):
+    V = int(layout["vocab"])
+    if "logits.indices" in t:                      # written before packed indices
+        idx = t["logits.indices"][sl]
+    else:
+        hi = t["logits.indices_hi"][sl] if "logits.indices_hi" in t else None
+        idx = unpack_indices(t["logits.indices16"][sl], hi, V)
+    if layout["logits"] == "sampled":
+        return SampledTeacher(t["logits.values"][sl], idx, V, "sampled")
+    if layout["logits"] != "topk":
+        raise ReplayMemoryError(f"unknown teacher logits kind {layout['logits']!r}")
+    return TopK(t["logits.values"][sl], idx, V, "logits", lse=t["logits.lse"][sl])
 
 
 def _unpack(man, t) -> ReplayTask:
@@ -861,8 +889,7 @@ def _unpack(man, t) -> ReplayTask:
             if layout["logits"] == "dense":
                 logits = t["logits"][sl]
             else:
-                logits = TopK(t["logits.values"][sl], t["logits.indices"][sl], int(layout["vocab"]), "logits",
-                              lse=t["logits.lse"][sl])
+                logits = _unpack_sparse_logits(layout, t, sl)
         Q = n if queries is None else queries.numel()
         att = {}
         for l in att_layers:
@@ -881,7 +908,12 @@ def _unpack(man, t) -> ReplayTask:
         used.add("queries")
     if layout["logits"] is not None:
         used |= {"logits_start", "logits_rows"}
-        used |= {"logits"} if layout["logits"] == "dense" else {"logits.values", "logits.indices", "logits.lse"}
+        if layout["logits"] == "dense":
+            used.add("logits")
+        else:
+            used |= {"logits.values"} | ({"logits.lse"} if layout["logits"] == "topk" else set())
+            used |= ({"logits.indices"} if "logits.indices" in t       # int32, before packing
+                     else {"logits.indices16"} | ({"logits.indices_hi"} if "logits.indices_hi" in t else set()))
     if set(t) != used:
         # e.g. a layout whose logits or attention layers were dropped: the teachers would vanish
         raise ReplayMemoryError(f"the data's tensors {sorted(set(t) ^ used)} are not what the manifest's "

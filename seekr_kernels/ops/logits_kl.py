@@ -48,6 +48,12 @@ gradient cosine >= 0.997 at k = 64 (uniform's is higher by <= 0.0015 at drift >=
 lower by up to 0.015 at drift 0.3; kept/renorm fall to 0.47). A rejected fifth option, weighting lse
 by the full mass 1 with kept terms only, depends on the student logits' offset.
 
+A :class:`~seekr_kernels.ops.topk.SampledTeacher` (TopK kind ``"sampled"``) holds importance
+weights p_hat with E[p_hat] = softmax(t) at k sampled positions; the loss against it,
+sum_K -p_hat_i log q_i (``"kept"`` with p = p_hat: lse(s) weighted by sum p_hat, gradient
+sum(p_hat) q - p_hat), is linear in p_hat and so an unbiased estimate of the dense value and
+gradient (tests/test_topk.py checks it statistically).
+
 Backends: ``triton`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) streams the
 vocabulary in chunks (seekr_kernels/triton/logits_kl.py); ``torch`` works through the
 supervised rows in chunks of ~2M logits, so neither creates an fp32 copy of [N, L, V].
@@ -57,6 +63,8 @@ softmaxes. For a TopK teacher both run the same streaming pass over the student 
 [N, L, k]); the kept entries of the gradient are written by index_copy_ afterwards.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -101,9 +109,12 @@ def _check_args(student_logits, teacher, labels, reduction, topk_mode, check_val
     if labels.device != s.device:
         _fail(ValueError, "labels", f"is on {labels.device}, student_logits is on {s.device}")
     if isinstance(teacher, TopK):
-        if teacher.kind != "logits":
-            _fail(ValueError, "teacher", f"a TopK logits teacher must be of kind 'logits', got "
-                  f"kind {teacher.kind!r}")
+        if teacher.kind not in ("logits", "sampled"):
+            _fail(ValueError, "teacher", f"a TopK logits teacher must be of kind 'logits' or "
+                  f"'sampled', got kind {teacher.kind!r}")
+        if teacher.kind == "sampled" and topk_mode is not None:
+            _fail(ValueError, "topk_mode", "applies to TopK teachers of kind 'logits'; a sampled "
+                  "teacher is used as it is (it is unbiased)")
         if tuple(teacher.shape) != (N, L, V):
             _fail(ValueError, "teacher", f"TopK stands for shape {list(teacher.shape)}, expected "
                   f"student_logits' shape {[N, L, V]}")
@@ -306,6 +317,18 @@ def _topk_terms(mode, p, sk, lse_s, sum_s, qlogq, V, acc):
     return rows, 1.0 - ratio, torch.zeros_like(tk), ones, p
 
 
+def _outside_autocast(fn):
+    """Run an autograd.Function method with autocast off: the op chooses its own
+    precision (fp32 accumulation), and autocast would turn its reductions into fp16/bf16
+    ops whose results no longer fit the fp32 buffers (an error, or lost precision)."""
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        dev = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type=dev, enabled=False):
+            return fn(ctx, *args)
+    return run
+
+
 class _LogitsKLFunction(torch.autograd.Function):
     """Per-row loss [N, L] (0 on ignored rows) plus lse_s, lse_t [N*L]; gradient to s only.
 
@@ -317,6 +340,7 @@ class _LogitsKLFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @_outside_autocast
     def forward(ctx, s, t, valid, idx, p, mode, backend, block):
         N, L, V = s.shape
         acc = _acc(s)
@@ -340,6 +364,7 @@ class _LogitsKLFunction(torch.autograd.Function):
         return loss.reshape(N, L), lse_s, lse_t
 
     @staticmethod
+    @_outside_autocast
     def backward(ctx, grad_rows, _g1, _g2):
         refuse_double_backward("logits_kl", "every backend is", "is not supported")
         s, t, valid, idx, lse_s, lse_t, A, Uc, Wk, w = ctx.saved_tensors
@@ -370,6 +395,16 @@ class _LogitsKLFunction(torch.autograd.Function):
             flat = (torch.arange(N * L, device=s.device).reshape(N, L, 1) * V + idx).reshape(-1)
             grad.view(-1).index_copy_(0, flat, dk.reshape(-1))
         return (grad,) + none
+
+
+def sparse_teacher_probs(teacher, topk_mode, acc):
+    """(mode, p [..., k]) of a TopK logits or sampled teacher: the exact kept probabilities
+    exp(v - lse_t) and the chosen treatment of the dropped mass, or a sampled teacher's
+    importance weights with ``"kept"`` (sum_k -p_hat log q is the unbiased estimate)."""
+    if teacher.kind == "sampled":
+        return "kept", teacher.values.detach().to(acc)
+    mode = DEFAULT_TOPK_MODE if topk_mode is None else topk_mode
+    return mode, torch.exp(teacher.values.detach().to(acc) - teacher.lse.detach().to(acc)[..., None])
 
 
 def _check_rows(rows, valid, s, t):
@@ -403,7 +438,10 @@ def logits_kl(student_logits, teacher, labels, *, reduction="mean", backend="aut
         student_logits: [N, L, V] fp32/fp16/bf16 (fp64 on the torch backend); any strides
             (a non-contiguous last dim is made contiguous). Receives the gradient.
         teacher: dense teacher logits [N, L, V] (any float dtype, no gradient), or a
-            :class:`TopK` of kind ``"logits"`` standing for them (see ``topk_mode``).
+            :class:`TopK` of kind ``"logits"`` standing for them (see ``topk_mode``), or a
+            :class:`SampledTeacher` (kind ``"sampled"``): the loss against its importance
+            weights p_hat, sum_k -p_hat log softmax(s), an unbiased estimate of the dense
+            value and gradient.
         labels: [N, L] integer; rows with ``labels == -100`` are ignored (never read).
             Aligned with the logits: **no shift** is applied (see the module docstring).
         reduction: ``"mean"`` (default, the published term) over supervised tokens;
@@ -417,9 +455,9 @@ def logits_kl(student_logits, teacher, labels, *, reduction="mean", backend="aut
             the supervised rows. Ignored rows are never read (dense or TopK), so they may
             hold anything. With ``check_values=False`` the TopK indices of supervised rows
             are still range-checked (they are gathered).
-        topk_mode: approximation for a TopK teacher with k < V: ``"student_tail"``
-            (default), ``"uniform"``, ``"kept"`` or ``"renorm"`` (``TOPK_MODES``; module
-            docstring).
+        topk_mode: approximation for a TopK logits teacher with k < V:
+            ``"student_tail"`` (default), ``"uniform"``, ``"kept"`` or ``"renorm"``
+            (``TOPK_MODES``; module docstring). Must be None for a sampled teacher.
 
     Returns:
         fp32 scalar (fp64 for fp64 logits), or [N, L] for ``reduction="none"``.
@@ -436,7 +474,7 @@ def logits_kl(student_logits, teacher, labels, *, reduction="mean", backend="aut
     if isinstance(teacher, TopK):
         if check_values:
             teacher.check("teacher", rows=valid)
-        mode = DEFAULT_TOPK_MODE if topk_mode is None else topk_mode
+        mode, p = sparse_teacher_probs(teacher, topk_mode, acc)
         t = None
         # Ignored rows are never read: their indices become 0..k-1 (in range, distinct) and
         # their probabilities 0, so whatever they hold (NaN, garbage) cannot leak.
@@ -447,8 +485,6 @@ def logits_kl(student_logits, teacher, labels, *, reduction="mean", backend="aut
             lo, hi = torch.aminmax(idx)
             if int(lo) < 0 or int(hi) >= V:
                 _fail(ValueError, "teacher", f"TopK indices must lie in [0, full_size={V})")
-        # exact kept teacher probabilities exp(v - lse_t)
-        p = torch.exp(teacher.values.detach().to(acc) - teacher.lse.detach().to(acc)[..., None])
         p = torch.where(keep, p, torch.zeros((), dtype=acc, device=s.device))
     else:
         t = teacher.detach()

@@ -63,24 +63,13 @@ def key_block(K, kbase, offs_n, offs_d, stride_kl, stride_kd, KMASK, b, L, D, po
     return k, valid
 
 
-def tile_config(a, cuda_blocks=lambda block_d: (64, 64) if block_d <= 128 else (32, 32)):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, UPCAST, ACC, num_warps) for AttnArgs `a`.
+def dot_config(dtype: torch.dtype, on_cuda: bool):
+    """(DOT_PREC, UPCAST, ACC) of the tile kernels for inputs of ``dtype``.
 
-    cuda_blocks(BLOCK_D) -> (BLOCK_M, BLOCK_N) on a GPU, where register pressure decides.
-
-    tl.dot needs every block dimension >= 16, so D is padded to a power of two >= 16.
-    fp32/fp64 inputs multiply exactly ("ieee", no TF32) so results match the reference.
-    In the interpreter each program is numpy work: fewer, larger tiles run faster.
+    fp32/fp64 inputs multiply exactly ("ieee", no TF32) so results match the reference;
+    16-bit inputs use the tensor cores (the precision argument is ignored for them).
     """
-    block_d = max(16, triton.next_power_of_2(a.D))
-    if a.q.is_cuda:
-        block_m, block_n = cuda_blocks(block_d)
-        num_warps = 4
-    else:
-        block_m = min(64, max(16, triton.next_power_of_2(a.Q)))
-        block_n = min(64, max(16, triton.next_power_of_2(a.L)))
-        num_warps = 1
-    prec = "ieee" if a.q.dtype in (torch.float32, torch.float64) else "tf32"
-    upcast = (not a.q.is_cuda) and a.q.dtype == torch.bfloat16
-    acc = tl.float64 if a.q.dtype == torch.float64 else tl.float32
-    return block_m, block_n, block_d, prec, upcast, acc, num_warps
+    prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    upcast = (not on_cuda) and dtype == torch.bfloat16
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    return prec, upcast, acc

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .._checks import AttnArgs, triton_entry_checks
-from ._tiles import key_block, load_rows, mm, row_positions, row_tile, tile_config
+from ._configs import block_d_for, choose, tile_kernel_specs
+from ._tiles import dot_config, key_block, load_rows, mm, row_positions, row_tile
 
 
 @triton.jit
@@ -193,12 +194,6 @@ def _bwd_dk(Q, K, T, HEADS, QPOS, KMASK, LSE, TM, GRAD, DK,
              mask=(offs_n[:, None] < L) & (offs_d[None, :] < D))
 
 
-def _config(a: AttnArgs):
-    bm, bn, bd, prec, up, _, nw = tile_config(
-        a, lambda bd: (64, 64) if bd <= 64 else (64, 32) if bd <= 128 else (32, 32))
-    return bm, bn, bd, prec, up, nw
-
-
 def _teacher_args(teacher, a):
     if teacher is None:
         return a.q, (0, 0, 0, 0)   # dummy pointer, never read (HAS_TEACHER=False)
@@ -209,42 +204,48 @@ def _acc_dtype(a):
     return torch.float64 if a.q.dtype == torch.float64 else torch.float32
 
 
+def _launch(kernel, fn, grid_of, a, has_t, args):
+    """Launch ``fn`` with the configuration ``choose`` picks (autotuned on CUDA)."""
+    bd = block_d_for(a.D)
+    prec, up, _ = dot_config(a.q.dtype, a.q.is_cuda)
+
+    def run(tile):
+        return fn[grid_of(tile)](*args, HAS_TEACHER=has_t, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                 BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, num_warps=tile.num_warps,
+                                 num_stages=tile.num_stages)
+    run(choose(kernel, a.q, bd, has_t, a.L, a.Q, run))
+
+
 def attention_kl_fwd(a: AttnArgs, teacher, tmass):
     """Per-row KL, lse and teacher mass, each [B, S, Q] fp32 (fp64 input is refused)."""
     triton_entry_checks(a)
-    bm, bn, bd, prec, up, nw = _config(a)
     acc = _acc_dtype(a)
     rows = torch.empty(a.B, a.S, a.Q, device=a.q.device, dtype=acc)
     lse = torch.empty_like(rows)
     tout = torch.empty_like(rows)
     t, ts = _teacher_args(teacher, a)
     tm_in = tmass if tmass is not None else rows
-    grid = (triton.cdiv(a.Q, bm), a.B * a.S)
-    _fwd[grid](a.q, a.k, t, tm_in, a.heads, a.queries, a.key_mask, rows, lse, tout,
-               *a.q.stride(), *a.k.stride(), *ts,
-               a.S, a.Q, a.L, a.D, a.group, a.scale,
-               HAS_TEACHER=teacher is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-               DOT_PREC=prec, UPCAST=up, num_warps=nw)
+    _launch("attention_kl_fwd", _fwd, lambda c: (triton.cdiv(a.Q, c.block_m), a.B * a.S), a,
+            teacher is not None,
+            (a.q, a.k, t, tm_in, a.heads, a.queries, a.key_mask, rows, lse, tout,
+             *a.q.stride(), *a.k.stride(), *ts, a.S, a.Q, a.L, a.D, a.group, a.scale))
     return rows, lse, tout
 
 
 def attention_kl_bwd(a: AttnArgs, teacher, lse, tmass, grad_rows):
     """Gradients of sum(grad_rows * rows) with respect to q and k."""
     triton_entry_checks(a)
-    bm, bn, bd, prec, up, nw = _config(a)
     t, ts = _teacher_args(teacher, a)
     has_t = teacher is not None
     grad_rows = grad_rows.to(lse.dtype).contiguous()
     dq_rows = torch.empty(a.B, a.S, a.Q, a.D, device=a.q.device, dtype=lse.dtype)
-    _bwd_dq[(triton.cdiv(a.Q, bm), a.B * a.S)](
-        a.q, a.k, t, a.heads, a.queries, a.key_mask, lse, tmass, grad_rows, dq_rows,
-        *a.q.stride(), *a.k.stride(), *ts, a.S, a.Q, a.L, a.D, a.group, a.scale,
-        HAS_TEACHER=has_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, num_warps=nw)
+    _launch("attention_kl_dq", _bwd_dq, lambda c: (triton.cdiv(a.Q, c.block_m), a.B * a.S), a, has_t,
+            (a.q, a.k, t, a.heads, a.queries, a.key_mask, lse, tmass, grad_rows, dq_rows,
+             *a.q.stride(), *a.k.stride(), *ts, a.S, a.Q, a.L, a.D, a.group, a.scale))
     dk = torch.empty(a.B, a.Hkv, a.L, a.D, device=a.k.device, dtype=a.k.dtype)
-    _bwd_dk[(triton.cdiv(a.L, bn), a.B * a.Hkv)](
-        a.q, a.k, t, a.heads, a.queries, a.key_mask, lse, tmass, grad_rows, dk,
-        *a.q.stride(), *a.k.stride(), *ts, a.S, a.Q, a.L, a.D, a.group, a.Hkv, a.scale,
-        HAS_TEACHER=has_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, num_warps=nw)
+    _launch("attention_kl_dk", _bwd_dk, lambda c: (triton.cdiv(a.L, c.block_n), a.B * a.Hkv), a, has_t,
+            (a.q, a.k, t, a.heads, a.queries, a.key_mask, lse, tmass, grad_rows, dk,
+             *a.q.stride(), *a.k.stride(), *ts, a.S, a.Q, a.L, a.D, a.group, a.Hkv, a.scale))
     return scatter_dq(a, dq_rows), dk
 
 
@@ -257,3 +258,23 @@ def scatter_dq(a: AttnArgs, dq_rows):
     act = a.row_active
     dq.index_put_((b[act], h[act], i[act]), dq_rows[act], accumulate=True)
     return dq.to(a.q.dtype)
+
+
+def compile_specs():
+    """Every configuration the launchers above use on CUDA (defaults and autotuning
+    candidates), with and without a teacher, as gpu_compile_check.py compiles them."""
+    strides = [(tuple(f"stride_{x}{d}" for d in "bhld"), x) for x in "qk"]
+    strides.append((("stride_tb", "stride_ts", "stride_tq", "stride_tl"), "t"))
+    f32 = torch.float32
+
+    def pointers(out, **extra):
+        return lambda dt, has_t: dict(Q=dt, K=dt, T=dt, HEADS=torch.int32, QPOS=torch.int32,
+                                      KMASK=torch.int32, **{k: (dt if v is None else v) for k, v in
+                                                            dict(out, **extra).items()})
+    bwd = dict(LSE=f32, TM=f32, GRAD=f32)
+    return (tile_kernel_specs(_fwd, "attention_kl_fwd", strides, pointers(
+                dict(TM_IN=f32, ROWS=f32, LSE=f32, TOUT=f32)), teachers=(True, False))
+            + tile_kernel_specs(_bwd_dq, "attention_kl_dq", strides, pointers(bwd, DQR=f32),
+                                teachers=(True, False))
+            + tile_kernel_specs(_bwd_dk, "attention_kl_dk", strides, pointers(bwd, DK=None),
+                                teachers=(True, False)))

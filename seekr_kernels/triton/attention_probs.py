@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from .._checks import AttnArgs, triton_entry_checks
-from ._tiles import key_block, load_rows, mm, row_tile, tile_config
+from ._configs import block_d_for, choose, tile_kernel_specs
+from ._tiles import dot_config, key_block, load_rows, mm, row_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -85,11 +86,22 @@ def attention_probs(a: AttnArgs, out_dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(a.B, a.S, a.Q, a.L, device=a.q.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
-    bm, bn, bd, prec, up, acc, nw = tile_config(a)
-    grid = (triton.cdiv(a.Q, bm), a.B * a.S)
-    _probs_kernel[grid](a.q, a.k, a.heads, a.queries, a.key_mask, out,
-                        *a.q.stride(), *a.k.stride(),
-                        a.S, a.Q, a.L, a.D, a.group, a.scale * _LOG2E,
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, ACC=acc,
-                        num_warps=nw)
+    bd = block_d_for(a.D)
+    prec, up, acc = dot_config(a.q.dtype, a.q.is_cuda)
+
+    def run(tile):
+        return _probs_kernel[(triton.cdiv(a.Q, tile.block_m), a.B * a.S)](
+            a.q, a.k, a.heads, a.queries, a.key_mask, out, *a.q.stride(), *a.k.stride(),
+            a.S, a.Q, a.L, a.D, a.group, a.scale * _LOG2E,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, ACC=acc,
+            num_warps=tile.num_warps, num_stages=tile.num_stages)
+    run(choose("attention_probs", a.q, bd, False, a.L, a.Q, run))
     return out
+
+
+def compile_specs():
+    """The CUDA launch configuration above (output in the input's dtype, the default), as
+    gpu_compile_check.py compiles it."""
+    strides = [(tuple(f"stride_{x}{d}" for d in "bhld"), x) for x in "qk"]
+    return tile_kernel_specs(_probs_kernel, "attention_probs", strides, lambda dt, _: dict(
+        Q=dt, K=dt, HEADS=torch.int32, QPOS=torch.int32, KMASK=torch.int32, OUT=dt))

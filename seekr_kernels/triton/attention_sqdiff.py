@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from .._checks import AttnArgs, triton_entry_checks
-from ._tiles import load_rows, mm, row_tile, tile_config
+from ._configs import block_d_for, choose, tile_kernel_specs
+from ._tiles import dot_config, load_rows, mm, row_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -112,11 +113,6 @@ def _sqdiff_kernel(QA, KA, QB, KB, HEADS, QPOS, KMASK, OUT,
     tl.store(OUT + pid_bs.to(tl.int64) * Qn + offs_m, tl.where(active, acc, 0.0), mask=m_in)
 
 
-def _blocks(block_d):
-    # Four [BLOCK_M, BLOCK_D] / [BLOCK_N, BLOCK_D] operand tiles live at once.
-    return (64, 64) if block_d <= 64 else (32, 64) if block_d <= 128 else (16, 32)
-
-
 def attention_sqdiff_rows(a: AttnArgs, q_b: torch.Tensor, k_b: torch.Tensor) -> torch.Tensor:
     """Rows [B, S, Q] for validated args (``a`` holds model a's q/k; ``q_b``/``k_b`` alike)."""
     triton_entry_checks(a)
@@ -124,11 +120,23 @@ def attention_sqdiff_rows(a: AttnArgs, q_b: torch.Tensor, k_b: torch.Tensor) -> 
     out = torch.empty(a.B, a.S, a.Q, device=a.q.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
-    bm, bn, bd, prec, up, acc, nw = tile_config(a, _blocks)
-    grid = (triton.cdiv(a.Q, bm), a.B * a.S)
-    _sqdiff_kernel[grid](a.q, a.k, q_b, k_b, a.heads, a.queries, a.key_mask, out,
-                         *a.q.stride(), *a.k.stride(), *q_b.stride(), *k_b.stride(),
-                         a.S, a.Q, a.L, a.D, a.group, a.scale * _LOG2E,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, ACC=acc,
-                         num_warps=nw)
+    bd = block_d_for(a.D)
+    prec, up, acc = dot_config(a.q.dtype, a.q.is_cuda)
+
+    def run(tile):
+        return _sqdiff_kernel[(triton.cdiv(a.Q, tile.block_m), a.B * a.S)](
+            a.q, a.k, q_b, k_b, a.heads, a.queries, a.key_mask, out,
+            *a.q.stride(), *a.k.stride(), *q_b.stride(), *k_b.stride(),
+            a.S, a.Q, a.L, a.D, a.group, a.scale * _LOG2E,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=bd, DOT_PREC=prec, UPCAST=up, ACC=acc,
+            num_warps=tile.num_warps, num_stages=tile.num_stages)
+    run(choose("attention_sqdiff", a.q, bd, False, a.L, a.Q, run))
     return out
+
+
+def compile_specs():
+    """The CUDA launch configuration above (both models' q and k contiguous), as
+    gpu_compile_check.py compiles it."""
+    strides = [(tuple(f"s_{x}{m}_{d}" for d in "bhld"), x) for x in "qk" for m in "ab"]
+    return tile_kernel_specs(_sqdiff_kernel, "attention_sqdiff", strides, lambda dt, _: dict(
+        QA=dt, KA=dt, QB=dt, KB=dt, HEADS=torch.int32, QPOS=torch.int32, KMASK=torch.int32, OUT=torch.float32))

@@ -34,8 +34,9 @@ import triton
 import triton.language as tl
 
 # Start value of the running maxima: finite, so exp(m_old - m_new) stays 0 or 1 when a
-# whole chunk is -inf (an -inf start would give exp(-inf + inf) = NaN).
-_NEG = -3.0e38
+# whole chunk is -inf (an -inf start would give exp(-inf + inf) = NaN). A constexpr: compiled
+# @jit code may read no other kind of global (the interpreter does not mind, a GPU build fails).
+_NEG = tl.constexpr(-3.0e38)
 
 
 def _refuse_fp64(s):
@@ -141,14 +142,14 @@ def _bwd(S, T, G, LSE_S, LSE_T, A, U,
                      mask=cols < V)
 
 
-def _block(V, block):
-    if block is not None:
-        return int(block)
-    return min(triton.next_power_of_2(V), 4096)
+def launch_config(V, block=None):
+    """(BLOCK, num_warps) of both kernels for vocabulary size V (``block`` overrides BLOCK).
 
-
-def _warps(block):
-    return 8 if block >= 2048 else 4
+    A chunk of up to 4096 entries per step keeps 7 fp32 [BLOCK] vectors live in the forward;
+    8 warps from 2048 up give every thread at most 16 entries of each.
+    """
+    B = int(block) if block is not None else min(triton.next_power_of_2(V), 4096)
+    return B, (8 if B >= 2048 else 4)
 
 
 def logits_kl_fwd(s, t, valid, block=None):
@@ -172,12 +173,12 @@ def logits_kl_fwd(s, t, valid, block=None):
         return loss, lse_s, lse_t, sum_s, qlogq
     assert s.stride(-1) == 1 and (t is None or t.stride(-1) == 1)
     valid = valid.reshape(-1).to(torch.int8).contiguous()
-    B = _block(V, block)
+    B, nw = launch_config(V, block)
     has_t = t is not None
     tt = t if has_t else s
     _fwd[(R,)](s, tt, valid, loss, lse_s, lse_t, sum_s, qlogq,
                L, V, s.stride(0), s.stride(1), tt.stride(0), tt.stride(1),
-               HAS_T=has_t, BLOCK=B, num_warps=_warps(B))
+               HAS_T=has_t, BLOCK=B, num_warps=nw, num_stages=3)
     return loss, lse_s, lse_t, sum_s, qlogq
 
 
@@ -192,10 +193,36 @@ def logits_kl_bwd(s, t, lse_s, lse_t, A, U, block=None):
     grad = torch.empty((N, L, V), device=s.device, dtype=s.dtype)
     if R == 0:
         return grad
-    B = _block(V, block)
+    B, nw = launch_config(V, block)
     has_t = t is not None
     tt = t if has_t else s
     _bwd[(R,)](s, tt, grad, lse_s, lse_t, A.float().contiguous(), U.float().contiguous(),
                L, V, s.stride(0), s.stride(1), tt.stride(0), tt.stride(1),
-               HAS_T=has_t, BLOCK=B, num_warps=_warps(B))
+               HAS_T=has_t, BLOCK=B, num_warps=nw, num_stages=3)
     return grad
+
+
+def compile_specs():
+    """Both kernels as the launchers above run them on CUDA: fp32/bf16/fp16 logits, with a
+    dense teacher and without one (the TopK path), for a real vocabulary (V = 32000; every
+    V > 2048 gives the same BLOCK = 4096 and 8 warps). Vocabularies of toy models (smaller
+    BLOCK) are left out to keep the matrix within CI's time."""
+    from ._configs import DTYPES, kernel_spec
+
+    specs = []
+    L = 4096   # representative contiguous [N, L, V] logits
+    for dtype in DTYPES:
+        for V in (32000,):
+            B, nw = launch_config(V)
+            for has_t in (True, False):
+                ints = dict(L=L, V=V, s_sn=L * V, s_sl=V, t_sn=L * V, t_sl=V)
+                f32 = torch.float32
+                fwd = dict(S=dtype, T=dtype, VALID=torch.int8, LOSS=f32, LSE_S=f32, LSE_T=f32, SUM_S=f32,
+                           QLOGQ=f32)
+                bwd = dict(S=dtype, T=dtype, G=dtype, LSE_S=f32, LSE_T=f32, A=f32, U=f32)
+                for name, fn, ptrs in (("logits_kl_fwd", _fwd, fwd), ("logits_kl_bwd", _bwd, bwd)):
+                    specs.append(kernel_spec(fn, name, pointers=ptrs, ints=ints,
+                                             constexprs=dict(HAS_T=has_t, BLOCK=B), num_warps=nw,
+                                             num_stages=3, dtype=dtype, expect_mma=False, vocab=V,
+                                             teacher=has_t, role="default"))
+    return specs

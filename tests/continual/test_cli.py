@@ -63,8 +63,12 @@ def test_train_then_eval(tmp_path, capsys):
     assert "seekr" in out and "OP" in out
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["complete"] and res["tasks"] == list(TASKS[:2])
-    # Running again resumes a finished run: nothing retrained, same numbers.
-    assert main(["train", "--config", cfg]) == 0
+    # Running again is refused without a flag; --resume resumes the finished run:
+    # nothing retrained, same numbers.
+    assert main(["train", "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "holds a seekr run" in err and "--resume" in err and "--overwrite" in err
+    assert main(["train", "--config", cfg, "--resume"]) == 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["matrix"] == res["matrix"]
     # Evaluate the run's checkpoint on its tasks, and a checkpoint directory on one task.
     assert main(["eval", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "ev.json")]) == 0
@@ -135,3 +139,40 @@ def test_train_from_local_hf_directory(tmp_path, capsys):
     ck = os.path.join(tmp_path / "run", json.loads((tmp_path / "run" / "state.json").read_text())["checkpoint"])
     assert isinstance(load_tokenizer(ck), HFTokenizer)     # the checkpoint is a loadable HF directory
     assert main(["eval", "--model", ck, "--task", str(tmp_path / "data" / TASKS[0]), "--max-answer-len", "6"]) == 0
+
+
+def test_paths_resolve_against_the_config_and_eval_runs_from_anywhere(tmp_path, monkeypatch, capsys):
+    """Task, model and output paths resolve against the config's folder and are saved
+    absolute; `--set` reaches list items; `seekr eval --run` from another directory uses the
+    run's settings (lengths, eval section, metrics, tokenizer)."""
+    proj = tmp_path / "proj"
+    cfg = _yaml(proj, method="replay")
+    text = open(cfg).read().replace(f"output_dir: {proj / 'run'}", "output_dir: runs/x")
+    open(cfg, "w").write(text + "eval: {batch_size: 5}\n")
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", "--config", os.path.relpath(cfg), "--set", "tasks.0.epochs=2", "--set",
+                 f"tasks[1].name={TASKS[1]}"]) == 0
+    run = proj / "runs" / "x"
+    assert not os.path.exists(tmp_path / "a" / "runs")
+    err = capsys.readouterr().err
+    assert "seekr: warning: replay.batch_size: replay batches of 8 samples" in err and "RunWarning" not in err
+    st = json.loads((run / "state.json").read_text())
+    c = st["config"]
+    assert c["output_dir"] == str(run) and c["tasks"][0]["epochs"] == 2 and c["tasks"][1]["epochs"] is None
+    assert [t["path"] for t in c["tasks"]] == [str(proj / "data" / n) for n in TASKS[:2]]
+    assert {r["epoch"] for r in map(json.loads, open(run / "log.jsonl")) if r["kind"] == "train" and r["task"] == 0} \
+        == {0, 1}
+    res = json.loads((run / "results.json").read_text())
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["eval", "--run", os.path.relpath(run), "--out", "ev.json"]) == 0
+    ev = json.loads((tmp_path / "b" / "ev.json").read_text())
+    # the run's lengths (12/6) and metric: the same scores and log-likelihoods as the run's last row
+    assert [ev["tasks"][n]["score"] for n in TASKS[:2]] == res["matrix"][-1]
+    assert [ev["tasks"][n]["loglik"] for n in TASKS[:2]] == pytest.approx(res["loglik"][-1], abs=1e-6)
+    assert ev["model"] == str(run / "checkpoints" / "task-001")
+    # a flag overrides the run's setting
+    assert main(["eval", "--run", str(run), "--max-answer-len", "2", "--out", "short.json"]) == 0
+    short = json.loads((tmp_path / "b" / "short.json").read_text())
+    assert short["tasks"][TASKS[0]]["loglik"] != pytest.approx(ev["tasks"][TASKS[0]]["loglik"], abs=1e-6)

@@ -150,7 +150,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, method):
             ContinualTrainer(tiny_config(tmp_path / "b", paths, method), quiet=True).run()
     assert json.loads((tmp_path / "b" / "state.json").read_text())["completed"] == 2
     b = ContinualTrainer(tiny_config(tmp_path / "b", paths, method), quiet=True)
-    rb = b.run()
+    rb = b.run(resume=True)
     assert rb["matrix"] == ra["matrix"] and rb["loglik"] == ra["loglik"]
     sa, sb = a.base.state_dict(), b.base.state_dict()
     assert sa.keys() == sb.keys()
@@ -159,15 +159,15 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, method):
     assert torch.equal(a.importance, b.importance)
     assert any(json.loads(x)["kind"] == "resume" for x in open(tmp_path / "b" / "log.jsonl"))
     # A finished run resumes to the same results without training again.
-    rc = ContinualTrainer(tiny_config(tmp_path / "b", paths, method), quiet=True).run()
+    rc = ContinualTrainer(tiny_config(tmp_path / "b", paths, method), quiet=True).run(resume=True)
     assert rc["matrix"] == ra["matrix"]
 
 
 def test_resume_refuses_another_run(tmp_path):
     paths = tiny_tasks(tmp_path / "data")[:1]
     ContinualTrainer(tiny_config(tmp_path / "run", paths, "replay"), quiet=True).run()
-    with pytest.raises(RuntimeError, match="method='replay'"):
-        ContinualTrainer(tiny_config(tmp_path / "run", paths, "seekr"), quiet=True).run()
+    with pytest.raises(RuntimeError, match="differs from the run's in method "):
+        ContinualTrainer(tiny_config(tmp_path / "run", paths, "seekr"), quiet=True).run(resume=True)
 
 
 def test_memory_on_disk_and_corruption_refused(tmp_path):
@@ -182,15 +182,12 @@ def test_memory_on_disk_and_corruption_refused(tmp_path):
             assert torch.equal(sa.input_ids, sb.input_ids) and torch.equal(sa.logits, sb.logits)
             assert all(torch.equal(sa.attention[l], sb.attention[l]) for l in sa.attention)
     # A damaged memory is refused on resume, not silently used.
-    st = json.loads((tmp_path / "run" / "state.json").read_text())
-    st["completed"] = 1
-    (tmp_path / "run" / "state.json").write_text(json.dumps(st))
     p = tmp_path / "run" / "memory" / "task-000" / "data.safetensors"
     data = bytearray(p.read_bytes())
     data[-3] ^= 0xFF
     p.write_bytes(bytes(data))
     with pytest.raises(ReplayMemoryError, match="checksum"):
-        ContinualTrainer(tiny_config(tmp_path / "run", paths, "seekr"), quiet=True).run()
+        ContinualTrainer(tiny_config(tmp_path / "run", paths, "seekr"), quiet=True).run(resume=True)
 
 
 def test_select_heads_published_rule():
