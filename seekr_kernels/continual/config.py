@@ -106,7 +106,9 @@ class TaskSpec:
 class TrainConfig:
     """Optimisation. ``batch_size`` is the global batch of one optimiser step (all ranks and
     accumulation micro-steps together); each micro-step on each rank sees
-    ``batch_size / (world_size * grad_accum)`` samples."""
+    ``batch_size / (world_size * grad_accum)`` samples. ``max_grad_norm`` clips the global
+    gradient norm before every optimiser step, at 1.0 by default as in the published code and
+    the Hugging Face Trainer (0: no clipping; the default was 0 before)."""
     batch_size: int = 16
     grad_accum: int = 1
     epochs: int = 1
