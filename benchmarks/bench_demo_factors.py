@@ -149,6 +149,9 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="runs at once, 1 torch thread each (default 2)")
     ap.add_argument("--ref-seeds", type=int, default=None,
                     help=f"seeds of {' and '.join(REFERENCES)} (default: --seeds)")
+    ap.add_argument("--no-run", action="store_true",
+                    help="run nothing: summarise the runs already in OUT/demo_factor_runs.jsonl (a factor "
+                         "on the seeds it has)")
     ap.add_argument("--reuse-demo", default=None, metavar="DIR",
                     help="take the baseline and reference runs from `seekr demo --out DIR` (same settings)")
     a = ap.parse_args(argv)
@@ -175,8 +178,8 @@ def main(argv=None):
         print(f"{reuse_demo(a.reuse_demo, s, a.quick, ref_seeds, names, skey, done, log_path)} runs taken from "
               f"{a.reuse_demo}", flush=True)
     # seed by seed: an interrupted study has every factor on its first seeds
-    todo = {(n, seed): factor_config(n, seed, s, root) for seed in ref_seeds for n in names
-            if seed in seeds_of(n) and (n, seed) not in done}
+    todo = {} if a.no_run else {(n, seed): factor_config(n, seed, s, root) for seed in ref_seeds for n in names
+                                if seed in seeds_of(n) and (n, seed) not in done}
     total = sum(len(seeds_of(n)) for n in names)
     print(f"{len(names)} factors x {len(seeds)} seeds ({', '.join(r for r in REFERENCES if r in names) or 'no reference'}"
           f" on {len(ref_seeds)}): {len(todo)} runs to do, {total - len(todo)} reused from {log_path}; "
@@ -206,12 +209,15 @@ def main(argv=None):
           "| OP - baseline, paired mean | OP > baseline | OP > replay-10% |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for n in names:
-        own = seeds_of(n)
+        own = [seed for seed in seeds_of(n) if (n, seed) in done]     # (fewer only with --no-run)
+        if not own:
+            print(f"| {n} | 0 | not run | | | | |")
+            continue
         op = demo.spread(done[(n, seed)]["OP"] for seed in own)
         bwt = demo.spread(done[(n, seed)]["BWT"] for seed in own)
         cmp = {}
         for c in (base, ref):
-            common_seeds = [seed for seed in own if c in names and c != n and seed in seeds_of(c)]
+            common_seeds = [seed for seed in own if c in names and c != n and (c, seed) in done]
             per = {seed: {n: done[(n, seed)], c: done[(c, seed)]} for seed in common_seeds}
             cmp[c] = f"{demo.seed_wins(per, n, c)}/{len(common_seeds)}" if common_seeds else ""
             if c == base:
