@@ -90,6 +90,19 @@ def test_readme_demo_table_has_the_printed_format():
         assert re.search(lib + r" \d", before), f"README demo table: no {lib} version above it"
 
 
+def test_readme_demo_table_is_the_recorded_run():
+    """The README's table is, line for line, what `seekr demo` printed for the run recorded
+    in benchmarks/results/demo_results.json, and names that run's library versions."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "demo_results.json"), encoding="utf-8") as f:
+        res = json.load(f)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert res["seeds"] == [0, 1, 2] and not res["quick"] and list(res["methods"]) == NAMES
+    assert demo.format_summary_table(res["methods"]) in readme
+    v = res["versions"]
+    assert f"torch {v['torch']}, transformers {v['transformers']}, triton {v['triton']}, python {v['python']}" in readme
+
+
 def test_spread_makespan_and_seed_wins():
     s = demo.spread([0.2, 0.5, 0.8])
     assert s["mean"] == pytest.approx(0.5) and (s["min"], s["max"], s["n"]) == (0.2, 0.8, 3)
