@@ -106,7 +106,9 @@ class TaskSpec:
 class TrainConfig:
     """Optimisation. ``batch_size`` is the global batch of one optimiser step (all ranks and
     accumulation micro-steps together); each micro-step on each rank sees
-    ``batch_size / (world_size * grad_accum)`` samples."""
+    ``batch_size / (world_size * grad_accum)`` samples. ``max_grad_norm`` clips the global
+    gradient norm before every optimiser step, at 1.0 by default as in the published code and
+    the Hugging Face Trainer (0: no clipping; the default was 0 before)."""
     batch_size: int = 16
     grad_accum: int = 1
     epochs: int = 1
@@ -115,7 +117,7 @@ class TrainConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     schedule: str = "constant"          # constant | linear | cosine
     warmup_steps: int = 0
-    max_grad_norm: float = 0.0          # 0: no clipping
+    max_grad_norm: float = 1.0          # 0: no clipping
     max_prompt_len: int = 512
     max_answer_len: int = 512
     pad_to_multiple_of: int = 8

@@ -1,4 +1,4 @@
-"""The `seekr` command: help, a shortened demo, train from YAML (with resume), eval, errors."""
+"""The `seekr` command: help, train from YAML (with resume), eval, errors."""
 import json
 import os
 import subprocess
@@ -28,23 +28,6 @@ def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "seekr_kernels", "--help"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert r.returncode == 0 and "seekr" in r.stdout and "demo" in r.stdout
-
-
-def test_quick_demo(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
-    text = capsys.readouterr().out
-    res = json.loads((out / "results.json").read_text())
-    names = ["sft", "replay-1%", "replay-10%", "seekr-1%"]
-    assert list(res["methods"]) == names
-    for n in names:
-        r = res["methods"][n]
-        assert set(r) >= {"OP", "BWT", "matrix"}
-        assert len(r["matrix"]) == 3 and r["matrix"][0][1] is None
-        assert f"{n} " in text
-        assert (out / f"heatmap-{n.replace('%', 'pct')}.png").is_file()
-    assert "OP" in text and "BWT" in text
-    assert (out / "data" / "rev" / "train.json").is_file()
 
 
 YAML = """

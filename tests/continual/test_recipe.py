@@ -17,8 +17,9 @@ from seekr_kernels.continual.trainer import ContinualTrainer, build_model, build
 
 from test_trainer import TASKS, tiny_config, tiny_tasks  # noqa: E402  (same folder)
 
-# Constant learning rate: the hand-written loop needs no scheduler.
-CONST = {"train.schedule": "constant", "train.warmup_steps": 0}
+# Constant learning rate and no clipping: the hand-written loop (README's own loop) needs no
+# scheduler and does not clip (the trainer clips at 1.0 by default).
+CONST = {"train.schedule": "constant", "train.warmup_steps": 0, "train.max_grad_norm": 0.0}
 
 
 def hand_loop(cfg, model, tok, tasks):
