@@ -98,16 +98,7 @@ def point(impl, N, L, V, dtype, device, k=0, reps=3):
         return loss
 
     peak, _ = common.measure(step, device=device, warmup=0, reps=1)
-    # The CPU is shared: the minimum over reps is the least disturbed run; the median is kept too.
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times, _ = _timed(step, reps, device)
     ms, ms_median = min(times), statistics.median(times)
     grad_mib = s.numel() * s.element_size() / 2**20
     return {"impl": impl if not k else f"{impl}-topk{k}", "N": N, "L": L, "V": V, "dtype": dtype,
@@ -115,6 +106,22 @@ def point(impl, N, L, V, dtype, device, k=0, reps=3):
             "overhead_mib": round(peak - grad_mib, 1), "ms": round(ms, 1), "ms_median": round(ms_median, 1),
             "loss": float(step().detach())}
 
+
+
+def _timed(step, reps, device):
+    """Milliseconds of ``reps`` calls of ``step`` (the CPU is shared: callers keep the
+    minimum, the least disturbed run, and the median) and the last call's result."""
+    import torch
+    times, out = [], None
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times, out
 
 def bench(args):
     device = "cuda" if args.gpu else "cpu"
@@ -270,15 +277,7 @@ def linear_point(impl, T, Hd, V, k=256, reps=2, device="cpu", dtype="float32", c
         return loss
 
     peak, _ = common.measure(step, device=device, warmup=0, reps=1)
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times, loss = _timed(step, reps, device)
     grads_mib = (V * Hd + T * Hd) * h.element_size() / 2 ** 20
     return {"impl": impl, "T": T, "Hd": Hd, "V": V, "k": k if impl in ("fused-topk", "fused-sampled") else "",
             "dtype": dtype, "device": device, "peak_mib": round(peak, 1), "grads_mib": round(grads_mib, 1),
