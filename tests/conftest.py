@@ -26,3 +26,33 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return torch.device("cuda" if os.environ.get("SEEKR_TEST_GPU") else "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is as fast, and tests run two workers on two cores;
+    the torch-backend fallback warning is expected there."""
+    import warnings
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*falls back to the plain-PyTorch backend.*")
+        yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def own_replay_grads(monkeypatch):
+    """``run(trainer, keys) -> (grads, record)``: the ContinualTrainer's replay step on
+    ``keys``, with its parameter gradients captured just before the optimiser step."""
+    from seekr_kernels.continual.trainer import ContinualTrainer
+
+    def run(tr, keys):
+        grads = {}
+
+        def capture(self, opt, sched):
+            grads.update({n: p.grad.clone() for n, p in self.base.named_parameters()})
+            self.train_model.zero_grad(set_to_none=True)
+        monkeypatch.setattr(ContinualTrainer, "_optimizer_step", capture)
+        return grads, tr._replay_step(keys, None, None)
+    return run

@@ -6,7 +6,6 @@ import copy
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -23,14 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*falls back to the plain-PyTorch backend.*")
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tasks(n=16):
@@ -75,7 +67,7 @@ def _replay_window(trainer, keys):
     return list(loader._replay_batches(keys))
 
 
-def test_replay_step_equals_own_trainer_and_recipe(own_run, tmp_path, monkeypatch):
+def test_replay_step_equals_own_trainer_and_recipe(own_run, tmp_path, own_replay_grads):
     tr = own_run
     model = tr.base
     model.train()
@@ -85,13 +77,7 @@ def test_replay_step_equals_own_trainer_and_recipe(own_run, tmp_path, monkeypatc
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     keys = tr.memory.keys()[:4]
     # 1. the own trainer's replay step (grad_accum 2): gradients just before the optimiser step
-    grads = {}
-
-    def capture(self, opt, sched):
-        grads.update({n: p.grad.clone() for n, p in self.base.named_parameters()})
-        self.train_model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(ContinualTrainer, "_optimizer_step", capture)
-    rec = tr._replay_step(keys, None, None)
+    grads, rec = own_replay_grads(tr, keys)
     # 2. the HF path: the Trainer's batch count, then training_step per micro-batch
     hf = _hf_trainer(tr, tmp_path)
     window = _replay_window(hf, keys)

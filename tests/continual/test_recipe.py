@@ -103,7 +103,7 @@ def _published_replay_loss(model, b, a, beta):
     return (1 - a) * out.loss + a * lkl + beta * attn
 
 
-def test_replay_loss_is_the_trainer_step_and_the_published_formula(seekr_run, monkeypatch):
+def test_replay_loss_is_the_trainer_step_and_the_published_formula(seekr_run, own_replay_grads):
     tr = seekr_run
     rc = tr.recipe
     keys = tr.memory.keys()[:5]
@@ -115,13 +115,7 @@ def test_replay_loss_is_the_trainer_step_and_the_published_formula(seekr_run, mo
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     # 1. the trainer's replay step: its gradients just before the optimiser step
-    grads = {}
-
-    def capture(self, opt, sched):
-        grads.update({n: p.grad.clone() for n, p in self.base.named_parameters()})
-        self.train_model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(ContinualTrainer, "_optimizer_step", capture)
-    rec = tr._replay_step(keys, None, None)
+    grads, rec = own_replay_grads(tr, keys)
     # 2. the recipe on the same batch and weights
     loss, parts = rc.replay_loss(model, rc.batch(keys))
     loss.backward()
