@@ -3,8 +3,9 @@ task of training (issue 15).
 
 :func:`check_run` (before anything is loaded): the device and the distillation backend
 exist on this machine, ``model.path`` / ``model.tokenizer`` are model and tokenizer
-folders, ``output_dir`` is a folder that is empty or holds a seekr run, and that run's
-``state.json`` is readable and consistent (:func:`read_run_state`).
+folders, ``output_dir`` is a folder that is empty or holds a seekr run. That run's
+``state.json`` is verified by the trainer when it decides how to start (resume,
+overwrite); :func:`read_run_state` reads it for ``seekr eval --run``.
 
 :func:`check_tasks` (once the data and the tokenizer are loaded): every task has training
 data and enough of it for one step; and warnings (:class:`RunWarning`) for what trains
