@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from seekr_kernels.continual import demo  # noqa: E402
-from seekr_kernels.continual.config import set_dotted  # noqa: E402
+from seekr_kernels.run import demo  # noqa: E402
+from seekr_kernels.run.config import set_dotted  # noqa: E402
 
 #: name -> (demo method, config overrides). "baseline" is the demo's seekr-1% run.
 FACTORS = {

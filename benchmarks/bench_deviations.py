@@ -35,10 +35,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seekr_kernels.continual.config import from_dict, set_dotted  # noqa: E402
-from seekr_kernels.continual.data import Example  # noqa: E402
-from seekr_kernels.continual.demo import (FULL, LETTERS, RULES, demo_config, make_stream,  # noqa: E402
-                                          write_stream)
+from seekr_kernels.run.config import from_dict, set_dotted  # noqa: E402
+from seekr_kernels.run.data import Example  # noqa: E402
+from seekr_kernels.run.demo import FULL, LETTERS, RULES, demo_config, make_stream, write_stream  # noqa: E402
 
 # The demo stream at a size a busy 2-core machine trains in a few minutes per run.
 SETTINGS = dict(FULL, n_train=600, n_test=100, epochs=3, first_epochs=5)
@@ -96,10 +95,10 @@ def config(method, ratio, out, data, seed, **over):
 # ============================================================================ statistics
 
 def stats(seed, tmp):
-    from seekr_kernels.continual.recipe import SeekrRecipe
-    from seekr_kernels.continual.replay import ReplayMemory
-    from seekr_kernels.continual.selection import select_heads
-    from seekr_kernels.continual.trainer import ContinualTrainer
+    from seekr_kernels.seekr.recipe import SeekrRecipe
+    from seekr_kernels.seekr.memory import ReplayMemory
+    from seekr_kernels.seekr.selection import select_heads
+    from seekr_kernels.run.trainer import ContinualTrainer
     data = os.path.join(tmp, "data")
     write_stream(var_stream(SETTINGS["n_train"], SETTINGS["n_test"], SETTINGS["tasks"], seed), data)
     cfg = from_dict(config("seekr", 0.01, os.path.join(tmp, "stats"), data, seed,
@@ -210,7 +209,7 @@ RUNS = {
 
 
 def runs(seeds, tmp):
-    from seekr_kernels.continual.trainer import ContinualTrainer
+    from seekr_kernels.run.trainer import ContinualTrainer
     out = {}
     for seed in seeds:
         data = os.path.join(tmp, f"data-{seed}")

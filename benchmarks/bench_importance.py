@@ -54,7 +54,7 @@ def _qk(L, dtype, device, seed=0, n=4):
 def sens_point(method, L, dtype="float32", device="cpu", reps=3):
     import torch
 
-    from seekr_kernels.continual.importance import attention_grad_sq_sums
+    from seekr_kernels.seekr.importance import attention_grad_sq_sums
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
     dO = torch.randn(1, L, H, D, generator=g).to(device=device, dtype=dt)
@@ -231,7 +231,7 @@ def e2e_point(method, samples=2, L=512, Q=100, layers=2):
                 stored.append(c.rows)
         nbytes = sum(r.numel() * r.element_size() for d in stored for r in d.values())
     else:
-        meter = sk.continual.importance.ForgettabilityMeter(store="cpu", backend="torch")
+        meter = sk.seekr.importance.ForgettabilityMeter(store="cpu", backend="torch")
         for b in batches:
             meter.update(before, after, b)
         nbytes = meter.peak_stored_bytes

@@ -2,7 +2,7 @@
 
 Layers of the package, bottom up: Triton / C++ / CUDA kernels (``triton/``, ``csrc/``), the
 ops that wrap them (``ops/``: functional API + autograd + backend dispatch), the model
-integration (``llama``), the algorithm (``continual/``) and the command (``cli``).
+integration (``llama``), the method (``seekr/``), the loops that drive it (``run/``, ``integrations/hf``) and the command (``cli``).
 """
 # Ops
 from .ops.attention_kl import AttentionKLLoss, attention_kl
@@ -15,13 +15,16 @@ from .cache import TeacherCache, TeacherCacheError
 # Model integration
 from .llama import capture_attention, distill_attention, observe_attention, patch_llama, unpatch_llama
 # Algorithm
-from .continual.importance import (Importance, measure_forgettability, measure_sensitivity,
-                                   sensitivity_loss)
-from .continual.replay import ReplayDataset, ReplayMemory, ReplaySample, ReplayTask
-from .continual.selection import batch_heads, select_heads
-from .continual.config import RecipeConfig, RunConfig
-from .continual.recipe import DistributedHooks, PreTaskWeights, ReplaySchedule, SeekrRecipe
-from .continual.trainer import ContinualTrainer, train
+from .seekr.importance import Importance, measure_forgettability, measure_sensitivity, sensitivity_loss
+from .seekr.memory import ReplayDataset, ReplayMemory, ReplaySample, ReplayTask
+from .seekr.selection import batch_heads, select_heads
+from .seekr.config import RecipeConfig
+from .run.config import RunConfig
+from .seekr.distributed import DistributedHooks
+from .seekr.snapshot import PreTaskWeights
+from .seekr.stream import ReplaySchedule
+from .seekr.recipe import SeekrRecipe
+from .run.trainer import ContinualTrainer, train
 
 from ._version import __version__
 

@@ -54,7 +54,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from .ops.topk import SampledTeacher, TopK, pack_indices, unpack_indices
-from .utils.io import atomic_path, clean_leftovers
+from .utils.store import atomic_path, clean_leftovers
 
 FORMAT = "seekr-teacher-cache"
 #: 3: packed indices and sampled teachers; 2: the JSON header checksummed; 1: the first.

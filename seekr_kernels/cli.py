@@ -14,7 +14,6 @@ files, a missing package) prints one line naming the key, file or path and exits
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,7 +27,7 @@ def _parse_value(text: str):
 
 
 def _overrides(pairs):
-    from .continual.config import ConfigError
+    from .seekr.config import ConfigError
     out = {}
     for p in pairs or []:
         if "=" not in p:
@@ -49,7 +48,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .continual.demo import run_demo
+    from .run.demo import run_demo
     if args.seed_list is not None and len(set(args.seed_list)) != len(args.seed_list):
         print(f"seekr demo: error: --seed-list: a seed appears twice in {args.seed_list}", file=sys.stderr)
         return 2
@@ -60,9 +59,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .continual import metrics as M
-    from .continual.config import ConfigError, load_config
-    from .continual.trainer import ContinualTrainer
+    from .run import metrics as M
+    from .seekr.config import ConfigError
+    from .run.config import load_config
+    from .run.trainer import ContinualTrainer
     if not os.path.isfile(args.config):
         raise ConfigError(f"--config: {args.config}: no such file")
     ov = _overrides(args.set)
@@ -93,8 +93,8 @@ _GENERATION_FLAGS = ("do_sample", "temperature", "top_p", "top_k", "num_repeats"
 def _eval_settings(args, cfg):
     import dataclasses
 
-    from .continual.config import ConfigError
-    from .continual.runeval import EvalSettings
+    from .seekr.config import ConfigError
+    from .run.runeval import EvalSettings
     s = EvalSettings.from_run(cfg) if cfg is not None else EvalSettings()
     for f in _EVAL_FLAGS:
         v = getattr(args, f, None)
@@ -111,11 +111,12 @@ def _eval_settings(args, cfg):
 
 
 def cmd_eval(args) -> int:
-    from .continual import metrics as M
-    from .continual.config import ConfigError, ModelConfig
-    from .continual.data import load_task, load_tokenizer
-    from .continual.runeval import (checked_metric, evaluate_tasks, final_checkpoint, load_checkpoint_model,
-                                    load_run, rebuild_matrix, resolve_device, run_tasks, _has_tokenizer)
+    from .run import metrics as M
+    from .seekr.config import ConfigError
+    from .run.config import ModelConfig
+    from .run.data import load_task, load_tokenizer
+    from .run.runeval import (checked_metric, evaluate_tasks, final_checkpoint, load_checkpoint_model,
+                              load_run, rebuild_matrix, resolve_device, run_tasks, _has_tokenizer)
 
     if args.matrix and not args.run:
         raise ConfigError("--matrix: needs --run OUTPUT_DIR (it evaluates the run's per-task checkpoints)")
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a task stream from a YAML config (--resume continues a run)",
                        description="Continual fine-tuning from a YAML config; see "
-                                   "seekr_kernels/continual/config.py for every key. Under torchrun it "
+                                   "seekr_kernels/seekr/config.py and seekr_kernels/run/config.py for every key. Under torchrun it "
                                    "trains with DDP (or FSDP2 with distributed.strategy: fsdp).")
     t.add_argument("--config", required=True, help="YAML config file")
     t.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override config keys as if written in the file, e.g. train.lr=1e-4, "
@@ -312,11 +313,11 @@ def expected_errors() -> tuple:
     """Exceptions the command reports as one line (exit 2) instead of a traceback: bad
     config, data, run state or files, and a missing optional package."""
     from .cache import TeacherCacheError
-    from .continual.checkpoint import CheckpointError, ResumeError
-    from .continual.config import ConfigError
-    from .continual.data import DataError
-    from .continual.preflight import RunStateError
-    from .continual.replay import ReplayMemoryError
+    from .run.checkpoint import CheckpointError, ResumeError
+    from .seekr.config import ConfigError
+    from .run.data import DataError
+    from .run.preflight import RunStateError
+    from .seekr.memory import ReplayMemoryError
     return (ConfigError, DataError, RunStateError, ReplayMemoryError, TeacherCacheError, CheckpointError,
             ResumeError, OSError, ImportError)
 
@@ -349,7 +350,7 @@ def main(argv=None) -> int:
         return 0
     debug = getattr(args, "debug", False)
     expected = expected_errors()
-    from .continual.preflight import RunWarning
+    from .run.preflight import RunWarning
     shown = warnings.showwarning
     with warnings.catch_warnings():
         def show(message, category, *a, **k):

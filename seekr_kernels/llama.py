@@ -23,7 +23,7 @@ with transformers' own SDPA (or flash-attn) function, unchanged, and then hands 
 layer's post-RoPE ``query [B, H, L, D]``, ``key``/``value [B, Hkv, L, D]`` (not repeated
 for GQA) and the output to the model's one active :class:`AttentionObserver`, if that
 observer asked for this layer. Distillation and capture are two such observers; other
-code (task sensitivity in :mod:`seekr_kernels.continual.importance`) plugs in its own
+code (task sensitivity in :mod:`seekr_kernels.seekr.importance`) plugs in its own
 through :func:`observe_attention`.
 
 flash-attn: with ``attention="flash_attention_2"`` (or ``"auto"`` on a model already using

@@ -41,11 +41,20 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_for_training(request):
+    """Every test of the method and the runner (tests/seekr, tests/run) runs on one thread."""
+    parts = request.node.path.parts
+    if "seekr" in parts[-2:-1] or "run" in parts[-2:-1]:
+        request.getfixturevalue("one_thread")
+    yield
+
+
 @pytest.fixture
 def own_replay_grads(monkeypatch):
     """``run(trainer, keys) -> (grads, record)``: the ContinualTrainer's replay step on
     ``keys``, with its parameter gradients captured just before the optimiser step."""
-    from seekr_kernels.continual.trainer import ContinualTrainer
+    from seekr_kernels.run.trainer import ContinualTrainer
 
     def run(tr, keys):
         grads = {}

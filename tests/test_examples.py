@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from seekr_kernels.cli import main
-from seekr_kernels.continual.config import ModelConfig, TrainConfig, load_config
-from seekr_kernels.continual.preflight import check_run
+from seekr_kernels.run.config import ModelConfig, TrainConfig, load_config
+from seekr_kernels.run.preflight import check_run
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
 CONFIGS = sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml")))

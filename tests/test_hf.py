@@ -13,9 +13,9 @@ import torch
 pytest.importorskip("transformers", reason="seekr_kernels.hf needs transformers")
 
 import seekr_kernels as sk  # noqa: E402
-from seekr_kernels.continual.config import from_dict  # noqa: E402
-from seekr_kernels.continual.data import Example, Task  # noqa: E402
-from seekr_kernels.continual.trainer import ContinualTrainer  # noqa: E402
+from seekr_kernels.run.config import from_dict  # noqa: E402
+from seekr_kernels.run.data import Example, Task  # noqa: E402
+from seekr_kernels.run.trainer import ContinualTrainer  # noqa: E402
 from seekr_kernels.hf import REPLAY_KEY, SeekrConfig, SeekrTrainer, task_samples  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +127,7 @@ def test_num_items_in_batch_is_honoured(own_run, tmp_path):
     with torch.no_grad():
         l1 = hf.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(4))
         l2 = hf.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(8))
-        full = sk.continual.losses.ce_sum(model(**batch).logits, batch["labels"])
+        full = sk.seekr.losses.ce_sum(model(**batch).logits, batch["labels"])
     torch.testing.assert_close(l1, full / 4)
     torch.testing.assert_close(l2, full / 8)
 

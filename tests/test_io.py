@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from seekr_kernels.utils.io import atomic_dir
+from seekr_kernels.utils.store import atomic_dir
 
 
 def _read(d):

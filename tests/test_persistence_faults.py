@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import seekr_kernels as sk
-from seekr_kernels.continual import replay
-from seekr_kernels.continual.replay import ReplayMemory, ReplayMemoryError, ReplaySample
-from seekr_kernels.utils import io
+from seekr_kernels.seekr import memory as replay
+from seekr_kernels.seekr.memory import ReplayMemory, ReplayMemoryError, ReplaySample
+from seekr_kernels.utils import store as io
 
 
 def small_memory(n_tasks=3, seed=0, topk=False):

@@ -9,7 +9,7 @@ V = {j <= i, attention_mask[b, j] = 1}, with p_x the softmax of model x's scores
 Keys outside V are 0 in both attention maps, so this is also the sum over the whole row
 of the [L, L] maps. It is the building block of SEEKR's forgettability (mean of
 (A_before - A_after)^2 over a head's attention map, see
-:func:`seekr_kernels.continual.importance.measure_forgettability`).
+:func:`seekr_kernels.seekr.importance.measure_forgettability`).
 
 The fused (triton) backend streams key blocks twice — the log-sum-exp of both rows,
 then the squared difference of the normalised probabilities — and writes only [B, S, Q].

@@ -11,7 +11,7 @@ i.e. the mean over the selected token rows r of
 **No shift.** The reference selects logits and labels at the *same* positions (it passes
 the model's unshifted ``labels``, so it distils positions whose own token is supervised).
 This op does the same: the caller passes aligned ``student_logits``, ``teacher`` and
-``labels`` and decides the alignment. ``seekr_kernels.continual.losses.logits_kl_mean``
+``labels`` and decides the alignment. ``seekr_kernels.seekr.losses.logits_kl_mean``
 shifts first (positions that *predict* an answer token); to reproduce the reference
 exactly, pass the model's labels as they are.
 

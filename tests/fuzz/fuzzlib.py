@@ -614,7 +614,7 @@ def run_files(sp, workdir):
     import shutil
     import torch
     import seekr_kernels as sk
-    from seekr_kernels.continual.replay import ReplayMemory, ReplayMemoryError, ReplaySample
+    from seekr_kernels.seekr.memory import ReplayMemory, ReplayMemoryError, ReplaySample
     rng = random.Random(sp["seed"])
     g = torch.Generator().manual_seed(sp["seed"])
     d = tempfile.mkdtemp(dir=workdir)

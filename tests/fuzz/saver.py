@@ -17,7 +17,7 @@ def versions():
     """{target: (A, B)}: objects that differ in every tensor and in their metadata."""
     import torch
     import seekr_kernels as sk
-    from seekr_kernels.continual.replay import ReplayMemory, ReplaySample
+    from seekr_kernels.seekr.memory import ReplayMemory, ReplaySample
 
     def cache(v):
         g = torch.Generator().manual_seed(v)
@@ -55,7 +55,7 @@ def save(target, obj, d):
     elif target == "importance":
         obj.save(os.path.join(d, "importance.safetensors"))
     else:
-        from seekr_kernels.utils.io import atomic_dir
+        from seekr_kernels.utils.store import atomic_dir
         with atomic_dir(os.path.join(d, "ckpt")) as tmp:
             for i in range(8):
                 with open(os.path.join(tmp, f"part-{i}.bin"), "wb") as f:

@@ -19,8 +19,8 @@ import torch
 import fuzzlib
 import saver
 import seekr_kernels as sk
-from seekr_kernels.continual.replay import ReplayMemory
-from seekr_kernels.utils.io import clean_leftovers
+from seekr_kernels.seekr.memory import ReplayMemory
+from seekr_kernels.utils.store import clean_leftovers
 
 TARGETS = ("cache", "memory", "importance", "atomic_dir")
 TRIALS = 15 if fuzzlib.long_mode() else 3

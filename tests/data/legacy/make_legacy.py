@@ -5,7 +5,7 @@
 import torch, json
 import seekr_kernels as sk
 from seekr_kernels.ops.topk import TopK
-from seekr_kernels.continual.replay import ReplayMemory, ReplaySample
+from seekr_kernels.seekr.memory import ReplayMemory, ReplaySample
 out = "tests/data/legacy"
 g = torch.Generator().manual_seed(0)
 B, S, Q, L, V = 2, 2, 3, 5, 40

@@ -1,1 +1,0 @@
-"""The SEEKR algorithm: importance, selection, replay, losses, trainer, data, metrics."""

@@ -1,0 +1,889 @@
+"""SEEKR inside the Hugging Face ``Trainer`` and TRL's ``SFTTrainer``.
+
+One task is one ``trainer.train()`` call; SEEKR runs inside it::
+
+    from seekr_kernels.hf import SeekrConfig, SeekrTrainer
+
+    args = SeekrConfig(output_dir="run", per_device_train_batch_size=8, seekr_method="seekr",
+                       replay_ratio=0.01, query_budget=100, report_to="tensorboard")
+    trainer = SeekrTrainer(model=model, args=args, processing_class=tokenizer)
+    for name, ds in tasks:                       # rows: input_ids + labels (-100 on the prompt)
+        trainer.train_task(ds, name)             # begin_task, train() with replay, end_task
+    trainer.recipe.save("run/seekr")             # memory, importance, heads (atomic)
+
+What happens in ``train()`` (the moments of :class:`~seekr_kernels.SeekrRecipe`):
+
+* when training begins (after accelerate/DeepSpeed/FSDP have wrapped the model), the
+  recipe's ``begin_task`` draws the task's replay subset from ``train_dataset`` and keeps
+  what forgettability needs of the pre-task model (trainable parameters on the host, so
+  PEFT/LoRA adapters only; head rows under FSDP);
+* the training dataloader is the Trainer's own, with replay batches interleaved: before
+  every ``replay_cycle``-th optimiser step (the recipe's :class:`ReplaySchedule`) one
+  optimiser step runs on a replay batch mixed from the memory of earlier tasks — the
+  same global batch on every process, each taking its slice of every accumulation
+  micro-step. The Trainer counts those steps like any other (learning-rate schedule,
+  ``max_steps``, logging, checkpoints);
+* :meth:`SeekrTrainerMixin.compute_loss` gives replay batches the recipe's
+  ``(1 - a) CE + a logits-KL + b attention-KL`` and every other batch the Trainer's own
+  loss (``super().compute_loss``: TRL's SFT loss under ``SeekrSFTTrainer``);
+* after the last step ``end_task`` measures sensitivity and forgettability, reselects the
+  heads, captures the teacher and adds the samples to the memory.
+
+Every checkpoint holds the recipe state (``seekr_recipe/``); ``train(resume_from_checkpoint=...)``
+restores it and resumes the task where it stopped, replay position included (while
+``train()`` runs, the Trainer's ``skip_first_batches`` skips inside the replay loader).
+
+Loss normalisation follows transformers' convention: ``compute_loss`` keeps the
+``num_items_in_batch`` argument and returns this process's share of the accumulated
+global batch, scaled by the number of processes (DDP, FSDP and DeepSpeed average
+gradients). A replay window's ``num_items_in_batch`` is the global replay batch's target
+count (what the Trainer counts with ``average_tokens_across_devices=True``); passed
+explicitly it is honoured. The replay terms reach the Trainer's ``log`` as
+``replay_loss``, ``replay_ce``, ``replay_logits_kl`` and ``replay_attn_kl`` (the mean
+over the replay steps since the last log of the global batch's values), so every
+``report_to`` integration (TensorBoard, W&B, MLflow) records them. The Trainer's own
+``loss`` stays the mean over all optimiser steps, replay steps included.
+
+``replay_in_accumulation`` (published: DeepSpeed counts the replay batch as a micro-step)
+makes a replay micro-batch one micro-step of the next accumulation window instead of an
+optimiser step of its own; every micro-step's loss is then its own mean divided by the
+accumulation steps, as DeepSpeed scales it (``num_items_in_batch`` is not used).
+
+Distributed: ``torchrun`` with DDP, FSDP2 through accelerate (``fsdp=...``,
+``fsdp_config={"version": 2}``) and DeepSpeed ZeRO-1/2 (``deepspeed=...``). The recipe's
+statistics are all-reduced over the job's process group; under FSDP every process runs
+the same forward passes and forgettability compares head rows. Under DeepSpeed the
+recipe's own backward passes (task sensitivity) run with the parameters frozen, so the
+ZeRO gradient hooks see nothing. ZeRO-3 is refused (parameters are partitioned outside
+the engine's forward).
+"""
+import contextlib
+import itertools
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from ..run import metrics as _metrics
+from ..seekr.config import ConfigError, RecipeConfig, recipe_from_dict
+from ..seekr.batching import IGNORE_INDEX, Encoded, as_pair, collate, shard
+from ..seekr.distributed import DistributedHooks
+from ..seekr.recipe import SeekrRecipe
+
+__all__ = ["SeekrArguments", "SeekrConfig", "SeekrTrainerMixin", "SeekrTrainer", "SeekrDataCollator",
+           "SeekrSFTConfig", "SeekrSFTTrainer", "seekr_trainer_class", "task_samples", "REPLAY_KEY"]
+
+#: The key under which an interleaved replay batch travels through the Trainer.
+REPLAY_KEY = "seekr_replay"
+#: The recipe state inside each Trainer checkpoint directory.
+RECIPE_DIR = "seekr_recipe"
+
+
+# ============================================================================ arguments
+
+# field name -> path in the recipe config (recipe_from_dict)
+_FIELDS = {
+    "seekr_method": ("method",),
+    "seekr_recipe": ("recipe",),
+    "replay_ratio": ("replay", "ratio"),
+    "replay_cycle": ("replay", "cycle"),
+    "replay_batch_size": ("replay", "batch_size"),
+    "replay_subset": ("replay", "subset"),
+    "replay_in_accumulation": ("replay", "in_accumulation"),
+    "replay_order": ("replay", "order"),
+    "replay_outnumbered": ("replay", "outnumbered"),
+    "replay_pad_to_multiple_of": ("pad_to_multiple_of",),
+    "logits_weight": ("distill", "logits_weight"),
+    "attn_weight": ("distill", "attn_weight"),
+    "layer_budget": ("distill", "layer_budget"),
+    "head_budget": ("distill", "head_budget"),
+    "query_budget": ("distill", "query_budget"),
+    "query_sampling": ("distill", "query_sampling"),
+    "sensitivity_region": ("distill", "sensitivity_region"),
+    "sensitivity_batch_size": ("distill", "sensitivity_batch_size"),
+    "sensitivity_padding": ("distill", "sensitivity_padding"),
+    "forgettability_norm": ("distill", "forgettability_norm"),
+    "teacher_logits": ("distill", "teacher_logits"),
+    "teacher_logits_k": ("distill", "teacher_logits_k"),
+    "teacher_logits_topk": ("distill", "teacher_logits_topk"),
+    "fused_lm_head": ("distill", "fused_lm_head"),
+    "attn_log_eps": ("distill", "attn_log_eps"),
+    "seekr_backend": ("distill", "backend"),
+    "capture_batch_size": ("capture_batch_size",),
+}
+_BY_PATH = {".".join(v): k for k, v in _FIELDS.items()}
+
+
+def _help(text, package=None, official=None):
+    if package is not None:
+        text += f" Default: {package}" + (f" ({official} with seekr_recipe='official')." if official is not None
+                                          else ".")
+    return {"help": text}
+
+
+@dataclass
+class SeekrArguments:
+    """SEEKR's options as ``TrainingArguments`` fields (the recipe config under flat names).
+
+    Mixed into :class:`SeekrConfig` (with ``TrainingArguments``) and ``SeekrSFTConfig``
+    (with TRL's ``SFTConfig``). A field left at ``None`` takes the package default, or the
+    published value with ``seekr_recipe="official"``; a value given explicitly always
+    wins. The seed, the global batch (``per_device_train_batch_size x processes x
+    gradient_accumulation_steps``) and the accumulation steps come from the training
+    arguments.
+    """
+    seekr_method: str = field(default="seekr", metadata=_help(
+        "Continual-learning method: 'sft' (no replay), 'replay' (CE on replay batches), 'replay+logits' "
+        "(+ logits distillation) or 'seekr' (+ attention distillation of the selected heads)."))
+    seekr_recipe: str = field(default="package", metadata=_help(
+        "'package' or 'official' (every option left unset takes the published SEEKR code's value)."))
+    replay_ratio: Optional[float] = field(default=None, metadata=_help(
+        "Replay samples kept per task: < 1 a fraction of its training set, >= 1 a count.", 0.01))
+    replay_cycle: Optional[int] = field(default=None, metadata=_help(
+        "A replay step before every N-th train step; 0: train steps per epoch // replay batches.", 0))
+    replay_batch_size: Optional[int] = field(default=None, metadata=_help(
+        "Samples per replay batch (global). Default: the global train batch (one micro-batch of it with "
+        "replay_in_accumulation)."))
+    replay_subset: Optional[str] = field(default=None, metadata=_help(
+        "Which samples of a task are kept: 'random' or 'first'.", "'random'", "'first'"))
+    replay_in_accumulation: Optional[bool] = field(default=None, metadata=_help(
+        "With gradient accumulation, a replay micro-batch is one micro-step of the next window instead of an "
+        "optimiser step of its own.", False, True))
+    replay_order: Optional[str] = field(default=None, metadata=_help(
+        "'reshuffle' (a fresh order per pass over the memory) or 'fixed' (one order, restarted every epoch).",
+        "'reshuffle'", "'fixed'"))
+    replay_outnumbered: Optional[str] = field(default=None, metadata=_help(
+        "When replay batches outnumber train batches: 'every_step' or 'skip'.", "'every_step'", "'skip'"))
+    replay_pad_to_multiple_of: Optional[int] = field(default=None, metadata=_help(
+        "Padding multiple of replay batches.", 8))
+    logits_weight: Optional[float] = field(default=None, metadata=_help(
+        "a in (1 - a) CE + a logits-KL + b attention-KL.", 0.5))
+    attn_weight: Optional[float] = field(default=None, metadata=_help("b, the attention-KL weight.", 1000.0))
+    layer_budget: Optional[int] = field(default=None, metadata=_help(
+        "Layers whose heads may be distilled. Default: 3/4 of the layers."))
+    head_budget: Optional[int] = field(default=None, metadata=_help(
+        "Heads distilled in total. Default: 1/8 of all heads."))
+    query_budget: Optional[int] = field(default=None, metadata=_help(
+        "Query rows distilled per sample (0: all).", 100, 0))
+    query_sampling: Optional[str] = field(default=None, metadata=_help(
+        "'subset' or 'official' (rows drawn with replacement when a sample is shorter).", "'subset'",
+        "'official'"))
+    sensitivity_region: Optional[str] = field(default=None, metadata=_help(
+        "'full' or 'causal' region of (dL/dA)^2.", "'full'"))
+    sensitivity_batch_size: Optional[int] = field(default=None, metadata=_help(
+        "Samples per sensitivity pass.", 1))
+    sensitivity_padding: Optional[str] = field(default=None, metadata=_help(
+        "'real' or 'official' (padded replay-set maps).", "'real'", "'official'"))
+    forgettability_norm: Optional[str] = field(default=None, metadata=_help(
+        "'sample' or 'official'.", "'sample'", "'official'"))
+    teacher_logits: Optional[str] = field(default=None, metadata=_help(
+        "What the replay memory keeps of the teacher's logits: 'dense', 'topk' (the k largest) or 'sampled' "
+        "(k positions sampled with importance weights: an unbiased teacher).", "'dense'"))
+    teacher_logits_k: Optional[int] = field(default=None, metadata=_help(
+        "k of a 'topk' or 'sampled' teacher.", 256))
+    teacher_logits_topk: Optional[int] = field(default=None, metadata=_help(
+        "Older spelling of teacher_logits='topk' with teacher_logits_k = this (0: dense).", 0))
+    fused_lm_head: Optional[str] = field(default=None, metadata=_help(
+        "'auto', 'true' or 'false': the replay CE and logits terms from the final hidden states and the lm_head "
+        "weight without [B, L, V] logits (auto: where it applies, not under FSDP or a LoRA-adapted lm_head; "
+        "true: refuse where it does not).", "'auto'"))
+    attn_log_eps: Optional[float] = field(default=None, metadata=_help(
+        "Attention KL with log(p + eps) (published 1e-8; 0 = exact).", 0.0, 1e-8))
+    seekr_backend: Optional[str] = field(default=None, metadata=_help(
+        "Kernel backend of the SEEKR ops: 'auto', 'triton', 'cpu', 'cuda' or 'torch'.", "'auto'"))
+    capture_batch_size: Optional[int] = field(default=None, metadata=_help(
+        "Samples per forward pass of teacher capture and forgettability.", 32))
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        self._check_checkpointing()
+        self.seekr_recipe_config(batch_size=1, grad_accum=1)      # validate the SEEKR fields now
+
+    def _check_checkpointing(self):
+        if not (getattr(self, "activation_checkpointing", None) or getattr(self, "gradient_checkpointing", None)):
+            return
+        for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+            kw = getattr(self, name, None)
+            if isinstance(kw, dict) and kw.get("use_reentrant") is True:
+                raise ValueError(f"{name}: use_reentrant=True runs the forward pass without gradients, so SEEKR's "
+                                 "attention losses could not be backpropagated; use {'use_reentrant': False}")
+
+    def seekr_dict(self) -> dict:
+        """The SEEKR fields as a :func:`~seekr_kernels.seekr.config.recipe_from_dict` dict
+        (fields left at None are omitted)."""
+        out: Dict[str, Any] = {}
+        for name, path in _FIELDS.items():
+            v = getattr(self, name)
+            if v is None:
+                continue
+            d = out
+            for k in path[:-1]:
+                d = d.setdefault(k, {})
+            d[path[-1]] = v
+        return out
+
+    def seekr_recipe_config(self, batch_size: Optional[int] = None, grad_accum: Optional[int] = None) -> RecipeConfig:
+        """The :class:`RecipeConfig` of these arguments (``ConfigError`` names the field)."""
+        d = self.seekr_dict()
+        ga = int(grad_accum if grad_accum is not None else getattr(self, "gradient_accumulation_steps", 1))
+        if batch_size is None:
+            world = int(getattr(self, "world_size", 1) or 1)
+            batch_size = int(getattr(self, "per_device_train_batch_size", 1)) * world * ga
+        d.update(batch_size=int(batch_size), grad_accum=ga, seed=int(getattr(self, "seed", 42)))
+        try:
+            return recipe_from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(_field_message(str(e))) from None
+
+
+def _field_message(msg: str) -> str:
+    """A recipe ConfigError ("distill.query_budget: ...") in the field names of the arguments
+    (every key it names)."""
+    import re
+    return re.sub(r"\b[a-z_]+(?:\.[a-z_]+)+\b", lambda m: _BY_PATH.get(m.group(0), m.group(0)), msg)
+
+
+@dataclass
+class SeekrConfig(SeekrArguments, TrainingArguments):
+    """``TrainingArguments`` plus SEEKR's fields (:class:`SeekrArguments`), for
+    :class:`SeekrTrainer`. ``remove_unused_columns`` defaults to False: a dataset may hold
+    ``prompt_ids``/``answer_ids`` rows that :class:`SeekrDataCollator` turns into model
+    inputs (a column the model does not take must reach the collator). Gradient
+    checkpointing must be non-reentrant (transformers' default)."""
+    remove_unused_columns: bool = field(default=False, metadata=_help(
+        "Drop dataset columns the model's forward does not take (False: SEEKR's collator reads "
+        "prompt_ids/answer_ids)."))
+
+
+# ============================================================================ data
+
+def _row_pair(row, i=0):
+    """(prompt_ids, answer_ids) of one dataset row: ``prompt_ids``/``answer_ids``;
+    ``input_ids`` with ``labels`` (-100 on the prompt), ``completion_mask`` or
+    ``assistant_masks`` (TRL: 1 on the supervised suffix); or ``input_ids`` alone (every
+    token supervised)."""
+    if isinstance(row, Encoded) or not isinstance(row, Mapping):
+        return as_pair(row, i)
+    if "prompt_ids" in row and "answer_ids" in row:
+        return as_pair(row, i)
+    if "input_ids" not in row:
+        raise ValueError(f"task_samples[{i}]: expected prompt_ids/answer_ids or input_ids (+ labels, "
+                         f"completion_mask or assistant_masks), got {sorted(row)}")
+    ids = torch.as_tensor(row["input_ids"]).reshape(-1)
+    if row.get("labels") is not None:
+        lab = row["labels"]
+    else:
+        m = None
+        for k in ("completion_mask", "assistant_masks"):
+            if row.get(k) is not None:
+                m = torch.as_tensor(row[k]).reshape(-1).bool()
+                if m.shape != ids.shape:
+                    raise ValueError(f"task_samples[{i}]: {k} differs in length from input_ids")
+                break
+        lab = ids.clone() if m is None else torch.where(m, ids, torch.full_like(ids, IGNORE_INDEX))
+    return as_pair({"input_ids": ids, "labels": lab, "attention_mask": row.get("attention_mask")}, i)
+
+
+class task_samples(Sequence):
+    """A task's rows as the recipe reads them, converted when indexed (``begin_task`` reads
+    only the drawn replay samples). Rows: see :func:`_row_pair`."""
+
+    def __init__(self, dataset):
+        try:
+            self._n = len(dataset)
+        except TypeError:
+            raise TypeError("train_dataset: SEEKR draws each task's replay samples by index; an iterable "
+                            "dataset without len() cannot be used (convert it to a map-style dataset)") from None
+        self.dataset = dataset
+
+    def __len__(self):
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        p, a = _row_pair(self.dataset[i], i)
+        return Encoded(p, a)
+
+
+class SeekrDataCollator:
+    """Left-padded causal-LM batches (``input_ids``, ``attention_mask``, ``position_ids``
+    counting real tokens, ``labels`` -100 on prompt and padding) from rows with
+    ``prompt_ids``/``answer_ids`` or ``input_ids`` (+ ``labels`` / ``completion_mask``),
+    the layout of the package's own trainer and of replay batches."""
+
+    def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: int = 8):
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = int(pad_to_multiple_of)
+
+    def __call__(self, features):
+        return collate([Encoded(*_row_pair(f, i)) for i, f in enumerate(features)], self.pad_token_id,
+                       self.pad_to_multiple_of)
+
+
+# ============================================================================ replay stream
+
+class _Replay:
+    """A replay micro-batch travelling through the Trainer (opaque to ``_prepare_inputs``:
+    the teachers keep their dtype and are moved by the recipe)."""
+    __slots__ = ("batch", "in_accumulation")
+
+    def __init__(self, batch, in_accumulation):
+        self.batch = batch
+        self.in_accumulation = in_accumulation
+
+
+class _ReplayLoader:
+    """The Trainer's training dataloader with the task's replay micro-batches interleaved.
+
+    Stream of one epoch: for every train step s (``group`` micro-batches: the accumulation
+    steps, or 1 micro-step with ``replay_in_accumulation``), if the schedule replays before
+    s, this process's replay micro-batches of the next global replay batch, then the train
+    micro-batches of s. Replay windows are whole accumulation windows, so the Trainer's
+    optimiser steps line up with them. Everything else is the inner loader's.
+    """
+
+    def __init__(self, trainer, loader):
+        self.loader = loader
+        self._trainer = trainer
+        rc = trainer.recipe
+        self.in_accumulation = rc.replays_in_accumulation
+        A = int(trainer.args.gradient_accumulation_steps)
+        self.group = 1 if self.in_accumulation else A
+        trainer._seekr_group = self.group        # micro-batches per replay step, for the logs
+        try:
+            self.n = len(loader)
+        except TypeError:
+            raise TypeError("train_dataset: replay needs a dataloader with a length (a map-style dataset)") from None
+        self.steps = -(-self.n // self.group)
+        self.schedule = rc.replay_schedule(self.steps)
+        self.epoch = 0
+        self._next_epoch = 0     # the epoch whose replay batches the schedule draws next
+        self._skip = 0           # micro-batches to drop at the next __iter__ (a resume)
+
+    def __len__(self):
+        return self.n + self.schedule.per_epoch * self.group
+
+    def __getattr__(self, name):     # dataset, sampler, batch_sampler, ... of the Trainer's loader
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+
+    def _replay_batches(self, keys):
+        rc = self._trainer.recipe
+        if self.in_accumulation:
+            mine = shard(list(range(len(keys))), rc.dist.rank, rc.dist.world_size)
+            micro = [mine]
+        else:
+            micro = rc.micro_batches(keys)
+        for mb in micro:
+            b = rc.batch([keys[i] for i in mb], global_keys=keys)
+            yield {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+                   REPLAY_KEY: _Replay(b, self.in_accumulation)}
+
+    def skip_first(self, num_batches: int) -> "_ReplayLoader":
+        """The Trainer's ``skip_first_batches`` for this loader (a resume mid-epoch): the
+        next epoch's stream drops its first ``num_batches`` micro-batches, replay ones
+        included, and the replay schedule still draws them, so the batches after the
+        skip are the uninterrupted run's."""
+        self._skip = int(num_batches)
+        return self
+
+    def _schedule_at(self, epoch):
+        """The schedule positioned at the start of ``epoch``: every epoch draws
+        ``per_epoch`` replay batches, and a resumed run starts at a later epoch with a
+        fresh loader (``order="reshuffle"`` continues its queue across epochs)."""
+        if epoch != self._next_epoch:
+            self.schedule = self._trainer.recipe.replay_schedule(self.steps)
+            for _ in range(epoch * self.schedule.per_epoch):
+                self.schedule.next_batch()
+        self._next_epoch = epoch + 1
+        self.schedule.start_epoch(epoch)
+        return self.schedule
+
+    def __iter__(self):
+        sched = self._schedule_at(self.epoch)
+        skip, self._skip = self._skip, 0
+        it = iter(self.loader)
+        for step in itertools.count():
+            if step < self.steps and sched.is_replay_step(step):
+                keys = sched.next_batch()
+                for b in self._replay_batches(keys):
+                    if skip:
+                        skip -= 1
+                        continue
+                    yield b
+            chunk = list(itertools.islice(it, self.group))
+            if not chunk:
+                return
+            for b in chunk:
+                if skip:
+                    skip -= 1
+                    continue
+                yield b
+
+
+_SKIP_ORIG = "_seekr_skip_first_batches_orig"
+
+
+@contextlib.contextmanager
+def _replay_aware_skip():
+    """While a SEEKR ``train()`` runs, the Trainer's ``skip_first_batches`` (its resume
+    mid-epoch) skips inside a :class:`_ReplayLoader` instead of rebuilding a plain
+    DataLoader from the dataset, which would lose the replay batches. Everything else
+    about the resume stays the Trainer's: the step and epoch counters, and the RNG state
+    it restores after the first batches of the resumed epoch."""
+    import transformers.trainer as hf_trainer
+    orig = getattr(hf_trainer, "skip_first_batches", None)
+    if orig is None or hasattr(orig, _SKIP_ORIG):      # not this Trainer's mechanism, or nested
+        yield
+        return
+
+    def skip_first_batches(dataloader, num_batches=0):
+        if isinstance(dataloader, _ReplayLoader):
+            return dataloader.skip_first(num_batches)
+        return orig(dataloader, num_batches)
+    setattr(skip_first_batches, _SKIP_ORIG, orig)
+    hf_trainer.skip_first_batches = skip_first_batches
+    try:
+        yield
+    finally:
+        if hf_trainer.skip_first_batches is skip_first_batches:
+            hf_trainer.skip_first_batches = orig
+
+
+# ============================================================================ the trainer
+
+def _world(trainer) -> int:
+    acc = getattr(trainer, "accelerator", None)
+    n = getattr(acc, "num_processes", None)
+    return int(n) if n else int(getattr(trainer.args, "world_size", 1) or 1)
+
+
+def _is_deepspeed(trainer) -> bool:
+    return bool(getattr(trainer, "is_deepspeed_enabled", False))
+
+
+def _zero_stage(trainer) -> int:
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    if plugin is None:
+        return 0
+    try:
+        return int(plugin.zero_stage)
+    except (AttributeError, TypeError, ValueError):
+        return int((plugin.deepspeed_config or {}).get("zero_optimization", {}).get("stage", 0) or 0)
+
+
+class SeekrTrainerMixin:
+    """SEEKR for a ``transformers.Trainer`` class (put it first in the bases)::
+
+        class MyTrainer(SeekrTrainerMixin, SomeTrainer): ...
+
+    Keyword arguments taken here: ``recipe`` (an existing :class:`~seekr_kernels.SeekrRecipe`,
+    e.g. loaded from disk; default: one built from the arguments' SEEKR fields, or the
+    package defaults when the arguments have none). Attributes: ``recipe`` (the state
+    carried across tasks), ``seekr_history`` (``end_task`` info per task).
+    """
+
+    def __init__(self, *args, recipe: Optional[SeekrRecipe] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._seekr_setup(recipe)
+
+    # ---------------------------------------------------------------- setup
+    def _seekr_setup(self, recipe):
+        a = self.args
+        if recipe is None:
+            seekr_args = a if isinstance(a, SeekrArguments) else SeekrArguments()
+            cfg = seekr_args.seekr_recipe_config(
+                batch_size=int(a.per_device_train_batch_size) * int(a.world_size) * int(a.gradient_accumulation_steps),
+                grad_accum=int(a.gradient_accumulation_steps))
+            recipe = SeekrRecipe(cfg, model=self.model, pad_token_id=self._seekr_pad_id(),
+                                 device=a.device, autocast_dtype=self._seekr_autocast())
+        elif not isinstance(recipe, SeekrRecipe):
+            raise TypeError(f"recipe: expected a SeekrRecipe, got {type(recipe).__name__}")
+        else:
+            if recipe.cfg.grad_accum != int(a.gradient_accumulation_steps):
+                raise ValueError(f"recipe: built for grad_accum={recipe.cfg.grad_accum}, the arguments have "
+                                 f"gradient_accumulation_steps={a.gradient_accumulation_steps}")
+            recipe.device = torch.device(a.device)
+            if recipe.autocast_dtype is None:
+                recipe.autocast_dtype = self._seekr_autocast()
+        self.recipe = recipe
+        self.seekr_history: List[dict] = []
+        self._seekr_task_name: Optional[str] = None
+        self._seekr_sums = torch.zeros(4, dtype=torch.float64)
+        self._seekr_micro = 0
+        self._seekr_group = 1
+        self._seekr_user_optimizer = getattr(self, "optimizer", None) is not None
+        if _is_deepspeed(self) and _zero_stage(self) >= 3:
+            raise ValueError("deepspeed: ZeRO stage 3 partitions the parameters outside the engine's forward, "
+                             "which SEEKR's pre-task snapshot and statistics read; use stage 1 or 2")
+        if recipe.uses_attention and self.model is not None:
+            from ..llama import patch_llama
+            patch_llama(self.model)
+        for m in ([self.model] if self.model is not None else []):
+            for mod in m.modules():
+                fn = getattr(mod, "_gradient_checkpointing_func", None)
+                kw = getattr(fn, "keywords", None) or {}
+                if getattr(mod, "gradient_checkpointing", False) and kw.get("use_reentrant") is True:
+                    raise ValueError("model: gradient checkpointing with use_reentrant=True cannot backpropagate "
+                                     "SEEKR's attention losses; enable it with {'use_reentrant': False}")
+        self._seekr_check_columns()
+        self.add_callback(_SeekrCallback(self))
+
+    def _seekr_pad_id(self) -> int:
+        tok = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        tok = getattr(tok, "tokenizer", tok)          # a processor wraps its tokenizer
+        for src in (tok, getattr(getattr(self, "model", None), "config", None)):
+            for name in ("pad_token_id", "eos_token_id"):
+                v = getattr(src, name, None)
+                if isinstance(v, (list, tuple)):
+                    v = v[0] if v else None
+                if v is not None:
+                    return int(v)
+        return 0
+
+    def _seekr_autocast(self):
+        a = self.args
+        if getattr(a, "bf16", False):
+            return torch.bfloat16
+        if getattr(a, "fp16", False):
+            return torch.float16
+        return None
+
+    def _seekr_check_columns(self, dataset=None):
+        ds = self.train_dataset if dataset is None else dataset
+        cols = getattr(ds, "column_names", None)
+        if not self.args.remove_unused_columns or cols is None:
+            return
+        if "input_ids" not in cols and {"prompt_ids", "answer_ids"} <= set(cols):
+            raise ValueError("remove_unused_columns: the dataset holds prompt_ids/answer_ids, which the Trainer "
+                             "would drop before the collator sees them; set remove_unused_columns=False "
+                             "(SeekrConfig's default)")
+
+    def _seekr_hooks(self) -> DistributedHooks:
+        """The recipe's view of this job: the Trainer's processes, a sum all-reduce on the
+        job's device, and FSDP2 reshards after the recipe's forward-only passes."""
+        world = _world(self)
+        if world <= 1:
+            return DistributedHooks()
+        import torch.distributed as dist
+        dev = torch.device(self.args.device)
+
+        def all_reduce(t):
+            x = t.to(dev)
+            dist.all_reduce(x)
+            return x.to(t.device)
+
+        def reshard():
+            try:
+                from torch.distributed.fsdp import FSDPModule
+            except ImportError:  # pragma: no cover - torch without FSDP2
+                return
+            for m in self.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+        sharded = bool(getattr(self, "is_fsdp_enabled", False))
+        return DistributedHooks(int(self.args.process_index), world, all_reduce, reshard, sharded)
+
+    # ---------------------------------------------------------------- tasks
+    def train(self, *args, **kwargs):
+        """``Trainer.train`` as one SEEKR task: ``begin_task`` when training begins, replay
+        steps inside, ``end_task`` after the last step. ``resume_from_checkpoint`` also
+        restores the recipe state saved in the checkpoint (the task in progress with its
+        pre-task snapshot, the memory, importance and heads); the Trainer restores the
+        optimiser, schedule, counters and RNG, and the replay loader skips the micro-batches
+        already trained (replay ones included), so a task resumed mid-epoch ends bit for
+        bit where the uninterrupted run ends (``tests/test_hf.py``)."""
+        args = list(args)
+        ckpt = kwargs.pop("resume_from_checkpoint", args.pop(0) if args else None)
+        if ckpt is not None and ckpt is not False:
+            ckpt = self._seekr_resume(ckpt)
+        engine = getattr(self, "model_wrapped", None)
+        if _is_deepspeed(self) and engine is not None and engine is not self.model:
+            # A later task: the Trainer would keep the previous task's engine (freed by
+            # accelerate) instead of building one; release its ZeRO hooks and start afresh.
+            if hasattr(engine, "destroy"):
+                engine.destroy()
+            self.model_wrapped = self.model
+        with _replay_aware_skip():
+            out = super().train(ckpt, *args, **kwargs)
+        self._seekr_end()
+        return out
+
+    def train_task(self, train_dataset=None, name: Optional[str] = None, **train_kwargs):
+        """Learn one task: set ``train_dataset``, start a fresh optimiser and learning-rate
+        schedule (unless the Trainer was given its own optimiser), ``train()`` with SEEKR,
+        and end the task. ``name`` defaults to ``task-<index>``; the task's checkpoints go
+        to ``<output_dir>/<name>/`` (global steps restart in every task). Returns
+        ``train()``'s ``TrainOutput``."""
+        rc = self.recipe
+        name = f"task-{rc.num_tasks}" if name is None else str(name)
+        if name in rc.task_names:
+            raise ValueError(f"name: task {name!r} was already learned (task names must be unique)")
+        if train_dataset is not None:
+            self.train_dataset = self._seekr_prepare_dataset(train_dataset, name)
+            self._seekr_check_columns()
+        if not self._seekr_user_optimizer:
+            self.optimizer, self.lr_scheduler = None, None
+        self._seekr_task_name = name
+        base = self.args.output_dir
+        self.args.output_dir = os.path.join(base, name) if base else base
+        try:
+            return self.train(**train_kwargs)
+        finally:
+            self.args.output_dir = base
+            self._seekr_task_name = None
+
+    def train_tasks(self, tasks, score: Optional[Callable[["SeekrTrainerMixin", str], float]] = None) -> dict:
+        """Learn a task sequence: ``tasks`` is a mapping ``name -> train_dataset`` or a list of
+        ``(name, train_dataset)``. With ``score(trainer, name) -> float`` every task learned
+        so far is scored after each task, and the result holds the accuracy ``matrix``, ``OP``
+        and ``BWT`` (TRACE's definitions, :mod:`seekr_kernels.run.metrics`)."""
+        items = list(tasks.items()) if isinstance(tasks, Mapping) else [tuple(t) for t in tasks]
+        rows, names = [], []
+        for name, ds in items:
+            self.train_task(ds, name)
+            names.append(str(name))
+            if score is not None:
+                rows.append([float(score(self, n)) for n in names])
+        out: Dict[str, Any] = {"tasks": names}
+        if score is not None:
+            out.update(_metrics.summarize(_metrics.partial_matrix(rows, len(names))))
+        return out
+
+    def _seekr_prepare_dataset(self, dataset, name):
+        """Hook for trainers that tokenise datasets themselves (TRL)."""
+        return dataset
+
+    def _seekr_begin(self):
+        rc = self.recipe
+        rc.dist = self._seekr_hooks()
+        if rc.current is not None:           # resumed inside a task
+            return
+        if self.train_dataset is None:
+            raise ValueError("train_dataset: SEEKR needs the task's training data")
+        rc.begin_task(self.model, task_samples(self.train_dataset), name=self._seekr_task_name)
+
+    def _seekr_end(self):
+        rc = self.recipe
+        if rc.current is None:
+            return
+        rc.dist = self._seekr_hooks()
+        with self._seekr_frozen():
+            info = rc.end_task(self.model)
+        self.seekr_history.append({"task": info["task"], "name": info["name"],
+                                   "heads": {int(l): h.tolist() for l, h in info.get("heads", {}).items()}})
+        return info
+
+    @contextlib.contextmanager
+    def _seekr_frozen(self):
+        """Under DeepSpeed the recipe's backward passes run with no parameter requiring a
+        gradient: ZeRO's reduction hooks fire on any backward that reaches a parameter,
+        and task sensitivity needs only dL/dA (it keeps its own graph alive)."""
+        if not _is_deepspeed(self):
+            yield
+            return
+        ps = [p for p in self.model.parameters() if p.requires_grad]
+        for p in ps:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in ps:
+                p.requires_grad_(True)
+
+    # ---------------------------------------------------------------- data
+    def get_train_dataloader(self):
+        """The Trainer's dataloader, with this task's replay batches interleaved."""
+        dl = super().get_train_dataloader()
+        rc = self.recipe
+        if not rc.uses_memory or len(rc.memory) == 0:
+            return dl
+        rc.dist = self._seekr_hooks()
+        return _ReplayLoader(self, dl)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        """A replay window's ``num_items_in_batch`` is the global replay batch's target count;
+        with ``replay_in_accumulation`` every window uses per-micro-step means (None)."""
+        if not self.recipe.uses_memory or len(self.recipe.memory) == 0:
+            return super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        replay = [b for b in batches if isinstance(b, Mapping) and REPLAY_KEY in b]
+        if self.recipe.replays_in_accumulation:
+            return batches, None
+        if replay:
+            if len(replay) != len(batches):     # cannot happen: replay windows are whole
+                raise RuntimeError("seekr: a replay micro-batch shares an accumulation window with train batches")
+            n = int(replay[0][REPLAY_KEY].batch["num_items_in_batch"])
+            return batches, torch.tensor(n, device=self.args.device)
+        return super().get_batch_samples(iter(batches), len(batches), *args, **kwargs)
+
+    # ---------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Replay batches: the recipe's replay objective (this process's share of the global
+        replay batch x the number of processes; ``num_items_in_batch`` overrides the global
+        target count). Other batches: the Trainer's own loss."""
+        rb = inputs.get(REPLAY_KEY) if isinstance(inputs, Mapping) else None
+        if rb is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        loss, parts = self.replay_loss(model, rb, num_items_in_batch)
+        return (loss, parts) if return_outputs else loss
+
+    def replay_loss(self, model, replay: "_Replay", num_items_in_batch=None):
+        """The loss ``compute_loss`` returns for a replay micro-batch, and its parts."""
+        rc = self.recipe
+        n = None
+        if num_items_in_batch is not None and not replay.in_accumulation:
+            n = int(num_items_in_batch)
+        share, parts = rc.replay_loss(model, replay.batch, num_items_in_batch=n)
+        scale = float(_world(self))
+        if replay.in_accumulation:
+            scale /= float(self.args.gradient_accumulation_steps)
+        if self._seekr_trainer_divides(num_items_in_batch):
+            scale *= float(getattr(self, "current_gradient_accumulation_steps", 1) or 1)
+        v = torch.stack([parts.get(k, share.detach() * 0) for k in ("ce", "logits_kl", "attn_kl")]
+                        + [share.detach()]).double().cpu()
+        self._seekr_sums += rc.dist.reduce(v)
+        self._seekr_micro += 1
+        return share * scale, parts
+
+    def _seekr_trainer_divides(self, num_items_in_batch) -> bool:
+        """Whether ``training_step`` will divide this loss by the accumulation steps."""
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
+        if flag is None:
+            flag = ((bool(getattr(self, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None)
+                    or getattr(self, "compute_loss_func", None) is not None)
+        return not flag
+
+    # ---------------------------------------------------------------- logging
+    def log(self, logs, *args, **kwargs):
+        """Adds ``replay_loss`` / ``replay_ce`` / ``replay_logits_kl`` / ``replay_attn_kl``
+        (mean over the replay steps since the last training log) to training logs."""
+        if self._seekr_micro and not any(str(k).startswith(("eval_", "test_")) for k in logs):
+            steps = self._seekr_micro / max(1, self._seekr_group)
+            s = (self._seekr_sums / steps).tolist()
+            logs = dict(logs)
+            logs["replay_loss"] = s[3]
+            logs["replay_ce"] = s[0]
+            if self.recipe.method in ("replay+logits", "seekr"):
+                logs["replay_logits_kl"] = s[1]
+            if self.recipe.uses_attention:
+                logs["replay_attn_kl"] = s[2]
+            self._seekr_sums.zero_()
+            self._seekr_micro = 0
+        return super().log(logs, *args, **kwargs)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _seekr_save(self, checkpoint_dir: str):
+        if self.args.should_save:
+            self.recipe.save(os.path.join(checkpoint_dir, RECIPE_DIR))
+
+    def _seekr_resume(self, ckpt):
+        if ckpt is True:
+            ckpt = get_last_checkpoint(self.args.output_dir)
+            if ckpt is None:
+                raise ValueError(f"resume_from_checkpoint: no checkpoint found in {self.args.output_dir}")
+        path = os.path.join(ckpt, RECIPE_DIR)
+        if not os.path.isdir(path):
+            raise ValueError(f"{path}: missing (the checkpoint was not written by a SEEKR trainer)")
+        self.recipe.load(path)
+        return ckpt
+
+
+class _SeekrCallback(TrainerCallback):
+    """begin_task once the model is wrapped; the recipe state into every checkpoint."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.trainer._seekr_begin()
+
+    def on_save(self, args, state, control, **kw):
+        self.trainer._seekr_save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
+
+class SeekrTrainer(SeekrTrainerMixin, Trainer):
+    """``transformers.Trainer`` with SEEKR (see the module docstring and
+    :class:`SeekrTrainerMixin`). ``args``: a :class:`SeekrConfig` (any ``TrainingArguments``
+    gives the package defaults). Without a ``data_collator``, :class:`SeekrDataCollator`."""
+
+    def __init__(self, model=None, args=None, data_collator=None, *a, recipe=None, **kw):
+        if data_collator is None:
+            pad = 0
+            tok = kw.get("processing_class") or kw.get("tokenizer")
+            for src in (tok, getattr(model, "config", None)):
+                for name in ("pad_token_id", "eos_token_id"):
+                    v = getattr(src, name, None)
+                    if isinstance(v, int):
+                        pad = v
+                        break
+                else:
+                    continue
+                break
+            mult = getattr(args, "replay_pad_to_multiple_of", None) or 8
+            data_collator = SeekrDataCollator(pad, mult)
+        super().__init__(model, args, data_collator, *a, recipe=recipe, **kw)
+
+
+def seekr_trainer_class(base):
+    """A SEEKR subclass of any ``transformers.Trainer`` class (``SeekrTrainerMixin`` first)."""
+    return type(f"Seekr{base.__name__}", (SeekrTrainerMixin, base), {"__module__": __name__})
+
+
+# ============================================================================ TRL
+
+_LAZY: Dict[str, Any] = {}
+
+
+def _trl_classes():
+    if _LAZY:
+        return _LAZY
+    try:
+        from trl import SFTConfig, SFTTrainer
+    except ImportError as e:
+        raise ImportError("SeekrSFTTrainer needs TRL: pip install 'seekr-kernels[hf]'") from e
+
+    @dataclass
+    class SeekrSFTConfig(SeekrArguments, SFTConfig):
+        """TRL's ``SFTConfig`` plus SEEKR's fields (:class:`SeekrArguments`)."""
+
+        def __post_init__(self):
+            super().__post_init__()
+            if getattr(self, "packing", False):
+                raise ValueError("packing: SEEKR's replay samples are single sequences (a packed row mixes "
+                                 "several); set packing=False")
+
+    class SeekrSFTTrainer(SeekrTrainerMixin, SFTTrainer):
+        """TRL's ``SFTTrainer`` with SEEKR. ``train_task`` datasets in any format
+        ``SFTTrainer`` takes (text, prompt/completion, messages) are tokenised by TRL."""
+
+        def _seekr_prepare_dataset(self, dataset, name):
+            cols = getattr(dataset, "column_names", None)
+            if cols is None or "input_ids" in cols:
+                return dataset
+            return self._prepare_dataset(dataset, self.processing_class, self.args, self.args.packing,
+                                         None, str(name))
+
+    SeekrSFTConfig.__module__ = SeekrSFTTrainer.__module__ = __name__
+    _LAZY.update(SeekrSFTConfig=SeekrSFTConfig, SeekrSFTTrainer=SeekrSFTTrainer)
+    return _LAZY
+
+
+def __getattr__(name):
+    if name in ("SeekrSFTConfig", "SeekrSFTTrainer"):
+        return _trl_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

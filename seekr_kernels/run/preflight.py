@@ -1,0 +1,325 @@
+"""Checks a run passes before it trains, so that no config or file fault surfaces after a
+task of training (issue 15).
+
+:func:`check_run` (before anything is loaded): the device and the distillation backend
+exist on this machine, ``model.path`` / ``model.tokenizer`` are model and tokenizer
+folders, ``output_dir`` is a folder that is empty or holds a seekr run. That run's
+``state.json`` is verified by the trainer when it decides how to start (resume,
+overwrite); :func:`read_run_state` reads it for ``seekr eval --run``.
+
+:func:`check_tasks` (once the data and the tokenizer are loaded): every task has training
+data and enough of it for one step; and warnings (:class:`RunWarning`) for what trains
+but not quite as the config reads: a task smaller than ``train.batch_size``, a missing
+evaluation split (evaluation falls back to another split), sequences longer than the
+model's ``max_position_embeddings``, replay batches larger than the replay memory. A
+replay method whose memory never fills one replay batch (it would train as ``sft``) is
+refused.
+
+Errors are :class:`~seekr_kernels.seekr.config.ConfigError` (naming the key),
+:class:`~seekr_kernels.run.data.DataError` (naming the file) or
+:class:`RunStateError` (naming ``state.json``); the ``seekr`` command prints each as one
+line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Optional, Sequence
+
+from ..seekr.config import ConfigError
+from .config import RunConfig
+
+
+class RunStateError(ValueError):
+    """An output directory whose saved run state cannot be used (message names the file)."""
+
+
+class RunWarning(UserWarning):
+    """A run that trains, but not quite as its config reads (message names the key)."""
+
+
+#: Entries that make a folder a seekr run directory (anything else alone is foreign).
+RUN_ENTRIES = ("state.json", "log.jsonl", "runlog.json", "results.json", "checkpoints", "memory")
+
+#: Files that make a folder a tokenizer folder.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                    "seekr_tokenizer.json", "spiece.model")
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, RunWarning, stacklevel=2)
+
+
+# ============================================================================ before loading
+
+def check_run(cfg: RunConfig) -> None:
+    """Everything checkable before data and model are loaded."""
+    check_device(cfg)
+    check_backend(cfg)
+    check_model_paths(cfg)
+    check_output_dir(cfg.output_dir)
+    # state.json is verified by the trainer when it decides how the run starts (checksum,
+    # agreement with its checkpoint, the newest good checkpoint named on damage), so that
+    # --overwrite still works on a damaged run.
+
+
+def _device_type(cfg: RunConfig) -> str:
+    import torch
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if cfg.device.startswith("cuda") else "cpu"
+
+
+def check_device(cfg: RunConfig) -> None:
+    """``device: cuda`` / ``cuda:N`` needs that CUDA device here."""
+    import torch
+    d = cfg.device
+    if not d.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device: {d!r} but no CUDA device is available here (torch {torch.__version__}, "
+                          f"CUDA {torch.version.cuda or 'not built'}); use device: auto or cpu")
+    if ":" in d:
+        idx = d.split(":", 1)[1]
+        if not idx.isdigit():
+            raise ConfigError(f"device: expected cuda:N with N a device index, got {d!r}")
+        if int(idx) >= torch.cuda.device_count():
+            raise ConfigError(f"device: {d!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+#: Kernels a method runs with ``distill.backend`` (seekr: the attention KL, the teacher's
+#: attention rows, forgettability), and which backends each op has.
+_SEEKR_OPS = {"attention_kl": ("triton", "cpu", "cuda", "torch"),
+              "attention_probs": ("triton", "cpu", "cuda", "torch"),
+              "attention_sqdiff": ("triton", "torch")}
+
+
+def check_backend(cfg: RunConfig) -> None:
+    """An explicit ``distill.backend`` must exist here for the device the run uses and
+    implement every kernel the method runs."""
+    b = cfg.distill.backend
+    if cfg.method != "seekr" or b in ("auto", "torch"):
+        return
+    import torch
+
+    from .._backend import available
+    dev = torch.device(_device_type(cfg))
+    ok, why = available(b, dev)
+    if not ok:
+        extra = " (TRITON_INTERPRET=1 runs it on CPU tensors, slowly)" if b == "triton" and dev.type == "cpu" else ""
+        raise ConfigError(f"distill.backend: {b!r} cannot run here: {why}{extra}; use auto or torch")
+    missing = [op for op, has in _SEEKR_OPS.items() if b not in has]
+    if missing:
+        raise ConfigError(f"distill.backend: {b!r} has no {', '.join(missing)} kernel, which the seekr "
+                          "method runs (forgettability); use auto, triton or torch")
+
+
+def check_model_paths(cfg: RunConfig) -> None:
+    """``model.path`` is a Hugging Face model folder, ``model.tokenizer`` (or the model
+    folder, when it is the tokenizer's source) holds tokenizer files."""
+    m = cfg.model
+    if m.path:
+        if not os.path.isdir(m.path):
+            raise ConfigError(f"model.path: {m.path} is not a directory (models load from local Hugging Face "
+                              "folders only)")
+        if not os.path.isfile(os.path.join(m.path, "config.json")):
+            raise ConfigError(f"model.path: {m.path} has no config.json (not a Hugging Face model folder)")
+    tok, key = (m.tokenizer, "model.tokenizer") if m.tokenizer else (m.path, "model.path")
+    if tok:
+        if not os.path.isdir(tok):
+            raise ConfigError(f"{key}: {tok} is not a directory")
+        if not any(os.path.isfile(os.path.join(tok, f)) for f in _TOKENIZER_FILES):
+            what = "model.tokenizer" if key == "model.path" else "a tokenizer folder"
+            raise ConfigError(f"{key}: {tok} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); "
+                              f"give {what}")
+
+
+def check_output_dir(path: str, key: str = "output_dir") -> None:
+    """``path`` can hold this run: it does not exist yet, is empty, or is a seekr run
+    directory (:data:`RUN_ENTRIES`; whether it is *this* run is decided by the resume
+    logic). A file, or a folder with other contents, is a :class:`ConfigError`."""
+    if os.path.isfile(path) or (os.path.exists(path) and not os.path.isdir(path)):
+        raise ConfigError(f"{key}: {path} is a file, not a directory")
+    if os.path.isdir(path):
+        entries = [e for e in os.listdir(path) if not e.startswith(".")]
+        if entries and not any(e in RUN_ENTRIES for e in entries):
+            shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ConfigError(f"{key}: {path} is not empty and holds no seekr run (it has {shown}; no "
+                              "state.json or log.jsonl); choose another output_dir")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"{key}: {path} cannot be created: {parent} is a file")
+
+
+def read_run_state(out_dir: str, task_names: Optional[Sequence[str]] = None) -> Optional[dict]:
+    """The ``state.json`` of a run directory, checked; None when there is none.
+
+    Raises :class:`RunStateError` naming the file when it is not a JSON object (a
+    truncated write, an edit), when ``completed`` is not a whole number in [0, number of
+    tasks] or disagrees with the saved evaluation rows, or when the checkpoint it names is
+    missing. ``task_names``: the config's tasks (bounds ``completed``)."""
+    p = os.path.join(out_dir, "state.json")
+    if not os.path.exists(p):
+        return None
+    hint = "the run cannot resume from it: restore the file, or use another output_dir"
+    try:
+        with open(p, "rb") as f:
+            st = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunStateError(f"{p}: damaged (truncated or not JSON: {e}); {hint}") from None
+    except OSError as e:
+        raise RunStateError(f"{p}: unreadable ({e.strerror})") from None
+    if not isinstance(st, dict):
+        raise RunStateError(f"{p}: damaged (expected a JSON object, got {type(st).__name__}); {hint}")
+    if "sha256" in st:
+        from .checkpoint import json_digest
+        if st["sha256"] != json_digest(st):
+            raise RunStateError(f"{p}: checksum mismatch (edited or damaged); {hint}")
+    done = st.get("completed")
+    if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+        raise RunStateError(f"{p}: 'completed' must be a whole number >= 0, got {done!r}; {hint}")
+    if task_names is not None and done > len(task_names):
+        raise RunStateError(f"{p}: 'completed' is {done} but the config has {len(task_names)} task(s); {hint}")
+    rows = st.get("rows")
+    if rows is not None:
+        if not isinstance(rows, list) or len(rows) != done:
+            n = len(rows) if isinstance(rows, list) else rows
+            raise RunStateError(f"{p}: 'completed' is {done} but {n} evaluation row(s) are saved (edited?); {hint}")
+        for i, r in enumerate(rows):
+            if not isinstance(r, list) or len(r) != i + 1:
+                raise RunStateError(f"{p}: evaluation row {i} should hold {i + 1} score(s), got {r!r}; {hint}")
+    ck = st.get("checkpoint")
+    if done and ck is not None:
+        if not isinstance(ck, str) or not os.path.isdir(os.path.join(out_dir, ck)):
+            raise RunStateError(f"{p}: the checkpoint it names ({ck!r}) is missing from {out_dir}; {hint}")
+    return st
+
+
+# ============================================================================ after loading data
+
+def eval_split(task, split: str, warn: bool = False, where: str = ""):
+    """The examples a task is evaluated on: ``split``, else the first non-empty of eval,
+    test, train (the fallback named in a :class:`RunWarning` when ``warn``)."""
+    exs = task.split(split)
+    if exs:
+        return exs
+    for other in ("eval", "test", "train"):
+        if other != split and task.split(other):
+            if warn:
+                what = "its training data (scores then measure memorisation)" if other == "train" \
+                    else f"its {other!r} split"
+                _warn(f"{where or 'task ' + task.name}: no {split!r} split (eval.split); evaluation uses {what}")
+            return task.split(other)
+    return []
+
+
+def model_max_positions(cfg: RunConfig, model=None) -> Optional[int]:
+    """``max_position_embeddings`` of the run's model (the object, its folder's
+    config.json, or the tiny architecture built from ``model.arch``)."""
+    if model is not None:
+        return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if cfg.model.path:
+        try:
+            with open(os.path.join(cfg.model.path, "config.json"), encoding="utf-8") as f:
+                v = json.load(f).get("max_position_embeddings")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+        return v if isinstance(v, int) else None
+    from .trainer import TINY_ARCH
+    return {**TINY_ARCH, **(cfg.model.arch or {})}.get("max_position_embeddings")
+
+
+def _replay_count(n: int, ratio: float) -> int:
+    # ReplayMemory.sample_indices' count, without drawing
+    k = int(ratio) if ratio >= 1 else int(n * ratio)
+    return max(1, min(n, k))
+
+
+def check_tasks(cfg: RunConfig, tasks: Sequence, tokenizer=None, *, world: int = 1,
+                max_positions: Optional[int] = None, warn: bool = True) -> None:
+    """Data-level checks once ``tasks`` (:class:`~seekr_kernels.run.data.Task`) are
+    loaded: errors for a task without training data or with fewer samples than one step
+    needs; :class:`RunWarning` for the cases in the module docstring (``warn=False``: the
+    errors only, e.g. on all ranks but the first)."""
+    with warnings.catch_warnings():
+        if not warn:
+            warnings.simplefilter("ignore", RunWarning)
+        _check_tasks(cfg, tasks, tokenizer, world, max_positions)
+
+
+def _check_tasks(cfg, tasks, tokenizer, world, max_positions):
+    from .data import DataError
+    tr = cfg.train
+    A = tr.grad_accum
+    if tr.batch_size < world * A:
+        raise ConfigError(f"train.batch_size: {tr.batch_size} is smaller than world size x train.grad_accum = "
+                          f"{world} x {A}: every process and accumulation micro-step needs a sample")
+    where = [f"tasks[{i}] ({t.name})" for i, t in enumerate(tasks)]
+    for w, t in zip(where, tasks):
+        n = len(t.train)
+        if n == 0:
+            raise DataError(f"{w}: no training samples")
+        if n < world * A:
+            raise ConfigError(f"train.grad_accum: {w} has {n} training sample(s), fewer than the {world * A} "
+                              f"one step needs (world size {world} x train.grad_accum {A})")
+        if n < tr.batch_size:
+            _warn(f"train.batch_size: {w} has {n} training sample(s), fewer than train.batch_size="
+                  f"{tr.batch_size}: each epoch is a single step of {n - n % (world * A)} samples")
+        eval_split(t, cfg.eval.split, warn=True, where=w)
+    if tokenizer is not None and max_positions:
+        _check_lengths(cfg, tasks, where, tokenizer, max_positions)
+    if cfg.method != "sft" and len(tasks) > 1:
+        _check_replay_batches(cfg, tasks, world)
+
+
+def _check_lengths(cfg, tasks, where, tokenizer, max_positions):
+    from .data import encode_example
+    tr = cfg.train
+    if tr.max_prompt_len + tr.max_answer_len <= max_positions:
+        return
+    for w, t in zip(where, tasks):
+        exs = list(t.train) + list(eval_split(t, cfg.eval.split))
+        lens = [len(e.prompt_ids) + len(e.answer_ids) for e in
+                (encode_example(x, tokenizer, tr.max_prompt_len, tr.max_answer_len) for x in exs)]
+        over = [n for n in lens if n > max_positions]
+        if over:
+            _warn(f"train.max_prompt_len/max_answer_len: {len(over)} of {len(lens)} sequences of {w} are longer "
+                  f"than the model's max_position_embeddings={max_positions} (up to {max(over)} tokens); the "
+                  "positions beyond it were never trained: lower train.max_prompt_len + train.max_answer_len")
+
+
+def _check_replay_batches(cfg, tasks, world):
+    tr, rc = cfg.train, cfg.replay
+    in_acc = rc.in_accumulation and tr.grad_accum > 1
+    bs = rc.batch_size or (tr.batch_size // tr.grad_accum if in_acc else tr.batch_size)
+    need = world if in_acc else world * tr.grad_accum
+    what = f"replay batches of {bs} samples" + ("" if rc.batch_size else " (the default: train.batch_size"
+                                                + (" / train.grad_accum)" if in_acc else ")"))
+    if bs < need:     # the recipe refuses it at the first replay step: say it now
+        raise ConfigError(f"replay.batch_size: {what} are fewer than the {need} samples a replay batch needs "
+                          "(one per process and accumulation micro-step)")
+    mem, short, none, replays = 0, [], [], False
+    for i, t in enumerate(tasks):
+        if i:
+            if mem < need:
+                none.append(t.name)
+            elif mem < bs:
+                short.append((t.name, mem))
+            replays = replays or mem >= need
+        mem += _replay_count(len(t.train), rc.ratio)
+    if not replays:
+        raise ConfigError(f"replay.ratio: the replay memory never holds the {need} samples a replay batch needs "
+                          f"(one per process and accumulation micro-step): method {cfg.method} would never "
+                          "replay; raise replay.ratio")
+    if none:
+        _warn(f"replay.ratio: no replay before task(s) {', '.join(none)}: the memory holds fewer than the {need} "
+              "samples a replay batch needs")
+    if short:
+        name, m = short[0]
+        more = f" (and {len(short) - 1} later task(s))" if len(short) > 1 else ""
+        _warn(f"replay.batch_size: {what}, but the replay memory holds only {m} before task {name}{more}: "
+              "those replay batches are the whole memory")

@@ -1,0 +1,1424 @@
+"""Continual fine-tuning over a sequence of tasks: sft, replay, replay+logits and SEEKR.
+
+One :class:`ContinualTrainer` runs a whole task stream::
+
+    from seekr_kernels.run.config import load_config
+    from seekr_kernels.run.trainer import ContinualTrainer
+    results = ContinualTrainer(load_config("run.yaml")).run()
+    results["OP"], results["BWT"], results["matrix"]
+
+It is a loop over :class:`~seekr_kernels.seekr.recipe.SeekrRecipe`, which holds the
+method (replay memory, importance, heads, the replay loss). Per task t (the published
+recipe, jinghan1he/SEEKR ``training/seekr.py``):
+
+1. ``recipe.begin_task``: a seeded replay subset of task t's training data
+   (``replay.ratio``) and, for SEEKR, its query rows (``distill.query_budget``) and the
+   pre-task weights (for forgettability);
+2. the model trains on task t (AdamW, warm-up + schedule, gradient accumulation, bf16
+   autocast on CUDA, optional gradient checkpointing); every ``replay.cycle`` steps one
+   extra optimiser step runs on a replay batch mixed from the memory of earlier tasks,
+   with loss ``recipe.replay_loss`` = ``(1 - a) CE + a logits-KL + b attention-KL``
+   (``replay``: CE only, ``replay+logits``: b = 0). Default cycle: train batches per
+   epoch // replay batches. With ``replay.in_accumulation`` (published) a replay batch is
+   instead one micro-step of the next accumulation window;
+3. ``recipe.end_task``: task sensitivity and forgettability of every head on the new
+   replay samples update the accumulated importance, heads are reselected under the
+   layer/head budgets, and the teacher (logits and the selected heads' attention rows) is
+   captured for the new samples, which join the memory;
+4. every task seen so far is evaluated (a row of the accuracy matrix); the memory, a
+   checkpoint and the run state are written atomically.
+
+Checkpoints (:mod:`~seekr_kernels.run.checkpoint`): at every task end and every
+``train.save_steps`` optimiser steps, a ``save_pretrained`` folder (sharded at
+``train.max_shard_size``; LoRA: the adapters) plus optimiser, scheduler, gradient scaler,
+RNG states, the position in the task and the replay schedule, the recipe's state and the
+step counters, every file checksummed in a manifest written last. ``state.json`` names the
+newest checkpoint (its commit point) and carries its own checksum.
+
+Resume is explicit (``run(resume=True)``, ``seekr train --resume``): a run continues from
+the newest checkpoint, also in the middle of a task, and ends bit-identical to an
+uninterrupted run. The checkpoint is verified file by file first, and a config that
+differs from the saved one in any key that changes results is refused with the keys
+named (see :data:`RESUME_IGNORED` for the keys that may change). An output directory that
+holds a run is never silently reused: without ``resume`` or ``overwrite`` it is refused.
+
+The optimiser (``train.optimizer_scope``): ``task`` (default) builds a fresh AdamW and LR
+schedule (with its warm-up) for every task, each task a fine-tuning run of its own;
+``run`` keeps one AdamW and one constant schedule for the whole stream, as the published
+code does (one DeepSpeed engine for all tasks; ``recipe: official`` sets it).
+
+Distributed (``torchrun``): DDP by default, FSDP2 (``fully_shard`` per decoder layer) with
+``distributed.strategy: fsdp``. Every rank draws the same global batches and replay
+batches and takes its slice; losses are normalised by global counts so N processes give
+the gradient of the single-process global batch; importance statistics are all-reduced
+(through the recipe's :class:`~seekr_kernels.seekr.distributed.DistributedHooks`); only
+rank 0 writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import hashlib
+import string
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..utils.store import atomic_save_json
+from . import checkpoint as ck
+from . import metrics as M
+from .checkpoint import CheckpointError, ResumeError, is_peft_model
+from ..seekr.config import ConfigError
+from .config import RunConfig, TaskSpec, task_name
+from .data import CharTokenizer, EncodedDataset, epoch_batches, load_task, load_tokenizer
+from ..seekr.batching import Encoded, collate, shard
+from .evaluate import GenerationOptions, evaluate_examples, resolve_metric_name
+from ..seekr.losses import ce_sum
+from .preflight import check_run, check_tasks, eval_split, model_max_positions
+from ..seekr.distributed import DistributedHooks
+from ..seekr.recipe import PendingSample, SeekrRecipe, task_seed
+from .runlog import RunLogger
+
+_Sample = PendingSample   # the name this module used before the recipe moved out
+
+STATE_VERSION = 2
+_STATE_KIND = "seekr-run"
+_TRAINER_KIND = "seekr-trainer-state"
+
+#: Config keys (and sections) a resumed run may change without being asked: they cannot
+#: change a result (where files go, logging, progress, checkpoint cadence and shard size,
+#: how many checkpoints are kept, how many predictions are logged, what the finished run
+#: writes as its final model, and max_steps, which stops a run without touching its
+#: schedule). Every other key, the number of processes, the device type and each task's
+#: data are compared with the checkpoint's.
+RESUME_IGNORED = ("output_dir", "log", "report_to", "train.report_to", "train.save_steps",
+                  "train.save_total_limit", "train.max_steps", "train.max_shard_size", "keep_checkpoints",
+                  "eval.keep_predictions", "model.lora.save")
+
+#: What a run writes into its output directory (``overwrite`` deletes these, nothing else).
+RUN_ENTRIES = ("state.json", "results.json", "heatmap.png", "log.jsonl", "checkpoints", "memory", "final",
+               "base", "tensorboard", "mlruns", "wandb")
+DEFAULT_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
+
+#: The tiny Llama built when no model path is given.
+TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                 tie_word_embeddings=True)
+
+
+# ============================================================================ setup helpers
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % (2 ** 32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def build_tokenizer(mcfg):
+    """The run's tokenizer: a local HF tokenizer, or the built-in char tokenizer."""
+    if mcfg.tokenizer:
+        return load_tokenizer(mcfg.tokenizer)
+    if mcfg.path:
+        return load_tokenizer(mcfg.path)
+    return CharTokenizer(mcfg.alphabet or DEFAULT_ALPHABET)
+
+
+def build_model(mcfg, tokenizer, seed: int = 0):
+    """A causal LM from a local HF directory, or a tiny Llama from ``mcfg.arch``.
+
+    A directory holding a PEFT adapter (``adapter_config.json``: a LoRA run's checkpoint
+    or ``final`` folder saved as ``adapter``) loads its base model and the adapter. With
+    ``mcfg.lora`` set, LoRA adapters are added (:func:`apply_lora`).
+    """
+    dtype = getattr(torch, mcfg.dtype)
+    if mcfg.path and os.path.isfile(os.path.join(mcfg.path, "adapter_config.json")):
+        return _load_adapter_dir(mcfg, tokenizer, seed)
+    model = _build_base(mcfg, tokenizer, seed, dtype)
+    if getattr(mcfg, "lora", None) is not None:
+        model = apply_lora(model, mcfg.lora, seed)
+    return model
+
+
+def _load_adapter_dir(mcfg, tokenizer, seed):
+    """Base model named by the adapter's config, then the adapter (trainable when the
+    config asks for LoRA, else for inference)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError(f"model.path: {mcfg.path} holds a LoRA adapter; loading it needs the peft package "
+                          "(pip install peft)") from None
+    with open(os.path.join(mcfg.path, "adapter_config.json"), encoding="utf-8") as f:
+        base_path = json.load(f).get("base_model_name_or_path")
+    if not base_path or not os.path.isdir(base_path):
+        raise FileNotFoundError(f"{mcfg.path}/adapter_config.json: base_model_name_or_path {base_path!r} is not "
+                                "a local directory")
+    import dataclasses
+    base = _build_base(dataclasses.replace(mcfg, path=base_path, lora=None), tokenizer, seed,
+                       getattr(torch, mcfg.dtype))
+    return PeftModel.from_pretrained(base, mcfg.path, is_trainable=getattr(mcfg, "lora", None) is not None)
+
+
+def apply_lora(model, lcfg, seed: int = 0):
+    """Wrap ``model`` with PEFT LoRA adapters from a ``model.lora`` config (base frozen;
+    the adapters' random init is seeded by ``seed``)."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("model.lora: needs the peft package: pip install peft (or 'seekr-kernels[lora]')") from None
+    pc = peft.LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                         target_modules=lcfg.target_modules, task_type="CAUSAL_LM")
+    with _fork_rng():
+        torch.manual_seed(seed + 1)
+        try:
+            return peft.get_peft_model(model, pc)
+        except ValueError as e:   # target modules not found
+            raise ConfigError(f"model.lora.target_modules: {e}") from None
+
+
+def plain_state_dict(model, merge: bool) -> dict:
+    """The base model's state dict of a PEFT LoRA model, under the base model's own names:
+    the adapters merged into the weights (``merge=True``: W + scale * B @ A per adapted
+    layer) or left out (the untouched base weights). The model is not modified."""
+    from peft.tuners.lora import LoraLayer
+    base = model.get_base_model()
+    sd = {}
+    for n, t in base.state_dict().items():
+        if ".lora_" in n:
+            continue
+        sd[n.replace(".base_layer.", ".")] = t.detach().cpu()
+    if merge:
+        with torch.no_grad():
+            for n, m in base.named_modules():
+                if isinstance(m, LoraLayer) and f"{n}.weight" in sd:
+                    w = sd[f"{n}.weight"]
+                    delta = sum(m.get_delta_weight(a).detach().float().cpu() for a in m.active_adapters
+                                if a in m.lora_A)
+                    sd[f"{n}.weight"] = (w.float() + delta).to(w.dtype)
+    return sd
+
+
+def _build_base(mcfg, tokenizer, seed, dtype):
+    if mcfg.path:
+        from transformers import AutoModelForCausalLM
+        if not os.path.isdir(mcfg.path):
+            raise FileNotFoundError(f"model.path: {mcfg.path} is not a directory (models load from local "
+                                    "Hugging Face directories only)")
+        with _quiet_transformers():
+            try:
+                return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, dtype=dtype,
+                                                            attn_implementation=mcfg.attn_implementation)
+            except TypeError:  # transformers < 4.56 spells it torch_dtype
+                return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, torch_dtype=dtype,
+                                                            attn_implementation=mcfg.attn_implementation)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    arch = {**TINY_ARCH, **(mcfg.arch or {}), "vocab_size": tokenizer.vocab_size,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    cfg = LlamaConfig(**arch)
+    cfg._attn_implementation = mcfg.attn_implementation
+    with _fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No 'Writing model shards' progress bar inside our own progress output."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _fork_rng():
+    state = torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a torch.distributed job (world 1 when not launched)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owned: bool = False
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (returned on t's device; the collective runs on ``self.device``)."""
+        if self.world > 1:
+            x = t.to(self.device)
+            torch.distributed.all_reduce(x)
+            return x.to(t.device)
+        return t
+
+    def close(self):
+        """Leave the process group (only if this object joined it); all ranks together."""
+        if self.owned and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def setup_distributed(cfg: RunConfig) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = cfg.distributed.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+    dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), owned=True)
+
+
+def _device(cfg: RunConfig, d: Dist) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.device == "cuda":
+        return torch.device(f"cuda:{d.local_rank}")
+    return torch.device(cfg.device)
+
+
+def _schedule(kind: str, warmup: int, total: int):
+    def f(step):
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - frac)
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    return f
+
+
+def _param_groups(model, weight_decay):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if (p.dim() < 2 or "norm" in n.lower() or n.endswith(".bias")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _n_targets(e: Encoded) -> int:
+    """Next-token targets of one example: every answer token that has a token before it."""
+    return len(e.answer_ids) - (0 if e.prompt_ids else 1)
+
+
+# ============================================================================ SEEKR pieces
+
+def _select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int) -> dict:
+    """Published rule (top layers by summed importance, then top heads across them)."""
+    from ..seekr.selection import select_heads
+    return {int(l): torch.as_tensor(h).long() for l, h in select_heads(importance, layer_budget, head_budget).items()}
+
+
+# ============================================================================ the trainer
+
+class _Stop(Exception):
+    """train.max_steps reached in the middle of a task (after its checkpoint)."""
+
+
+@dataclass
+class _TaskLoop:
+    """Where the loop stands in the task being trained (what a mid-task checkpoint keeps)."""
+    task: int
+    total: int                       # optimiser steps of the whole task
+    opt: object = None
+    sched: object = None
+    schedule: object = None          # the task's ReplaySchedule
+    consumed: int = 0                # loop events done: optimiser steps, or micro-steps with in_accumulation
+    task_step: int = 0               # optimiser steps done in this task
+
+
+class ContinualTrainer:
+    """Runs a task stream with one method and writes checkpoints, memory and results.
+
+    A thin loop over :class:`~seekr_kernels.seekr.recipe.SeekrRecipe` (``self.recipe``):
+    the loop owns data order, optimisation, evaluation and files; the recipe owns the
+    replay memory, importance, heads and the replay loss.
+
+    Args:
+        config: a :class:`RunConfig` (validated here).
+        model, tokenizer: optional; built from ``config.model`` otherwise. A PEFT model
+            trains its adapters (``model.lora`` wraps a plain model).
+        tasks: optional list of :class:`Task`; loaded from ``config.tasks`` otherwise.
+        quiet: no progress bars or prints (the JSON-lines log is still written).
+    """
+
+    def __init__(self, config: RunConfig, model=None, tokenizer=None, tasks: Optional[list] = None,
+                 quiet: bool = False):
+        self.cfg = config
+        if tasks is not None and not config.tasks:
+            config.tasks = [TaskSpec(name=t.name, path=f"<{t.name}>", metric=t.metric) for t in tasks]
+        config.validate()
+        check_run(config)       # device, backend, model and output folders, state.json: before any loading
+        self.dist = setup_distributed(config)
+        self.device = _device(config, self.dist)
+        self.dist.device = self.device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.quiet = quiet
+        self.method = config.method
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.model)
+        self.tasks = tasks if tasks is not None else [
+            load_task(ts.path, task_name(ts), ts.metric) for ts in config.tasks]
+        for t in self.tasks:          # a Task passed in may say "auto": pick by its name
+            if t.metric == "auto":
+                t.metric = resolve_metric_name("auto", t.name)
+        self.task_names = [t.name for t in self.tasks]
+        check_tasks(config, self.tasks, self.tokenizer, world=self.dist.world,
+                    max_positions=model_max_positions(config, model), warn=self.dist.main)
+        self.model = model if model is not None else build_model(config.model, self.tokenizer, config.seed)
+        if config.model.lora is not None and not is_peft_model(self.model):
+            self.model = apply_lora(self.model, config.model.lora, config.seed)
+        self.lora = is_peft_model(self.model)
+        if self.lora and self.dist.world > 1 and config.distributed.strategy == "fsdp":
+            raise ConfigError("model.lora: not supported with distributed.strategy: fsdp (use ddp: the adapters "
+                              "are small)")
+        self.out = config.output_dir
+        tr = config.train
+        if tr.batch_size < self.dist.world * tr.grad_accum:
+            raise ValueError(f"train.batch_size={tr.batch_size} is smaller than world size x grad_accum "
+                             f"= {self.dist.world * tr.grad_accum}")
+        self.autocast = None
+        if tr.precision == "bf16" or (tr.precision == "auto" and self.device.type == "cuda"):
+            self.autocast = torch.bfloat16
+        elif tr.precision == "fp16":
+            self.autocast = torch.float16
+            bad = sorted({str(p.dtype) for p in self.model.parameters() if p.requires_grad} - {"torch.float32"})
+            if bad:
+                raise ConfigError(f"train.precision: fp16 (autocast + gradient scaler) needs float32 trainable "
+                                  f"weights, the model's are {bad} (model.dtype: float32, or LoRA adapters)")
+        self.scaler = torch.amp.GradScaler(self.device.type) if tr.precision == "fp16" else None
+        self.recipe = SeekrRecipe(config, model=self.model, pad_token_id=self.tokenizer.pad_token_id,
+                                  device=self.device, autocast_dtype=self.autocast)
+        self.budgets = self.recipe.budgets
+        self.rows: list = []
+        self.loglik_rows: list = []
+        self.logger = None
+        self.global_step = 0
+        self._fsdp = False
+        self._loop: Optional[_TaskLoop] = None
+        self._run_opt = None              # optimizer_scope: run
+        self._resume_ck = None            # checkpoint whose optimiser state the next optimiser takes
+        self._resume_state = None         # its trainer_state.json while parts of it are pending
+        self._resumed = None              # the trainer_state.json the run resumed from
+        self._stop = False
+        self._base_dir = None
+
+    # The state carried across tasks lives in the recipe.
+    @property
+    def memory(self):
+        return self.recipe.memory
+
+    @property
+    def importance(self) -> torch.Tensor:
+        return self.recipe.importance
+
+    @property
+    def heads(self) -> dict:
+        return self.recipe.heads
+
+    # ---------------------------------------------------------------- small utilities
+    def _print(self, *a):
+        if self.dist.main and not self.quiet:
+            print(*a, flush=True)
+
+    def _make_logger(self):
+        return RunLogger(self.out, self.cfg.train.report_to, run_name=os.path.basename(os.path.abspath(self.out)),
+                         config=self.cfg.to_dict(), main=self.dist.main)
+
+    def log(self, **rec):
+        """One record at the run's global optimiser step (``step``, monotonic over tasks)."""
+        if not self.dist.main:
+            return
+        if self.logger is None:
+            self.logger = self._make_logger()
+        kind = rec.pop("kind", "train")
+        step = rec.pop("global_step", self.global_step)
+        self.logger.log(kind, step, **rec)
+
+    def _log_eval(self, t: int, row, loglik, seconds: float):
+        """The evaluation after task ``t``: its row, the matrix so far, OP/BWT at the end and
+        (for the report_to backends) the heatmap."""
+        if not self.dist.main:
+            return
+        res = self.results()
+        heat = None
+        if self.logger.backends:
+            heat = M.plot_heatmap(res["matrix"], os.path.join(self.out, "heatmap.png"), self.task_names,
+                                  title=self.method)
+        self.logger.log_eval(t, self.global_step, names=self.task_names, row=row, matrix=res["matrix"],
+                             op=res.get("OP"), bwt=res.get("BWT"), heatmap=heat, loglik=loglik,
+                             train_seconds=round(seconds, 3))
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
+
+    def _backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    @property
+    def base(self):
+        """The plain model (under DDP the wrapped module; FSDP2 shards in place)."""
+        m = self.train_model
+        return m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
+
+    def _uses_patch(self):
+        return self.method == "seekr"
+
+    # ---------------------------------------------------------------- model preparation
+    def _prepare_model(self):
+        m = self.model.to(self.device)
+        if self._uses_patch():
+            from ..llama import patch_llama
+            m = patch_llama(m)
+        if self.cfg.train.gradient_checkpointing:
+            # Non-reentrant: the attention losses need gradients in the first forward pass.
+            kw = {"use_reentrant": False}
+            if hasattr(m, "activation_checkpointing_enable"):     # transformers >= 5.x name
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        m.config.use_cache = False
+        self.model = m
+        if self.dist.world > 1:
+            if self.cfg.distributed.strategy == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+                for layer in m.model.layers:
+                    fully_shard(layer)
+                fully_shard(m)
+                self.train_model = m
+            else:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                self.train_model = DDP(m, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.train_model = m
+        self._fsdp = self.dist.world > 1 and self.cfg.distributed.strategy == "fsdp"
+        self.recipe.dist = DistributedHooks(self.dist.rank, self.dist.world, self.dist.all_reduce, self._reshard,
+                                            sharded=self._fsdp)
+
+    def _reshard(self):
+        """FSDP2 keeps the root's parameters gathered after a forward with no backward (it
+        expects one); reshard them so the next training step all-gathers fresh weights."""
+        if not getattr(self, "_fsdp", False):
+            return
+        from torch.distributed.fsdp import FSDPModule
+        for mod in self.model.modules():
+            if isinstance(mod, FSDPModule):
+                mod.reshard()
+
+    def _state_dict(self):
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                            cpu_offload=True))
+            if getattr(self.model.config, "tie_word_embeddings", False):
+                # The gathered dict names the tied output embedding twice; save it once, like
+                # an unsharded model (its load path re-ties it).
+                sd.pop("lm_head.weight", None)
+            return sd
+        if self.lora:
+            return None       # PEFT's save_pretrained takes the adapters itself
+        return {k: v.detach().cpu() for k, v in self.base.state_dict().items()}
+
+    # ---------------------------------------------------------------- run
+    def run(self, resume=None, overwrite: bool = False, allow_config_change=()) -> dict:
+        """Train (or resume) the whole stream; returns the results dict.
+
+        ``resume``: None/False — start a new run; an output directory that already holds a
+        run is refused (nothing is read or deleted). True — continue the run in
+        ``output_dir`` from its newest checkpoint (start one if there is none yet). A path —
+        continue from that checkpoint directory. ``overwrite``: delete the run in
+        ``output_dir`` (only what a run writes) and start over. ``allow_config_change``:
+        config keys (or sections: ``train``, ``tasks``) that may differ from the
+        checkpoint's (every other difference is refused, see :data:`RESUME_IGNORED`).
+        """
+        cfg = self.cfg
+        self.logger = self._make_logger()
+        t0 = time.time()
+        try:
+            start = self._start(resume, overwrite, tuple(allow_config_change or ()))
+            self._prepare_model()
+            T = len(self.tasks)
+            mid = self._resumed is not None and self._resumed["phase"] == "mid_task"
+            if self._resumed is not None:
+                where = (f"in task {start + 1}/{T} ({self.task_names[start]})" if mid
+                         else f"after task {start}/{T}")
+                self._print(f"resuming {where} at step {self.global_step} from {self._resume_ck}")
+                self.log(kind="resume", completed=len(self.rows), checkpoint=self._resume_ck)
+            if self.lora and self._resumed is None and self._base_path() == os.path.abspath(
+                    os.path.join(self.out, "base")):
+                self._save_base()
+            if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
+                self._stop = True        # already there: raise train.max_steps (or 0) to go on
+            for t in range(start, T):
+                if self._stop:
+                    break
+                self._run_task(t, mid_task=mid and t == start)
+            if len(self.rows) == T:
+                self._write_final()
+        except _Stop:
+            pass
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+        res = self.results()
+        if self._stop and not res["complete"]:
+            self._print(f"train.max_steps={cfg.train.max_steps} reached: stopped at step {self.global_step} "
+                        f"({len(self.rows)}/{len(self.tasks)} tasks complete); resume to go on")
+        res["seconds"] = time.time() - t0
+        return res
+
+    def results(self) -> dict:
+        T = len(self.tasks)
+        out = {"method": self.method, "tasks": self.task_names, "complete": len(self.rows) == T,
+               "matrix": M.partial_matrix(self.rows, T), "loglik": M.partial_matrix(self.loglik_rows, T),
+               "global_step": self.global_step}
+        if len(self.rows) == T:
+            out["OP"] = M.overall_performance(out["matrix"])
+            out["BWT"] = M.backward_transfer(out["matrix"])
+        elif self._stop:
+            out["stopped"] = f"train.max_steps={self.cfg.train.max_steps}"
+        return out
+
+    # ---------------------------------------------------------------- one task
+    def _run_task(self, t: int, mid_task: bool = False):
+        cfg, task = self.cfg, self.tasks[t]
+        tr = cfg.train
+        ds = EncodedDataset(task.train, self.tokenizer, tr.max_prompt_len, tr.max_answer_len)
+        if not mid_task:     # a resumed task has its replay subset, queries and snapshot
+            seed_everything(task_seed(cfg.seed, t))
+            self.recipe.begin_task(self.train_model, ds.items, name=task.name)
+        epochs = cfg.tasks[t].epochs or tr.epochs
+        t_start = time.time()
+        self._fit(t, ds, epochs)
+        info = self.recipe.end_task(self.train_model)
+        if "heads" in info:
+            self.log(kind="heads", task=t, heads={str(l): h.tolist() for l, h in info["heads"].items()})
+        row, ll = self._evaluate_upto(t)
+        self.rows.append(row)
+        self.loglik_rows.append(ll)
+        self._log_eval(t, row, ll, time.time() - t_start)
+        self._print(f"[{self.method}] after task {t + 1}/{len(self.tasks)} ({task.name}): "
+                    + ", ".join(f"{n}={s:.3f}" for n, s in zip(self.task_names, row)))
+        self._save_task(t)
+
+    # ---------------------------------------------------------------- training loop
+    def _global_batches(self, n, epoch, t, bs):
+        ep = 0 if self.cfg.train.order == "fixed" else epoch
+        bl = epoch_batches(n, bs, task_seed(self.cfg.seed, t), ep, shuffle=self.cfg.train.shuffle)
+        need = self.dist.world * self.cfg.train.grad_accum
+        if bl and len(bl[-1]) < need:   # every rank and micro-step needs a sample
+            bl.pop()
+        return bl
+
+    def _events(self, loop: _TaskLoop, units, epochs):
+        """The task's loop events in order: ``("replay", epoch, step, keys)`` before train
+        step ``step`` when the schedule says so, then ``("train", epoch, step, unit)``.
+        A pure function of (seed, task, epoch) and the schedule's own seeded RNG, so a
+        resumed task regenerates the same sequence and skips what its checkpoint did."""
+        rs = loop.schedule
+        for epoch in range(epochs):
+            rs.start_epoch(epoch)
+            for step, u in enumerate(units(epoch)):
+                if rs.is_replay_step(step):
+                    yield "replay", epoch, step, rs.next_batch()
+                yield "train", epoch, step, u
+
+    def _start_loop(self, t: int, n_units: int, total_of) -> _TaskLoop:
+        """The task's schedule, optimiser and LR schedule; on a resumed task, their saved
+        state, the RNGs and the position (checked against the replay schedule's state)."""
+        rs = self.recipe.replay_schedule(n_units)
+        total = total_of(rs)
+        opt, sched = self._optimizer(total)
+        loop = _TaskLoop(t, total, opt, sched, rs)
+        self._loop = loop
+        st = self._resume_state
+        if st is not None and st["phase"] == "mid_task" and st["task"] == t:
+            loop.consumed, loop.task_step = int(st["consumed"]), int(st["task_step"])
+            if int(st["total"]) != total:
+                raise CheckpointError(f"{self._resume_ck}: task {t} had {st['total']} optimiser steps, this run "
+                                      f"makes {total} (the data or a batch setting changed)")
+        return loop
+
+    def _fast_forward(self, loop: _TaskLoop, events):
+        """Skip the events a resumed task's checkpoint already did; then restore the RNGs."""
+        for i in range(loop.consumed):
+            if next(events, None) is None:
+                raise CheckpointError(f"{self._resume_ck}: the checkpoint is {loop.consumed} steps into task "
+                                      f"{loop.task}, which has only {i} (the data or a batch setting changed)")
+        st = self._resume_state
+        if st is not None and st["phase"] == "mid_task" and st["task"] == loop.task:
+            if loop.schedule.state_dict() != st["schedule"]:
+                raise CheckpointError(f"{self._resume_ck}: the replay schedule at step {self.global_step} "
+                                      "differs from the checkpoint's (the memory or a replay setting changed)")
+            ck.set_rng_state(ck.read_json(os.path.join(self._resume_ck, ck.RNG), "RNG state"))
+            self._resume_state = None
+        return events
+
+    def _optimizer(self, total: int):
+        """AdamW + LR schedule: per task, or once per run (``train.optimizer_scope``); a
+        resumed run loads the checkpoint's states into it."""
+        tr = self.cfg.train
+        if tr.optimizer_scope == "run" and self._run_opt is not None:
+            return self._run_opt
+        opt = torch.optim.AdamW(_param_groups(self.base, tr.weight_decay), lr=tr.lr, betas=tuple(tr.betas))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tr.schedule, tr.warmup_steps, total))
+        if self._resume_state is not None and self._resume_state.get("optimizer"):
+            self._load_optimizer(opt, sched)
+            if self._resume_state["phase"] == "task_end":
+                self._resume_state = None
+        if tr.optimizer_scope == "run":
+            self._run_opt = (opt, sched)
+        return opt, sched
+
+    def _load_optimizer(self, opt, sched):
+        d = self._resume_ck
+        sd = ck.load_torch(os.path.join(d, ck.OPTIMIZER))
+        try:
+            if self._fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+                set_optimizer_state_dict(self.model, opt, sd, options=StateDictOptions(full_state_dict=True))
+            else:
+                opt.load_state_dict(sd)
+            sched.load_state_dict(ck.load_torch(os.path.join(d, ck.SCHEDULER)))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{os.path.join(d, ck.OPTIMIZER)}: does not fit this model's trainable "
+                                  f"parameters ({e})") from None
+        # The config's hyper-parameters win over the saved ones (identical unless a change
+        # was allowed): lr through the schedule's base, betas and weight decay per group.
+        tr = self.cfg.train
+        sched.base_lrs = [tr.lr for _ in opt.param_groups]
+        for i, (g, lam) in enumerate(zip(opt.param_groups, sched.lr_lambdas)):
+            g["initial_lr"] = tr.lr
+            g["lr"] = tr.lr * lam(sched.last_epoch)
+            g["betas"] = tuple(tr.betas)
+            g["weight_decay"] = tr.weight_decay if i == 0 else 0.0
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+    def _due(self, loop: _TaskLoop) -> bool:
+        return self.global_step % self.cfg.log.every == 0 or loop.task_step == loop.total
+
+    def _fit(self, t: int, ds: EncodedDataset, epochs: int):
+        if self.recipe.replays_in_accumulation:
+            return self._fit_in_accumulation(t, ds, epochs)
+        tr = self.cfg.train
+        model = self.train_model
+        model.train()
+        n_batches = len(self._global_batches(len(ds), 0, t, tr.batch_size))
+        if n_batches == 0:
+            raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
+                             f"{self.dist.world * tr.grad_accum}+ samples")
+        loop = self._start_loop(t, n_batches, lambda rs: epochs * (n_batches + rs.per_epoch))
+        opt, sched = loop.opt, loop.sched
+        bar = self._bar(t, loop.total, loop.task_step)
+        events = self._fast_forward(loop, self._events(
+            loop, lambda ep: self._global_batches(len(ds), ep, t, tr.batch_size), epochs))
+        for kind, epoch, step, x in events:
+            loop.consumed += 1
+            if kind == "replay":
+                self._after(loop, bar, "replay", epoch, step, self._replay_step(x, opt, sched))
+            else:
+                loss = self._train_step([ds[i] for i in x], opt, sched)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                self._after(loop, bar, "train", epoch, step, {"loss": loss, "lr": sched.get_last_lr()[0]})
+        bar.close()
+        opt.zero_grad(set_to_none=True)
+        self._loop = None
+
+    def _after(self, loop: _TaskLoop, bar, kind, epoch, step, rec):
+        """After every optimiser step: count it, log its record (``kind`` None: none) at
+        its global step, then — the record already on disk — write a mid-task checkpoint
+        every ``train.save_steps`` steps, or checkpoint and stop at ``train.max_steps``.
+        The task's last step writes none: the task checkpoint follows right away."""
+        self.global_step += 1
+        loop.task_step += 1
+        bar.update(1)
+        if kind is not None and self._due(loop):
+            self.log(kind=kind, task=loop.task, epoch=epoch, batch=step, task_step=loop.task_step,
+                     global_step=self.global_step, **rec)
+        tr = self.cfg.train
+        last = loop.task_step >= loop.total
+        if tr.max_steps and self.global_step >= tr.max_steps:
+            self._stop = True            # at the last step the task ends first, then the run
+            if not last:
+                self._save_mid(loop)
+                bar.close()
+                raise _Stop
+        elif tr.save_steps and self.global_step % tr.save_steps == 0 and not last:
+            self._save_mid(loop)
+
+    def _bar(self, t, total, initial=0):
+        from tqdm.auto import tqdm
+        return tqdm(total=total, initial=initial,
+                    desc=f"{self.method} {t + 1}/{len(self.tasks)} {self.task_names[t]}",
+                    disable=not (self.dist.main and self.cfg.log.progress and not self.quiet), leave=False,
+                    dynamic_ncols=True)
+
+    def _fit_in_accumulation(self, t: int, ds: EncodedDataset, epochs: int):
+        """``replay.in_accumulation`` (published, DeepSpeed): the loop runs micro-steps; a
+        replay micro-batch is one of them, and every ``grad_accum`` micro-steps (train or
+        replay) make one optimiser step. Each micro-step's loss is its own mean / grad_accum,
+        as DeepSpeed scales it. A window left incomplete at the end of the task is stepped
+        (the published engine would carry it into the next task). Checkpoints fall between
+        windows, so a resumed task starts a fresh window."""
+        tr = self.cfg.train
+        A, W = tr.grad_accum, self.dist.world
+        model = self.train_model
+        model.train()
+
+        def micro_steps(epoch):
+            # Micro-step k of a global batch: every rank's k-th micro-batch of it.
+            out = []
+            for gb in self._global_batches(len(ds), epoch, t, tr.batch_size):
+                ranks = [shard(gb, r, W) for r in range(W)]
+                for k in range(A):
+                    out.append([i for r in ranks for i in shard(r, k, A)])
+            return out
+
+        n_micro = len(micro_steps(0))
+        if n_micro == 0:
+            raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
+                             f"{W * A}+ samples")
+        loop = self._start_loop(t, n_micro, lambda rs: -(-epochs * (n_micro + rs.per_epoch) // A))
+        opt, sched = loop.opt, loop.sched
+        bar = self._bar(t, loop.total, loop.task_step)
+        losses = []
+        events = self._fast_forward(loop, self._events(loop, micro_steps, epochs))
+        for kind, epoch, step, x in events:
+            boundary = (loop.consumed + 1) % A == 0
+            if kind == "replay":
+                rec = self._replay_micro(x, boundary, 1.0 / A)
+                # logged at the step its window makes (a resumed run restarts that window)
+                if (self.global_step + 1) % self.cfg.log.every == 0:
+                    self.log(kind="replay", task=t, epoch=epoch, batch=step, task_step=loop.task_step + 1,
+                             global_step=self.global_step + 1, **rec)
+            else:
+                losses.append(self._train_micro([ds[i] for i in x], boundary, 1.0 / A))
+            loop.consumed += 1
+            if boundary:
+                self._optimizer_step(opt, sched)
+                rec = {}
+                if losses:
+                    rec = {"loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0]}
+                losses = []
+                self._after(loop, bar, "train" if rec else None, epoch, step, rec)
+        if loop.consumed % A:
+            self._optimizer_step(opt, sched)
+            self._after(loop, bar, None, None, None, {})
+        bar.close()
+        opt.zero_grad(set_to_none=True)
+        self._loop = None
+
+    def _train_micro(self, items, boundary: bool, scale: float) -> float:
+        """One accumulation micro-step on a global micro-batch (this rank takes its slice)."""
+        N = sum(_n_targets(e) for e in items)
+        mine = shard(list(range(len(items))), self.dist.rank, self.dist.world)
+        b = collate([items[i] for i in mine], self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of)
+        b = {k: v.to(self.device) for k, v in b.items()}
+        with self._sync_ctx(0, 1 if boundary else 2), self._autocast():
+            s = ce_sum(self._forward(b).logits, b["labels"])
+        self._backward(s * (scale * self.dist.world / N))
+        return float(self.dist.all_reduce(s.detach().double().cpu())) / N
+
+    def _replay_micro(self, keys, boundary: bool, scale: float) -> dict:
+        """One replay micro-step inside an accumulation window."""
+        mine = [keys[i] for i in shard(list(range(len(keys))), self.dist.rank, self.dist.world)]
+        b = self.recipe.batch(mine, global_keys=keys)
+        with self._sync_ctx(0, 1 if boundary else 2), self._autocast():
+            loss, parts = self.recipe.replay_loss(self.train_model, b)
+        self._backward(loss * (scale * self.dist.world))
+        return self._replay_record(parts)
+
+    def _replay_record(self, parts):
+        sums = torch.tensor([float(parts.get(k, 0.0)) for k in ("ce", "logits_kl", "attn_kl")], dtype=torch.float64)
+        sums = self.dist.all_reduce(sums)
+        rec = {"ce": float(sums[0])}
+        if "logits_kl" in parts:
+            rec["logits_kl"] = float(sums[1])
+        if "attn_kl" in parts:
+            rec["attn_kl"] = float(sums[2])
+        return rec
+
+    def _micro(self, items):
+        """This rank's micro-batches of a global batch (list of lists)."""
+        return self.recipe.micro_batches(items, self.cfg.train.grad_accum)
+
+    def _sync_ctx(self, k, n):
+        m = self.train_model
+        if k < n - 1 and isinstance(m, torch.nn.parallel.DistributedDataParallel):
+            return m.no_sync()
+        return contextlib.nullcontext()
+
+    def _optimizer_step(self, opt, sched):
+        tr = self.cfg.train
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)          # clip the true gradients
+        if tr.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), tr.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(opt)              # skipped when a gradient is inf/NaN
+            self.scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _forward(self, b):
+        return self.train_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                position_ids=b["position_ids"], use_cache=False)
+
+    def _train_step(self, items, opt, sched) -> float:
+        N = sum(_n_targets(e) for e in items)
+        W = self.dist.world
+        micro = self._micro(items)
+        total = torch.zeros((), dtype=torch.float64)
+        for k, mb in enumerate(micro):
+            b = collate([items[i] for i in mb], self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of)
+            b = {kk: v.to(self.device) for kk, v in b.items()}
+            with self._sync_ctx(k, len(micro)), self._autocast():
+                out = self._forward(b)
+                s = ce_sum(out.logits, b["labels"])
+            self._backward(s * (W / N))
+            total += s.detach().double().cpu()
+        self._optimizer_step(opt, sched)
+        return float(self.dist.all_reduce(total)) / N
+
+    def _replay_step(self, keys, opt, sched) -> dict:
+        """One optimiser step on a global replay batch (the recipe's loss per micro-batch)."""
+        W = self.dist.world
+        micro = self._micro(keys)
+        sums = {}
+        for k, mb in enumerate(micro):
+            b = self.recipe.batch([keys[i] for i in mb], global_keys=keys)
+            with self._sync_ctx(k, len(micro)), self._autocast():
+                loss, parts = self.recipe.replay_loss(self.train_model, b)
+            self._backward(loss * W)
+            for name, v in parts.items():
+                sums[name] = sums.get(name, 0.0) + float(v)
+        self._optimizer_step(opt, sched)
+        return self._replay_record(sums)
+
+    # ---------------------------------------------------------------- evaluation
+    def _evaluate_upto(self, t: int):
+        e, tr = self.cfg.eval, self.cfg.train
+        row, ll = [], []
+        for j in range(t + 1):
+            task = self.tasks[j]
+            exs = eval_split(task, e.split)     # a fallback split was warned about at the start
+            if e.max_samples:
+                exs = exs[: e.max_samples]
+            r = evaluate_examples(self.base, self.tokenizer, exs, metric=task.metric,
+                                  max_prompt_len=tr.max_prompt_len, max_answer_len=tr.max_answer_len,
+                                  batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, device=self.device,
+                                  autocast_dtype=self.autocast, keep_predictions=e.keep_predictions,
+                                  sharded_model=self._fsdp,
+                                  generation=GenerationOptions.from_config(e, self.cfg.seed))
+            row.append(r["score"])
+            ll.append(r["loglik"])
+            if j == t and r["predictions"]:
+                self.log(kind="samples", task=t, predictions=r["predictions"])
+        self._reshard()
+        return row, ll
+
+    # ---------------------------------------------------------------- persistence: writing
+    def _state_path(self):
+        return os.path.join(self.out, "state.json")
+
+    def _ck_root(self):
+        return os.path.join(self.out, "checkpoints")
+
+    def _fingerprint(self):
+        c = self.cfg
+        return {"method": c.method, "seed": c.seed, "tasks": self.task_names,
+                "replay_ratio": c.replay.ratio}
+
+    def _data_digests(self) -> list:
+        """SHA-256 of each task's records (all splits): a resumed run must see the same data."""
+        out = []
+        for task in self.tasks:
+            h = hashlib.sha256()
+            for split in ("train", "eval", "test"):
+                h.update(json.dumps([[e.prompt, e.answer] for e in getattr(task, split)]).encode())
+            out.append(h.hexdigest())
+        return out
+
+    def _memory_digests(self, k: int) -> list:
+        """SHA-256 of the manifests of memory tasks 0..k-1 on disk (each manifest holds
+        its data file's checksum): ties a checkpoint to the memory it was taken with."""
+        if self.method == "sft":
+            return []
+        out = []
+        for i in range(k):
+            with open(os.path.join(self.out, "memory", f"task-{i:03d}", "manifest.json"), "rb") as f:
+                out.append(hashlib.sha256(f.read()).hexdigest())
+        return out
+
+    def _base_path(self):
+        """Where a LoRA run's base model lives (named in adapter_config.json): model.path,
+        the local directory a PEFT model passed in was loaded from, or output_dir/base."""
+        if self.cfg.model.path:
+            return os.path.abspath(self.cfg.model.path)
+        if self._base_dir is None:
+            named = self.base.peft_config[self.base.active_adapter].base_model_name_or_path
+            own = self.cfg.model.lora is not None      # built here from model.arch
+            self._base_dir = (os.path.abspath(named) if not own and named and os.path.isfile(
+                os.path.join(named, "config.json")) else os.path.abspath(os.path.join(self.out, "base")))
+        return self._base_dir
+
+    def _save_base(self):
+        """A LoRA run on a model built from model.arch: its frozen base weights, once, so
+        that every adapter folder of the run names a loadable base model."""
+        if self.dist.main:
+            base = self.base.get_base_model()
+            sd = plain_state_dict(self.base, merge=False)
+
+            def fill(tmp):
+                with _quiet_transformers():
+                    base.save_pretrained(tmp, state_dict=sd, max_shard_size=self.cfg.train.max_shard_size)
+                self.tokenizer.save(tmp)
+            ck.write(os.path.join(self.out, "base"), fill, meta={"what": "base model"})
+        self.dist.barrier()
+
+    def _save_model_files(self, d: str, sd):
+        with _quiet_transformers():
+            if self.lora:
+                self.base.peft_config[self.base.active_adapter].base_model_name_or_path = self._base_path()
+                self.base.save_pretrained(d)
+            else:
+                self.base.save_pretrained(d, state_dict=sd, safe_serialization=True,
+                                          max_shard_size=self.cfg.train.max_shard_size)
+        self.tokenizer.save(d)
+
+    def _trainer_state(self, phase: str, t: int, loop: Optional[_TaskLoop]) -> dict:
+        st = {"format": 1, "kind": _TRAINER_KIND, "phase": phase, "task": t, "completed": len(self.rows),
+              "global_step": self.global_step, "rows": self.rows, "loglik_rows": self.loglik_rows,
+              "memory": self._memory_digests(len(self.rows)), "data": self._data_digests(),
+              "config": self.cfg.to_dict(), "world_size": self.dist.world, "device_type": self.device.type,
+              "lora": self.lora, "optimizer": loop is not None or self._run_opt is not None}
+        if loop is not None:
+            st.update(consumed=loop.consumed, task_step=loop.task_step, total=loop.total,
+                      schedule=loop.schedule.state_dict())
+        return st
+
+    def _checkpoint(self, name: str, phase: str, t: int, loop: Optional[_TaskLoop]):
+        """Write checkpoint ``checkpoints/<name>`` (every rank calls: FSDP gathers), then
+        commit it in state.json and drop the checkpoints it supersedes."""
+        sd = self._state_dict()
+        opt_sched = (loop.opt, loop.sched) if loop is not None else self._run_opt
+        opt_sd = None
+        if opt_sched is not None:
+            if self._fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+                opt_sd = get_optimizer_state_dict(self.model, opt_sched[0], options=StateDictOptions(
+                    full_state_dict=True, cpu_offload=True))
+            else:
+                opt_sd = opt_sched[0].state_dict()
+        if self.dist.main:
+            state = self._trainer_state(phase, t, loop)
+            rng = ck.rng_state()
+
+            def fill(tmp):
+                self._save_model_files(tmp, sd)
+                if opt_sd is not None:
+                    ck.save_torch(os.path.join(tmp, ck.OPTIMIZER), opt_sd)
+                    ck.save_torch(os.path.join(tmp, ck.SCHEDULER), opt_sched[1].state_dict())
+                if self.scaler is not None:
+                    ck.save_torch(os.path.join(tmp, ck.SCALER), self.scaler.state_dict())
+                with open(os.path.join(tmp, ck.RNG), "w", encoding="utf-8") as f:
+                    json.dump(rng, f)
+                self.recipe.save(os.path.join(tmp, ck.SEEKR), memory=False)
+                with open(os.path.join(tmp, ck.TRAINER_STATE), "w", encoding="utf-8") as f:
+                    json.dump(state, f, indent=1)
+
+            path = os.path.join(self._ck_root(), name)
+            ck.write(path, fill, meta={"phase": phase, "task": t, "global_step": self.global_step})
+            self._write_state(os.path.join("checkpoints", name))
+            self._prune(name, phase)
+            self.log(kind="saved", task=t, checkpoint=path)
+        self.dist.barrier()
+
+    def _save_mid(self, loop: _TaskLoop):
+        self._checkpoint(f"step-{self.global_step:06d}", "mid_task", loop.task, loop)
+        if self._stop:
+            self._write_results()
+
+    def _save_task(self, t: int):
+        """Memory of task t, then its checkpoint (which lists the memory's checksums),
+        then the results."""
+        if self.dist.main and self.method != "sft":
+            self.memory.save_task(os.path.join(self.out, "memory"), t)
+        self.dist.barrier()
+        self._checkpoint(f"task-{t:03d}", "task_end", t, None)
+        self._write_results()
+
+    def _write_results(self):
+        if not self.dist.main:
+            return
+        res = self.results()
+        atomic_save_json(os.path.join(self.out, "results.json"), res)
+        if self.rows:
+            M.plot_heatmap(res["matrix"], os.path.join(self.out, "heatmap.png"), self.task_names,
+                           title=f"{self.method}")
+
+    def _write_state(self, ck_rel: str, final: Optional[str] = None):
+        """state.json: the run's commit point (newest checkpoint, counters, rows), under
+        its own checksum."""
+        st = {"version": STATE_VERSION, "kind": _STATE_KIND, **self._fingerprint(), "completed": len(self.rows),
+              "checkpoint": ck_rel, "global_step": self.global_step, "rows": self.rows,
+              "loglik_rows": self.loglik_rows, "heads": {str(l): h.tolist() for l, h in self.heads.items()},
+              "config": self.cfg.to_dict()}
+        if final:
+            st["final"] = final
+        st["sha256"] = ck.json_digest(st)
+        atomic_save_json(self._state_path(), st)
+
+    def _prune(self, newest: str, phase: str):
+        """Keep what the run needs: the newest ``train.save_total_limit`` mid-task
+        checkpoints (none older than the newest task checkpoint), the task checkpoints
+        per ``keep_checkpoints``, and never the one state.json names."""
+        cks = ck.list_checkpoints(self._ck_root())
+        steps = sorted((n, p) for k, n, p in cks if k == "step" and os.path.basename(p) != newest)
+        tasks = sorted((n, p) for k, n, p in cks if k == "task" and os.path.basename(p) != newest)
+        drop = []
+        if phase == "task_end":
+            drop += [p for _, p in steps]
+            if self.cfg.keep_checkpoints == "last":
+                drop += [p for _, p in tasks]
+        else:
+            limit = self.cfg.train.save_total_limit
+            if limit is not None:
+                drop += [p for _, p in steps[:max(0, len(steps) - (limit - 1))]]
+        for p in drop:
+            ck.discard(p)
+
+    def _write_final(self):
+        """``output_dir/final``: the finished model as a loadable Hugging Face folder (full
+        fine-tuning: the last task checkpoint's model files, hard-linked; LoRA: merged
+        weights or the adapter, ``model.lora.save``) with the tokenizer."""
+        if not self.dist.main:
+            self.dist.barrier()
+            return
+        final = os.path.join(self.out, "final")
+        src = os.path.join(self.out, self._read_state_quiet().get("checkpoint", ""))
+        with contextlib.suppress(CheckpointError):
+            if ck.verify(final).get("global_step") == self.global_step:
+                self.dist.barrier()
+                return
+        trainer_only = (ck.OPTIMIZER, ck.SCHEDULER, ck.SCALER, ck.RNG, ck.TRAINER_STATE, ck.MANIFEST)
+
+        def fill(tmp):
+            if self.lora and self.cfg.model.lora is not None and self.cfg.model.lora.save == "merged":
+                base = self.base.get_base_model()
+                with _quiet_transformers():
+                    base.save_pretrained(tmp, state_dict=plain_state_dict(self.base, merge=True),
+                                         max_shard_size=self.cfg.train.max_shard_size)
+                self.tokenizer.save(tmp)
+                return
+            for rel in ck._walk(src):
+                if rel in trainer_only or rel.startswith(ck.SEEKR + "/"):
+                    continue
+                dst = os.path.join(tmp, rel)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                try:
+                    os.link(os.path.join(src, rel), dst)      # files are never modified in place
+                except OSError:
+                    import shutil
+                    shutil.copy2(os.path.join(src, rel), dst)
+        def fill_final(tmp):
+            fill(tmp)
+            cp = os.path.join(tmp, "config.json")
+            if os.path.exists(cp):      # training turned the KV cache off; a finished model wants it
+                with open(cp, encoding="utf-8") as f:
+                    c = json.load(f)
+                c["use_cache"] = True
+                os.unlink(cp)           # maybe a hard link into the checkpoint: never write through it
+                with open(cp, "w", encoding="utf-8") as f:
+                    json.dump(c, f, indent=2, sort_keys=True)
+        ck.write(final, fill_final, meta={"what": "final model", "global_step": self.global_step})
+        self._write_state(os.path.relpath(src, self.out), final="final")
+        self.dist.barrier()
+
+    # ---------------------------------------------------------------- persistence: resuming
+    def _read_state_quiet(self) -> dict:
+        try:
+            with open(self._state_path(), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _holds_run(self) -> bool:
+        out = self.out
+        if os.path.isfile(out):
+            raise ResumeError(f"output_dir: {out} is a file, not a directory")
+        return any(os.path.exists(os.path.join(out, n)) for n in ("state.json", "checkpoints", "memory", "log.jsonl"))
+
+    def _is_seekr_run(self) -> bool:
+        """Evidence that output_dir was written by a seekr run (before deleting anything)."""
+        st = self._read_state_quiet()
+        if st.get("kind") == _STATE_KIND or ("completed" in st and "checkpoint" in st):
+            return True
+        for _, _, p in ck.list_checkpoints(self._ck_root()):
+            if any(os.path.exists(os.path.join(p, f)) for f in (ck.MANIFEST, ck.TRAINER_STATE,
+                                                                "seekr_state.safetensors")):
+                return True
+        if os.path.exists(os.path.join(self.out, "memory", "memory.json")):
+            return True
+        log = os.path.join(self.out, "log.jsonl")
+        if os.path.isfile(log) and not os.path.exists(self._state_path()):
+            with open(log, encoding="utf-8", errors="replace") as f:
+                first = f.readline()
+            with contextlib.suppress(ValueError):
+                return isinstance(json.loads(first), dict) and "kind" in json.loads(first)
+        return False
+
+    def _delete_run(self):
+        if not self._is_seekr_run():
+            raise ResumeError(f"--overwrite: {self.out} does not look like a seekr run (no state.json, checkpoint "
+                              "manifest or replay memory index); delete it yourself if it should go")
+        for n in RUN_ENTRIES:
+            ck.discard(os.path.join(self.out, n))
+        ck.clean_run_leftovers(self.out)
+
+    def _checkpoints_by_step(self, with_steps: bool = False) -> list:
+        """Checkpoint directories, newest first (by the step their manifest names)."""
+        out = []
+        for kind, n, p in ck.list_checkpoints(self._ck_root()):
+            step = n if kind == "step" else -1
+            with contextlib.suppress(Exception):
+                with open(os.path.join(p, ck.MANIFEST), encoding="utf-8") as f:
+                    step = int(json.load(f).get("global_step", step))
+            out.append((step, kind == "task", p))
+        out.sort(reverse=True)
+        return [(s, p) for s, _, p in out] if with_steps else [p for *_, p in out]
+
+    def _good_checkpoint(self, exclude=()) -> Optional[str]:
+        for p in self._checkpoints_by_step():
+            if os.path.abspath(p) in {os.path.abspath(x) for x in exclude}:
+                continue
+            try:
+                ck.verify(p)
+                return p
+            except CheckpointError:
+                continue
+        return None
+
+    def _hint(self, exclude=()) -> str:
+        good = self._good_checkpoint(exclude)
+        if good:
+            return (f"the newest good checkpoint is {good}: continue from it with `seekr train --resume-from "
+                    f"{good}` (python: run(resume={good!r})), or start over with --overwrite")
+        return "no good checkpoint is left: start over with --overwrite"
+
+    def _read_state(self) -> dict:
+        p = self._state_path()
+        if not os.path.exists(p):
+            raise ResumeError(f"{p}: missing, but {self.out} holds checkpoints; {self._hint()}")
+        try:
+            st = ck.read_json(p, "run state", error=ResumeError)
+        except ResumeError as e:
+            raise ResumeError(f"{e}; {self._hint()}") from None
+        if st.get("kind") != _STATE_KIND or st.get("version") != STATE_VERSION:
+            if "completed" in st and isinstance(st.get("version"), int) and st["version"] < STATE_VERSION:
+                raise ResumeError(f"{p}: written by an older seekr-kernels (state version {st.get('version')}, "
+                                  "checkpoints without manifests); finish it with that version, or start over "
+                                  "with --overwrite")
+            raise ResumeError(f"{p}: not a seekr run state (version {st.get('version')!r}); {self._hint()}")
+        if st.get("sha256") != ck.json_digest(st):
+            raise ResumeError(f"{p}: checksum mismatch (edited or damaged: e.g. its completed count); "
+                              f"{self._hint()}")
+        return st
+
+    def _start(self, resume, overwrite: bool, allow: tuple) -> int:
+        """Decide how the run starts (see :meth:`run`); load a checkpoint when resuming.
+        Returns the index of the first task to train."""
+        if overwrite and resume:
+            raise ValueError("resume and overwrite: choose one (continue the run, or start over)")
+        holds = self._holds_run()
+        if overwrite:
+            if holds and self.dist.main:
+                self._delete_run()
+            self.dist.barrier()
+            return 0
+        if not resume:
+            if holds:
+                st = self._read_state_quiet()
+                what = (f"{st.get('completed')}/{len(st.get('tasks') or [])} tasks done, step "
+                        f"{st.get('global_step')}" if st else "no checkpoint yet")
+                raise ResumeError(f"output_dir: {self.out} holds a seekr run ({what}); continue it with --resume "
+                                  "(python: run(resume=True)) or start over with --overwrite (run(overwrite=True))")
+            return 0
+        if self.dist.main:
+            ck.clean_run_leftovers(self.out)
+        self.dist.barrier()
+        if isinstance(resume, (str, os.PathLike)):
+            path = os.fspath(resume)
+            if not os.path.isdir(path) and os.path.isdir(os.path.join(self._ck_root(), path)):
+                path = os.path.join(self._ck_root(), path)
+            st = None
+        else:
+            if not holds:
+                self._print(f"resume: {self.out} holds no run yet; starting one")
+                return 0
+            if not os.path.exists(self._state_path()) and not self._checkpoints_by_step():
+                self.logger.rewind(0)        # killed before its first checkpoint: start over
+                return 0
+            st = self._read_state()
+            path = os.path.join(self.out, st["checkpoint"])
+        try:
+            ck.verify(path)
+        except CheckpointError as e:
+            newest = "the newest checkpoint" if st is not None else "the checkpoint"
+            raise CheckpointError(f"{newest} is damaged: {e}; {self._hint(exclude=[path])}") from None
+        ts = ck.read_json(os.path.join(path, ck.TRAINER_STATE), "trainer state")
+        if ts.get("kind") != _TRAINER_KIND:
+            raise CheckpointError(f"{os.path.join(path, ck.TRAINER_STATE)}: not a seekr trainer state")
+        if st is not None:
+            for k in ("completed", "global_step", "rows"):
+                if st.get(k) != ts.get(k):
+                    raise ResumeError(f"{self._state_path()}: {k} = {st.get(k)!r} but its checkpoint {path} says "
+                                      f"{ts.get(k)!r} (state.json edited or from another run); {self._hint()}")
+        self._check_config(ts, path, allow)
+        self._load_checkpoint(path, ts)
+        return int(ts["completed"]) if ts["phase"] == "task_end" else int(ts["task"])
+
+    def _check_config(self, ts: dict, path: str, allow: tuple):
+        saved, now = _flatten(ts.get("config") or {}), _flatten(self.cfg.to_dict())
+        defaults = _flatten(RunConfig().to_dict())
+        K = saved.get("distill.teacher_logits_topk")
+        if K and "distill.teacher_logits" not in saved:
+            # Saved before distill.teacher_logits existed: its older spelling, resolved as now.
+            saved.update({"distill.teacher_logits": "topk", "distill.teacher_logits_k": K})
+        if "distill.fused_lm_head" not in saved and ts.get("config"):
+            # Saved before the fused replay step existed: it trained on materialised logits,
+            # and the default (auto) would now fuse, which is not bit-identical. Refused as a
+            # change unless the run says fused_lm_head: false (or allows the change).
+            saved["distill.fused_lm_head"] = "false"
+        saved.update({"world_size": ts.get("world_size"), "device_type": ts.get("device_type")})
+        now.update({"world_size": self.dist.world, "device_type": self.device.type})
+        data = ts.get("data") or []
+        for i, d in enumerate(self._data_digests()):
+            now[f"tasks[{i}].data"] = d
+            if i < len(data):
+                saved[f"tasks[{i}].data"] = data[i]
+        missing = object()
+        diff = []
+        for k in sorted(set(saved) | set(now)):
+            if _under(k, RESUME_IGNORED):
+                continue
+            a = saved.get(k, defaults.get(k, missing))
+            b = now.get(k, defaults.get(k, missing))
+            if a != b and not (a is missing and k.endswith(".data")):
+                diff.append((k, a, b))
+        refused = [d for d in diff if not _under(d[0], allow)]
+        if refused:
+            shown = "; ".join(f"{k}: {'(none)' if a is missing else repr(a)} -> "
+                              f"{'(none)' if b is missing else repr(b)}" for k, a, b in refused[:8])
+            raise ResumeError(f"{path}: the config differs from the run's in {', '.join(k for k, *_ in refused)} "
+                              f"({shown}); resume with the run's config, allow the change with "
+                              f"--allow-config-change {' '.join(k for k, *_ in refused)}, or start over with "
+                              "--overwrite")
+        done = int(ts["completed"])
+        names = [t["name"] if isinstance(t, dict) and t.get("name") else None
+                 for t in (ts.get("config") or {}).get("tasks", [])]
+        if done > len(self.tasks) or (all(names[:done]) and names[:done] != self.task_names[:done]):
+            raise ResumeError(f"{path}: learned tasks {names[:done]}, this config's stream starts with "
+                              f"{self.task_names[:done]}; a resumed run can only add tasks after the learned ones")
+        for k, a, b in diff:
+            self._print(f"resume: {k} changed ({a!r} -> {b!r}), as allowed")
+
+    def _load_checkpoint(self, path: str, ts: dict):
+        """Weights, recipe state, memory, rows, counters and scaler of a verified checkpoint."""
+        done = int(ts["completed"])
+        ck.load_model_weights(self.model, path)
+        tasks = []
+        if self.method != "sft":
+            from ..seekr.memory import ReplayMemory
+            want = ts.get("memory") or []
+            have = self._memory_digests(done) if len(want) == done else None
+            for i in range(done):
+                if have is None or have[i] != want[i]:
+                    raise CheckpointError(f"{os.path.join(self.out, 'memory', f'task-{i:03d}')}: not the replay "
+                                          f"memory the checkpoint {path} was taken with")
+                tasks.append(ReplayMemory.load_task(os.path.join(self.out, "memory"), i, self.task_names[i]))
+        try:
+            self.recipe.load(os.path.join(path, ck.SEEKR), memory=tasks)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        self.rows = [list(r) for r in ts["rows"]]
+        self.loglik_rows = [list(r) for r in ts["loglik_rows"]]
+        self.global_step = int(ts["global_step"])
+        if self.scaler is not None and os.path.exists(os.path.join(path, ck.SCALER)):
+            self.scaler.load_state_dict(ck.load_torch(os.path.join(path, ck.SCALER)))
+        self._resume_ck = path
+        self._resumed = ts
+        self._resume_state = ts if (ts["phase"] == "mid_task" or ts.get("optimizer")) else None
+        # Checkpoints after this one belong to the abandoned continuation (or were never
+        # committed): the run writes them again.
+        if self.dist.main:
+            for step, p in self._checkpoints_by_step(with_steps=True):
+                if step > self.global_step and os.path.abspath(p) != os.path.abspath(path):
+                    ck.discard(p)
+        self.logger.rewind(self.global_step)
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    """Dotted keys of a nested config dict (list items that are mappings as ``key[i]``)."""
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(d, list) and any(isinstance(x, dict) for x in d):
+        out[f"{prefix}.len"] = len(d)
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = d
+    return out
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") or key.startswith(p + "[") for p in prefixes)
+
+
+def train(config: RunConfig, **kw) -> dict:
+    """Run :class:`ContinualTrainer` on a config; returns its results."""
+    return ContinualTrainer(config, **kw).run()

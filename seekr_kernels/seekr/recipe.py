@@ -1,0 +1,1005 @@
+"""The SEEKR recipe as one object that any training loop drives.
+
+:class:`SeekrRecipe` holds everything SEEKR carries from task to task — the replay memory
+with its teachers, the accumulated head importance, the current head selection and the
+configuration — and offers the three moments of the method to a loop (the package's own
+:class:`~seekr_kernels.run.trainer.ContinualTrainer`, the Hugging Face ``Trainer``,
+an accelerate script, or the few lines below)::
+
+    recipe = sk.SeekrRecipe({"method": "seekr", "replay": {"ratio": 0.01}}, model=model,
+                            pad_token_id=tok.pad_token_id)
+    for task in tasks:
+        recipe.begin_task(model, task.train)          # replay subset, query rows, pre-task weights
+        sched = recipe.replay_schedule(len(train_batches))
+        for step, batch in enumerate(train_batches):
+            if sched.is_replay_step(step):
+                rb = recipe.batch(sched.next_batch())
+                loss, parts = recipe.replay_loss(model, rb)
+                loss.backward(); opt.step(); opt.zero_grad()
+            ...ordinary training step on batch...
+        recipe.end_task(model)                        # importance, heads, teachers, memory
+        recipe.save("run/seekr")                      # atomic; SeekrRecipe.load(...) verifies
+
+What happens when (the published recipe, jinghan1he/SEEKR ``training/seekr.py``):
+
+* :meth:`SeekrRecipe.begin_task` draws the task's replay subset (``replay.ratio``,
+  ``replay.subset``) and, for ``seekr``, its query rows (``distill.query_budget``,
+  ``distill.query_sampling``) and keeps what forgettability needs of the pre-task model:
+  its trainable parameters on the host (:class:`PreTaskWeights`; no copy of the model,
+  so PEFT/LoRA models work and only the adapters are kept), or under a sharded model
+  (FSDP) every head's attention rows at the query rows.
+* :meth:`SeekrRecipe.replay_loss` is ``(1 - a) CE + a logits-KL + b attention-KL`` on a
+  replay batch (``replay``: CE only; ``replay+logits``: b = 0), each term a sum over this
+  process's share divided by the *global* batch's counts, so N data-parallel processes
+  (each backpropagating ``loss * N``, as DDP/FSDP average gradients) give the gradient
+  of the single-process global batch.
+* :meth:`SeekrRecipe.end_task` measures task sensitivity and forgettability on the new
+  replay samples, updates the importance, reselects heads under the budgets, captures the
+  teacher (:meth:`SeekrRecipe.capture_teacher`) and adds the samples to the memory.
+
+Distributed statistics go through :class:`DistributedHooks` (a sum all-reduce, a reshard
+after forward-only passes of a sharded model, rank and world size); the recipe knows
+nothing of the loop's process group, so the Hugging Face Trainer or accelerate can
+provide their own.
+
+Memory of the pre-task snapshot at Llama-2-7B shapes
+----------------------------------------------------
+Full fine-tuning (6.74 B trainable parameters in bf16): 13.5 GB on the host
+(``snapshot_device="cpu"``, the default) for the whole task and nothing on the device;
+while the forgettability passes run, the saved parameters sit on the device next to the
+trained ones (+13.5 GB there for those passes; the task's optimiser states are gone by
+then). LoRA (r = 8 on q/v of 32 layers: 4.2 M fp32 parameters): 17 MB. The model copy
+this replaces cost 13.5 GB on the device for the whole task, and could not be built for
+PEFT models. Under FSDP the snapshot is every head's rows at the query rows of every
+replay sample, on the host in fp32: 50 samples (1% of a 5k-sample task) x 32 layers x 32
+heads x Q x n x 4 B = 21 GB for Q = 100 and n = 1024 tokens (2.6 GB at n = 128); with
+query budget 0 (Q = n) 210 GB at n = 1024 — use the query budget, or DDP, with FSDP.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from ..utils.store import atomic_dir
+from .config import ConfigError, RecipeConfig, recipe_from_dict
+from .distributed import DistributedHooks
+from .snapshot import PreTaskWeights, snapshot_from_tensors, snapshot_kind, snapshot_tensors
+from .stream import ReplaySchedule
+from .batching import IGNORE_INDEX, Encoded, as_pair, collate, shard
+from .losses import ce_sum, logits_kl_mean, replay_objective, shifted_teacher
+
+__all__ = ["SeekrRecipe", "DistributedHooks", "PreTaskWeights", "PendingSample", "ReplaySchedule",
+           "task_seed", "sample_seed"]
+
+FORMAT = 1
+_KIND = "seekr-recipe"
+_META = "recipe.json"
+_TENSORS = "tensors.safetensors"
+_MEMORY = "memory"
+
+
+def task_seed(seed: int, t: int) -> int:
+    """The seed of task t: every RNG of the task derives from it."""
+    return (int(seed) * 1000003 + 7919 * (t + 1)) % (2 ** 31 - 1)
+
+
+def sample_seed(seed: int, t: int, j: int) -> int:
+    """The seed of replay sample j of task t (its sampled teacher)."""
+    return (task_seed(seed, t) * 1000003 + 104729 * (j + 1)) % (2 ** 31 - 1)
+
+
+# ============================================================================ samples
+
+@dataclass
+class PendingSample:
+    """A new replay sample while its task is being learned (:meth:`to_replay` gives the
+    :class:`~seekr_kernels.ReplaySample` stored in the memory).
+
+    ``logits``: teacher logits ``[A, V]`` (or a TopK) at the positions that predict the
+    A answer tokens that have a token before them; ``queries``: ``[Q]`` positions within
+    the sample (None = all rows); ``attn``: ``{layer: [S_l, Q, n]}`` teacher rows.
+    """
+    prompt_ids: list
+    answer_ids: list
+    task: int
+    logits: object = None
+    queries: Optional[torch.Tensor] = None
+    attn: dict = field(default_factory=dict)
+
+    @property
+    def length(self):
+        return len(self.prompt_ids) + len(self.answer_ids)
+
+    def to_replay(self):
+        from .memory import ReplaySample
+        ids = torch.tensor(self.prompt_ids + self.answer_ids, dtype=torch.long)
+        mask = torch.zeros(self.length, dtype=torch.bool)
+        mask[len(self.prompt_ids):] = True
+        # Teacher logits sit at the positions that predict answer tokens.
+        return ReplaySample(ids, mask, self.queries, self.logits, max(0, len(self.prompt_ids) - 1), self.attn)
+
+
+def _targets(rs) -> int:
+    """Next-token targets of a ReplaySample: answer tokens with a token before them."""
+    return int(rs.answer_mask[1:].sum())
+
+
+def _encoded(samples):
+    return [Encoded(s.prompt_ids, s.answer_ids) for s in samples]
+
+
+@dataclass
+class _TaskState:
+    index: int
+    name: str
+    indices: list
+    samples: list
+    before: object = None      # PreTaskWeights, per-sample rows (sharded), or None
+
+
+# ============================================================================ the recipe
+
+class SeekrRecipe:
+    """SEEKR for any training loop: replay memory, importance, heads and the three moments.
+
+    Args:
+        config: a :class:`~seekr_kernels.seekr.config.RecipeConfig`, a ``RunConfig``
+            (its recipe part is taken), a dict for
+            :func:`~seekr_kernels.seekr.config.recipe_from_dict`, or None (defaults).
+        model: the model (for its layer and head counts, and for budget checks now).
+        num_layers, num_heads: the shape, when no model is given (else taken at
+            :meth:`begin_task`).
+        pad_token_id: padding token of every batch the recipe builds.
+        device: where the recipe's own forward passes run (default: the model's).
+        autocast_dtype: autocast dtype of those passes (e.g. ``torch.bfloat16``), or None.
+        distributed: :class:`DistributedHooks` (default: one process).
+        snapshot_device: where :class:`PreTaskWeights` keeps the pre-task parameters
+            (``"cpu"``, or None for the parameters' own device).
+
+    State carried across tasks: :attr:`memory` (:class:`~seekr_kernels.ReplayMemory`),
+    :attr:`importance` (``[n_layers, n_heads]`` fp32), :attr:`heads` (``{layer: heads}``),
+    :attr:`num_tasks` and :attr:`task_names` (tasks ended). :meth:`state_dict` /
+    :meth:`save` include a task in progress (its samples, queries and pre-task snapshot),
+    so a run can be checkpointed and resumed mid-task.
+    """
+
+    def __init__(self, config=None, *, model=None, num_layers: Optional[int] = None,
+                 num_heads: Optional[int] = None, pad_token_id: int = 0, device=None, autocast_dtype=None,
+                 distributed: Optional[DistributedHooks] = None, snapshot_device="cpu"):
+        if config is None:
+            config = RecipeConfig()
+        if hasattr(config, "recipe_config"):     # a run's config (seekr_kernels.run.config.RunConfig)
+            config = config.recipe_config()
+        elif isinstance(config, Mapping):
+            config = recipe_from_dict(dict(config))
+        elif not isinstance(config, RecipeConfig):
+            raise TypeError(f"config: expected a RecipeConfig, RunConfig, dict or None, got {type(config).__name__}")
+        self.cfg = config.validate()
+        self.method = self.cfg.method
+        self.pad_token_id = int(pad_token_id)
+        self.device = None if device is None else torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.dist = distributed or DistributedHooks()
+        self.snapshot_device = snapshot_device
+        from .memory import ReplayMemory
+        self.memory = ReplayMemory()
+        self.heads: Dict[int, torch.Tensor] = {}
+        self.num_tasks = 0
+        self.task_names: List[str] = []
+        self.current: Optional[_TaskState] = None
+        self.importance: Optional[torch.Tensor] = None
+        self.budgets = None
+        if model is not None:
+            c = _model_config(model)
+            num_layers, num_heads = c.num_hidden_layers, c.num_attention_heads
+        if num_layers is not None and num_heads is not None:
+            self._set_shape(int(num_layers), int(num_heads))
+
+    # ---------------------------------------------------------------- shape and budgets
+    def _set_shape(self, n_layers, n_heads):
+        d = self.cfg.distill
+        lb = d.layer_budget or max(1, round(0.75 * n_layers))
+        hb = d.head_budget or max(1, (n_layers * n_heads) // 8)
+        if lb > n_layers:
+            raise ConfigError(f"distill.layer_budget: {lb} is more than the model's {n_layers} layers")
+        if hb > lb * n_heads:
+            raise ConfigError(f"distill.head_budget: {hb} is more than layer_budget x heads = "
+                              f"{lb} x {n_heads}")
+        self.num_layers, self.num_heads = n_layers, n_heads
+        self.budgets = (lb, hb)
+        if self.importance is None:
+            self.importance = torch.zeros(n_layers, n_heads, dtype=torch.float32)
+
+    def _ensure_shape(self, model):
+        c = _model_config(model)
+        if self.budgets is None:
+            self._set_shape(c.num_hidden_layers, c.num_attention_heads)
+        elif (c.num_hidden_layers, c.num_attention_heads) != (self.num_layers, self.num_heads):
+            raise ValueError(f"model: {c.num_hidden_layers} layers x {c.num_attention_heads} heads, the recipe "
+                             f"was built for {self.num_layers} x {self.num_heads}")
+
+    def _device_of(self, model):
+        if self.device is not None:
+            return self.device
+        return next(iter(model.parameters())).device
+
+    def _autocast(self, device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.method == "seekr"
+
+    @property
+    def uses_memory(self) -> bool:
+        return self.method != "sft"
+
+    # ---------------------------------------------------------------- begin task
+    def begin_task(self, model, task_samples: Sequence, name: Optional[str] = None) -> List[int]:
+        """Start a task: draw its replay subset (and, for ``seekr``, the query rows and the
+        pre-task snapshot of ``model``). Returns the indices of the replay samples.
+
+        ``task_samples``: the task's training samples, a sequence (``len`` and indexing;
+        only the drawn ones are read) of :class:`~seekr_kernels.seekr.batching.Encoded`,
+        of mappings with ``prompt_ids``/``answer_ids``, or of mappings with ``input_ids``
+        and ``labels`` (-100 on the prompt). Call before training on the task; ``seekr``
+        patches ``model`` (:func:`~seekr_kernels.patch_llama`) if it is not yet. Uses no
+        global RNG: the draws are seeded by (``seed``, task index).
+        """
+        if self.current is not None:
+            raise RuntimeError(f"begin_task: task {self.current.name!r} is in progress; call end_task first")
+        t = self.num_tasks
+        name = f"task-{t}" if name is None else str(name)
+        if name in self.task_names:
+            raise ValueError(f"name: task {name!r} was already learned (task names must be unique)")
+        idx, new, before = [], [], None
+        if self.uses_memory:
+            try:
+                n = len(task_samples)
+            except TypeError:
+                raise TypeError("task_samples: expected a sequence (len and indexing)") from None
+            if n < 1:
+                raise ValueError("task_samples: the task has no training sample")
+            from .memory import ReplayMemory
+            idx = ReplayMemory.sample_indices(n, self.cfg.replay.ratio, task_seed(self.cfg.seed, t) + 1,
+                                              mode=self.cfg.replay.subset)
+            new = [PendingSample(*as_pair(task_samples[i], i), t) for i in idx]
+        if self.uses_memory and self.cfg.distill.fused_lm_head == "true":
+            self.fused_lm_head(model)       # refused now, not at the first replay step
+        if self.uses_attention:
+            self._ensure_shape(model)
+            _ensure_patched(model)
+            self._choose_queries(new, t)
+            before = self.snapshot(model, new)
+        self.current = _TaskState(t, name, idx, new, before)
+        return idx
+
+    def _choose_queries(self, samples, t):
+        from .memory import ReplayMemory
+        d = self.cfg.distill
+        qs = ReplayMemory.choose_queries([x.length for x in samples], d.query_budget,
+                                         task_seed(self.cfg.seed, t) + 2, mode=d.query_sampling)
+        for x, q in zip(samples, qs):
+            x.queries = q
+
+    def snapshot(self, model, samples):
+        """What forgettability compares against: :class:`PreTaskWeights` of ``model``, or
+        (sharded parameters) every head's rows at the samples' query rows on the host."""
+        if self.dist.sharded:
+            return self._all_head_rows(model, samples)
+        return PreTaskWeights.capture(_unwrap(model), self.snapshot_device)
+
+    # ---------------------------------------------------------------- replay batches
+    def replay_schedule(self, n_train_batches: int) -> ReplaySchedule:
+        """The current task's :class:`ReplaySchedule` over the memory of earlier tasks.
+
+        ``n_train_batches``: train steps per epoch — optimiser steps, or micro-steps when
+        :attr:`replays_in_accumulation`. Replay batches hold ``replay.batch_size`` samples
+        (default: the train batch, or one micro-batch of it in accumulation).
+        """
+        rc, c = self.cfg.replay, self.cfg
+        t = self.current.index if self.current is not None else self.num_tasks
+        W = self.dist.world_size
+        if self.replays_in_accumulation:
+            bs, need = rc.batch_size or c.batch_size // c.grad_accum, W
+        else:
+            bs, need = rc.batch_size or c.batch_size, W * c.grad_accum
+        if bs < need:
+            raise ConfigError(f"replay.batch_size: {bs} is smaller than the {need} samples a replay batch needs "
+                              "(one per process and accumulation micro-step)")
+        keys = self.memory.keys() if self.uses_memory else []
+        return ReplaySchedule(keys, bs, n_train_batches, cycle=rc.cycle, min_batch=need, order=rc.order,
+                              outnumbered=rc.outnumbered, seed=task_seed(c.seed, t) + 3)
+
+    @property
+    def replays_in_accumulation(self) -> bool:
+        """A replay batch is one micro-step of an accumulation window (``replay.in_accumulation``
+        with ``grad_accum`` > 1) rather than an optimiser step of its own."""
+        return self.cfg.replay.in_accumulation and self.cfg.grad_accum > 1
+
+    def micro_batches(self, items: Sequence, grad_accum: Optional[int] = None) -> List[list]:
+        """This process's micro-batches of a global batch: indices into ``items``, one list
+        per accumulation micro-step (contiguous rank slices, then micro-step slices)."""
+        mine = shard(list(range(len(items))), self.dist.rank, self.dist.world_size)
+        acc = self.cfg.grad_accum if grad_accum is None else grad_accum
+        return [shard(mine, k, acc) for k in range(acc)]
+
+    def distill_layers(self, keys) -> list:
+        """Distilled layers of a (global) replay batch: every layer some sample's task names."""
+        ls = set()
+        for k in keys:
+            t = self.memory.tasks[k[0]]
+            if t.has_attention:
+                ls.update(t.heads)
+        return sorted(ls)
+
+    def batch(self, keys: Sequence, *, global_keys: Optional[Sequence] = None) -> dict:
+        """A left-padded replay batch of ``keys`` (:meth:`ReplayMemory.batch` with the
+        recipe's padding and teachers) plus the normalisers of the global batch:
+        ``num_items_in_batch`` (next-token targets), ``num_samples_in_batch`` and
+        ``distill_layers``. ``global_keys``: the whole global batch this process's
+        ``keys`` are part of (default: ``keys`` is the global batch)."""
+        gk = list(keys if global_keys is None else global_keys)
+        layers = self.distill_layers(gk) if self.uses_attention else []
+        b = self.memory.batch(list(keys), self.pad_token_id, self.cfg.pad_to_multiple_of,
+                              logits=self.method in ("replay+logits", "seekr"), attention=bool(layers),
+                              layers=layers or None)
+        b["num_items_in_batch"] = sum(_targets(self.memory.sample(k)) for k in gk)
+        b["num_samples_in_batch"] = len(gk)
+        b["distill_layers"] = layers
+        b["counts_are_global"] = True
+        return b
+
+    def dataset(self):
+        """The memory as a :class:`torch.utils.data.Dataset` of sample keys; batch it with
+        :meth:`collate_fn` (works with a ``DistributedSampler``)."""
+        return self.memory.dataset()
+
+    def collate_fn(self, keys) -> dict:
+        """DataLoader ``collate_fn`` for :meth:`dataset`: :meth:`batch` of this process's
+        keys, with per-process counts that :meth:`replay_loss` all-reduces."""
+        b = self.batch([tuple(k) for k in keys])
+        b["counts_are_global"] = False
+        return b
+
+    def _global_counts(self, batch):
+        """(targets, samples, layers) of the global batch for a batch built from local keys."""
+        if batch.get("counts_are_global", True) or self.dist.world_size == 1:
+            return batch["num_items_in_batch"], batch["num_samples_in_batch"], list(batch["distill_layers"])
+        L = self.num_layers or 0
+        v = torch.zeros(2 + L, dtype=torch.float64)
+        v[0], v[1] = batch["num_items_in_batch"], batch["num_samples_in_batch"]
+        for l in batch["distill_layers"]:
+            v[2 + l] = 1
+        v = self.dist.reduce(v)
+        return int(v[0]), int(v[1]), [l for l in range(L) if v[2 + l] > 0]
+
+    # ---------------------------------------------------------------- replay loss
+    def replay_loss(self, model, batch: Mapping, *, num_items_in_batch: Optional[int] = None):
+        """The replay objective of one (micro-)batch from :meth:`batch`: ``(loss, parts)``.
+
+        ``loss = (1 - a) CE + a logits-KL + b attention-KL`` (``replay``: CE; ``replay+logits``:
+        b = 0), every term this process's share of the global batch: CE and logits-KL are
+        sums over the batch's target tokens divided by the global target count, the
+        attention KL is the mean over the global batch's distilled layers of 'batchmean'
+        KL times this batch's share of the global samples. Summed over micro-steps and
+        processes it is the loss of the global batch; under DDP/FSDP (gradients averaged
+        over processes) backpropagate ``loss * world_size``. ``parts`` holds the detached
+        ``ce``, ``logits_kl`` and ``attn_kl`` shares that the method uses.
+
+        ``model`` runs the forward pass (a DDP wrapper is fine; autocast is the caller's);
+        ``num_items_in_batch`` overrides the global target count (Hugging Face style).
+        The logits term comes from :meth:`logits_loss`, the CE from :meth:`ce_loss`, or,
+        where ``distill.fused_lm_head`` applies (:meth:`fused_lm_head`), both from one
+        :func:`~seekr_kernels.linear_logits_kl` call on the final hidden states and the
+        ``lm_head`` weight, so no ``[B, L, V]`` logits are materialised (the same loss
+        and gradients up to float rounding).
+        """
+        d = self.cfg.distill
+        N, B, layers = self._global_counts(batch)
+        if num_items_in_batch is not None:
+            N = int(num_items_in_batch)
+        dev = self._device_of(model)
+        inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        head = self.fused_lm_head(model)
+        cap = _LmHeadInput(head) if head is not None else contextlib.nullcontext()
+        attn = None
+        if layers and self.uses_attention:
+            from ..llama import distill_attention
+            heads, teacher, q = self._attention_targets(batch, layers, dev)
+            backend = "torch" if d.attn_log_eps else d.backend
+            with distill_attention(model, heads, q, teacher, inputs["attention_mask"], backend=backend,
+                                   log_eps=d.attn_log_eps) as dctx, cap:
+                out = _forward(model, inputs)
+            attn = dctx.loss() * (inputs["input_ids"].shape[0] / B)
+        else:
+            with cap:
+                out = _forward(model, inputs)
+        uses_logits = self.method in ("replay+logits", "seekr")
+        combined = None
+        if head is not None:
+            combined, ce, lkl = self._fused_terms(head, cap.hidden(inputs["input_ids"]), inputs,
+                                                  batch["teacher_logits"] if uses_logits else None, N)
+        else:
+            ce = self.ce_loss(out, inputs, N)
+            lkl = None
+            if uses_logits:
+                lkl = self.logits_loss(out, {**inputs, "teacher_logits": batch["teacher_logits"]}, N)
+        loss = replay_objective(self.method, ce, lkl, attn, d.logits_weight, d.attn_weight, combined)
+        parts = {"ce": ce.detach()}
+        if lkl is not None:
+            parts["logits_kl"] = lkl.detach()
+        if attn is not None:
+            parts["attn_kl"] = attn.detach()
+        return loss, parts
+
+    def ce_loss(self, outputs, batch: Mapping, num_items_in_batch: int) -> torch.Tensor:
+        """Next-token CE summed over this batch's targets / the global target count."""
+        return ce_sum(outputs.logits, batch["labels"]) / num_items_in_batch
+
+    def logits_loss(self, outputs, batch: Mapping, num_items_in_batch: int) -> torch.Tensor:
+        """The logits-distillation term (published: CE of the student against
+        softmax(teacher logits), mean over target tokens), as this batch's share: its mean
+        times its targets / the global target count.
+
+        The one place that reads the student's logits for distillation (``outputs.logits``
+        and ``batch["teacher_logits"]``, aligned by :meth:`batch`): a loop that computes
+        the term from final hidden states and the ``lm_head`` weight instead of
+        materialised logits overrides this method.
+        """
+        labels = batch["labels"]
+        tl = batch["teacher_logits"].to(labels.device)
+        n_loc = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return logits_kl_mean(outputs.logits, tl, labels) * (n_loc / num_items_in_batch)
+
+    # ---------------------------------------------------------------- fused lm_head
+    def fused_lm_head(self, model) -> Optional[torch.nn.Linear]:
+        """The ``lm_head`` :meth:`replay_loss` fuses with its CE and logits terms, or None
+        (materialised logits), by ``distill.fused_lm_head``: ``auto`` fuses where it
+        applies, ``true`` raises :class:`ConfigError` saying why where it does not,
+        ``false`` never fuses. It applies to a causal LM whose output embeddings
+        (``get_output_embeddings()``, through DDP and PEFT wrappers) are a plain
+        ``nn.Linear`` (not LoRA-adapted, no hooks) with unsharded weights (not FSDP /
+        ZeRO-3), whose logits the model does not rescale, and when neither
+        :meth:`ce_loss` nor :meth:`logits_loss` is overridden."""
+        mode = self.cfg.distill.fused_lm_head
+        if mode == "false":
+            return None
+        head, why = _fusable_lm_head(self, model)
+        if head is None and mode == "true":
+            raise ConfigError(f"distill.fused_lm_head: true, but {why}; use auto (materialised logits where "
+                              "the fused lm_head does not apply) or false")
+        return head
+
+    def _fused_terms(self, head, hidden, inputs, teacher, N):
+        """(combined, ce, logits_kl) of the fused path: ``combined`` with gradients, the
+        two terms detached (for ``parts``), each this batch's share of the global batch."""
+        from ..ops.linear_logits_kl import linear_logits_kl
+        d = self.cfg.distill
+        h, lb = hidden[:, :-1], inputs["labels"][:, 1:]
+        W, bias = head.weight, head.bias
+        dt = h.dtype
+        ac = torch.is_autocast_enabled(h.device.type)
+        if ac:     # as the lm_head's F.linear would run under autocast
+            dt = torch.get_autocast_dtype(h.device.type)
+        elif W.dtype != dt:
+            dt = W.dtype
+        h, W = h.to(dt), W.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        if teacher is None:
+            hw, sw, t = 1.0, 0.0, None
+        else:
+            hw, sw = 1.0 - d.logits_weight, float(d.logits_weight)
+            t = shifted_teacher(teacher.to(h.device))
+        kw = dict(bias=bias, reduction="sum", backend="triton" if d.backend == "triton" else "auto")
+        parts = {}
+        with torch.autocast(h.device.type, enabled=False) if ac else contextlib.nullcontext():
+            combined = linear_logits_kl(h, W, t, lb, hard_weight=hw, soft_weight=sw, _parts=parts, **kw) / N
+            with torch.no_grad():   # a term of weight 0 is still logged
+                if "hard" not in parts:
+                    linear_logits_kl(h, W, None, lb, hard_weight=1.0, soft_weight=0.0, _parts=parts, **kw)
+                if t is not None and "soft" not in parts:
+                    linear_logits_kl(h, W, t, lb, hard_weight=0.0, soft_weight=1.0, _parts=parts, **kw)
+        lkl = None if t is None else (parts["soft"] / N).float()
+        return combined.float(), (parts["hard"] / N).float(), lkl
+
+    @staticmethod
+    def _attention_targets(b, layers, dev):
+        """heads / teacher / queries of a replay micro-batch on ``dev``, with an empty
+        [B, 1] slot table for global-batch layers none of its samples distils."""
+        heads = dict(b.get("heads") or {})
+        teacher = dict(b.get("teacher_attention") or {})
+        q = b.get("queries")
+        Bm, L = b["input_ids"].shape
+        Q = L if q is None else q.shape[1]
+        for l in layers:
+            if l not in heads:
+                heads[l] = torch.full((Bm, 1), -1, dtype=torch.long)
+                teacher[l] = torch.zeros(Bm, 1, Q, L)
+        return ({l: heads[l].to(dev) for l in layers}, {l: teacher[l].to(dev) for l in layers},
+                None if q is None else q.to(dev))
+
+    # ---------------------------------------------------------------- end task
+    def end_task(self, model) -> dict:
+        """Finish the task: sensitivity and forgettability of every head on the new replay
+        samples update the importance, heads are reselected, the teacher is captured and
+        the samples join the memory (``seekr``; ``replay+logits`` captures logits only,
+        ``replay`` keeps the samples, ``sft`` only counts the task).
+
+        Every process calls it (statistics are all-reduced through the hooks). Returns
+        ``{"task", "name", "heads", "sensitivity", "forgettability"}`` (the last three for
+        ``seekr``) for logging.
+        """
+        st = self.current
+        if st is None:
+            raise RuntimeError("end_task: no task in progress; call begin_task first")
+        info = {"task": st.index, "name": st.name}
+        if self.uses_attention:
+            sens = self.sensitivity(model, st.samples)
+            forget = self.forgettability(model, st.samples, st.before)
+            st.before = None
+            self.importance += sens * forget
+            from .selection import select_heads
+            self.heads = {int(l): torch.as_tensor(h).long()
+                          for l, h in select_heads(self.importance, *self.budgets).items()}
+            info.update(heads=self.heads, sensitivity=sens, forgettability=forget)
+        if self.method in ("replay+logits", "seekr"):
+            self.capture_teacher(model, st.samples, self.heads if self.uses_attention else {})
+        if self.uses_memory:
+            self.memory.add_task(st.name, [x.to_replay() for x in st.samples],
+                                 self.heads if self.uses_attention else {})
+        self.num_tasks += 1
+        self.task_names.append(st.name)
+        self.current = None
+        return info
+
+    # ---------------------------------------------------------------- statistics
+    def _set_length(self, samples) -> int:
+        """Length of the replay set collated as one batch (the published statistics' T)."""
+        m = self.cfg.pad_to_multiple_of
+        n = max(s.length for s in samples)
+        return -(-n // m) * m
+
+    def _sensitivity_chunks(self, samples, bs):
+        """This process's share of the samples in chunks of ``bs``, plus weight-0 filler
+        chunks so every process runs the same number of passes (FSDP needs matched
+        collectives)."""
+        n = len(samples)
+        R, W = self.dist.rank, self.dist.world_size
+        mine = [samples[i] for i in shard(list(range(n)), R, W)]
+        chunks = [(mine[i:i + bs], 1.0) for i in range(0, len(mine), bs)]
+        need = -(-(-(-n // W)) // bs)
+        return chunks + [([samples[0]], 0.0)] * (need - len(chunks))
+
+    def sensitivity(self, model, samples) -> torch.Tensor:
+        """Task sensitivity per head on the samples (mean over samples of the mean
+        (dL/dA)^2 over each head's map; ``distill.sensitivity_padding``), normalised per
+        layer as published. ``[n_layers, n_heads]`` fp32."""
+        from .importance import measure_sensitivity, sensitivity_loss
+        d = self.cfg.distill
+        model = _unwrap(model)
+        dev = self._device_of(model)
+        was = model.training
+        model.eval()
+        L, H = self.importance.shape
+        official = d.sensitivity_padding == "official"
+        pad_to = self._set_length(samples) if official else 1
+        sums = torch.zeros(L, H, dtype=torch.float64)
+        for chunk, w in self._sensitivity_chunks(samples, d.sensitivity_batch_size):
+            b = collate(_encoded(chunk), self.pad_token_id, pad_to)
+            b = {k: v.to(dev) for k, v in b.items()}
+            with measure_sensitivity(model, region=d.sensitivity_region,
+                                     padding="padded" if official else "real") as m:
+                with self._autocast(dev):
+                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                position_ids=b["position_ids"], use_cache=False)
+                # Sum of per-sample mean CE: each sample gets the gradient it gets alone.
+                sensitivity_loss(out.logits, b["labels"]).backward()
+            if w:
+                sums += m.sums.double().cpu()
+            model.zero_grad(set_to_none=True)
+        sens = self.dist.reduce(sums) / max(1, len(samples))
+        model.train(was)
+        return (sens / sens.sum(1, keepdim=True).clamp_min(1e-30)).float()
+
+    def forgettability(self, model, samples, before) -> torch.Tensor:
+        """Mean (A_before - A_after)^2 per head over the samples' query rows
+        (``distill.forgettability_norm``); ``before`` from :meth:`snapshot`."""
+        L, H = self.importance.shape
+        official = self.cfg.distill.forgettability_norm == "official"
+        T = self._set_length(samples)
+        if isinstance(before, list):      # rows on the host (sharded parameters)
+            after = self._all_head_rows(model, samples)
+            acc = torch.zeros(L, H, dtype=torch.float64)
+            for i, s in enumerate(samples):
+                for l in range(L):
+                    sq = (before[i][l].double() - after[i][l].double()) ** 2     # [H, Q, n]
+                    if official:
+                        rows = T if s.queries is None else s.queries.numel()
+                        acc[l] += sq.sum((1, 2)) / (rows * T)
+                    else:
+                        acc[l] += sq.mean((1, 2))
+            return (acc / max(1, len(samples))).float()
+        from .importance import ForgettabilityMeter
+        model = _unwrap(model)
+        dev = self._device_of(model)
+        was = model.training
+        model.eval()
+        meter = ForgettabilityMeter(normalize="official" if official else "sample", backend=self.cfg.distill.backend)
+        before_model = before.module(model)
+        n_local = 0
+        mine = [samples[i] for i in shard(list(range(len(samples))), self.dist.rank, self.dist.world_size)]
+        bs = self.cfg.capture_batch_size
+        for i in range(0, len(mine), bs):
+            chunk = mine[i:i + bs]
+            b = collate(_encoded(chunk), self.pad_token_id, T if official else 1)
+            Lb = b["input_ids"].shape[1]
+            inputs = {k: b[k].to(dev) for k in ("input_ids", "attention_mask", "position_ids")}
+            inputs["use_cache"] = False
+            if any(s.queries is not None for s in chunk):
+                q, qm = self._query_table(chunk, Lb)
+                inputs["queries"], inputs["query_mask"] = q.to(dev), qm.to(dev)
+            with self._autocast(dev):
+                meter.update(before_model, model, inputs)
+            n_local += len(chunk)
+        model.train(was)
+        sc = meter.scores.double() if n_local else torch.zeros(L, H, dtype=torch.float64)
+        return (self.dist.reduce(sc * n_local) / max(1, len(samples))).float()
+
+    @staticmethod
+    def _query_table(chunk, Lb):
+        """[B, Q] absolute query positions of left-padded samples, and which slots are real."""
+        Qm = max(s.length if s.queries is None else s.queries.numel() for s in chunk)
+        q = torch.zeros(len(chunk), Qm, dtype=torch.long)
+        qm = torch.zeros(len(chunk), Qm, dtype=torch.bool)
+        for j, s in enumerate(chunk):
+            p = Lb - s.length
+            rel = torch.arange(s.length) if s.queries is None else s.queries.long()
+            q[j, :rel.numel()] = rel + p
+            qm[j, :rel.numel()] = True
+        return q, qm
+
+    @torch.no_grad()
+    def _all_head_rows(self, model, samples) -> list:
+        """Every head's attention rows at the samples' query rows: per sample {l: [H, Q, n]}."""
+        from ..llama import capture_attention
+        model = _unwrap(model)
+        dev = self._device_of(model)
+        was = model.training
+        model.eval()
+        L, H = self.importance.shape
+        heads = {l: torch.arange(H) for l in range(L)}
+        out = []
+        for s in samples:
+            b = collate(_encoded([s]), self.pad_token_id)
+            b = {k: v.to(dev) for k, v in b.items()}
+            q = None if s.queries is None else s.queries[None].to(dev)
+            with capture_attention(model, heads, q, b["attention_mask"], device="cpu",
+                                   backend=self.cfg.distill.backend) as c, self._autocast(dev):
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                      position_ids=b["position_ids"], use_cache=False)
+            out.append({l: r[0].float() for l, r in c.rows.items()})
+        model.train(was)
+        self.dist.after_forward()
+        return out
+
+    # ---------------------------------------------------------------- teacher capture
+    @torch.no_grad()
+    def capture_teacher(self, model, samples: Sequence[PendingSample], heads: Optional[Mapping] = None) -> None:
+        """Fill each pending sample's teacher from ``model`` (eval mode, no gradients).
+
+        ``sample.logits``: the logits at the positions that predict its answer tokens —
+        position ``len(prompt) - 1 + j`` predicts answer token ``j`` (the first answer
+        token of a sample without prompt has no predicting position) — as ``[A, V]`` fp32
+        (``distill.teacher_logits: dense``), a TopK of kind ``"logits"`` (``topk``) or a
+        :class:`~seekr_kernels.SampledTeacher` (``sampled``; sample ``j`` of ``samples``
+        drawn with seed :func:`sample_seed` (run seed, its task, ``j``), so a resumed run
+        draws the same teacher) with ``distill.teacher_logits_k`` entries per position
+        (at most V). ``sample.attn``: for each
+        layer of ``heads`` (``{layer: 1-D heads}``; None/empty: logits only) the rows
+        ``[S_l, Q, n]`` of those heads at the sample's query rows (all n rows when
+        ``queries`` is None), over its n real keys. Samples run in batches of
+        ``capture_batch_size``, left padded; rows and logits are cut back to each sample.
+        """
+        d = self.cfg.distill
+        model = _unwrap(model)
+        dev = self._device_of(model)
+        heads = dict(heads or {})
+        was = model.training
+        model.eval()
+        kind, k = d.teacher_logits, d.teacher_logits_k
+        bs = self.cfg.capture_batch_size
+        for i in range(0, len(samples), bs):
+            chunk = samples[i:i + bs]
+            b = collate(_encoded(chunk), self.pad_token_id)
+            Lb = b["input_ids"].shape[1]
+            b = {k: v.to(dev) for k, v in b.items()}
+            pads = [Lb - s.length for s in chunk]
+            ctx = contextlib.nullcontext()
+            if heads:
+                from ..llama import capture_attention
+                all_rows = all(s.queries is None for s in chunk)
+                q = None
+                if not all_rows:
+                    Qm = max(Lb if s.queries is None else s.queries.numel() for s in chunk)
+                    q = torch.zeros(len(chunk), Qm, dtype=torch.long)
+                    for j, (s, p) in enumerate(zip(chunk, pads)):
+                        rel = torch.arange(s.length) if s.queries is None else s.queries
+                        q[j, :rel.numel()] = rel + p
+                    q = q.to(dev)
+                ctx = capture_attention(model, {l: h.to(dev) for l, h in heads.items()}, q,
+                                        b["attention_mask"], device="cpu", backend=d.backend)
+            with ctx as c, self._autocast(dev):
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                            position_ids=b["position_ids"], use_cache=False)
+            logits = out.logits.float().cpu()
+            for j, (s, p) in enumerate(zip(chunk, pads)):
+                a0 = max(p, p + len(s.prompt_ids) - 1)
+                A = len(s.answer_ids) - (0 if s.prompt_ids else 1)
+                lg = logits[j, a0:a0 + A].clone()
+                if kind == "topk":
+                    from ..ops.topk import TopK
+                    s.logits = TopK.from_dense(lg, min(k, lg.shape[-1]), kind="logits")
+                elif kind == "sampled":
+                    from ..ops.topk import SampledTeacher
+                    s.logits = SampledTeacher.from_dense(lg, min(k, lg.shape[-1]),
+                                                         seed=sample_seed(self.cfg.seed, s.task, i + j))
+                else:
+                    s.logits = lg
+                if heads:
+                    Q = s.length if s.queries is None else s.queries.numel()
+                    s.attn = {l: (r[j][:, p:, p:] if s.queries is None else r[j][:, :Q, p:]).clone().float()
+                              for l, r in c.rows.items()}
+        model.train(was)
+        self.dist.after_forward()
+
+    # ---------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """Everything carried across tasks, and the task in progress, by reference:
+        ``format``, ``config``, ``shape``, ``num_tasks``, ``task_names``, ``importance``,
+        ``heads``, ``memory`` (the :class:`ReplayTask` list) and ``current`` (None, or
+        the task's index, name, replay indices, samples and pre-task snapshot)."""
+        cur = None
+        if self.current is not None:
+            st = self.current
+            cur = {"index": st.index, "name": st.name, "indices": list(st.indices),
+                   "samples": [{"prompt_ids": s.prompt_ids, "answer_ids": s.answer_ids,
+                                "queries": None if s.queries is None else s.queries.tolist()} for s in st.samples],
+                   "snapshot": snapshot_tensors(st.before), "snapshot_kind": snapshot_kind(st.before)}
+        return {"format": FORMAT, "kind": _KIND, "config": self.cfg.to_dict(),
+                "shape": None if self.budgets is None else [self.num_layers, self.num_heads],
+                "num_tasks": self.num_tasks, "task_names": list(self.task_names),
+                "importance": None if self.importance is None else self.importance,
+                "heads": dict(self.heads), "memory": list(self.memory.tasks), "current": cur}
+
+    def load_state_dict(self, sd: Mapping) -> "SeekrRecipe":
+        """Restore :meth:`state_dict` output (checked: format, method, shape)."""
+        if not isinstance(sd, Mapping) or sd.get("kind") != _KIND:
+            raise ValueError("state_dict: not a SeekrRecipe state")
+        if sd.get("format") != FORMAT:
+            raise ValueError(f"state_dict: format {sd.get('format')!r}, this version reads {FORMAT}")
+        method = (sd.get("config") or {}).get("method")
+        if method != self.method:
+            raise ValueError(f"state_dict: holds a {method!r} recipe, this one is {self.method!r}")
+        shape = sd.get("shape")
+        if shape is not None:
+            if self.budgets is None:
+                self._set_shape(*shape)
+            elif list(shape) != [self.num_layers, self.num_heads]:
+                raise ValueError(f"state_dict: shape {shape}, this recipe is [{self.num_layers}, {self.num_heads}]")
+            imp = sd.get("importance")
+            if not isinstance(imp, torch.Tensor) or list(imp.shape) != list(shape):
+                raise ValueError(f"state_dict['importance']: expected a tensor of shape {list(shape)}")
+            self.importance = imp.detach().to("cpu", torch.float32).clone()
+        from .memory import ReplayMemory
+        self.memory = ReplayMemory(sd.get("memory") or [])
+        self.heads = {int(l): torch.as_tensor(h).long() for l, h in (sd.get("heads") or {}).items()}
+        self.num_tasks = int(sd.get("num_tasks", 0))
+        self.task_names = [str(n) for n in sd.get("task_names", [])]
+        if len(self.task_names) != self.num_tasks:
+            raise ValueError(f"state_dict: {len(self.task_names)} task names for {self.num_tasks} tasks")
+        if self.uses_memory and len(self.memory.tasks) != self.num_tasks:
+            raise ValueError(f"state_dict: memory holds {len(self.memory.tasks)} tasks, {self.num_tasks} were learned")
+        cur = sd.get("current")
+        self.current = None
+        if cur is not None:
+            samples = []
+            for s in cur["samples"]:
+                ps = PendingSample(list(s["prompt_ids"]), list(s["answer_ids"]), int(cur["index"]))
+                ps.queries = None if s.get("queries") is None else torch.tensor(s["queries"], dtype=torch.long)
+                samples.append(ps)
+            self.current = _TaskState(int(cur["index"]), str(cur["name"]), list(cur["indices"]), samples,
+                                      snapshot_from_tensors(cur.get("snapshot_kind"), cur.get("snapshot"),
+                                                             len(samples)))
+        return self
+
+    def save(self, path: str, *, memory: bool = True) -> None:
+        """Write the state to directory ``path`` atomically (a reader sees the old one or
+        the complete new one): ``recipe.json`` (metadata, with the sha256 of the tensors),
+        ``tensors.safetensors`` (importance, pre-task snapshot) and ``memory/`` (one
+        checksummed directory per task, :meth:`ReplayMemory.save`). ``memory=False``
+        leaves the memory out (a loop that keeps it elsewhere, e.g. the trainer's
+        ``output_dir/memory``, passes it back to :meth:`load`)."""
+        from safetensors.torch import save as st_save
+
+        from .importance import _tensor_digest
+        from .memory import ReplayMemory
+        sd = self.state_dict()
+        tensors = {}
+        if sd["importance"] is not None:
+            tensors["importance"] = sd["importance"].contiguous()
+        cur = sd["current"]
+        if cur is not None:
+            for k, v in (cur.pop("snapshot") or {}).items():
+                tensors[f"snapshot/{k}"] = v.detach().cpu().contiguous()
+        payload = st_save(tensors)
+        meta = {k: v for k, v in sd.items() if k not in ("importance", "memory")}
+        meta["heads"] = {str(l): h.tolist() for l, h in self.heads.items()}
+        meta["tensors_sha256"] = _tensor_digest(tensors)
+        with atomic_dir(path) as tmp:
+            with open(os.path.join(tmp, _TENSORS), "wb") as f:
+                f.write(payload)
+            if self.memory.tasks and memory:
+                ReplayMemory(self.memory.tasks).save(os.path.join(tmp, _MEMORY))
+            with open(os.path.join(tmp, _META), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1, sort_keys=True)
+
+    def load(self, path: str, *, memory=None) -> "SeekrRecipe":
+        """Restore a state written by :meth:`save` into this recipe (same method and
+        shape); a missing, corrupt or foreign file raises ``ValueError`` naming it.
+        ``memory``: the replay memory (a ``ReplayMemory`` or its task list) of a state
+        saved with ``memory=False``; its task names must be the state's."""
+        from safetensors.torch import load as st_load
+
+        from .importance import _tensor_digest
+        from .memory import ReplayMemory
+        meta_p = os.path.join(path, _META)
+        try:
+            with open(meta_p, encoding="utf-8") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{meta_p}: missing (not a saved SeekrRecipe, or an interrupted write)") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{meta_p}: unreadable ({e})") from None
+        if not isinstance(meta, dict) or meta.get("kind") != _KIND:
+            raise ValueError(f"{meta_p}: not a SeekrRecipe state")
+        ten_p = os.path.join(path, _TENSORS)
+        try:
+            with open(ten_p, "rb") as f:
+                tensors = st_load(f.read())
+        except FileNotFoundError:
+            raise ValueError(f"{ten_p}: missing") from None
+        except Exception as e:  # safetensors raises its own types on a damaged header
+            raise ValueError(f"{ten_p}: unreadable ({e})") from None
+        if _tensor_digest(tensors) != meta.get("tensors_sha256"):
+            raise ValueError(f"{ten_p}: checksum mismatch (corrupt file)")
+        mem_p = os.path.join(path, _MEMORY)
+        if memory is not None:
+            memory = list(getattr(memory, "tasks", memory))
+            names = [t.name for t in memory]
+            if self.uses_memory and names != list(meta.get("task_names") or []):
+                raise ValueError(f"memory: holds tasks {names}, the state at {path} learned "
+                                 f"{meta.get('task_names')}")
+        else:
+            memory = ReplayMemory.load(mem_p, meta.get("task_names")).tasks if os.path.isdir(mem_p) else []
+        sd = dict(meta)
+        sd["importance"] = tensors.get("importance")
+        sd["memory"] = memory
+        cur = sd.get("current")
+        if cur is not None:
+            cur["snapshot"] = {k[len("snapshot/"):]: v for k, v in tensors.items() if k.startswith("snapshot/")}
+        try:
+            return self.load_state_dict(sd)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+# ============================================================================ helpers
+
+def _fusable_lm_head(recipe, model):
+    """(lm_head, None) when :meth:`SeekrRecipe.replay_loss` can run it fused, else (None,
+    why not)."""
+    d = recipe.cfg.distill
+    if type(recipe).ce_loss is not SeekrRecipe.ce_loss or type(recipe).logits_loss is not SeekrRecipe.logits_loss:
+        return None, f"{type(recipe).__name__} overrides ce_loss or logits_loss"
+    if d.backend == "torch":
+        return None, "distill.backend is torch (the plain-PyTorch reference materialises the logits)"
+    if recipe.dist.sharded:
+        return None, "the model is sharded (FSDP): its lm_head weight is gathered only inside its forward"
+    m = _unwrap(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        if any(isinstance(x, (FSDPModule, FullyShardedDataParallel)) for x in m.modules()):
+            return None, "the model is sharded (FSDP): its lm_head weight is gathered only inside its forward"
+    except ImportError:   # pragma: no cover - torch without distributed
+        pass
+    get = getattr(m, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None, "the model has no output embeddings (get_output_embeddings() is None: not a causal LM?)"
+    if type(head) is not torch.nn.Linear:
+        return None, (f"the lm_head is a {type(head).__name__}, not a plain nn.Linear (adapted by LoRA, wrapped "
+                      "or quantised)")
+    if head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook") or "forward" in vars(head):
+        return None, "the lm_head has forward hooks or a replaced forward"
+    W = head.weight
+    try:
+        from torch.distributed.tensor import DTensor
+        sharded = isinstance(W, DTensor)
+    except ImportError:   # pragma: no cover
+        sharded = False
+    if sharded or hasattr(W, "ds_id"):
+        return None, "the lm_head weight is sharded (FSDP / ZeRO-3)"
+    if not W.dtype.is_floating_point:
+        return None, f"the lm_head weight is {W.dtype}"
+    cfg = getattr(m, "config", None)
+    for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        v = getattr(cfg, k, None)
+        if v not in (None, 1, 1.0):
+            return None, f"the model rescales its logits (config.{k} = {v})"
+    return head, None
+
+
+class _LmHeadInput:
+    """Inside the context the lm_head records its input (the final hidden states) and
+    returns a ``[..., 0]`` stand-in for the logits: the replay loss computes them chunk by
+    chunk from the hidden states instead. The stand-in is computed from the input and the
+    weight, so the forward's outputs still reach every parameter (DDP's search for unused
+    parameters)."""
+
+    def __init__(self, head):
+        self.head = head
+        self.inputs = []
+
+    def __enter__(self):
+        head, seen = self.head, self.inputs
+
+        def forward(x):
+            seen.append(x)
+            return torch.nn.functional.linear(x, head.weight[:0], None if head.bias is None else head.bias[:0])
+        head.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.head.forward
+
+    def hidden(self, input_ids):
+        """The recorded final hidden states [B, L, Hd] of the batch ``input_ids`` [B, L]."""
+        if len(self.inputs) != 1 or tuple(self.inputs[0].shape[:-1]) != tuple(input_ids.shape):
+            got = [tuple(x.shape) for x in self.inputs]
+            raise RuntimeError(f"distill.fused_lm_head: the model called its lm_head with {got}, expected one call "
+                               f"on hidden states {list(input_ids.shape)} + [hidden]; set distill.fused_lm_head: "
+                               "false for this model")
+        return self.inputs[0]
+
+def _unwrap(model):
+    """The module under a DDP wrapper (FSDP2 and PEFT models are used as they are)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _model_config(model):
+    c = getattr(_unwrap(model), "config", None)
+    if c is None or not hasattr(c, "num_hidden_layers") or not hasattr(c, "num_attention_heads"):
+        raise TypeError("model: expected a transformers model with config.num_hidden_layers and "
+                        "config.num_attention_heads")
+    return c
+
+
+def _ensure_patched(model):
+    from ..llama import is_patched, patch_llama
+    if not is_patched(model):
+        patch_llama(_unwrap(model))
+
+
+def _forward(model, inputs):
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                 position_ids=inputs["position_ids"], use_cache=False)
+
+
