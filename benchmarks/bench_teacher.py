@@ -58,7 +58,7 @@ sys.path.insert(0, HERE)
 import common  # noqa: E402
 import seekr_kernels as sk  # noqa: E402
 from seekr_kernels.ops.attention_probs import attention_probs  # noqa: E402
-from seekr_kernels.ops.topk import TopK  # noqa: E402
+from seekr_kernels.ops.teachers import TopK  # noqa: E402
 
 warnings.filterwarnings("ignore", message="seekr_kernels: .* falls back")
 
@@ -202,13 +202,13 @@ def cache_rows(layers=32, heads=32, sel_heads=128, L=1024, vocab=32000, queries=
     topk int32: per row k bf16 values + k int32 indices (TopK in memory) + one fp32
     (attention: row mass, logits: lse), int32 query positions.
     topk packed: the same with indices as TeacherCache / ReplayMemory store them
-    (ops.topk.pack_indices: int16, plus bit-packed high bits when the size exceeds 65536:
+    (ops.teachers.pack_indices: int16, plus bit-packed high bits when the size exceeds 65536:
     2.125 bytes at V = 128256 and k = 256).
     sampled: attention as topk packed; logits a SampledTeacher of k + 1 slots (bf16
     weights + packed indices, no lse): the same bytes as the TopK of k logits.
     (``layers`` and ``heads`` only set how many heads exist; the caches hold sel_heads.)
     """
-    from seekr_kernels.ops.topk import packed_nbytes
+    from seekr_kernels.ops.teachers import packed_nbytes
     assert sel_heads <= layers * heads
     out = []
     for Qb in queries:
@@ -394,7 +394,7 @@ def run_quality(args):
                 t = attn_teachers[l]
                 if mode is not None and isinstance(t, TopK):
                     from seekr_kernels._checks import check_attention_args
-                    from seekr_kernels.ops.topk import attention_kl_topk_rows
+                    from seekr_kernels.ops.attention_kl import attention_kl_topk_rows
                     from seekr_kernels._backend import resolve
                     from seekr_kernels._checks import reduce_rows
                     a = check_attention_args(q, k, heads[l], queries, mask, scale)

@@ -10,7 +10,7 @@ from .ops.attention_probs import attention_probs
 from .ops.attention_sqdiff import attention_sqdiff
 from .ops.logits_kl import LogitsKLLoss, logits_kl
 from .ops.linear_logits_kl import LinearLogitsKLLoss, linear_logits_kl
-from .ops.topk import SampledTeacher, TopK
+from .ops.teachers import SampledTeacher, TopK
 from .cache import TeacherCache, TeacherCacheError
 # Model integration
 from .llama import capture_attention, distill_attention, observe_attention, patch_llama, unpatch_llama

@@ -16,7 +16,7 @@ One cache is one ``.safetensors`` file. Its tensors:
 =================================  ==================================================
 
 Indices of TopK / sampled rows (version 3) are stored packed
-(:func:`~seekr_kernels.ops.topk.pack_indices`): ``<base>.indices16`` (int16, the low 16
+(:func:`~seekr_kernels.ops.teachers.pack_indices`): ``<base>.indices16`` (int16, the low 16
 bits) and, when the full size exceeds 65536, ``<base>.indices_hi`` (uint8, the high bits
 bit-packed), instead of versions 1-2's int32 ``<base>.indices``; they are int32 again in
 memory after loading. Files of versions 1 and 2 still load (a re-save writes version 3).
@@ -53,7 +53,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from .ops.topk import SampledTeacher, TopK, pack_indices, unpack_indices
+from .ops.teachers import SampledTeacher, TopK, pack_indices, unpack_indices
 from .utils.store import atomic_path, clean_leftovers
 
 FORMAT = "seekr-teacher-cache"

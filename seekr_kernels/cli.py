@@ -316,7 +316,7 @@ def expected_errors() -> tuple:
     from .run.checkpoint import CheckpointError, ResumeError
     from .seekr.config import ConfigError
     from .run.data import DataError
-    from .run.preflight import RunStateError
+    from .run.rundir import RunStateError
     from .seekr.memory import ReplayMemoryError
     return (ConfigError, DataError, RunStateError, ReplayMemoryError, TeacherCacheError, CheckpointError,
             ResumeError, OSError, ImportError)

@@ -605,7 +605,7 @@ class DistillAttention(_ObserverContext):
         self._checked_batch = False
 
     def bind(self, info, attention_mask):
-        from .ops.topk import TopK
+        from .ops.teachers import TopK
         heads = _check_layer_dict("heads", self._heads_in, info)
         teacher = _check_layer_dict("teacher", self._teacher_in, info)
         if not heads:
@@ -775,7 +775,7 @@ class CaptureAttention(_ObserverContext):
         super().bind(info, attention_mask)
 
     def on_attention(self, layer_idx, module, query, key, value, attn_output, padding_mask):
-        from .ops.topk import TopK
+        from .ops.teachers import TopK
         if layer_idx in self.rows:
             raise RuntimeError(f"capture_attention: layer {layer_idx} ran twice in one context; "
                                "open one context per forward pass")

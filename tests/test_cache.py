@@ -8,7 +8,7 @@ import torch
 import seekr_kernels as sk
 from seekr_kernels import cache as cache_mod
 from seekr_kernels.cache import TeacherCache, TeacherCacheError
-from seekr_kernels.ops.topk import TopK
+from seekr_kernels.ops.teachers import TopK
 from seekr_kernels.utils import store as sio
 
 B, S, Q, L, V = 2, 3, 4, 6, 11

@@ -11,7 +11,7 @@ import torch
 import seekr_kernels as sk
 from seekr_kernels.ops.linear_logits_kl import LinearLogitsKLLoss, default_chunk, linear_logits_kl
 from seekr_kernels.ops.logits_kl import TOPK_MODES
-from seekr_kernels.ops.topk import SampledTeacher, TopK
+from seekr_kernels.ops.teachers import SampledTeacher, TopK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Hd, V = 20, 37

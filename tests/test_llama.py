@@ -295,7 +295,7 @@ def test_capture_matches_eager(arch):
 
 
 def test_capture_topk_dtype_device_all_queries():
-    from seekr_kernels.ops.topk import TopK
+    from seekr_kernels.ops.teachers import TopK
     model = skl.patch_llama(tiny_model())
     ids, mask = batch()
     heads = {1: torch.tensor([0, 2])}

@@ -8,7 +8,7 @@ import torch
 import seekr_kernels as sk
 from seekr_kernels.ops import logits_kl as lk
 from seekr_kernels.ops.logits_kl import LogitsKLLoss, logits_kl
-from seekr_kernels.ops.topk import TopK
+from seekr_kernels.ops.teachers import TopK
 
 BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}

@@ -6,8 +6,10 @@ import seekr_kernels as sk
 from seekr_kernels import reference
 from seekr_kernels._backend import available
 from seekr_kernels._checks import check_attention_args
-from seekr_kernels.ops import topk as topk_mod
-from seekr_kernels.ops.topk import TopK, attention_kl_topk_rows
+from seekr_kernels.ops import attention_kl as attention_kl_mod
+from seekr_kernels.ops import teachers as teachers_mod
+from seekr_kernels.ops.attention_kl import attention_kl_topk_rows
+from seekr_kernels.ops.teachers import TopK
 
 
 def _backends():
@@ -63,7 +65,7 @@ def test_logits_keep_exact_probabilities():
 
 
 def test_from_dense_chunks_rows(monkeypatch):
-    monkeypatch.setattr(topk_mod, "_CHUNK_ELEMS", 64)     # several chunks, a ragged last one
+    monkeypatch.setattr(teachers_mod, "_CHUNK_ELEMS", 64)     # several chunks, a ragged last one
     g = torch.Generator().manual_seed(3)
     x = torch.randn(7, 3, 40, generator=g)
     a = TopK.from_dense(x, 5, kind="logits")
@@ -254,11 +256,11 @@ def test_without_mass_falls_back_to_kept():
 
 
 def test_bf16_values_and_gather_chunks(monkeypatch):
-    monkeypatch.setattr(topk_mod, "_GATHER_ELEMS", 200)           # many row chunks
+    monkeypatch.setattr(attention_kl_mod, "_GATHER_ELEMS", 200)           # many row chunks
     q, k, teacher, heads, queries, mask = _case(seed=5)
     t = TopK.from_dense(teacher, 7)
     ref = _loss_and_grads(q, k, t, heads, queries, mask, "torch", "sum")
-    monkeypatch.setattr(topk_mod, "_GATHER_ELEMS", 1 << 22)
+    monkeypatch.setattr(attention_kl_mod, "_GATHER_ELEMS", 1 << 22)
     one = _loss_and_grads(q, k, t, heads, queries, mask, "torch", "sum")
     for r, o in zip(ref, one):
         torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
@@ -320,7 +322,7 @@ def test_bucket_with_sharpening_student_matches_fp64(backend):
 
 
 # ---------------------------------------------------------------- packed indices, sampled teacher (issue 13)
-from seekr_kernels.ops.topk import SampledTeacher, pack_indices, packed_nbytes, unpack_indices  # noqa: E402
+from seekr_kernels.ops.teachers import SampledTeacher, pack_indices, packed_nbytes, unpack_indices  # noqa: E402
 
 
 @pytest.mark.parametrize("V", [1, 2, 40, 32768, 32769, 65536, 65537, 128256, 2 ** 24])

@@ -342,11 +342,13 @@ class _Replay:
 class _ReplayLoader:
     """The Trainer's training dataloader with the task's replay micro-batches interleaved.
 
-    Stream of one epoch: for every train step s (``group`` micro-batches: the accumulation
-    steps, or 1 micro-step with ``replay_in_accumulation``), if the schedule replays before
-    s, this process's replay micro-batches of the next global replay batch, then the train
-    micro-batches of s. Replay windows are whole accumulation windows, so the Trainer's
-    optimiser steps line up with them. Everything else is the inner loader's.
+    The interleaving is the recipe's :class:`~seekr_kernels.seekr.stream.ReplayStream`
+    (the package's trainer consumes the same one) over train units of ``group``
+    micro-batches (the accumulation steps, or 1 micro-step with
+    ``replay_in_accumulation``): a replay unit yields this process's replay micro-batches
+    of the global replay batch, a train unit its micro-batches. Replay windows are whole
+    accumulation windows, so the Trainer's optimiser steps line up with them. Everything
+    else is the inner loader's.
     """
 
     def __init__(self, trainer, loader):
@@ -362,13 +364,12 @@ class _ReplayLoader:
         except TypeError:
             raise TypeError("train_dataset: replay needs a dataloader with a length (a map-style dataset)") from None
         self.steps = -(-self.n // self.group)
-        self.schedule = rc.replay_schedule(self.steps)
+        self.stream = rc.replay_stream(self.steps)
         self.epoch = 0
-        self._next_epoch = 0     # the epoch whose replay batches the schedule draws next
         self._skip = 0           # micro-batches to drop at the next __iter__ (a resume)
 
     def __len__(self):
-        return self.n + self.schedule.per_epoch * self.group
+        return self.n + self.stream.per_epoch * self.group
 
     def __getattr__(self, name):     # dataset, sampler, batch_sampler, ... of the Trainer's loader
         if name == "loader":
@@ -400,34 +401,18 @@ class _ReplayLoader:
         self._skip = int(num_batches)
         return self
 
-    def _schedule_at(self, epoch):
-        """The schedule positioned at the start of ``epoch``: every epoch draws
-        ``per_epoch`` replay batches, and a resumed run starts at a later epoch with a
-        fresh loader (``order="reshuffle"`` continues its queue across epochs)."""
-        if epoch != self._next_epoch:
-            self.schedule = self._trainer.recipe.replay_schedule(self.steps)
-            for _ in range(epoch * self.schedule.per_epoch):
-                self.schedule.next_batch()
-        self._next_epoch = epoch + 1
-        self.schedule.start_epoch(epoch)
-        return self.schedule
-
-    def __iter__(self):
-        sched = self._schedule_at(self.epoch)
-        skip, self._skip = self._skip, 0
+    def _units(self):
         it = iter(self.loader)
-        for step in itertools.count():
-            if step < self.steps and sched.is_replay_step(step):
-                keys = sched.next_batch()
-                for b in self._replay_batches(keys):
-                    if skip:
-                        skip -= 1
-                        continue
-                    yield b
+        while True:
             chunk = list(itertools.islice(it, self.group))
             if not chunk:
                 return
-            for b in chunk:
+            yield chunk
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        for kind, _, x in self.stream.epoch(self.epoch, self._units()):
+            for b in (self._replay_batches(x) if kind == "replay" else x):
                 if skip:
                     skip -= 1
                     continue
@@ -575,27 +560,10 @@ class SeekrTrainerMixin:
     def _seekr_hooks(self) -> DistributedHooks:
         """The recipe's view of this job: the Trainer's processes, a sum all-reduce on the
         job's device, and FSDP2 reshards after the recipe's forward-only passes."""
-        world = _world(self)
-        if world <= 1:
+        if _world(self) <= 1:
             return DistributedHooks()
-        import torch.distributed as dist
-        dev = torch.device(self.args.device)
-
-        def all_reduce(t):
-            x = t.to(dev)
-            dist.all_reduce(x)
-            return x.to(t.device)
-
-        def reshard():
-            try:
-                from torch.distributed.fsdp import FSDPModule
-            except ImportError:  # pragma: no cover - torch without FSDP2
-                return
-            for m in self.model.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
-        sharded = bool(getattr(self, "is_fsdp_enabled", False))
-        return DistributedHooks(int(self.args.process_index), world, all_reduce, reshard, sharded)
+        return DistributedHooks.from_torch(self.model, self.args.device,
+                                           sharded=bool(getattr(self, "is_fsdp_enabled", False)))
 
     # ---------------------------------------------------------------- tasks
     def train(self, *args, **kwargs):

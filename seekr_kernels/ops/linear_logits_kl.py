@@ -60,7 +60,7 @@ import torch
 
 from .._backend import available
 from .logits_kl import IGNORE_INDEX, TOPK_MODES, _topk_terms, sparse_teacher_probs
-from .topk import TopK
+from .teachers import TopK
 
 BACKENDS = ("auto", "triton", "chunked", "torch")
 REDUCTIONS = ("mean", "sum")

@@ -19,7 +19,7 @@ The gradient flows to ``student_logits`` only (d loss_r / d s_r = softmax(s_r) -
 softmax(t_r)); the teacher is a fixed target. All accumulation is fp32 (fp64 for fp64
 student logits) whatever the input dtypes; the gradient is returned in the student's dtype.
 
-Teachers given as :class:`~seekr_kernels.ops.topk.TopK` (kind ``"logits"``) keep k
+Teachers given as :class:`~seekr_kernels.ops.teachers.TopK` (kind ``"logits"``) keep k
 logits per row plus the row's exact log-sum-exp, so the kept probabilities
 p_i = exp(v_i - lse_t) are exact; the teacher mass P_d = 1 - sum_i p_i on the V - k
 dropped entries is unknown in its distribution. ``topk_mode`` says what is assumed
@@ -48,7 +48,7 @@ gradient cosine >= 0.997 at k = 64 (uniform's is higher by <= 0.0015 at drift >=
 lower by up to 0.015 at drift 0.3; kept/renorm fall to 0.47). A rejected fifth option, weighting lse
 by the full mass 1 with kept terms only, depends on the student logits' offset.
 
-A :class:`~seekr_kernels.ops.topk.SampledTeacher` (TopK kind ``"sampled"``) holds importance
+A :class:`~seekr_kernels.ops.teachers.SampledTeacher` (TopK kind ``"sampled"``) holds importance
 weights p_hat with E[p_hat] = softmax(t) at k sampled positions; the loss against it,
 sum_K -p_hat_i log q_i (``"kept"`` with p = p_hat: lse(s) weighted by sum p_hat, gradient
 sum(p_hat) q - p_hat), is linear in p_hat and so an unbiased estimate of the dense value and
@@ -70,7 +70,7 @@ import torch
 
 from .._backend import available, resolve
 from .._checks import refuse_double_backward
-from .topk import TopK
+from .teachers import TopK
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum", "none")

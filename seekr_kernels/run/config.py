@@ -302,7 +302,7 @@ def _validate_arch(m: ModelConfig):
             _err(key, f"expected a finite number, got {v!r}")
     if m.path:
         return      # a model directory brings its own architecture
-    from .trainer import TINY_ARCH
+    from .models import TINY_ARCH
     a = {**TINY_ARCH, **m.arch}
     H, KV = a["num_attention_heads"], a.get("num_key_value_heads") or a["num_attention_heads"]
     if "head_dim" not in m.arch and a["hidden_size"] % H:

@@ -1,11 +1,11 @@
 """Checks a run passes before it trains, so that no config or file fault surfaces after a
-task of training (issue 15).
+task of training.
 
 :func:`check_run` (before anything is loaded): the device and the distillation backend
 exist on this machine, ``model.path`` / ``model.tokenizer`` are model and tokenizer
 folders, ``output_dir`` is a folder that is empty or holds a seekr run. That run's
 ``state.json`` is verified by the trainer when it decides how to start (resume,
-overwrite); :func:`read_run_state` reads it for ``seekr eval --run``.
+overwrite: :mod:`seekr_kernels.run.rundir`).
 
 :func:`check_tasks` (once the data and the tokenizer are loaded): every task has training
 data and enough of it for one step; and warnings (:class:`RunWarning`) for what trains
@@ -16,9 +16,8 @@ replay method whose memory never fills one replay batch (it would train as ``sft
 refused.
 
 Errors are :class:`~seekr_kernels.seekr.config.ConfigError` (naming the key),
-:class:`~seekr_kernels.run.data.DataError` (naming the file) or
-:class:`RunStateError` (naming ``state.json``); the ``seekr`` command prints each as one
-line.
+:class:`~seekr_kernels.run.data.DataError` (naming the file); the ``seekr`` command
+prints each as one line.
 """
 from __future__ import annotations
 
@@ -28,19 +27,14 @@ import warnings
 from typing import Optional, Sequence
 
 from ..seekr.config import ConfigError
+from ..seekr.stream import replay_batch_size, replay_count, replays_in_accumulation
 from .config import RunConfig
-
-
-class RunStateError(ValueError):
-    """An output directory whose saved run state cannot be used (message names the file)."""
+from .rundir import RUN_ENTRIES
 
 
 class RunWarning(UserWarning):
     """A run that trains, but not quite as its config reads (message names the key)."""
 
-
-#: Entries that make a folder a seekr run directory (anything else alone is foreign).
-RUN_ENTRIES = ("state.json", "log.jsonl", "runlog.json", "results.json", "checkpoints", "memory")
 
 #: Files that make a folder a tokenizer folder.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -155,50 +149,6 @@ def check_output_dir(path: str, key: str = "output_dir") -> None:
         raise ConfigError(f"{key}: {path} cannot be created: {parent} is a file")
 
 
-def read_run_state(out_dir: str, task_names: Optional[Sequence[str]] = None) -> Optional[dict]:
-    """The ``state.json`` of a run directory, checked; None when there is none.
-
-    Raises :class:`RunStateError` naming the file when it is not a JSON object (a
-    truncated write, an edit), when ``completed`` is not a whole number in [0, number of
-    tasks] or disagrees with the saved evaluation rows, or when the checkpoint it names is
-    missing. ``task_names``: the config's tasks (bounds ``completed``)."""
-    p = os.path.join(out_dir, "state.json")
-    if not os.path.exists(p):
-        return None
-    hint = "the run cannot resume from it: restore the file, or use another output_dir"
-    try:
-        with open(p, "rb") as f:
-            st = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunStateError(f"{p}: damaged (truncated or not JSON: {e}); {hint}") from None
-    except OSError as e:
-        raise RunStateError(f"{p}: unreadable ({e.strerror})") from None
-    if not isinstance(st, dict):
-        raise RunStateError(f"{p}: damaged (expected a JSON object, got {type(st).__name__}); {hint}")
-    if "sha256" in st:
-        from .checkpoint import json_digest
-        if st["sha256"] != json_digest(st):
-            raise RunStateError(f"{p}: checksum mismatch (edited or damaged); {hint}")
-    done = st.get("completed")
-    if isinstance(done, bool) or not isinstance(done, int) or done < 0:
-        raise RunStateError(f"{p}: 'completed' must be a whole number >= 0, got {done!r}; {hint}")
-    if task_names is not None and done > len(task_names):
-        raise RunStateError(f"{p}: 'completed' is {done} but the config has {len(task_names)} task(s); {hint}")
-    rows = st.get("rows")
-    if rows is not None:
-        if not isinstance(rows, list) or len(rows) != done:
-            n = len(rows) if isinstance(rows, list) else rows
-            raise RunStateError(f"{p}: 'completed' is {done} but {n} evaluation row(s) are saved (edited?); {hint}")
-        for i, r in enumerate(rows):
-            if not isinstance(r, list) or len(r) != i + 1:
-                raise RunStateError(f"{p}: evaluation row {i} should hold {i + 1} score(s), got {r!r}; {hint}")
-    ck = st.get("checkpoint")
-    if done and ck is not None:
-        if not isinstance(ck, str) or not os.path.isdir(os.path.join(out_dir, ck)):
-            raise RunStateError(f"{p}: the checkpoint it names ({ck!r}) is missing from {out_dir}; {hint}")
-    return st
-
-
 # ============================================================================ after loading data
 
 def eval_split(task, split: str, warn: bool = False, where: str = ""):
@@ -229,14 +179,8 @@ def model_max_positions(cfg: RunConfig, model=None) -> Optional[int]:
         except (OSError, json.JSONDecodeError, AttributeError):
             return None
         return v if isinstance(v, int) else None
-    from .trainer import TINY_ARCH
+    from .models import TINY_ARCH
     return {**TINY_ARCH, **(cfg.model.arch or {})}.get("max_position_embeddings")
-
-
-def _replay_count(n: int, ratio: float) -> int:
-    # ReplayMemory.sample_indices' count, without drawing
-    k = int(ratio) if ratio >= 1 else int(n * ratio)
-    return max(1, min(n, k))
 
 
 def check_tasks(cfg: RunConfig, tasks: Sequence, tokenizer=None, *, world: int = 1,
@@ -293,10 +237,9 @@ def _check_lengths(cfg, tasks, where, tokenizer, max_positions):
 
 
 def _check_replay_batches(cfg, tasks, world):
-    tr, rc = cfg.train, cfg.replay
-    in_acc = rc.in_accumulation and tr.grad_accum > 1
-    bs = rc.batch_size or (tr.batch_size // tr.grad_accum if in_acc else tr.batch_size)
-    need = world if in_acc else world * tr.grad_accum
+    rc = cfg.replay
+    in_acc = replays_in_accumulation(cfg)
+    bs, need = replay_batch_size(cfg, world)
     what = f"replay batches of {bs} samples" + ("" if rc.batch_size else " (the default: train.batch_size"
                                                 + (" / train.grad_accum)" if in_acc else ")"))
     if bs < need:     # the recipe refuses it at the first replay step: say it now
@@ -310,7 +253,7 @@ def _check_replay_batches(cfg, tasks, world):
             elif mem < bs:
                 short.append((t.name, mem))
             replays = replays or mem >= need
-        mem += _replay_count(len(t.train), rc.ratio)
+        mem += replay_count(len(t.train), rc.ratio)
     if not replays:
         raise ConfigError(f"replay.ratio: the replay memory never holds the {need} samples a replay batch needs "
                           f"(one per process and accumulation micro-step): method {cfg.method} would never "

@@ -21,7 +21,8 @@ import torch
 from ..seekr.config import ConfigError
 from .config import ModelConfig, RunConfig, from_dict, task_name
 from .evaluate import GenerationOptions
-from .preflight import RunStateError, eval_split, read_run_state
+from .preflight import eval_split
+from .rundir import RunStateError, read_run_state
 
 
 @dataclasses.dataclass
@@ -105,7 +106,7 @@ def load_checkpoint_model(path: str, model_cfg: Optional[ModelConfig] = None, *,
     ``model_cfg.arch`` with ``seed``) and merged. The tokenizer comes from ``path`` when
     saved there, else from ``model_cfg`` (``tokenizer``, ``path``, built-in), unless given.
     """
-    from .trainer import build_model, build_tokenizer
+    from .models import build_model, build_tokenizer
     from .data import load_tokenizer
     mcfg = model_cfg or ModelConfig()
     if "lora" in {f.name for f in dataclasses.fields(mcfg)}:

@@ -60,201 +60,29 @@ import contextlib
 import json
 import math
 import os
-import random
-import hashlib
-import string
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..utils.store import atomic_save_json
-from . import checkpoint as ck
-from . import metrics as M
-from .checkpoint import CheckpointError, ResumeError, is_peft_model
-from ..seekr.config import ConfigError
-from .config import RunConfig, TaskSpec, task_name
-from .data import CharTokenizer, EncodedDataset, epoch_batches, load_task, load_tokenizer
 from ..seekr.batching import Encoded, collate, shard
-from .evaluate import GenerationOptions, evaluate_examples, resolve_metric_name
-from ..seekr.losses import ce_sum
-from .preflight import check_run, check_tasks, eval_split, model_max_positions
+from ..seekr.config import ConfigError
 from ..seekr.distributed import DistributedHooks
-from ..seekr.recipe import PendingSample, SeekrRecipe, task_seed
+from ..seekr.losses import ce_sum
+from ..seekr.recipe import SeekrRecipe, task_seed
+from ..utils.store import atomic_save_json
+from . import checkpoint, metrics
+from .checkpoint import CheckpointError, ResumeError, is_peft_model
+from .config import RunConfig, TaskSpec, task_name
+from .data import EncodedDataset, epoch_batches, load_task
+from .evaluate import GenerationOptions, evaluate_examples, resolve_metric_name
+from .models import apply_lora, build_model, build_tokenizer, plain_state_dict, quiet_transformers, seed_everything
+from .preflight import check_run, check_tasks, eval_split, model_max_positions
+from .rundir import RunDirectory, TRAINER_KIND, config_diff, data_digests, flatten
 from .runlog import RunLogger
 
-_Sample = PendingSample   # the name this module used before the recipe moved out
-
-STATE_VERSION = 2
-_STATE_KIND = "seekr-run"
-_TRAINER_KIND = "seekr-trainer-state"
-
-#: Config keys (and sections) a resumed run may change without being asked: they cannot
-#: change a result (where files go, logging, progress, checkpoint cadence and shard size,
-#: how many checkpoints are kept, how many predictions are logged, what the finished run
-#: writes as its final model, and max_steps, which stops a run without touching its
-#: schedule). Every other key, the number of processes, the device type and each task's
-#: data are compared with the checkpoint's.
-RESUME_IGNORED = ("output_dir", "log", "report_to", "train.report_to", "train.save_steps",
-                  "train.save_total_limit", "train.max_steps", "train.max_shard_size", "keep_checkpoints",
-                  "eval.keep_predictions", "model.lora.save")
-
-#: What a run writes into its output directory (``overwrite`` deletes these, nothing else).
-RUN_ENTRIES = ("state.json", "results.json", "heatmap.png", "log.jsonl", "checkpoints", "memory", "final",
-               "base", "tensorboard", "mlruns", "wandb")
-DEFAULT_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
-
-#: The tiny Llama built when no model path is given.
-TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-                 tie_word_embeddings=True)
-
-
 # ============================================================================ setup helpers
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % (2 ** 32))
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def build_tokenizer(mcfg):
-    """The run's tokenizer: a local HF tokenizer, or the built-in char tokenizer."""
-    if mcfg.tokenizer:
-        return load_tokenizer(mcfg.tokenizer)
-    if mcfg.path:
-        return load_tokenizer(mcfg.path)
-    return CharTokenizer(mcfg.alphabet or DEFAULT_ALPHABET)
-
-
-def build_model(mcfg, tokenizer, seed: int = 0):
-    """A causal LM from a local HF directory, or a tiny Llama from ``mcfg.arch``.
-
-    A directory holding a PEFT adapter (``adapter_config.json``: a LoRA run's checkpoint
-    or ``final`` folder saved as ``adapter``) loads its base model and the adapter. With
-    ``mcfg.lora`` set, LoRA adapters are added (:func:`apply_lora`).
-    """
-    dtype = getattr(torch, mcfg.dtype)
-    if mcfg.path and os.path.isfile(os.path.join(mcfg.path, "adapter_config.json")):
-        return _load_adapter_dir(mcfg, tokenizer, seed)
-    model = _build_base(mcfg, tokenizer, seed, dtype)
-    if getattr(mcfg, "lora", None) is not None:
-        model = apply_lora(model, mcfg.lora, seed)
-    return model
-
-
-def _load_adapter_dir(mcfg, tokenizer, seed):
-    """Base model named by the adapter's config, then the adapter (trainable when the
-    config asks for LoRA, else for inference)."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise ConfigError(f"model.path: {mcfg.path} holds a LoRA adapter; loading it needs the peft package "
-                          "(pip install peft)") from None
-    with open(os.path.join(mcfg.path, "adapter_config.json"), encoding="utf-8") as f:
-        base_path = json.load(f).get("base_model_name_or_path")
-    if not base_path or not os.path.isdir(base_path):
-        raise FileNotFoundError(f"{mcfg.path}/adapter_config.json: base_model_name_or_path {base_path!r} is not "
-                                "a local directory")
-    import dataclasses
-    base = _build_base(dataclasses.replace(mcfg, path=base_path, lora=None), tokenizer, seed,
-                       getattr(torch, mcfg.dtype))
-    return PeftModel.from_pretrained(base, mcfg.path, is_trainable=getattr(mcfg, "lora", None) is not None)
-
-
-def apply_lora(model, lcfg, seed: int = 0):
-    """Wrap ``model`` with PEFT LoRA adapters from a ``model.lora`` config (base frozen;
-    the adapters' random init is seeded by ``seed``)."""
-    try:
-        import peft
-    except ImportError:
-        raise ConfigError("model.lora: needs the peft package: pip install peft (or 'seekr-kernels[lora]')") from None
-    pc = peft.LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                         target_modules=lcfg.target_modules, task_type="CAUSAL_LM")
-    with _fork_rng():
-        torch.manual_seed(seed + 1)
-        try:
-            return peft.get_peft_model(model, pc)
-        except ValueError as e:   # target modules not found
-            raise ConfigError(f"model.lora.target_modules: {e}") from None
-
-
-def plain_state_dict(model, merge: bool) -> dict:
-    """The base model's state dict of a PEFT LoRA model, under the base model's own names:
-    the adapters merged into the weights (``merge=True``: W + scale * B @ A per adapted
-    layer) or left out (the untouched base weights). The model is not modified."""
-    from peft.tuners.lora import LoraLayer
-    base = model.get_base_model()
-    sd = {}
-    for n, t in base.state_dict().items():
-        if ".lora_" in n:
-            continue
-        sd[n.replace(".base_layer.", ".")] = t.detach().cpu()
-    if merge:
-        with torch.no_grad():
-            for n, m in base.named_modules():
-                if isinstance(m, LoraLayer) and f"{n}.weight" in sd:
-                    w = sd[f"{n}.weight"]
-                    delta = sum(m.get_delta_weight(a).detach().float().cpu() for a in m.active_adapters
-                                if a in m.lora_A)
-                    sd[f"{n}.weight"] = (w.float() + delta).to(w.dtype)
-    return sd
-
-
-def _build_base(mcfg, tokenizer, seed, dtype):
-    if mcfg.path:
-        from transformers import AutoModelForCausalLM
-        if not os.path.isdir(mcfg.path):
-            raise FileNotFoundError(f"model.path: {mcfg.path} is not a directory (models load from local "
-                                    "Hugging Face directories only)")
-        with _quiet_transformers():
-            try:
-                return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, dtype=dtype,
-                                                            attn_implementation=mcfg.attn_implementation)
-            except TypeError:  # transformers < 4.56 spells it torch_dtype
-                return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, torch_dtype=dtype,
-                                                            attn_implementation=mcfg.attn_implementation)
-    from transformers import LlamaConfig, LlamaForCausalLM
-    arch = {**TINY_ARCH, **(mcfg.arch or {}), "vocab_size": tokenizer.vocab_size,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
-    cfg = LlamaConfig(**arch)
-    cfg._attn_implementation = mcfg.attn_implementation
-    with _fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-    return model.to(dtype)
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No 'Writing model shards' progress bar inside our own progress output."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _fork_rng():
-    state = torch.random.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
 
 
 @dataclass
@@ -359,8 +187,8 @@ class _TaskLoop:
     task: int
     total: int                       # optimiser steps of the whole task
     opt: object = None
-    sched: object = None
-    schedule: object = None          # the task's ReplaySchedule
+    lr_scheduler: object = None
+    replay: object = None            # the task's ReplayStream
     consumed: int = 0                # loop events done: optimiser steps, or micro-steps with in_accumulation
     task_step: int = 0               # optimiser steps done in this task
 
@@ -411,6 +239,7 @@ class ContinualTrainer:
             raise ConfigError("model.lora: not supported with distributed.strategy: fsdp (use ddp: the adapters "
                               "are small)")
         self.out = config.output_dir
+        self.rundir = RunDirectory(self.out, main=self.dist.main, say=self._print)
         tr = config.train
         if tr.batch_size < self.dist.world * tr.grad_accum:
             raise ValueError(f"train.batch_size={tr.batch_size} is smaller than world size x grad_accum "
@@ -481,7 +310,7 @@ class ContinualTrainer:
         res = self.results()
         heat = None
         if self.logger.backends:
-            heat = M.plot_heatmap(res["matrix"], os.path.join(self.out, "heatmap.png"), self.task_names,
+            heat = metrics.plot_heatmap(res["matrix"], os.path.join(self.out, "heatmap.png"), self.task_names,
                                   title=self.method)
         self.logger.log_eval(t, self.global_step, names=self.task_names, row=row, matrix=res["matrix"],
                              op=res.get("OP"), bwt=res.get("BWT"), heatmap=heat, loglik=loglik,
@@ -532,8 +361,7 @@ class ContinualTrainer:
         else:
             self.train_model = m
         self._fsdp = self.dist.world > 1 and self.cfg.distributed.strategy == "fsdp"
-        self.recipe.dist = DistributedHooks(self.dist.rank, self.dist.world, self.dist.all_reduce, self._reshard,
-                                            sharded=self._fsdp)
+        self.recipe.dist = DistributedHooks.from_torch(self.model, self.device, sharded=self._fsdp)
 
     def _reshard(self):
         """FSDP2 keeps the root's parameters gathered after a forward with no backward (it
@@ -610,11 +438,11 @@ class ContinualTrainer:
     def results(self) -> dict:
         T = len(self.tasks)
         out = {"method": self.method, "tasks": self.task_names, "complete": len(self.rows) == T,
-               "matrix": M.partial_matrix(self.rows, T), "loglik": M.partial_matrix(self.loglik_rows, T),
+               "matrix": metrics.partial_matrix(self.rows, T), "loglik": metrics.partial_matrix(self.loglik_rows, T),
                "global_step": self.global_step}
         if len(self.rows) == T:
-            out["OP"] = M.overall_performance(out["matrix"])
-            out["BWT"] = M.backward_transfer(out["matrix"])
+            out["OP"] = metrics.overall_performance(out["matrix"])
+            out["BWT"] = metrics.backward_transfer(out["matrix"])
         elif self._stop:
             out["stopped"] = f"train.max_steps={self.cfg.train.max_steps}"
         return out
@@ -650,26 +478,13 @@ class ContinualTrainer:
             bl.pop()
         return bl
 
-    def _events(self, loop: _TaskLoop, units, epochs):
-        """The task's loop events in order: ``("replay", epoch, step, keys)`` before train
-        step ``step`` when the schedule says so, then ``("train", epoch, step, unit)``.
-        A pure function of (seed, task, epoch) and the schedule's own seeded RNG, so a
-        resumed task regenerates the same sequence and skips what its checkpoint did."""
-        rs = loop.schedule
-        for epoch in range(epochs):
-            rs.start_epoch(epoch)
-            for step, u in enumerate(units(epoch)):
-                if rs.is_replay_step(step):
-                    yield "replay", epoch, step, rs.next_batch()
-                yield "train", epoch, step, u
-
     def _start_loop(self, t: int, n_units: int, total_of) -> _TaskLoop:
         """The task's schedule, optimiser and LR schedule; on a resumed task, their saved
         state, the RNGs and the position (checked against the replay schedule's state)."""
-        rs = self.recipe.replay_schedule(n_units)
-        total = total_of(rs)
+        stream = self.recipe.replay_stream(n_units)
+        total = total_of(stream)
         opt, sched = self._optimizer(total)
-        loop = _TaskLoop(t, total, opt, sched, rs)
+        loop = _TaskLoop(t, total, opt, sched, stream)
         self._loop = loop
         st = self._resume_state
         if st is not None and st["phase"] == "mid_task" and st["task"] == t:
@@ -687,10 +502,10 @@ class ContinualTrainer:
                                       f"{loop.task}, which has only {i} (the data or a batch setting changed)")
         st = self._resume_state
         if st is not None and st["phase"] == "mid_task" and st["task"] == loop.task:
-            if loop.schedule.state_dict() != st["schedule"]:
+            if loop.replay.schedule.state_dict() != st["schedule"]:
                 raise CheckpointError(f"{self._resume_ck}: the replay schedule at step {self.global_step} "
                                       "differs from the checkpoint's (the memory or a replay setting changed)")
-            ck.set_rng_state(ck.read_json(os.path.join(self._resume_ck, ck.RNG), "RNG state"))
+            checkpoint.set_rng_state(checkpoint.read_json(os.path.join(self._resume_ck, checkpoint.RNG), "RNG state"))
             self._resume_state = None
         return events
 
@@ -712,16 +527,16 @@ class ContinualTrainer:
 
     def _load_optimizer(self, opt, sched):
         d = self._resume_ck
-        sd = ck.load_torch(os.path.join(d, ck.OPTIMIZER))
+        sd = checkpoint.load_torch(os.path.join(d, checkpoint.OPTIMIZER))
         try:
             if self._fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
                 set_optimizer_state_dict(self.model, opt, sd, options=StateDictOptions(full_state_dict=True))
             else:
                 opt.load_state_dict(sd)
-            sched.load_state_dict(ck.load_torch(os.path.join(d, ck.SCHEDULER)))
+            sched.load_state_dict(checkpoint.load_torch(os.path.join(d, checkpoint.SCHEDULER)))
         except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{os.path.join(d, ck.OPTIMIZER)}: does not fit this model's trainable "
+            raise CheckpointError(f"{os.path.join(d, checkpoint.OPTIMIZER)}: does not fit this model's trainable "
                                   f"parameters ({e})") from None
         # The config's hyper-parameters win over the saved ones (identical unless a change
         # was allowed): lr through the schedule's base, betas and weight decay per group.
@@ -748,10 +563,10 @@ class ContinualTrainer:
             raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
                              f"{self.dist.world * tr.grad_accum}+ samples")
         loop = self._start_loop(t, n_batches, lambda rs: epochs * (n_batches + rs.per_epoch))
-        opt, sched = loop.opt, loop.sched
+        opt, sched = loop.opt, loop.lr_scheduler
         bar = self._bar(t, loop.total, loop.task_step)
-        events = self._fast_forward(loop, self._events(
-            loop, lambda ep: self._global_batches(len(ds), ep, t, tr.batch_size), epochs))
+        events = self._fast_forward(loop, loop.replay.events(
+            epochs, lambda ep: self._global_batches(len(ds), ep, t, tr.batch_size)))
         for kind, epoch, step, x in events:
             loop.consumed += 1
             if kind == "replay":
@@ -819,10 +634,10 @@ class ContinualTrainer:
             raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
                              f"{W * A}+ samples")
         loop = self._start_loop(t, n_micro, lambda rs: -(-epochs * (n_micro + rs.per_epoch) // A))
-        opt, sched = loop.opt, loop.sched
+        opt, sched = loop.opt, loop.lr_scheduler
         bar = self._bar(t, loop.total, loop.task_step)
         losses = []
-        events = self._fast_forward(loop, self._events(loop, micro_steps, epochs))
+        events = self._fast_forward(loop, loop.replay.events(epochs, micro_steps))
         for kind, epoch, step, x in events:
             boundary = (loop.consumed + 1) % A == 0
             if kind == "replay":
@@ -960,37 +775,8 @@ class ContinualTrainer:
         return row, ll
 
     # ---------------------------------------------------------------- persistence: writing
-    def _state_path(self):
-        return os.path.join(self.out, "state.json")
-
-    def _ck_root(self):
-        return os.path.join(self.out, "checkpoints")
-
-    def _fingerprint(self):
-        c = self.cfg
-        return {"method": c.method, "seed": c.seed, "tasks": self.task_names,
-                "replay_ratio": c.replay.ratio}
-
-    def _data_digests(self) -> list:
-        """SHA-256 of each task's records (all splits): a resumed run must see the same data."""
-        out = []
-        for task in self.tasks:
-            h = hashlib.sha256()
-            for split in ("train", "eval", "test"):
-                h.update(json.dumps([[e.prompt, e.answer] for e in getattr(task, split)]).encode())
-            out.append(h.hexdigest())
-        return out
-
     def _memory_digests(self, k: int) -> list:
-        """SHA-256 of the manifests of memory tasks 0..k-1 on disk (each manifest holds
-        its data file's checksum): ties a checkpoint to the memory it was taken with."""
-        if self.method == "sft":
-            return []
-        out = []
-        for i in range(k):
-            with open(os.path.join(self.out, "memory", f"task-{i:03d}", "manifest.json"), "rb") as f:
-                out.append(hashlib.sha256(f.read()).hexdigest())
-        return out
+        return [] if self.method == "sft" else self.rundir.memory_digests(k)
 
     def _base_path(self):
         """Where a LoRA run's base model lives (named in adapter_config.json): model.path,
@@ -1012,14 +798,14 @@ class ContinualTrainer:
             sd = plain_state_dict(self.base, merge=False)
 
             def fill(tmp):
-                with _quiet_transformers():
+                with quiet_transformers():
                     base.save_pretrained(tmp, state_dict=sd, max_shard_size=self.cfg.train.max_shard_size)
                 self.tokenizer.save(tmp)
-            ck.write(os.path.join(self.out, "base"), fill, meta={"what": "base model"})
+            checkpoint.write(os.path.join(self.out, "base"), fill, meta={"what": "base model"})
         self.dist.barrier()
 
     def _save_model_files(self, d: str, sd):
-        with _quiet_transformers():
+        with quiet_transformers():
             if self.lora:
                 self.base.peft_config[self.base.active_adapter].base_model_name_or_path = self._base_path()
                 self.base.save_pretrained(d)
@@ -1029,21 +815,21 @@ class ContinualTrainer:
         self.tokenizer.save(d)
 
     def _trainer_state(self, phase: str, t: int, loop: Optional[_TaskLoop]) -> dict:
-        st = {"format": 1, "kind": _TRAINER_KIND, "phase": phase, "task": t, "completed": len(self.rows),
+        st = {"format": 1, "kind": TRAINER_KIND, "phase": phase, "task": t, "completed": len(self.rows),
               "global_step": self.global_step, "rows": self.rows, "loglik_rows": self.loglik_rows,
-              "memory": self._memory_digests(len(self.rows)), "data": self._data_digests(),
+              "memory": self._memory_digests(len(self.rows)), "data": data_digests(self.tasks),
               "config": self.cfg.to_dict(), "world_size": self.dist.world, "device_type": self.device.type,
               "lora": self.lora, "optimizer": loop is not None or self._run_opt is not None}
         if loop is not None:
             st.update(consumed=loop.consumed, task_step=loop.task_step, total=loop.total,
-                      schedule=loop.schedule.state_dict())
+                      schedule=loop.replay.schedule.state_dict())
         return st
 
     def _checkpoint(self, name: str, phase: str, t: int, loop: Optional[_TaskLoop]):
         """Write checkpoint ``checkpoints/<name>`` (every rank calls: FSDP gathers), then
         commit it in state.json and drop the checkpoints it supersedes."""
         sd = self._state_dict()
-        opt_sched = (loop.opt, loop.sched) if loop is not None else self._run_opt
+        opt_sched = (loop.opt, loop.lr_scheduler) if loop is not None else self._run_opt
         opt_sd = None
         if opt_sched is not None:
             if self._fsdp:
@@ -1054,25 +840,25 @@ class ContinualTrainer:
                 opt_sd = opt_sched[0].state_dict()
         if self.dist.main:
             state = self._trainer_state(phase, t, loop)
-            rng = ck.rng_state()
+            rng = checkpoint.rng_state()
 
             def fill(tmp):
                 self._save_model_files(tmp, sd)
                 if opt_sd is not None:
-                    ck.save_torch(os.path.join(tmp, ck.OPTIMIZER), opt_sd)
-                    ck.save_torch(os.path.join(tmp, ck.SCHEDULER), opt_sched[1].state_dict())
+                    checkpoint.save_torch(os.path.join(tmp, checkpoint.OPTIMIZER), opt_sd)
+                    checkpoint.save_torch(os.path.join(tmp, checkpoint.SCHEDULER), opt_sched[1].state_dict())
                 if self.scaler is not None:
-                    ck.save_torch(os.path.join(tmp, ck.SCALER), self.scaler.state_dict())
-                with open(os.path.join(tmp, ck.RNG), "w", encoding="utf-8") as f:
+                    checkpoint.save_torch(os.path.join(tmp, checkpoint.SCALER), self.scaler.state_dict())
+                with open(os.path.join(tmp, checkpoint.RNG), "w", encoding="utf-8") as f:
                     json.dump(rng, f)
-                self.recipe.save(os.path.join(tmp, ck.SEEKR), memory=False)
-                with open(os.path.join(tmp, ck.TRAINER_STATE), "w", encoding="utf-8") as f:
+                self.recipe.save(os.path.join(tmp, checkpoint.SEEKR), memory=False)
+                with open(os.path.join(tmp, checkpoint.TRAINER_STATE), "w", encoding="utf-8") as f:
                     json.dump(state, f, indent=1)
 
-            path = os.path.join(self._ck_root(), name)
-            ck.write(path, fill, meta={"phase": phase, "task": t, "global_step": self.global_step})
+            path = self.rundir.write_checkpoint(name, fill, {"phase": phase, "task": t,
+                                                             "global_step": self.global_step})
             self._write_state(os.path.join("checkpoints", name))
-            self._prune(name, phase)
+            self.rundir.prune(name, phase, self.cfg.keep_checkpoints, self.cfg.train.save_total_limit)
             self.log(kind="saved", task=t, checkpoint=path)
         self.dist.barrier()
 
@@ -1096,39 +882,17 @@ class ContinualTrainer:
         res = self.results()
         atomic_save_json(os.path.join(self.out, "results.json"), res)
         if self.rows:
-            M.plot_heatmap(res["matrix"], os.path.join(self.out, "heatmap.png"), self.task_names,
+            metrics.plot_heatmap(res["matrix"], os.path.join(self.out, "heatmap.png"), self.task_names,
                            title=f"{self.method}")
 
     def _write_state(self, ck_rel: str, final: Optional[str] = None):
-        """state.json: the run's commit point (newest checkpoint, counters, rows), under
-        its own checksum."""
-        st = {"version": STATE_VERSION, "kind": _STATE_KIND, **self._fingerprint(), "completed": len(self.rows),
-              "checkpoint": ck_rel, "global_step": self.global_step, "rows": self.rows,
-              "loglik_rows": self.loglik_rows, "heads": {str(l): h.tolist() for l, h in self.heads.items()},
-              "config": self.cfg.to_dict()}
-        if final:
-            st["final"] = final
-        st["sha256"] = ck.json_digest(st)
-        atomic_save_json(self._state_path(), st)
-
-    def _prune(self, newest: str, phase: str):
-        """Keep what the run needs: the newest ``train.save_total_limit`` mid-task
-        checkpoints (none older than the newest task checkpoint), the task checkpoints
-        per ``keep_checkpoints``, and never the one state.json names."""
-        cks = ck.list_checkpoints(self._ck_root())
-        steps = sorted((n, p) for k, n, p in cks if k == "step" and os.path.basename(p) != newest)
-        tasks = sorted((n, p) for k, n, p in cks if k == "task" and os.path.basename(p) != newest)
-        drop = []
-        if phase == "task_end":
-            drop += [p for _, p in steps]
-            if self.cfg.keep_checkpoints == "last":
-                drop += [p for _, p in tasks]
-        else:
-            limit = self.cfg.train.save_total_limit
-            if limit is not None:
-                drop += [p for _, p in steps[:max(0, len(steps) - (limit - 1))]]
-        for p in drop:
-            ck.discard(p)
+        c = self.cfg
+        self.rundir.write_state({"method": c.method, "seed": c.seed, "tasks": self.task_names,
+                                 "replay_ratio": c.replay.ratio, "completed": len(self.rows),
+                                 "checkpoint": ck_rel, "global_step": self.global_step, "rows": self.rows,
+                                 "loglik_rows": self.loglik_rows,
+                                 "heads": {str(l): h.tolist() for l, h in self.heads.items()},
+                                 "config": c.to_dict()}, ck_rel, final)
 
     def _write_final(self):
         """``output_dir/final``: the finished model as a loadable Hugging Face folder (full
@@ -1138,23 +902,23 @@ class ContinualTrainer:
             self.dist.barrier()
             return
         final = os.path.join(self.out, "final")
-        src = os.path.join(self.out, self._read_state_quiet().get("checkpoint", ""))
+        src = os.path.join(self.out, self.rundir.read_state_quiet().get("checkpoint", ""))
         with contextlib.suppress(CheckpointError):
-            if ck.verify(final).get("global_step") == self.global_step:
+            if checkpoint.verify(final).get("global_step") == self.global_step:
                 self.dist.barrier()
                 return
-        trainer_only = (ck.OPTIMIZER, ck.SCHEDULER, ck.SCALER, ck.RNG, ck.TRAINER_STATE, ck.MANIFEST)
+        trainer_only = (checkpoint.OPTIMIZER, checkpoint.SCHEDULER, checkpoint.SCALER, checkpoint.RNG, checkpoint.TRAINER_STATE, checkpoint.MANIFEST)
 
         def fill(tmp):
             if self.lora and self.cfg.model.lora is not None and self.cfg.model.lora.save == "merged":
                 base = self.base.get_base_model()
-                with _quiet_transformers():
+                with quiet_transformers():
                     base.save_pretrained(tmp, state_dict=plain_state_dict(self.base, merge=True),
                                          max_shard_size=self.cfg.train.max_shard_size)
                 self.tokenizer.save(tmp)
                 return
-            for rel in ck._walk(src):
-                if rel in trainer_only or rel.startswith(ck.SEEKR + "/"):
+            for rel in checkpoint._walk(src):
+                if rel in trainer_only or rel.startswith(checkpoint.SEEKR + "/"):
                     continue
                 dst = os.path.join(tmp, rel)
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -1173,156 +937,27 @@ class ContinualTrainer:
                 os.unlink(cp)           # maybe a hard link into the checkpoint: never write through it
                 with open(cp, "w", encoding="utf-8") as f:
                     json.dump(c, f, indent=2, sort_keys=True)
-        ck.write(final, fill_final, meta={"what": "final model", "global_step": self.global_step})
+        checkpoint.write(final, fill_final, meta={"what": "final model", "global_step": self.global_step})
         self._write_state(os.path.relpath(src, self.out), final="final")
         self.dist.barrier()
 
     # ---------------------------------------------------------------- persistence: resuming
-    def _read_state_quiet(self) -> dict:
-        try:
-            with open(self._state_path(), encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-
-    def _holds_run(self) -> bool:
-        out = self.out
-        if os.path.isfile(out):
-            raise ResumeError(f"output_dir: {out} is a file, not a directory")
-        return any(os.path.exists(os.path.join(out, n)) for n in ("state.json", "checkpoints", "memory", "log.jsonl"))
-
-    def _is_seekr_run(self) -> bool:
-        """Evidence that output_dir was written by a seekr run (before deleting anything)."""
-        st = self._read_state_quiet()
-        if st.get("kind") == _STATE_KIND or ("completed" in st and "checkpoint" in st):
-            return True
-        for _, _, p in ck.list_checkpoints(self._ck_root()):
-            if any(os.path.exists(os.path.join(p, f)) for f in (ck.MANIFEST, ck.TRAINER_STATE,
-                                                                "seekr_state.safetensors")):
-                return True
-        if os.path.exists(os.path.join(self.out, "memory", "memory.json")):
-            return True
-        log = os.path.join(self.out, "log.jsonl")
-        if os.path.isfile(log) and not os.path.exists(self._state_path()):
-            with open(log, encoding="utf-8", errors="replace") as f:
-                first = f.readline()
-            with contextlib.suppress(ValueError):
-                return isinstance(json.loads(first), dict) and "kind" in json.loads(first)
-        return False
-
-    def _delete_run(self):
-        if not self._is_seekr_run():
-            raise ResumeError(f"--overwrite: {self.out} does not look like a seekr run (no state.json, checkpoint "
-                              "manifest or replay memory index); delete it yourself if it should go")
-        for n in RUN_ENTRIES:
-            ck.discard(os.path.join(self.out, n))
-        ck.clean_run_leftovers(self.out)
-
-    def _checkpoints_by_step(self, with_steps: bool = False) -> list:
-        """Checkpoint directories, newest first (by the step their manifest names)."""
-        out = []
-        for kind, n, p in ck.list_checkpoints(self._ck_root()):
-            step = n if kind == "step" else -1
-            with contextlib.suppress(Exception):
-                with open(os.path.join(p, ck.MANIFEST), encoding="utf-8") as f:
-                    step = int(json.load(f).get("global_step", step))
-            out.append((step, kind == "task", p))
-        out.sort(reverse=True)
-        return [(s, p) for s, _, p in out] if with_steps else [p for *_, p in out]
-
-    def _good_checkpoint(self, exclude=()) -> Optional[str]:
-        for p in self._checkpoints_by_step():
-            if os.path.abspath(p) in {os.path.abspath(x) for x in exclude}:
-                continue
-            try:
-                ck.verify(p)
-                return p
-            except CheckpointError:
-                continue
-        return None
-
-    def _hint(self, exclude=()) -> str:
-        good = self._good_checkpoint(exclude)
-        if good:
-            return (f"the newest good checkpoint is {good}: continue from it with `seekr train --resume-from "
-                    f"{good}` (python: run(resume={good!r})), or start over with --overwrite")
-        return "no good checkpoint is left: start over with --overwrite"
-
-    def _read_state(self) -> dict:
-        p = self._state_path()
-        if not os.path.exists(p):
-            raise ResumeError(f"{p}: missing, but {self.out} holds checkpoints; {self._hint()}")
-        try:
-            st = ck.read_json(p, "run state", error=ResumeError)
-        except ResumeError as e:
-            raise ResumeError(f"{e}; {self._hint()}") from None
-        if st.get("kind") != _STATE_KIND or st.get("version") != STATE_VERSION:
-            if "completed" in st and isinstance(st.get("version"), int) and st["version"] < STATE_VERSION:
-                raise ResumeError(f"{p}: written by an older seekr-kernels (state version {st.get('version')}, "
-                                  "checkpoints without manifests); finish it with that version, or start over "
-                                  "with --overwrite")
-            raise ResumeError(f"{p}: not a seekr run state (version {st.get('version')!r}); {self._hint()}")
-        if st.get("sha256") != ck.json_digest(st):
-            raise ResumeError(f"{p}: checksum mismatch (edited or damaged: e.g. its completed count); "
-                              f"{self._hint()}")
-        return st
-
     def _start(self, resume, overwrite: bool, allow: tuple) -> int:
         """Decide how the run starts (see :meth:`run`); load a checkpoint when resuming.
         Returns the index of the first task to train."""
-        if overwrite and resume:
-            raise ValueError("resume and overwrite: choose one (continue the run, or start over)")
-        holds = self._holds_run()
-        if overwrite:
-            if holds and self.dist.main:
-                self._delete_run()
-            self.dist.barrier()
+        where = self.rundir.start(resume, overwrite, self.dist.barrier)
+        if where is None:
             return 0
-        if not resume:
-            if holds:
-                st = self._read_state_quiet()
-                what = (f"{st.get('completed')}/{len(st.get('tasks') or [])} tasks done, step "
-                        f"{st.get('global_step')}" if st else "no checkpoint yet")
-                raise ResumeError(f"output_dir: {self.out} holds a seekr run ({what}); continue it with --resume "
-                                  "(python: run(resume=True)) or start over with --overwrite (run(overwrite=True))")
+        if where == "restart":
+            self.logger.rewind(0)        # killed before its first checkpoint: start over
             return 0
-        if self.dist.main:
-            ck.clean_run_leftovers(self.out)
-        self.dist.barrier()
-        if isinstance(resume, (str, os.PathLike)):
-            path = os.fspath(resume)
-            if not os.path.isdir(path) and os.path.isdir(os.path.join(self._ck_root(), path)):
-                path = os.path.join(self._ck_root(), path)
-            st = None
-        else:
-            if not holds:
-                self._print(f"resume: {self.out} holds no run yet; starting one")
-                return 0
-            if not os.path.exists(self._state_path()) and not self._checkpoints_by_step():
-                self.logger.rewind(0)        # killed before its first checkpoint: start over
-                return 0
-            st = self._read_state()
-            path = os.path.join(self.out, st["checkpoint"])
-        try:
-            ck.verify(path)
-        except CheckpointError as e:
-            newest = "the newest checkpoint" if st is not None else "the checkpoint"
-            raise CheckpointError(f"{newest} is damaged: {e}; {self._hint(exclude=[path])}") from None
-        ts = ck.read_json(os.path.join(path, ck.TRAINER_STATE), "trainer state")
-        if ts.get("kind") != _TRAINER_KIND:
-            raise CheckpointError(f"{os.path.join(path, ck.TRAINER_STATE)}: not a seekr trainer state")
-        if st is not None:
-            for k in ("completed", "global_step", "rows"):
-                if st.get(k) != ts.get(k):
-                    raise ResumeError(f"{self._state_path()}: {k} = {st.get(k)!r} but its checkpoint {path} says "
-                                      f"{ts.get(k)!r} (state.json edited or from another run); {self._hint()}")
+        path, ts = where
         self._check_config(ts, path, allow)
         self._load_checkpoint(path, ts)
         return int(ts["completed"]) if ts["phase"] == "task_end" else int(ts["task"])
 
     def _check_config(self, ts: dict, path: str, allow: tuple):
-        saved, now = _flatten(ts.get("config") or {}), _flatten(self.cfg.to_dict())
-        defaults = _flatten(RunConfig().to_dict())
+        saved, now = flatten(ts.get("config") or {}), flatten(self.cfg.to_dict())
         K = saved.get("distill.teacher_logits_topk")
         if K and "distill.teacher_logits" not in saved:
             # Saved before distill.teacher_logits existed: its older spelling, resolved as now.
@@ -1335,27 +970,11 @@ class ContinualTrainer:
         saved.update({"world_size": ts.get("world_size"), "device_type": ts.get("device_type")})
         now.update({"world_size": self.dist.world, "device_type": self.device.type})
         data = ts.get("data") or []
-        for i, d in enumerate(self._data_digests()):
+        for i, d in enumerate(data_digests(self.tasks)):
             now[f"tasks[{i}].data"] = d
             if i < len(data):
                 saved[f"tasks[{i}].data"] = data[i]
-        missing = object()
-        diff = []
-        for k in sorted(set(saved) | set(now)):
-            if _under(k, RESUME_IGNORED):
-                continue
-            a = saved.get(k, defaults.get(k, missing))
-            b = now.get(k, defaults.get(k, missing))
-            if a != b and not (a is missing and k.endswith(".data")):
-                diff.append((k, a, b))
-        refused = [d for d in diff if not _under(d[0], allow)]
-        if refused:
-            shown = "; ".join(f"{k}: {'(none)' if a is missing else repr(a)} -> "
-                              f"{'(none)' if b is missing else repr(b)}" for k, a, b in refused[:8])
-            raise ResumeError(f"{path}: the config differs from the run's in {', '.join(k for k, *_ in refused)} "
-                              f"({shown}); resume with the run's config, allow the change with "
-                              f"--allow-config-change {' '.join(k for k, *_ in refused)}, or start over with "
-                              "--overwrite")
+        diff = config_diff(saved, now, flatten(RunConfig().to_dict()), path, allow)
         done = int(ts["completed"])
         names = [t["name"] if isinstance(t, dict) and t.get("name") else None
                  for t in (ts.get("config") or {}).get("tasks", [])]
@@ -1368,7 +987,7 @@ class ContinualTrainer:
     def _load_checkpoint(self, path: str, ts: dict):
         """Weights, recipe state, memory, rows, counters and scaler of a verified checkpoint."""
         done = int(ts["completed"])
-        ck.load_model_weights(self.model, path)
+        checkpoint.load_model_weights(self.model, path)
         tasks = []
         if self.method != "sft":
             from ..seekr.memory import ReplayMemory
@@ -1380,43 +999,22 @@ class ContinualTrainer:
                                           f"memory the checkpoint {path} was taken with")
                 tasks.append(ReplayMemory.load_task(os.path.join(self.out, "memory"), i, self.task_names[i]))
         try:
-            self.recipe.load(os.path.join(path, ck.SEEKR), memory=tasks)
+            self.recipe.load(os.path.join(path, checkpoint.SEEKR), memory=tasks)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
         self.rows = [list(r) for r in ts["rows"]]
         self.loglik_rows = [list(r) for r in ts["loglik_rows"]]
         self.global_step = int(ts["global_step"])
-        if self.scaler is not None and os.path.exists(os.path.join(path, ck.SCALER)):
-            self.scaler.load_state_dict(ck.load_torch(os.path.join(path, ck.SCALER)))
+        if self.scaler is not None and os.path.exists(os.path.join(path, checkpoint.SCALER)):
+            self.scaler.load_state_dict(checkpoint.load_torch(os.path.join(path, checkpoint.SCALER)))
         self._resume_ck = path
         self._resumed = ts
         self._resume_state = ts if (ts["phase"] == "mid_task" or ts.get("optimizer")) else None
         # Checkpoints after this one belong to the abandoned continuation (or were never
         # committed): the run writes them again.
         if self.dist.main:
-            for step, p in self._checkpoints_by_step(with_steps=True):
-                if step > self.global_step and os.path.abspath(p) != os.path.abspath(path):
-                    ck.discard(p)
+            self.rundir.discard_after(self.global_step, keep=path)
         self.logger.rewind(self.global_step)
-
-
-def _flatten(d, prefix: str = "") -> dict:
-    """Dotted keys of a nested config dict (list items that are mappings as ``key[i]``)."""
-    out = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(d, list) and any(isinstance(x, dict) for x in d):
-        out[f"{prefix}.len"] = len(d)
-        for i, v in enumerate(d):
-            out.update(_flatten(v, f"{prefix}[{i}]"))
-    else:
-        out[prefix] = d
-    return out
-
-
-def _under(key: str, prefixes) -> bool:
-    return any(key == p or key.startswith(p + ".") or key.startswith(p + "[") for p in prefixes)
 
 
 def train(config: RunConfig, **kw) -> dict:

@@ -48,10 +48,13 @@ class DistributedHooks:
 
     @classmethod
     def from_torch(cls, model=None, device=None, sharded: Optional[bool] = None) -> "DistributedHooks":
-        """Hooks for the current ``torch.distributed`` process group (world 1 without one).
+        """Hooks for the current ``torch.distributed`` process group (one process without
+        one). Both loops build theirs here: the package's trainer and the Hugging Face
+        integration.
 
-        ``device``: where the collective runs (the NCCL device); ``model``: resharded after
-        forward-only passes when it holds FSDP2 modules (``sharded`` defaults to that).
+        ``device``: where the collective runs (the NCCL device); ``model``: its FSDP2
+        modules are resharded after forward-only passes (looked up at each call, so a
+        model wrapped later is covered); ``sharded`` defaults to whether it holds any.
         """
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()):
@@ -63,16 +66,17 @@ class DistributedHooks:
             dist.all_reduce(x)
             return x.to(t.device)
 
-        fsdp = []
-        if model is not None:
+        def fsdp_modules():
             try:
                 from torch.distributed.fsdp import FSDPModule
-                fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
             except ImportError:  # pragma: no cover - torch without FSDP2
-                fsdp = []
+                return []
+            return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
         def reshard():
-            for m in fsdp:
+            for m in fsdp_modules():
                 m.reshard()
-        return cls(dist.get_rank(), dist.get_world_size(), all_reduce, reshard if fsdp else None,
-                   bool(fsdp) if sharded is None else sharded)
+        if sharded is None:
+            sharded = model is not None and bool(fsdp_modules())
+        return cls(dist.get_rank(), dist.get_world_size(), all_reduce, reshard if model is not None else None,
+                   bool(sharded))

@@ -45,7 +45,7 @@ def _torch_logits_kl(student_logits, teacher_logits, labels):
 def shifted_teacher(teacher):
     """The teacher ([B, L, V] dense or a TopK of it) at the positions that predict a
     next token (all but the last), as :func:`shifted` does for the student."""
-    from ..ops.topk import TopK
+    from ..ops.teachers import TopK
     if isinstance(teacher, TopK):
         return TopK(teacher.values[:, :-1], teacher.indices[:, :-1], teacher.full_size, teacher.kind,
                     None if teacher.lse is None else teacher.lse[:, :-1],
@@ -65,7 +65,7 @@ def logits_kl_mean(student_logits: torch.Tensor, teacher, labels: torch.Tensor) 
         from ..ops.logits_kl import logits_kl
     except ImportError:
         logits_kl = None
-    from ..ops.topk import TopK
+    from ..ops.teachers import TopK
     t = shifted_teacher(teacher)
     if logits_kl is not None:
         return logits_kl(s, t, lb)

@@ -67,10 +67,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..ops.topk import SampledTeacher, TopK, pack_indices, unpack_indices
+from ..ops.teachers import SampledTeacher, TopK, pack_indices, unpack_indices
 from ..utils.store import atomic_dir, atomic_write_bytes, clean_leftovers
 from .batching import IGNORE_INDEX
 from .selection import batch_heads
+from .stream import replay_count
 
 __all__ = ["ReplaySample", "ReplayTask", "ReplayMemory", "ReplayMemoryError", "ReplayDataset"]
 
@@ -280,13 +281,9 @@ class ReplayMemory:
             raise ValueError(f"n: expected a positive int, got {n!r}")
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio) or ratio <= 0:
             raise ValueError(f"ratio: expected a fraction in (0, 1) or a count >= 1, got {ratio!r}")
-        if ratio >= 1:
-            if float(ratio) != int(ratio):
-                raise ValueError(f"ratio: a count (>= 1) must be a whole number, got {ratio}")
-            k = int(ratio)
-        else:
-            k = int(n * ratio)
-        k = max(1, min(n, k))
+        if ratio >= 1 and float(ratio) != int(ratio):
+            raise ValueError(f"ratio: a count (>= 1) must be a whole number, got {ratio}")
+        k = replay_count(n, ratio)
         if mode == "first":
             return list(range(k))
         g = torch.Generator().manual_seed(int(seed))

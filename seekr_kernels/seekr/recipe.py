@@ -69,7 +69,7 @@ from ..utils.store import atomic_dir
 from .config import ConfigError, RecipeConfig, recipe_from_dict
 from .distributed import DistributedHooks
 from .snapshot import PreTaskWeights, snapshot_from_tensors, snapshot_kind, snapshot_tensors
-from .stream import ReplaySchedule
+from .stream import ReplaySchedule, ReplayStream, replay_batch_size, replays_in_accumulation
 from .batching import IGNORE_INDEX, Encoded, as_pair, collate, shard
 from .losses import ce_sum, logits_kl_mean, replay_objective, shifted_teacher
 
@@ -297,6 +297,11 @@ class SeekrRecipe:
         return PreTaskWeights.capture(_unwrap(model), self.snapshot_device)
 
     # ---------------------------------------------------------------- replay batches
+    def replay_stream(self, n_train_batches: int) -> ReplayStream:
+        """The current task's :class:`ReplayStream` (the interleaver every loop consumes)
+        over :meth:`replay_schedule`."""
+        return ReplayStream(lambda: self.replay_schedule(n_train_batches))
+
     def replay_schedule(self, n_train_batches: int) -> ReplaySchedule:
         """The current task's :class:`ReplaySchedule` over the memory of earlier tasks.
 
@@ -306,11 +311,7 @@ class SeekrRecipe:
         """
         rc, c = self.cfg.replay, self.cfg
         t = self.current.index if self.current is not None else self.num_tasks
-        W = self.dist.world_size
-        if self.replays_in_accumulation:
-            bs, need = rc.batch_size or c.batch_size // c.grad_accum, W
-        else:
-            bs, need = rc.batch_size or c.batch_size, W * c.grad_accum
+        bs, need = replay_batch_size(c, self.dist.world_size)
         if bs < need:
             raise ConfigError(f"replay.batch_size: {bs} is smaller than the {need} samples a replay batch needs "
                               "(one per process and accumulation micro-step)")
@@ -322,7 +323,7 @@ class SeekrRecipe:
     def replays_in_accumulation(self) -> bool:
         """A replay batch is one micro-step of an accumulation window (``replay.in_accumulation``
         with ``grad_accum`` > 1) rather than an optimiser step of its own."""
-        return self.cfg.replay.in_accumulation and self.cfg.grad_accum > 1
+        return replays_in_accumulation(self.cfg)
 
     def micro_batches(self, items: Sequence, grad_accum: Optional[int] = None) -> List[list]:
         """This process's micro-batches of a global batch: indices into ``items``, one list
@@ -745,10 +746,10 @@ class SeekrRecipe:
                 A = len(s.answer_ids) - (0 if s.prompt_ids else 1)
                 lg = logits[j, a0:a0 + A].clone()
                 if kind == "topk":
-                    from ..ops.topk import TopK
+                    from ..ops.teachers import TopK
                     s.logits = TopK.from_dense(lg, min(k, lg.shape[-1]), kind="logits")
                 elif kind == "sampled":
-                    from ..ops.topk import SampledTeacher
+                    from ..ops.teachers import SampledTeacher
                     s.logits = SampledTeacher.from_dense(lg, min(k, lg.shape[-1]),
                                                          seed=sample_seed(self.cfg.seed, s.task, i + j))
                 else:

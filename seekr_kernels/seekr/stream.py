@@ -9,6 +9,7 @@ steps, and a resumed task regenerates the same sequence and skips what its check
 """
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Mapping, Sequence
 
@@ -30,6 +31,7 @@ class ReplaySchedule:
     def __init__(self, keys: Sequence, batch_size: int, n_train_batches: int, *, cycle: int = 0,
                  min_batch: int = 1, order: str = "reshuffle", outnumbered: str = "every_step", seed: int = 0):
         self.keys = list(keys)
+        self.n_train_batches = int(n_train_batches)
         self.batch_size = int(batch_size)
         self.min_batch = int(min_batch)
         self.order = order
@@ -84,3 +86,98 @@ class ReplaySchedule:
         self._rng.setstate((v, tuple(st), gauss))
         self._queue = [[tuple(k) for k in b] for b in sd["queue"]]
         return self
+
+
+def replay_batch_size(cfg, world_size: int = 1):
+    """The replay-batch rule, one place for the recipe, the loops and the preflight checks.
+
+    Returns ``(batch_size, need)``: a replay batch holds ``replay.batch_size`` samples
+    (default: the train batch, or one micro-batch of it when replay runs inside the
+    accumulation window), and needs at least ``need`` samples — one per process and per
+    accumulation micro-step it is spread over. ``cfg`` is a :class:`RecipeConfig` or a
+    run config (anything with ``replay``, and ``batch_size``/``grad_accum`` either on it
+    or on its ``train`` section).
+    """
+    rc = cfg.replay
+    src = getattr(cfg, "train", cfg)
+    bs, acc = int(src.batch_size), int(src.grad_accum)
+    if replays_in_accumulation(cfg):
+        return rc.batch_size or bs // acc, world_size
+    return rc.batch_size or bs, world_size * acc
+
+
+def replays_in_accumulation(cfg) -> bool:
+    """A replay batch is one micro-step of an accumulation window (``replay.in_accumulation``
+    with ``grad_accum`` > 1, the published DeepSpeed behaviour) rather than an optimiser
+    step of its own."""
+    src = getattr(cfg, "train", cfg)
+    return bool(cfg.replay.in_accumulation) and int(src.grad_accum) > 1
+
+
+def replay_count(n: int, ratio: float) -> int:
+    """How many of a task's ``n`` training samples the memory keeps (``replay.ratio``:
+    a fraction < 1 of them, ``int(n * ratio)`` as published, or a count >= 1), at least 1
+    and at most ``n``."""
+    k = int(ratio) if ratio >= 1 else int(n * ratio)
+    return max(1, min(n, k))
+
+
+_END = object()
+
+
+class ReplayStream:
+    """The one interleaver of train and replay (micro-)steps, shared by every loop.
+
+    ``make_schedule()`` builds the task's :class:`ReplaySchedule` (the recipe's
+    ``replay_schedule``). :meth:`epoch` yields, for train unit ``step`` of epoch
+    ``epoch`` (a global batch, or a group of micro-batches, whatever the loop trains on),
+    ``("replay", step, keys)`` when the schedule replays before it, then
+    ``("train", step, unit)``. Every epoch draws exactly ``per_epoch`` replay batches, so
+    the stream can be positioned at the start of any epoch by drawing those of the epochs
+    before it: a loop that restarts at a later epoch (the Hugging Face Trainer's resume)
+    and a loop that regenerates the task from its start (the package's trainer) see the
+    same replay batches at the same steps.
+    """
+
+    def __init__(self, make_schedule):
+        self._make = make_schedule
+        self.schedule: ReplaySchedule = make_schedule()
+        self._next_epoch = 0
+
+    @property
+    def per_epoch(self) -> int:
+        """Replay batches per epoch."""
+        return self.schedule.per_epoch
+
+    def at_epoch(self, epoch: int) -> ReplaySchedule:
+        """The schedule positioned at the start of ``epoch`` (a fresh one fast-forwarded
+        when the loop does not come from the epoch before)."""
+        if epoch != self._next_epoch:
+            self.schedule = self._make()
+            for _ in range(epoch * self.schedule.per_epoch):
+                self.schedule.next_batch()
+        self._next_epoch = epoch + 1
+        self.schedule.start_epoch(epoch)
+        return self.schedule
+
+    def epoch(self, epoch: int, units):
+        """The events of one epoch over ``units`` (any iterable of train units). A unit is
+        taken from ``units`` only after the replay before it was consumed, so a loader
+        whose sampler draws from the global RNG draws at the same moment with or without
+        replay in front of it."""
+        sched = self.at_epoch(epoch)
+        it = iter(units)
+        for step in itertools.count():
+            if step < sched.n_train_batches and sched.is_replay_step(step):
+                yield "replay", step, sched.next_batch()
+            unit = next(it, _END)
+            if unit is _END:
+                return
+            yield "train", step, unit
+
+    def events(self, epochs: int, units_of):
+        """Every epoch's events in order, as ``(kind, epoch, step, payload)``;
+        ``units_of(epoch)`` gives the epoch's train units."""
+        for e in range(epochs):
+            for kind, step, x in self.epoch(e, units_of(e)):
+                yield kind, e, step, x

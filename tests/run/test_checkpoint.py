@@ -288,7 +288,7 @@ def test_leftovers_of_killed_runs_are_cleaned(stopped_run, tmp_path, data):
     assert not [p for p in left if p.exists()]
 
 
-def test_save_total_limit_and_task_boundaries(tmp_path, data):
+def test_save_total_limit_and_task_boundaries(tmp_path, data, monkeypatch):
     over = {"train.save_steps": 1, "train.save_total_limit": 2, "keep_checkpoints": "all"}
     seen = []
     orig = ck.write
@@ -297,12 +297,8 @@ def test_save_total_limit_and_task_boundaries(tmp_path, data):
         out = orig(path, fill, meta=meta)
         seen.append(sorted(os.listdir(os.path.dirname(path))))
         return out
-    import seekr_kernels.run.trainer as T
-    T.ck.write = spy
-    try:
-        ContinualTrainer(tiny_config(tmp_path / "run", data[:2], "replay", **over), quiet=True).run()
-    finally:
-        T.ck.write = orig
+    monkeypatch.setattr(ck, "write", spy)       # every checkpoint folder is written through it
+    ContinualTrainer(tiny_config(tmp_path / "run", data[:2], "replay", **over), quiet=True).run()
     assert max(sum(n.startswith("step-") for n in s) for s in seen) <= 3     # 2 kept + the one being committed
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["task-000", "task-001"]
 

@@ -13,7 +13,8 @@ from seekr_kernels.cli import main
 from seekr_kernels.run import runlog
 from seekr_kernels.seekr.config import ConfigError
 from seekr_kernels.run.config import from_dict, load_config, set_dotted
-from seekr_kernels.run.preflight import RunStateError, RunWarning, read_run_state
+from seekr_kernels.run.preflight import RunWarning
+from seekr_kernels.run.rundir import RunStateError, read_run_state
 from seekr_kernels.run.trainer import ContinualTrainer
 
 from tiny_runs import TASKS, tiny_tasks  # noqa: E402

@@ -16,7 +16,7 @@ from transformers import GenerationConfig
 from seekr_kernels.run.config import ModelConfig
 from seekr_kernels.run.data import CharTokenizer, Example, encode_example
 from seekr_kernels.run.evaluate import GenerationOptions, evaluate_examples, get_metric
-from seekr_kernels.run.trainer import build_model
+from seekr_kernels.run.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

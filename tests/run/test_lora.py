@@ -10,7 +10,8 @@ import torch
 from seekr_kernels.run.checkpoint import is_peft_model
 from seekr_kernels.seekr.config import ConfigError
 from seekr_kernels.run.config import ModelConfig
-from seekr_kernels.run.trainer import ContinualTrainer, build_model
+from seekr_kernels.run.models import build_model
+from seekr_kernels.run.trainer import ContinualTrainer
 
 from test_checkpoint import _Crash, crash_at, tree_bytes  # noqa: E402  (same folder)
 from tiny_runs import tiny_config, tiny_tasks  # noqa: E402

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import seekr_kernels as sk  # noqa: E402
 from seekr_kernels.seekr.memory import ReplayMemory, ReplayMemoryError, ReplaySample, ReplayTask  # noqa: E402
-from seekr_kernels.ops.topk import TopK  # noqa: E402
+from seekr_kernels.ops.teachers import TopK  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,8 @@ from seekr_kernels.seekr.batching import collate
 from seekr_kernels.seekr.losses import ce_sum
 from seekr_kernels.seekr.stream import ReplaySchedule
 from seekr_kernels.seekr.recipe import task_seed
-from seekr_kernels.run.trainer import ContinualTrainer, build_model, build_tokenizer
+from seekr_kernels.run.models import build_model, build_tokenizer
+from seekr_kernels.run.trainer import ContinualTrainer
 
 from tiny_runs import TASKS, tiny_config, tiny_tasks  # noqa: E402
 

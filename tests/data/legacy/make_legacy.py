@@ -4,7 +4,7 @@
 # Writes teacher caches and a replay memory with the format of commit 61b56de (before compact indices).
 import torch, json
 import seekr_kernels as sk
-from seekr_kernels.ops.topk import TopK
+from seekr_kernels.ops.teachers import TopK
 from seekr_kernels.seekr.memory import ReplayMemory, ReplaySample
 out = "tests/data/legacy"
 g = torch.Generator().manual_seed(0)

@@ -1,0 +1,170 @@
+"""Models and tokenizers of a run: a local Hugging Face directory (no downloads) or a tiny
+Llama built from ``model.arch`` with the built-in character tokenizer, PEFT LoRA adapters
+(``model.lora``), and the plain (merged or base) weights of a LoRA model for saving.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import string
+
+import torch
+
+from ..seekr.config import ConfigError
+from .data import CharTokenizer, load_tokenizer
+
+#: The character set of the built-in tokenizer when ``model.alphabet`` is not given.
+DEFAULT_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
+
+
+#: The tiny Llama built when no model path is given.
+#: The tiny Llama built when no model path is given.
+TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                 tie_word_embeddings=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % (2 ** 32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def build_tokenizer(mcfg):
+    """The run's tokenizer: a local HF tokenizer, or the built-in char tokenizer."""
+    if mcfg.tokenizer:
+        return load_tokenizer(mcfg.tokenizer)
+    if mcfg.path:
+        return load_tokenizer(mcfg.path)
+    return CharTokenizer(mcfg.alphabet or DEFAULT_ALPHABET)
+
+
+def build_model(mcfg, tokenizer, seed: int = 0):
+    """A causal LM from a local HF directory, or a tiny Llama from ``mcfg.arch``.
+
+    A directory holding a PEFT adapter (``adapter_config.json``: a LoRA run's checkpoint
+    or ``final`` folder saved as ``adapter``) loads its base model and the adapter. With
+    ``mcfg.lora`` set, LoRA adapters are added (:func:`apply_lora`).
+    """
+    dtype = getattr(torch, mcfg.dtype)
+    if mcfg.path and os.path.isfile(os.path.join(mcfg.path, "adapter_config.json")):
+        return _load_adapter_dir(mcfg, tokenizer, seed)
+    model = _build_base(mcfg, tokenizer, seed, dtype)
+    if getattr(mcfg, "lora", None) is not None:
+        model = apply_lora(model, mcfg.lora, seed)
+    return model
+
+
+def _load_adapter_dir(mcfg, tokenizer, seed):
+    """Base model named by the adapter's config, then the adapter (trainable when the
+    config asks for LoRA, else for inference)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError(f"model.path: {mcfg.path} holds a LoRA adapter; loading it needs the peft package "
+                          "(pip install peft)") from None
+    with open(os.path.join(mcfg.path, "adapter_config.json"), encoding="utf-8") as f:
+        base_path = json.load(f).get("base_model_name_or_path")
+    if not base_path or not os.path.isdir(base_path):
+        raise FileNotFoundError(f"{mcfg.path}/adapter_config.json: base_model_name_or_path {base_path!r} is not "
+                                "a local directory")
+    import dataclasses
+    base = _build_base(dataclasses.replace(mcfg, path=base_path, lora=None), tokenizer, seed,
+                       getattr(torch, mcfg.dtype))
+    return PeftModel.from_pretrained(base, mcfg.path, is_trainable=getattr(mcfg, "lora", None) is not None)
+
+
+def apply_lora(model, lcfg, seed: int = 0):
+    """Wrap ``model`` with PEFT LoRA adapters from a ``model.lora`` config (base frozen;
+    the adapters' random init is seeded by ``seed``)."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("model.lora: needs the peft package: pip install peft (or 'seekr-kernels[lora]')") from None
+    pc = peft.LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                         target_modules=lcfg.target_modules, task_type="CAUSAL_LM")
+    with fork_rng():
+        torch.manual_seed(seed + 1)
+        try:
+            return peft.get_peft_model(model, pc)
+        except ValueError as e:   # target modules not found
+            raise ConfigError(f"model.lora.target_modules: {e}") from None
+
+
+def plain_state_dict(model, merge: bool) -> dict:
+    """The base model's state dict of a PEFT LoRA model, under the base model's own names:
+    the adapters merged into the weights (``merge=True``: W + scale * B @ A per adapted
+    layer) or left out (the untouched base weights). The model is not modified."""
+    from peft.tuners.lora import LoraLayer
+    base = model.get_base_model()
+    sd = {}
+    for n, t in base.state_dict().items():
+        if ".lora_" in n:
+            continue
+        sd[n.replace(".base_layer.", ".")] = t.detach().cpu()
+    if merge:
+        with torch.no_grad():
+            for n, m in base.named_modules():
+                if isinstance(m, LoraLayer) and f"{n}.weight" in sd:
+                    w = sd[f"{n}.weight"]
+                    delta = sum(m.get_delta_weight(a).detach().float().cpu() for a in m.active_adapters
+                                if a in m.lora_A)
+                    sd[f"{n}.weight"] = (w.float() + delta).to(w.dtype)
+    return sd
+
+
+def _build_base(mcfg, tokenizer, seed, dtype):
+    if mcfg.path:
+        from transformers import AutoModelForCausalLM
+        if not os.path.isdir(mcfg.path):
+            raise FileNotFoundError(f"model.path: {mcfg.path} is not a directory (models load from local "
+                                    "Hugging Face directories only)")
+        with quiet_transformers():
+            try:
+                return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, dtype=dtype,
+                                                            attn_implementation=mcfg.attn_implementation)
+            except TypeError:  # transformers < 4.56 spells it torch_dtype
+                return AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=True, torch_dtype=dtype,
+                                                            attn_implementation=mcfg.attn_implementation)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    arch = {**TINY_ARCH, **(mcfg.arch or {}), "vocab_size": tokenizer.vocab_size,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    cfg = LlamaConfig(**arch)
+    cfg._attn_implementation = mcfg.attn_implementation
+    with fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No 'Writing model shards' progress bar inside our own progress output."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def fork_rng():
+    state = torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
