@@ -2,12 +2,12 @@
 # Everything a lent GPU machine (H100 / H200, no package registry) should do, in one call
 # of under 8 minutes (machine start not counted):
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR
-#   bash benchmarks/gpu_check.sh --quick OUT_DIR   # any machine, no GPU needed: every stage
-#                                                 # starts, at smoke sizes (~3 min)
+#   bash scripts/gpu_check.sh OUT_DIR
+#   bash scripts/gpu_check.sh --quick OUT_DIR   # any machine, no GPU needed: every stage
+#                                              # starts, at smoke sizes (~3 min)
 #
 # Nothing is installed: the package runs from this tree (PYTHONPATH) with the machine's
-# torch / triton / transformers (seen there: torch 2.11, triton 3.6, transformers 5.17).
+# torch / triton / transformers.
 # Stages, each time-boxed so a slow one cannot eat the others (seconds, overridable as
 # GPU_CHECK_<STAGE>=N; GPU_CHECK_BUDGET, default 440, caps the stages together; `timeout`
 # kills a stage's whole process group):
@@ -16,7 +16,7 @@
 #   build     (background, CPU) the C++/CUDA extensions in place, for this GPU's arch only;
 #             cmake, ninja and pybind11 come with the image. If it fails, the cuda backend's
 #             tests skip and its benchmark column is missing; the Triton path needs nothing.
-#   compile   (background, CPU) benchmarks/gpu_compile_check.py with this machine's Triton
+#   compile   (background, CPU) scripts/gpu_compile_check.py with this machine's Triton
 #             and nvcc: the compile matrix again, with the versions the GPU really runs
 #   autotune  benchmarks/bench_autotune.py: the tuner's choices, fixed vs tuned time,
 #             the forward's teacher-read bandwidth against the device copy bandwidth
@@ -142,7 +142,7 @@ fi
 mkdir -p "$work/compile"
 compile_args=(--jobs 4)
 (( quick )) && compile_args=(--jobs 2 --parts triton --archs 90 --only linear_logits_kl_rows)
-background compile "${GPU_CHECK_COMPILE:-360}" "$PY" benchmarks/gpu_compile_check.py "${compile_args[@]}" \
+background compile "${GPU_CHECK_COMPILE:-360}" "$PY" scripts/gpu_compile_check.py "${compile_args[@]}" \
   --out "$work/compile"
 compile_pid=$!
 
