@@ -9,11 +9,12 @@ against
   (c) `sdpa` (--gpu): plain scaled_dot_product_attention fwd+bwd of all H heads (with a
       value tensor), i.e. the attention the distillation loss rides along with.
 
-    python benchmarks/bench_attention_kl.py              # CPU: L in 512, 1024, 2048
-    python benchmarks/bench_attention_kl.py --gpu        # CUDA: bf16, L up to 8192
-    python benchmarks/bench_attention_kl.py --quick      # L = 128, one repetition (seconds)
+    python -m benchmarks.bench_attention_kl              # CPU: L in 512, 1024, 2048
+    python -m benchmarks.bench_attention_kl --gpu        # CUDA: bf16, L up to 8192
+    python -m benchmarks.bench_attention_kl --quick      # L = 128, one repetition (seconds)
 
-Each point runs in a fresh subprocess (see common.py for how peak memory is measured).
+Each point runs in a fresh subprocess (see common.py for how time and peak memory are
+measured).
 Writes attention_kl_<device>.csv and .png into --out (default ./bench-out/; the committed
 numbers: --out benchmarks/results) and prints the ratios.
 """
@@ -21,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
 
 
 def _inputs(L, Q, H, D, S, dtype, device):
@@ -134,25 +133,20 @@ def main():
                               reps=2 if args.quick else 20)
     n = 256 if args.quick else 1024
     print(f"torch.matmul [{n}x128]x[128x{n}] {dtype}: {mm:.1f} GFLOP/s")
-    rows = []
-    for L in lengths:
-        for Q in ([q or L for q in args.queries] if args.queries else (q_few, L)):
-            for m in methods:
-                r = common.run_isolated("bench_attention_kl", "point",
-                                        dict(method=m, L=L, Q=Q, dtype=dtype, device=device, reps=reps),
-                                        isolated=not args.quick)
-                r.update(method=m, L=L, Q=min(Q, L), matmul_gflops=round(mm, 1))
-                rows.append(r)
-                if "error" in r:
-                    print(f"L={L:5d} Q={min(Q, L):5d} {m:15s} ERROR {r['error']}")
-                else:
-                    print(f"L={L:5d} Q={min(Q, L):5d} {m:15s} {r['ms']:10.2f} ms {r['peak_mib']:10.1f} MiB "
-                          f"{r['gflops']:8.2f} GFLOP/s  loss={r['loss']:.5f}")
-    path = os.path.join(out, f"attention_kl_{device}.csv")
-    common.write_csv(path, rows)
-    print(f"wrote {path}")
+    rows = [common.run_point("benchmarks.bench_attention_kl", "point",
+                             dict(method=m, L=L, Q=Q, dtype=dtype, device=device, reps=reps),
+                             ident=dict(method=m, L=L, Q=min(Q, L), matmul_gflops=round(mm, 1)),
+                             label=f"L={L:5d} Q={min(Q, L):5d} {m:15s}", isolated=not args.quick,
+                             show=lambda r: f"{r['ms']:10.2f} ms {r['peak_mib']:10.1f} MiB "
+                                            f"{r['gflops']:8.2f} GFLOP/s  loss={r['loss']:.5f}")
+            for L in lengths for Q in ([q or L for q in args.queries] if args.queries else (q_few, L))
+            for m in methods]
+    common.write_csv(os.path.join(out, f"attention_kl_{device}.csv"), rows)
     _ratios(rows, [m for m in methods if m not in ("eager", "torch-selected", "sdpa")])
-    _plot(rows, os.path.join(out, f"attention_kl_{device}.png"))
+    common.plot_lines(os.path.join(out, f"attention_kl_{device}.png"), [r for r in rows if r["Q"] == r["L"]],
+                      x="L", xlabel="sequence length L (Q = L)",
+                      panels=[dict(y="ms", title="fwd+bwd time (ms)"),
+                              dict(y="peak_mib", floor=0.1, title="peak extra memory (MiB)")])
 
 
 def _ratios(rows, fused):
@@ -165,31 +159,7 @@ def _ratios(rows, fused):
             for base in ("eager", "torch-selected", "sdpa"):
                 b = ok.get((base, L, Q))
                 if b:
-                    print(f"  {f:7s} vs {base:15s} L={L:5d} Q={Q:5d}: "
-                          f"time {common.ratio(r['ms'], b['ms']):>14s}, "
-                          f"memory {common.ratio(r['peak_mib'], b['peak_mib'], 'memory', 1, floor=0.1):>12s}")
-
-
-def _plot(rows, path):
-    plt = common.pyplot()
-    if plt is None:
-        return
-    ok = [r for r in rows if "error" not in r and r["Q"] == r["L"]]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for m in sorted({r["method"] for r in ok}):
-        pts = sorted((r["L"], r["ms"], r["peak_mib"]) for r in ok if r["method"] == m)
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        axes[1].plot([p[0] for p in pts], [max(p[2], 0.1) for p in pts], marker="o", label=m)
-    for ax, t in zip(axes, ["fwd+bwd time (ms)", "peak extra memory (MiB)"]):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length L (Q = L)")
-        ax.set_title(t)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
+                    print(f"  {f:7s} vs {base:15s} L={L:5d} Q={Q:5d}: {common.time_and_memory(r, b)}")
 
 if __name__ == "__main__":
     main()

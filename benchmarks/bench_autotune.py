@@ -10,33 +10,28 @@ S = 4 selected heads, all L query rows, a [B, S, L, L] teacher in the input dtyp
   device-to-device copy) -- the target is >= 50% of it;
 * the tiles the tuner chose; every candidate's time goes to a second CSV.
 
-    python benchmarks/bench_autotune.py --out OUT        # CUDA
-    python benchmarks/bench_autotune.py --smoke          # CPU interpreter, tiny: the code path only
+    python -m benchmarks.bench_autotune --out OUT        # CUDA
+    python -m benchmarks.bench_autotune --quick          # CPU interpreter, tiny: the code path only
 
-Writes OUT/autotune_cuda.csv and OUT/autotune_candidates_cuda.csv (rows appended as they
-are measured, so a time-boxed run keeps what it finished).
+Writes autotune_<device>.csv and autotune_candidates_<device>.csv into --out (default
+./bench-out/; rewritten after every point, so a time-boxed run keeps what it finished).
+Times: common.timings, the median of --reps calls after one warm-up call (which compiles,
+and tunes when on); on CUDA event-timed, as the tuner itself times its candidates.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
 
 
 def _time_ms(fn, device, reps):
     """Median ms of fn() after one warm-up call (which compiles, and tunes when on)."""
-    import torch
-
-    from seekr_kernels.triton import _configs
-    fn()
-    if device != "cuda":
-        return _configs.cpu_timer(fn)
-    torch.cuda.synchronize()
-    return _configs.cuda_timer(fn, reps)
+    return statistics.median(common.timings(fn, device, warmup=1, reps=reps))
 
 
 def copy_gbps(device, nbytes=2 << 30, reps=10):
@@ -116,17 +111,17 @@ def main():
     ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, L = 64: check the code path")
-    ap.add_argument("--out", default=None, help="directory for the CSVs (default: print only)")
+    common.add_common_args(ap)          # --quick: CPU interpreter, L = 64, D = 16: the code path only
     args = ap.parse_args()
-    if args.smoke:
+    out = common.out_dir(args)
+    if args.quick:
         os.environ["TRITON_INTERPRET"] = "1"
         device, lengths, dims, reps = "cpu", [64], [16], 1
     else:
         device, lengths, dims, reps = "cuda", args.lengths, args.head_dims, args.reps
     import torch
     if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench_autotune: needs a CUDA device (or --smoke)")
+        sys.exit("bench_autotune: needs a CUDA device (or --quick)")
     print(f"machine: {common.machine()}")
     bw = copy_gbps(device) if device == "cuda" else float("nan")
     print(f"device copy bandwidth (read + write): {bw:.0f} GB/s")
@@ -140,12 +135,13 @@ def main():
                 rows.append(row)
                 cands += c
                 print(f"{dtype:8s} D={D:3d} L={L:5d}: fixed {row['fixed_ms']:8.3f} ms  tuned {row['tuned_ms']:8.3f} ms "
-                      f"(x{row['speedup']:.2f}, tuning {row['tune_s']:.1f} s)  fwd {row['tuned_fwd_ms']:.3f} ms, "
+                      f"({common.ratio(row['tuned_ms'], row['fixed_ms'])}, tuning {row['tune_s']:.1f} s)  "
+                      f"fwd {row['tuned_fwd_ms']:.3f} ms, "
                       f"teacher {row['teacher_gbps']:.0f} GB/s = {row['teacher_pct_of_copy']}% of copy  "
                       f"tiles fwd {row.get('fwd_tile')} dq {row.get('dq_tile')} dk {row.get('dk_tile')}")
-                if args.out:
-                    common.write_csv(os.path.join(args.out, f"autotune_{device}.csv"), rows)
-                    common.write_csv(os.path.join(args.out, f"autotune_candidates_{device}.csv"), cands)
+                common.write_csv(os.path.join(out, f"autotune_{device}.csv"), rows, say=False)
+                common.write_csv(os.path.join(out, f"autotune_candidates_{device}.csv"), cands, say=False)
+    print(f"wrote {os.path.join(out, f'autotune_{device}.csv')}, autotune_candidates_{device}.csv")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Three parts:
    * forgettability — published: full [H, L, L] softmax of both models, index the Q query
      rows, mean of squared differences; fused: ``attention_sqdiff`` (triton on CUDA,
      the slot-chunked torch path on CPU) over all H heads at the Q rows.
-2. ``host``: host memory of forgettability at the issue's shapes (32 layers x 32 heads,
+2. ``host``: host memory of forgettability at Llama-2-7B shapes (32 layers x 32 heads,
    50 samples, L = 1024, Q = 100, bf16): the arithmetic, then a measurement at exactly
    those layer shapes with synthetic q/k: the published way stores every head's rows of
    every layer per sample (measured for 1 and 2 samples, extrapolated to 50); ours holds
@@ -21,10 +21,10 @@ Three parts:
    2-layer models of Llama-2-7B layer shapes (vocabulary cut to 512 to keep weights
    small) against the published capture of every head's rows to the host.
 
-    python benchmarks/bench_importance.py               # CPU, L in 256 512 1024
-    python benchmarks/bench_importance.py --e2e         # + end-to-end pass (minutes)
-    python benchmarks/bench_importance.py --gpu         # CUDA: bf16, triton, L up to 4096
-    python benchmarks/bench_importance.py --quick       # L = 128; host part at 2 layers, L = 256
+    python -m benchmarks.bench_importance               # CPU, L in 256 512 1024
+    python -m benchmarks.bench_importance --e2e         # + end-to-end pass (minutes)
+    python -m benchmarks.bench_importance --gpu         # CUDA: bf16, triton, L up to 4096
+    python -m benchmarks.bench_importance --quick       # L = 128; host part at 2 layers, L = 256
 
 Every point runs in a fresh subprocess (peak memory: see common.py). Writes
 importance_<device>.csv, importance_host.csv and importance_<device>.png into --out
@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
 
 H, D = 32, 128
 LLAMA7B = dict(layers=32, heads=32, kv_heads=32, head_dim=128, samples=50, L=1024, Q=100, bytes=2)
@@ -114,7 +112,7 @@ def forget_point(method, L, Q=100, dtype="float32", device="cpu", reps=3):
 # ============================================================================ 2. host memory
 
 def host_arithmetic(c=LLAMA7B):
-    """Bytes at the issue's shapes, by formula."""
+    """Bytes at Llama-2-7B shapes (``LLAMA7B``), by formula."""
     rows = c["samples"] * c["layers"] * c["heads"] * c["Q"] * c["L"] * c["bytes"]
     rows_all = c["samples"] * c["layers"] * c["heads"] * c["L"] * c["L"] * c["bytes"]
     k_layer = c["L"] * c["kv_heads"] * c["head_dim"] * c["bytes"]
@@ -131,8 +129,6 @@ def host_arithmetic(c=LLAMA7B):
 
 def host_point(method, samples, layers=32, L=1024, Q=100):
     """Peak host memory of the forgettability bookkeeping at Llama-2-7B layer shapes."""
-    import gc
-
     import torch
 
     from seekr_kernels.ops.attention_sqdiff import attention_sqdiff
@@ -148,48 +144,45 @@ def host_point(method, samples, layers=32, L=1024, Q=100):
         k = (torch.randn(1, H, L, D, generator=gg) * 0.5).to(dt)
         return q, k
 
-    gc.collect()
-    common.reset_peak_rss()
-    base = common.rss_mib()
     stored = 0
-    if method == "published":
-        keep = []     # pre-task rows of every head, layer and sample (bf16), until the task ends
-        for s in range(samples):
-            for l in range(layers):
-                q, k = layer_qk(s, l, 0)
-                z = (q[:, :, queries[0]].float() @ k.float().transpose(-1, -2)) * D ** -0.5
-                causal = torch.arange(L)[None, :] <= queries[0][:, None]
-                keep.append(torch.softmax(z.masked_fill(~causal, float("-inf")), -1).to(dt))
-                del q, k, z
-        stored = sum(t.numel() * t.element_size() for t in keep)
-    else:
-        acc = torch.zeros(layers, H, dtype=torch.float64)
-        for s in range(samples):
-            stash = {}
-            for l in range(layers):          # pass over model_before: keep k + q rows per layer
-                q, k = layer_qk(s, l, 0)
-                stash[l] = (q[:, :, queries[0]].clone(), k)
-                del q
-            stored = max(stored, sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                                     for a, b in stash.values()))
-            for l in range(layers):          # pass over model_after: stream and drop
-                q_rows, k_a = stash.pop(l)
-                q_b, k_b = layer_qk(s, l, 1)
-                q_a = torch.zeros_like(q_b)
-                q_a[:, :, queries[0]] = q_rows
-                rows = attention_sqdiff(q_a, k_a, q_b, k_b, heads, queries, backend="torch", check_values=False)
-                acc[l] += rows[0].double().sum(1) / (Q * L)
-                del q_rows, k_a, q_b, k_b, q_a, rows
-    peak = common.peak_rss_mib() - base
+    with common.peak_memory() as peak:
+        if method == "published":
+            keep = []     # pre-task rows of every head, layer and sample (bf16), until the task ends
+            for s in range(samples):
+                for l in range(layers):
+                    q, k = layer_qk(s, l, 0)
+                    z = (q[:, :, queries[0]].float() @ k.float().transpose(-1, -2)) * D ** -0.5
+                    causal = torch.arange(L)[None, :] <= queries[0][:, None]
+                    keep.append(torch.softmax(z.masked_fill(~causal, float("-inf")), -1).to(dt))
+                    del q, k, z
+            stored = sum(t.numel() * t.element_size() for t in keep)
+        else:
+            acc = torch.zeros(layers, H, dtype=torch.float64)
+            for s in range(samples):
+                stash = {}
+                for l in range(layers):          # pass over model_before: keep k + q rows per layer
+                    q, k = layer_qk(s, l, 0)
+                    stash[l] = (q[:, :, queries[0]].clone(), k)
+                    del q
+                stored = max(stored, sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                                         for a, b in stash.values()))
+                for l in range(layers):          # pass over model_after: stream and drop
+                    q_rows, k_a = stash.pop(l)
+                    q_b, k_b = layer_qk(s, l, 1)
+                    q_a = torch.zeros_like(q_b)
+                    q_a[:, :, queries[0]] = q_rows
+                    rows = attention_sqdiff(q_a, k_a, q_b, k_b, heads, queries, backend="torch", check_values=False)
+                    acc[l] += rows[0].double().sum(1) / (Q * L)
+                    del q_rows, k_a, q_b, k_b, q_a, rows
     return {"method": method, "samples": samples, "layers": layers, "L": L, "Q": Q,
-            "stored_mib": round(stored / 2**20, 1), "peak_host_mib": round(peak, 1)}
+            "stored_mib": round(stored / 2**20, 1), "peak_host_mib": round(peak.mib, 1)}
 
 
 # ============================================================================ 3. end to end
 
 def e2e_point(method, samples=2, L=512, Q=100, layers=2):
     import copy
-    import gc
+    import time
     import warnings
 
     import torch
@@ -214,31 +207,27 @@ def e2e_point(method, samples=2, L=512, Q=100, layers=2):
         ids = torch.randint(0, 512, (1, L), generator=g)
         batches.append({"input_ids": ids, "attention_mask": torch.ones(1, L, dtype=torch.long),
                         "queries": torch.sort(torch.randperm(L, generator=g)[:Q]).values[None]})
-    gc.collect()
-    common.reset_peak_rss()
-    base = common.rss_mib()
-    import time
-    t0 = time.perf_counter()
-    if method == "published":
-        heads = {l: torch.arange(H) for l in range(layers)}
-        stored = []
-        for model in (before, after):
+    with common.peak_memory() as peak:
+        t0 = time.perf_counter()
+        if method == "published":
+            heads = {l: torch.arange(H) for l in range(layers)}
+            stored = []
+            for model in (before, after):
+                for b in batches:
+                    with torch.no_grad(), sk.capture_attention(model, heads, b["queries"], b["attention_mask"],
+                                                               dtype=torch.bfloat16, device="cpu",
+                                                               backend="torch") as c:
+                        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                    stored.append(c.rows)
+            nbytes = sum(r.numel() * r.element_size() for d in stored for r in d.values())
+        else:
+            meter = sk.seekr.importance.ForgettabilityMeter(store="cpu", backend="torch")
             for b in batches:
-                with torch.no_grad(), sk.capture_attention(model, heads, b["queries"], b["attention_mask"],
-                                                           dtype=torch.bfloat16, device="cpu",
-                                                           backend="torch") as c:
-                    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                stored.append(c.rows)
-        nbytes = sum(r.numel() * r.element_size() for d in stored for r in d.values())
-    else:
-        meter = sk.seekr.importance.ForgettabilityMeter(store="cpu", backend="torch")
-        for b in batches:
-            meter.update(before, after, b)
-        nbytes = meter.peak_stored_bytes
-    sec = time.perf_counter() - t0
-    peak = common.peak_rss_mib() - base
+                meter.update(before, after, b)
+            nbytes = meter.peak_stored_bytes
+        sec = time.perf_counter() - t0
     return {"method": method, "samples": samples, "layers": layers, "L": L, "Q": Q,
-            "stored_mib": round(nbytes / 2**20, 1), "peak_host_mib": round(peak, 1), "seconds": round(sec, 2)}
+            "stored_mib": round(nbytes / 2**20, 1), "peak_host_mib": round(peak.mib, 1), "seconds": round(sec, 2)}
 
 
 # ============================================================================ main
@@ -263,32 +252,21 @@ def main():
     else:
         lengths = args.lengths or ([1024, 2048, 4096] if args.gpu else [256, 512, 1024])
     print(f"machine: {common.machine()}")
-    rows = []
     if args.skip_kernels:
         lengths = []
-    sens_methods = ["published", "fused-full", "fused-causal"]
-    forget_methods = ["published", "triton" if args.gpu else "torch"]
-    for L in lengths:
-        for m in sens_methods:
-            r = common.run_isolated("bench_importance", "sens_point", dict(method=m, L=L, dtype=dtype,
-                                                                          device=device, reps=reps),
-                                    isolated=not args.quick)
-            r.update(stat="sensitivity", method=m, L=L)
-            rows.append(r)
-            _print_kernel(r)
-        for m in forget_methods:
-            r = common.run_isolated("bench_importance", "forget_point", dict(method=m, L=L, dtype=dtype,
-                                                                            device=device, reps=reps),
-                                    isolated=not args.quick)
-            r.update(stat="forgettability", method=m, L=L)
-            rows.append(r)
-            _print_kernel(r)
+    stats = {"sensitivity": ("sens_point", ["published", "fused-full", "fused-causal"]),
+             "forgettability": ("forget_point", ["published", "triton" if args.gpu else "torch"])}
+    rows = [common.run_point("benchmarks.bench_importance", func, dict(method=m, L=L, dtype=dtype, device=device,
+                                                                       reps=reps),
+                             ident=dict(stat=stat, method=m, L=L), label=f"{stat:15s} L={L:5d} {m:13s}",
+                             show=_show_kernel, isolated=not args.quick)
+            for L in lengths for stat, (func, methods) in stats.items() for m in methods]
     if rows:
-        path = os.path.join(out, f"importance_{device}.csv")
-        common.write_csv(path, rows)
-        print(f"wrote {path}")
+        common.write_csv(os.path.join(out, f"importance_{device}.csv"), rows)
         _ratios(rows)
-        _plot(rows, os.path.join(out, f"importance_{device}.png"))
+        common.plot_lines(os.path.join(out, f"importance_{device}.png"), rows, x="L", xlabel="sequence length L",
+                          panels=[dict(y="peak_mib", floor=0.1, where=lambda r, s=stat: r["stat"] == s,
+                                       title=f"{stat}: peak extra memory (MiB), one layer") for stat in stats])
 
     if args.skip_host:
         return
@@ -309,15 +287,13 @@ def main():
     meas = {}
     for m in ("published", "ours"):
         for n in (1, 2):
-            r = common.run_isolated("bench_importance", "host_point", dict(method=m, samples=n, **host),
-                                    isolated=not args.quick)
-            r.update(kind="measured", method=m, samples=n)
+            r = common.run_point("benchmarks.bench_importance", "host_point", dict(method=m, samples=n, **host),
+                                 ident=dict(kind="measured", method=m, samples=n), label=f"  {m:10s} samples={n}:",
+                                 show=lambda r: f"stored {r['stored_mib']:8.1f} MiB, "
+                                                f"peak host {r['peak_host_mib']:8.1f} MiB",
+                                 isolated=not args.quick)
             host_rows.append(r)
             meas[(m, n)] = r
-            if "error" in r:
-                print(f"  {m:10s} samples={n}: ERROR {r['error']}")
-            else:
-                print(f"  {m:10s} samples={n}: stored {r['stored_mib']:8.1f} MiB, peak host {r['peak_host_mib']:8.1f} MiB")
     if all("error" not in meas.get((m, n), {"error": 1}) for m in ("published", "ours") for n in (1, 2)):
         # The stored bytes grow exactly linearly; the peak's own slope is noisy (allocator
         # fragmentation), so extrapolate peak(1 sample) + 49 x stored bytes per sample.
@@ -335,27 +311,18 @@ def main():
         print(f"end to end (2 patched layers of Llama-2-7B shape, vocab 512, L={e2e['L']}, Q={e2e['Q']}, "
               f"{e2e['samples']} samples):")
         for m in ("published", "ours"):
-            r = common.run_isolated("bench_importance", "e2e_point", dict(method=m, **e2e), timeout=1800,
-                                    isolated=not args.quick)
-            r.update(kind="e2e", method=m)
-            host_rows.append(r)
-            if "error" in r:
-                print(f"  {m:10s}: ERROR {r['error']}")
-            else:
-                print(f"  {m:10s}: stored {r['stored_mib']:8.1f} MiB, peak host {r['peak_host_mib']:8.1f} MiB, "
-                      f"{r['seconds']:.1f} s")
-    path = os.path.join(out, "importance_host.csv")
-    common.write_csv(path, host_rows)
-    print(f"wrote {path}")
+            host_rows.append(common.run_point(
+                "benchmarks.bench_importance", "e2e_point", dict(method=m, **e2e), timeout=1800,
+                ident=dict(kind="e2e", method=m), label=f"  {m:10s}:", isolated=not args.quick,
+                show=lambda r: f"stored {r['stored_mib']:8.1f} MiB, peak host {r['peak_host_mib']:8.1f} MiB, "
+                               f"{r['seconds']:.1f} s"))
+    common.write_csv(os.path.join(out, "importance_host.csv"), host_rows)
 
 
-def _print_kernel(r):
-    if "error" in r:
-        print(f"{r['stat']:15s} L={r['L']:5d} {r['method']:13s} ERROR {r['error']}")
-        return
+def _show_kernel(r):
     err = r.get("max_rel_err_vs_published")
     e = "" if err is None else f"  max rel err vs published {err:.1e}"
-    print(f"{r['stat']:15s} L={r['L']:5d} {r['method']:13s} {r['ms']:10.2f} ms {r['peak_mib']:9.1f} MiB{e}")
+    return f"{r['ms']:10.2f} ms {r['peak_mib']:9.1f} MiB{e}"
 
 
 def _ratios(rows):
@@ -366,28 +333,7 @@ def _ratios(rows):
             continue
         b = ok.get((stat, "published", L))
         if b:
-            print(f"  {stat:15s} {m:13s} L={L:5d}: time {common.ratio(r['ms'], b['ms'], floor=1e-3):>14s}, "
-                  f"memory {common.ratio(r['peak_mib'], b['peak_mib'], 'memory', 1, floor=0.1):>12s}")
-
-
-def _plot(rows, path):
-    plt = common.pyplot()
-    if plt is None:
-        return
-    ok = [r for r in rows if "error" not in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for stat, ax in zip(("sensitivity", "forgettability"), axes):
-        for m in sorted({r["method"] for r in ok if r["stat"] == stat}):
-            pts = sorted((r["L"], max(r["peak_mib"], 0.1)) for r in ok if r["stat"] == stat and r["method"] == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length L")
-        ax.set_title(f"{stat}: peak extra memory (MiB), one layer")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+            print(f"  {stat:15s} {m:13s} L={L:5d}: {common.time_and_memory(r, b)}")
 
 
 if __name__ == "__main__":

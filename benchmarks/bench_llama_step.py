@@ -19,35 +19,34 @@ residual stream (hidden 256, MLP 512, 4 layers, vocab 1024, B = 1, fp32) so that
 takes seconds on a laptop-class CPU while the attention part -- what the three variants
 differ in -- has the real size. L in 256, 512, 1024.
 
-    python benchmarks/bench_llama_step.py                  # CPU
-    python benchmarks/bench_llama_step.py --gpu            # CUDA, bf16, Llama-2-7B layers
-    python benchmarks/bench_llama_step.py --quick          # tiny model (QUICK_SHAPE), L = 128
+    python -m benchmarks.bench_llama_step                  # CPU
+    python -m benchmarks.bench_llama_step --gpu            # CUDA, bf16, Llama-2-7B layers
+    python -m benchmarks.bench_llama_step --quick          # tiny model (QUICK_SHAPE), L = 128
 
 --gpu: Llama-2-7B layer shapes (hidden 4096, MLP 11008, H = 32, D = 128, vocab 32000),
 4 layers, bf16 weights, L in 1024, 2048, 4096.
 
 Peak memory: each (variant, L) runs in a fresh subprocess (common.run_isolated). It builds
 the model, the batch and the teacher, runs one warm-up step (allocating the .grad buffers
-and any one-time state), then records RSS, runs one step and reads the RSS high-water
-mark (VmHWM, reset through /proc/self/clear_refs); the difference is the step's peak
-extra memory: activations saved for backward and temporaries. glibc's mmap threshold is
+and any one-time state), then measures one step with common.peak_mib (RSS high-water
+mark, VmHWM, reset through /proc/self/clear_refs, minus RSS before): the step's peak
+extra memory, activations saved for backward and temporaries. glibc's mmap threshold is
 pinned (MALLOC_MMAP_THRESHOLD_) so that every large tensor is its own mmap, returned to
 the OS when freed: otherwise memory freed by the warm-up step would be reused from the
 heap without raising RSS, and the delta would read low. On CUDA:
 torch.cuda.max_memory_allocated over the step, minus what was allocated before it.
 
 Writes llama_step_<device>.csv and .png into --out (default ./bench-out/; the committed
-numbers: --out benchmarks/results) and prints the ratios against the targets (CPU: patched <= 1.5x plain time and >= 3x less peak memory than published
-at L = 1024; GPU: patched <= 1.15x plain time).
+numbers: --out benchmarks/results) and prints the ratios against the targets (CPU:
+patched <= 1.5x plain time and >= 3x less peak memory than published at L = 1024; GPU:
+patched <= 1.15x plain time).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
 
 BETA = 1e3
 
@@ -151,24 +150,9 @@ def _setup(device, threads=0, quick=False):
 
 def memory_point(method, L, Q, S=4, device="cpu", backend="auto", threads=0, quick=False):
     """Peak extra memory of one step of one variant, in a fresh process (module docstring)."""
-    import gc
-
-    import torch
-
     shape = _setup(device, threads, quick)
     step, kernel, used = _stepper(method, L, Q, S, device, shape, backend)
-    step()                                   # warm-up: .grad buffers, one-time state
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        common.reset_peak_rss()
-        base = common.rss_mib()
-        step()
-        peak = common.peak_rss_mib() - base
+    peak = common.peak_mib(step, device, warmup=1)      # warm-up: .grad buffers, one-time state
     return {"method": method, "kernel": kernel, "peak_mib": round(peak, 1), "ce": used["ce"],
             "attn_loss": used["attn"]}
 
@@ -180,7 +164,6 @@ def timing_point(methods, L, Q, S=4, device="cpu", backend="auto", reps=3, threa
     machine whose load drifts; wall time and process CPU time are both reported.
     """
     import statistics
-    import time
 
     shape = _setup(device, threads, quick)
     steps = {m: _stepper(m, L, Q, S, device, shape, backend)[0] for m in methods}
@@ -190,10 +173,9 @@ def timing_point(methods, L, Q, S=4, device="cpu", backend="auto", reps=3, threa
     cpu = {m: [] for m in methods}
     for _ in range(reps):
         for m in methods:
-            t0, c0 = time.perf_counter(), time.process_time()
-            steps[m]()
-            wall[m].append((time.perf_counter() - t0) * 1e3)
-            cpu[m].append((time.process_time() - c0) * 1e3)
+            w, c = common.time_call(steps[m], device)
+            wall[m].append(w)
+            cpu[m].append(c)
     return {m: {"ms": round(statistics.median(wall[m]), 1), "cpu_ms": round(statistics.median(cpu[m]), 1)}
             for m in methods}
 
@@ -215,11 +197,8 @@ def main():
     out = common.out_dir(args)
     reps = args.reps or (1 if args.quick else 3)
     if args.plot_only:
-        import csv
         device = "cuda" if args.gpu else "cpu"
-        path = os.path.join(out, f"llama_step_{device}.csv")
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
+        rows = common.read_csv(os.path.join(out, f"llama_step_{device}.csv"))
         _ratios(rows, args.gpu)
         _plot(rows, os.path.join(out, f"llama_step_{device}.png"))
         return
@@ -238,12 +217,12 @@ def main():
     rows = []
     for L in lengths:
         Q = L if args.queries is None else min(args.queries, L)
-        t = common.run_isolated("bench_llama_step", "timing_point",
+        t = common.run_isolated("benchmarks.bench_llama_step", "timing_point",
                                 dict(methods=args.methods, L=L, Q=Q, S=args.heads, device=device,
                                      reps=reps, threads=args.threads, quick=args.quick),
                                 isolated=not args.quick)
         for m in args.methods:
-            r = common.run_isolated("bench_llama_step", "memory_point",
+            r = common.run_isolated("benchmarks.bench_llama_step", "memory_point",
                                     dict(method=m, L=L, Q=Q, S=args.heads, device=device,
                                          threads=args.threads, quick=args.quick),
                                     isolated=not args.quick)
@@ -253,15 +232,10 @@ def main():
                 r.update(t[m])
             r.update(method=m, L=L, Q=Q, S=args.heads, threads=args.threads, layers=shape["layers"], H=shape["heads"],
                      D=shape["head_dim"], hidden=shape["hidden"], dtype=shape["dtype"], device=device)
-            rows.append(r)
-            if "error" in r:
-                print(f"L={L:5d} {m:14s} ERROR {r['error']}")
-            else:
-                print(f"L={L:5d} {m:14s} [{r['kernel']:5s}] {r['ms']:9.1f} ms (cpu {r['cpu_ms']:9.1f} ms) "
-                      f"{r['peak_mib']:9.1f} MiB  ce={r['ce']:.4f} attn={r['attn_loss']:.5f}")
-    path = os.path.join(out, f"llama_step_{device}.csv")
-    common.write_csv(path, rows)
-    print(f"wrote {path}")
+            rows.append(common.report(r, f"L={L:5d} {m:14s}",
+                                      lambda r: f"[{r['kernel']:5s}] {r['ms']:9.1f} ms (cpu {r['cpu_ms']:9.1f} ms) "
+                                                f"{r['peak_mib']:9.1f} MiB  ce={r['ce']:.4f} attn={r['attn_loss']:.5f}"))
+    common.write_csv(os.path.join(out, f"llama_step_{device}.csv"), rows)
     _ratios(rows, args.gpu)
     _plot(rows, os.path.join(out, f"llama_step_{device}.png"))
 
@@ -306,30 +280,16 @@ def _ratios(rows, gpu):
 
 
 def _plot(rows, path):
-    plt = common.pyplot()
-    if plt is None:
-        return
-    ok = [r for r in rows if "error" not in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ok = [r for r in rows if not r.get("error")]
     # Process CPU time on CPU: on a shared machine wall time mostly measures the neighbours.
     tkey = "ms" if not ok or ok[0].get("device") == "cuda" else "cpu_ms"
-    for m in sorted({r["method"] for r in ok}):
-        pts = sorted((int(r["L"]), float(r[tkey]), float(r["peak_mib"])) for r in ok if r["method"] == m)
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        axes[1].plot([p[0] for p in pts], [max(p[2], 0.1) for p in pts], marker="o", label=m)
-    ttl = "step time, fwd+bwd (ms)" if tkey == "ms" else "step CPU time, fwd+bwd (ms)"
-    for ax, t in zip(axes, [ttl, "peak extra memory of the step (MiB)"]):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length L")
-        ax.set_title(t)
-        ax.legend()
     r0 = ok[0] if ok else {}
-    fig.suptitle(f"Llama replay step, {r0.get('layers')} distilled layers, H={r0.get('H')} D={r0.get('D')}, "
-                 f"{r0.get('device')}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    common.plot_lines(path, rows, x="L", xlabel="sequence length L",
+                      panels=[dict(y=tkey, title="step time, fwd+bwd (ms)" if tkey == "ms"
+                                   else "step CPU time, fwd+bwd (ms)"),
+                              dict(y="peak_mib", floor=0.1, title="peak extra memory of the step (MiB)")],
+                      suptitle=f"Llama replay step, {r0.get('layers')} distilled layers, H={r0.get('H')} "
+                               f"D={r0.get('D')}, {r0.get('device')}")
 
 
 if __name__ == "__main__":

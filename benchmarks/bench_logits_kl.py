@@ -1,5 +1,5 @@
-"""Logits distillation benchmarks: the fused lm_head + logits term (issue 13), logits_kl
-against the published computation (issue 3), and TopK quality.
+"""Logits distillation benchmarks: the fused lm_head + logits term, logits_kl against the
+published computation, and TopK quality.
 
 Sections (``--section``; default ``linear``):
 
@@ -25,20 +25,19 @@ logits   logits_kl on given student logits against the published computation (is
 topk-quality  TopK modes against the dense teacher on synthetic LM-like logits.
 
 Measurement: every (impl, case) runs in a fresh subprocess (common.run_isolated), one at
-a time. Peak memory = extra resident memory of the first call (VmHWM after resetting it,
-minus VmRSS before; inputs are built before and not counted; see common.py); it
-includes the gradients every path returns (dW [V, Hd] and dh). Time: minimum over
-``--reps`` calls after it (the CPU is shared; the median is in the CSV). On CUDA
-(``--gpu``, bf16, T = 8192, Hd = 4096) torch.cuda.max_memory_allocated is used.
+a time. Peak memory = extra memory of the first call (common.peak_mib; inputs are built
+before and not counted); it includes the gradients every path returns (dW [V, Hd] and
+dh). Time: minimum over ``--reps`` calls after it (common.timings; the CPU is shared; the
+median is in the CSV). ``--gpu``: bf16, T = 8192, Hd = 4096.
 
 Results go to ``--out DIR`` (default ``./bench-out/``; committed results are replaced only
 when asked: ``--out benchmarks/results``): CSV per section, + PNG for ``linear``.
 ``--quick``: tiny shapes, one process for the whole run (benchmarks/common.py).
 
-    python benchmarks/bench_logits_kl.py --quick --out /tmp/x
-    python benchmarks/bench_logits_kl.py --out benchmarks/results          # the full table
-    python benchmarks/bench_logits_kl.py --section logits --out DIR
-    python benchmarks/bench_logits_kl.py --section topk-quality --out DIR
+    python -m benchmarks.bench_logits_kl --quick --out /tmp/x
+    python -m benchmarks.bench_logits_kl --out benchmarks/results          # the full table
+    python -m benchmarks.bench_logits_kl --section logits --out DIR
+    python -m benchmarks.bench_logits_kl --section topk-quality --out DIR
 """
 from __future__ import annotations
 
@@ -46,14 +45,8 @@ import argparse
 import importlib.util
 import os
 import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(1, _ROOT)
-import common  # noqa: E402
+from benchmarks import common
 
 HW = SW = 0.5                   # SEEKR's (1 - a) * CE + a * KL with a = 0.5
 
@@ -97,8 +90,8 @@ def point(impl, N, L, V, dtype, device, k=0, reps=3):
         s.grad = None
         return loss
 
-    peak, _ = common.measure(step, device=device, warmup=0, reps=1)
-    times, _ = _timed(step, reps, device)
+    peak = common.peak_mib(step, device)
+    times = common.timings(step, device, warmup=0, reps=reps)
     ms, ms_median = min(times), statistics.median(times)
     grad_mib = s.numel() * s.element_size() / 2**20
     return {"impl": impl if not k else f"{impl}-topk{k}", "N": N, "L": L, "V": V, "dtype": dtype,
@@ -106,22 +99,6 @@ def point(impl, N, L, V, dtype, device, k=0, reps=3):
             "overhead_mib": round(peak - grad_mib, 1), "ms": round(ms, 1), "ms_median": round(ms_median, 1),
             "loss": float(step().detach())}
 
-
-
-def _timed(step, reps, device):
-    """Milliseconds of ``reps`` calls of ``step`` (the CPU is shared: callers keep the
-    minimum, the least disturbed run, and the median) and the last call's result."""
-    import torch
-    times, out = [], None
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times, out
 
 def bench(args):
     device = "cuda" if args.gpu else "cpu"
@@ -132,16 +109,16 @@ def bench(args):
     for dtype in dtypes:
         pts = {}
         for impl, k in (("published", 0), ("logits_kl", 0), ("logits_kl", args.k)):
-            r = common.run_isolated("bench_logits_kl", "point",
-                                    dict(impl=impl, N=args.N, L=args.L, V=args.V, dtype=dtype,
-                                         device=device, k=k, reps=args.reps), isolated=not args.quick)
+            r = common.run_point("benchmarks.bench_logits_kl", "point",
+                                 dict(impl=impl, N=args.N, L=args.L, V=args.V, dtype=dtype, device=device, k=k,
+                                      reps=args.reps), isolated=not args.quick,
+                                 label=f"{impl if not k else f'{impl}-topk{k}':>18s} {dtype:>9s}",
+                                 show=lambda r: f" peak {r['peak_mib']:7.1f} MiB (beyond the gradient "
+                                                f"{r['overhead_mib']:6.1f})  {r['ms']:8.1f} ms  loss {r['loss']:.5f}")
             if "error" in r:
-                print(f"{impl} k={k} {dtype}: ERROR {r['error']}")
                 continue
             pts[r["impl"]] = r
             rows.append(r)
-            print(f"{r['impl']:>18s} {dtype:>9s}  peak {r['peak_mib']:7.1f} MiB (beyond the gradient "
-                  f"{r['overhead_mib']:6.1f})  {r['ms']:8.1f} ms  loss {r['loss']:.5f}")
         base = pts.get("published")
         for name, r in pts.items():
             if base and name != "published":
@@ -152,10 +129,8 @@ def bench(args):
                       f"{common.ratio(r['peak_mib'], base['peak_mib'], 'memory', floor=0.1)} "
                       f"(beyond the gradient {common.ratio(r['overhead_mib'], base['overhead_mib'], 'memory', floor=1.0)}), "
                       f"time {common.ratio(r['ms'], base['ms'], floor=1e-3)}")
-    out = os.path.join(args.out, f"logits_kl_{device}.csv")
-    common.write_csv(out, rows)
     print("machine:", common.machine())
-    print("wrote", out)
+    common.write_csv(os.path.join(args.out, f"logits_kl_{device}.csv"), rows)
 
 
 # ------------------------------------------------------------------------ TopK quality
@@ -207,9 +182,7 @@ def topk_quality(args):
             cells = [f"{r['mode']}: {r['rel_err_value']:.4f} / {r['grad_cosine']:.4f}"
                      for r in rows if r["teacher_temp"] == temp and r["student_drift"] == drift and r["k"] == k]
             print(f"  k={k:3d} (rel. value error / grad cosine)  " + "   ".join(cells))
-    out = os.path.join(args.out, "logits_kl_topk_quality.csv")
-    common.write_csv(out, rows)
-    print("wrote", out)
+    common.write_csv(os.path.join(args.out, "logits_kl_topk_quality.csv"), rows)
 
 
 # ------------------------------------------------------------------------ linear (issue 13)
@@ -257,6 +230,8 @@ def linear_point(impl, T, Hd, V, k=256, reps=2, device="cpu", dtype="float32", c
     gc.collect()
     backend = "auto" if device == "cuda" else "chunked"
 
+    last = {}
+
     def step():
         if impl == "materialised":
             lg = h @ W.t()
@@ -274,15 +249,15 @@ def linear_point(impl, T, Hd, V, k=256, reps=2, device="cpu", dtype="float32", c
                                        chunk_size=chunk)
         loss.backward()
         h.grad = W.grad = None
-        return loss
+        last["loss"] = loss
 
-    peak, _ = common.measure(step, device=device, warmup=0, reps=1)
-    times, loss = _timed(step, reps, device)
+    peak = common.peak_mib(step, device)
+    times = common.timings(step, device, warmup=0, reps=reps)
     grads_mib = (V * Hd + T * Hd) * h.element_size() / 2 ** 20
     return {"impl": impl, "T": T, "Hd": Hd, "V": V, "k": k if impl in ("fused-topk", "fused-sampled") else "",
             "dtype": dtype, "device": device, "peak_mib": round(peak, 1), "grads_mib": round(grads_mib, 1),
             "beyond_grads_mib": round(peak - grads_mib, 1), "ms": round(min(times), 1),
-            "ms_median": round(statistics.median(times), 1), "loss": float(loss.detach())}
+            "ms_median": round(statistics.median(times), 1), "loss": float(last["loss"].detach())}
 
 
 def _case(text):
@@ -314,17 +289,15 @@ def linear(args):
     for T, Hd, V in linear_cases(args):
         pts = {}
         for impl in impls:
-            r = common.run_isolated("bench_logits_kl", "linear_point",
-                                    dict(impl=impl, T=T, Hd=Hd, V=V, k=args.k, reps=args.reps, device=device,
-                                         dtype=dtype), timeout=7200, isolated=not args.quick)
-            if "error" in r:
-                print(f"T={T} Hd={Hd} V={V} {impl}: ERROR {r['error']}", flush=True)
-                rows.append({"impl": impl, "T": T, "Hd": Hd, "V": V, "error": r["error"]})
-                continue
-            pts[impl] = r
+            r = common.run_point("benchmarks.bench_logits_kl", "linear_point",
+                                 dict(impl=impl, T=T, Hd=Hd, V=V, k=args.k, reps=args.reps, device=device,
+                                      dtype=dtype), timeout=7200, isolated=not args.quick,
+                                 ident=dict(impl=impl, T=T, Hd=Hd, V=V), label=f"T={T:5d} Hd={Hd:5d} V={V:6d} {impl:>14s}:",
+                                 show=lambda r: f"peak {r['peak_mib']:8.1f} MiB (beyond the gradients "
+                                                f"{r['beyond_grads_mib']:8.1f})  {r['ms']:9.1f} ms  loss {r['loss']:.4f}")
             rows.append(r)
-            print(f"T={T:5d} Hd={Hd:5d} V={V:6d} {impl:>14s}: peak {r['peak_mib']:8.1f} MiB (beyond the "
-                  f"gradients {r['beyond_grads_mib']:8.1f})  {r['ms']:9.1f} ms  loss {r['loss']:.4f}", flush=True)
+            if "error" not in r:
+                pts[impl] = r
         base, lig = pts.get("materialised"), pts.get("liger-jsd")
         for name, r in pts.items():
             if base and name != "materialised":
@@ -338,37 +311,29 @@ def linear(args):
                          f"time {common.ratio(r['ms'], lig['ms'], floor=1e-3)}" if "mem_x_less_than_liger" in r else "")
                 print(f"    {name}: peak memory {common.ratio(r['peak_mib'], base['peak_mib'], 'memory', floor=0.1)}"
                       f" than materialised, time {common.ratio(r['ms'], base['ms'], floor=1e-3)}{extra}", flush=True)
-        out = os.path.join(args.out, f"linear_logits_kl_{device}.csv")
-        common.write_csv(out, rows)      # after every case: a time-boxed run keeps what it measured
+        # after every case: a time-boxed run keeps what it measured
+        common.write_csv(os.path.join(args.out, f"linear_logits_kl_{device}.csv"), rows, say=False)
     print("machine:", common.machine())
-    print("wrote", out)
+    print("wrote", os.path.join(args.out, f"linear_logits_kl_{device}.csv"))
     plot_linear(rows, os.path.join(args.out, f"linear_logits_kl_{device}.png"))
     return rows
 
 
 def plot_linear(rows, path):
-    plt = common.pyplot()
-    if plt is None:
+    """Grouped bars per (T, Hd, V) case, one bar per implementation: peak memory and time."""
+    fig, axes = common.figure(2, figsize=(14, 4.5))
+    if fig is None:
         return
     rows = [r for r in rows if "error" not in r]
     cases = list(dict.fromkeys((r["T"], r["Hd"], r["V"]) for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, ax = plt.subplots(1, 2, figsize=(14, 4.5))
-    w = 0.8 / max(1, len(impls))
-    for j, impl in enumerate(impls):
-        for a, key in ((ax[0], "peak_mib"), (ax[1], "ms")):
-            ys = [next((r[key] for r in rows if (r["T"], r["Hd"], r["V"]) == c and r["impl"] == impl), 0)
-                  for c in cases]
-            a.bar([i + j * w for i in range(len(cases))], ys, w, label=impl)
-    for a, title in ((ax[0], "peak memory (MiB, incl. dW and dh)"), (ax[1], "forward + backward (ms)")):
-        a.set_xticks([i + w * (len(impls) - 1) / 2 for i in range(len(cases))])
-        a.set_xticklabels([f"T={T}\nHd={Hd}\nV={V}" for T, Hd, V in cases], fontsize=7)
-        a.set_yscale("log")
-        a.set_title(title)
-    ax[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print("wrote", path)
+    for ax, key, title in ((axes[0], "peak_mib", "peak memory (MiB, incl. dW and dh)"),
+                           (axes[1], "ms", "forward + backward (ms)")):
+        series = {impl: [next((r[key] for r in rows if (r["T"], r["Hd"], r["V"]) == c and r["impl"] == impl), 0)
+                         for c in cases] for impl in impls}
+        common.bar_panel(ax, [f"T={T}\nHd={Hd}\nV={V}" for T, Hd, V in cases], series, title=title,
+                         legend=ax is axes[0])
+    common.save(fig, path)
 
 
 def main():

@@ -1,4 +1,4 @@
-"""Teacher-side benchmark (issue 3): capture cost, cache size, and the quality cost of TopK.
+"""Teacher-side benchmark: capture cost, cache size, and the quality cost of TopK.
 
 Three sections (``--section`` picks one; default all):
 
@@ -9,12 +9,11 @@ capture  Time and peak memory of capturing the attention rows of S selected head
          the attention-weight part of eager attention is timed (no attn @ V), and only one
          layer: a real ``output_attentions=True`` forward keeps every layer's [B, H, L, L]
          alive at once, so the eager numbers here are a lower bound.
-         Peak memory on CPU: each (method, L) runs in a fresh subprocess that builds the
-         inputs, makes one warm-up call, frees it and returns freed heap to the OS
-         (malloc_trim), resets the kernel's resident-set high-water mark (writing 5 to
-         /proc/self/clear_refs), then makes the measured call and reads VmHWM. Peak = VmHWM -
-         VmRSS just before the call: every byte the call touched (torch, numpy, C++
-         buffers, its output), no sampling. On CUDA: torch.cuda.max_memory_allocated delta.
+         Each (method, L) runs in a fresh subprocess that builds the inputs, makes one
+         warm-up call and frees it, then measures the peak extra memory of one call
+         (common.peak_mib: on CPU the resident-set high-water mark after malloc_trim and a
+         reset, so every byte the call touched -- torch, numpy, C++ buffers, its output --
+         counts, with no sampling) and the median time of --reps calls (common.timings).
 cache    Bytes of teacher cache per replayed sample at Llama-2-7B shapes (and with Llama-3's
          128256-token vocabulary), analytically from the storage formats (no allocation):
          dense, TopK with int32 indices (in memory), TopK with packed indices (on disk:
@@ -32,52 +31,31 @@ Writes teacher_capture.csv, teacher_cache_bytes.csv, teacher_topk_quality.csv an
 teacher.png into --out (default ./bench-out/; the committed numbers: --out
 benchmarks/results) and prints the numbers and ratios. ``--quick``: L = 128 for capture and a
 tiny quality run (L = 64, vocabulary 256, a few steps, one k each, two sampled draws) -
-seconds.
+seconds. ``--replot`` redraws the summary and the plot from the CSVs already in --out.
+
+    python -m benchmarks.bench_teacher                       # every section, CPU
+    python -m benchmarks.bench_teacher --section cache       # the byte table only
+    python -m benchmarks.bench_teacher --quick --out /tmp/t  # smoke run
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import ctypes
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
-
-import common  # noqa: E402
-import seekr_kernels as sk  # noqa: E402
-from seekr_kernels.ops.attention_probs import attention_probs  # noqa: E402
-from seekr_kernels.ops.teachers import TopK  # noqa: E402
+import seekr_kernels as sk
+from benchmarks import common
+from seekr_kernels.ops.attention_probs import attention_probs
+from seekr_kernels.ops.teachers import TopK
 
 warnings.filterwarnings("ignore", message="seekr_kernels: .* falls back")
 
 
-def _write_csv(out, name, rows):
-    path = os.path.join(out, name)
-    common.write_csv(path, rows)
-    print(f"wrote {path}")
-    return path
-
-
 # ============================================================================ capture
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
 
 def _eager_capture(q, k, heads, mask, scale):
     """What `output_attentions=True` costs for one layer: full weights, then the slice."""
@@ -92,56 +70,27 @@ def _eager_capture(q, k, heads, mask, scale):
     return w[:, heads]                                                         # [B, S, L, L]
 
 
-def _measure_child(cfg):
+def capture_point(method, device, dtype, B, H, Hkv, L, D, S, reps):
     """One (method, L) measurement; runs in a fresh process (in this one under --quick)."""
     torch.manual_seed(0)
-    dev = torch.device(cfg["device"])
-    dt = getattr(torch, cfg["dtype"])
-    B, H, Hkv, L, D, S = cfg["B"], cfg["H"], cfg["Hkv"], cfg["L"], cfg["D"], cfg["S"]
+    dev = torch.device(device)
+    dt = getattr(torch, dtype)
     q = torch.randn(B, H, L, D, device=dev, dtype=dt)
     k = torch.randn(B, Hkv, L, D, device=dev, dtype=dt)
     heads = torch.randperm(H, device=dev)[:S]
     mask = torch.ones(B, L, dtype=torch.long, device=dev)
     mask[:, : L // 16] = 0                                 # some left padding
     scale = D ** -0.5
-    method = cfg["method"]
     if method == "eager":
         fn = lambda: _eager_capture(q, k, heads, mask, scale)  # noqa: E731
     else:
         fn = lambda: attention_probs(q, k, heads, None, mask, scale=scale, backend=method)  # noqa: E731
-    out = fn()
+    out = fn()                                             # the warm-up call
     nbytes = out.numel() * out.element_size()
     del out
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status_kb("VmRSS")
-        out = fn()
-        peak = (_status_kb("VmHWM") - base) * 1024
-    del out
-    times = []
-    for _ in range(cfg["reps"]):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        o = fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        del o
-    return {"peak_bytes": peak, "out_bytes": nbytes, "time_s": statistics.median(times)}
+    peak = common.peak_mib(fn, dev) * 2**20
+    times = common.timings(fn, dev, warmup=0, reps=reps)
+    return {"peak_bytes": peak, "out_bytes": nbytes, "time_s": statistics.median(times) / 1e3}
 
 
 def _capture_backends(dev):
@@ -162,17 +111,10 @@ def run_capture(args):
         for m in methods:
             cfg = dict(method=m, device=str(dev), dtype=dtype, B=args.batch, H=args.heads,
                        Hkv=args.kv_heads, L=L, D=args.dim, S=args.slots, reps=args.reps)
-            if args.quick:      # no fresh interpreter per point: see common.run_isolated
-                r = _measure_child(cfg)
-            else:
-                env = dict(os.environ)
-                env.pop("TRITON_INTERPRET", None)
-                p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", json.dumps(cfg)],
-                                   capture_output=True, text=True, env=env, cwd=ROOT)
-                if p.returncode != 0:
-                    print(f"  {m} L={L} failed:\n{p.stderr[-2000:]}")
-                    continue
-                r = json.loads(p.stdout.strip().splitlines()[-1])
+            r = common.run_isolated("benchmarks.bench_teacher", "capture_point", cfg, isolated=not args.quick)
+            if "error" in r:
+                print(f"  L={L:5d} {m:7s} ERROR {r['error']}")
+                continue
             res[m] = r
             rows.append({"L": L, "method": m, "dtype": dtype, "device": dev.type,
                          "time_ms": round(r["time_s"] * 1e3, 3), "peak_MiB": round(r["peak_bytes"] / 2**20, 2),
@@ -186,7 +128,7 @@ def run_capture(args):
             print(f"  L={L:5d} {m:7s} {r['time_s'] * 1e3:9.1f} ms  peak {r['peak_bytes'] / 2**20:8.1f} MiB "
                   f"(output {r['out_bytes'] / 2**20:.1f} MiB){ratio}")
     if rows:
-        _write_csv(args.out_dir, "teacher_capture.csv", rows)
+        common.write_csv(os.path.join(args.out_dir, "teacher_capture.csv"), rows)
     return rows
 
 
@@ -251,7 +193,7 @@ def run_cache(args):
             print(f"  Q={r['Q']:5d} {r['format']:11s} {ks}  attention {r['attn_bytes'] / 2**20:8.2f} MiB  "
                   f"logits {r['logits_bytes'] / 2**20:8.2f} MiB  total {r['total_bytes'] / 2**20:8.2f} MiB  "
                   f"{r['x_smaller']:7.1f}x smaller than reference")
-    _write_csv(args.out_dir, "teacher_cache_bytes.csv", rows)
+    common.write_csv(os.path.join(args.out_dir, "teacher_cache_bytes.csv"), rows)
     return rows
 
 
@@ -466,7 +408,7 @@ def run_quality(args):
                 record("logits", "sampled bf16", k, "sk.logits_kl", ll, g, dense_l, g_dense_l, {"draw": d})
             record("logits", "sampled bf16 mean", k, "sk.logits_kl", vsum / args.q_draws, gsum / args.q_draws,
                    dense_l, g_dense_l, {"draw": f"mean of {args.q_draws}"})
-    _write_csv(args.out_dir, "teacher_topk_quality.csv", rows)
+    common.write_csv(os.path.join(args.out_dir, "teacher_topk_quality.csv"), rows)
     return rows
 
 
@@ -520,20 +462,12 @@ def summarize(capture, cache, quality, rel_max=0.05, cos_min=0.99):
 
 
 def plot(out, capture, cache, quality):
-    plt = common.pyplot()
-    if plt is None:
+    fig, ax = common.figure(3, figsize=(16, 4.5))
+    if fig is None:
         return
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     if capture:
-        for m in sorted({r["method"] for r in capture}):
-            rs = [r for r in capture if r["method"] == m]
-            ax[0].plot([r["L"] for r in rs], [r["peak_MiB"] for r in rs], "o-", label=m)
-        ax[0].set_xscale("log", base=2)
-        ax[0].set_yscale("log")
-        ax[0].set_xlabel("L")
-        ax[0].set_ylabel("peak MiB (one layer)")
-        ax[0].set_title("capture peak memory")
-        ax[0].legend()
+        common.line_panel(ax[0], capture, x="L", y="peak_MiB", xlabel="L", ylabel="peak MiB (one layer)",
+                          title="capture peak memory")
     if cache:
         # Reference, dense bf16 and the matched (k_attn, k_logits) pairs, per query budget.
         pairs = {(8, 16), (32, 64), (128, 256)}
@@ -541,21 +475,11 @@ def plot(out, capture, cache, quality):
                                                             or (r["k_attn"], r["k_logits"]) in pairs)]
         names = list(dict.fromkeys(
             r["format"] + (f" {r['k_attn']}/{r['k_logits']}" if r["k_attn"] != "" else "") for r in sel))
-        qs = sorted({r["Q"] for r in sel})
-        w = 0.8 / len(qs)
-        for j, Q in enumerate(qs):
-            ys = []
-            for n in names:
-                r = next(r for r in sel if r["Q"] == Q and r["format"] + (
-                    f" {r['k_attn']}/{r['k_logits']}" if r["k_attn"] != "" else "") == n)
-                ys.append(r["total_bytes"] / 2**20)
-            ax[1].bar([i + j * w for i in range(len(names))], ys, w, label=f"Q={Q}")
-        ax[1].set_xticks([i + w * (len(qs) - 1) / 2 for i in range(len(names))])
-        ax[1].set_xticklabels(names, rotation=45, ha="right", fontsize=7)
-        ax[1].set_yscale("log")
-        ax[1].set_ylabel("MiB per replayed sample")
-        ax[1].set_title("teacher cache, Llama-2-7B shapes (k attn/logits)")
-        ax[1].legend(fontsize=7)
+        series = {f"Q={Q}": [next(r["total_bytes"] / 2**20 for r in sel if r["Q"] == Q and r["format"] + (
+                      f" {r['k_attn']}/{r['k_logits']}" if r["k_attn"] != "" else "") == n) for n in names]
+                  for Q in sorted({r["Q"] for r in sel})}
+        common.bar_panel(ax[1], names, series, rotation=45, ylabel="MiB per replayed sample",
+                         title="teacher cache, Llama-2-7B shapes (k attn/logits)")
     if quality:
         last = max(r["drift_steps"] for r in quality)
         for (what, mode), style in ((("attn", "bucket"), "o-"), (("attn", "kept"), "s--"),
@@ -583,10 +507,7 @@ def plot(out, capture, cache, quality):
         ax[2].set_xlabel("k (sampled: k + 1 slots, same bytes)")
         ax[2].set_title(f"TopK quality (student after {last} steps)")
         ax[2].legend(fontsize=6)
-    fig.tight_layout()
-    path = os.path.join(out, "teacher.png")
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    common.save(fig, os.path.join(out, "teacher.png"))
 
 
 # --quick: seconds, not minutes; every section still runs end to end.
@@ -617,37 +538,19 @@ def main():
     p.add_argument("--q-k-logits", type=int, nargs="+", default=[16, 64, 256])
     p.add_argument("--q-draws", type=int, default=8, help="sampled-teacher draws per k")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     p.add_argument("--replot", action="store_true",
                    help="redraw summary and plot from the CSVs already in --out")
     common.add_common_args(p)
     args = p.parse_args()
-    if args._measure:
-        print(json.dumps(_measure_child(json.loads(args._measure))))
-        return
     if args.quick:      # re-parsed so that a flag given explicitly still wins over QUICK
         p.set_defaults(**QUICK)
         args = p.parse_args()
     args.out_dir = common.out_dir(args)
     if args.replot:
-        def load(name):
-            path = os.path.join(args.out_dir, name)
-            if not os.path.exists(path):
-                return None
-            with open(path) as f:
-                rows = list(csv.DictReader(f))
-            for r in rows:
-                for key, v in r.items():
-                    try:
-                        r[key] = int(v)
-                    except ValueError:
-                        try:
-                            r[key] = float(v)
-                        except ValueError:
-                            pass
-            return rows
-        cap, cache, qual = (load(n) for n in ("teacher_capture.csv", "teacher_cache_bytes.csv",
-                                              "teacher_topk_quality.csv"))
+        cap, cache, qual = (common.read_csv(path) if os.path.exists(path) else None
+                            for path in (os.path.join(args.out_dir, n) for n in
+                                         ("teacher_capture.csv", "teacher_cache_bytes.csv",
+                                          "teacher_topk_quality.csv")))
         summarize(cap, cache, qual)
         plot(args.out_dir, cap, cache, qual)
         return

@@ -1,6 +1,6 @@
 """Every GPU kernel compiled for sm_80 and sm_90 on this GPU-less machine, and checked.
 
-Runs benchmarks/gpu_compile_check.py (a separate process: compiling needs Triton's real JIT
+Runs scripts/gpu_compile_check.py (a separate process: compiling needs Triton's real JIT
 functions, while this test session runs the interpreter):
 
 * Triton: every configuration every module's compile_specs() lists (the launchers' CUDA
@@ -15,13 +15,14 @@ Per-spec results are cached, keyed by everything that decides the compiled binar
 kernel's source and the sources it calls, the specialisation, the options, the target, the
 Triton / nvcc version): an unchanged kernel is not compiled again by the next run, on this
 clone or another. The cache lives in ~/.cache/seekr-kernels/gpu-compile, or in
-SEEKR_COMPILE_CACHE (=0: no cache, everything compiled: about 330 s of CPU time, 170 s on
-two idle cores).
+SEEKR_COMPILE_CACHE (=0: no cache, everything compiled: minutes of CPU time, measured in
+benchmarks/results/README.md).
 """
 from __future__ import annotations
 
 import csv
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -30,9 +31,12 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_compile_check.py")
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import gpu_compile_check as gcc  # noqa: E402  (imports nothing heavy at module level)
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_compile_check.py")
+# The script itself, loaded from its path (scripts/ is no package); it imports nothing heavy
+# at module level.
+_spec = importlib.util.spec_from_file_location("gpu_compile_check", SCRIPT)
+gcc = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gcc)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 choice among compile-proven candidates, and the compile specs the compile matrix checks.
 
 One function decides what a launcher runs with on CUDA, so the launchers and
-``compile_specs()`` (what ``benchmarks/gpu_compile_check.py`` compiles for sm_80 and sm_90)
+``compile_specs()`` (what ``scripts/gpu_compile_check.py`` compiles for sm_80 and sm_90)
 cannot drift apart:
 
 * ``default_tile(kernel, block_d, dtype, has_teacher)``: the fixed configuration (used
@@ -63,7 +63,7 @@ def block_d_for(D: int) -> int:
 def default_tile(kernel: str, block_d: int, dtype: torch.dtype, has_teacher: bool = True) -> Tile:
     """The fixed CUDA configuration of ``kernel`` (also the autotuner's first candidate).
 
-    Chosen with the compile matrix (benchmarks/gpu_compile_check.py): large tiles that
+    Chosen with the compile matrix (scripts/gpu_compile_check.py): large tiles that
     compile for sm_80 and sm_90 without a spill, with and without a teacher. fp32 inputs
     multiply exactly ("ieee" dot on the FMA units, no tensor cores), which needs far more
     registers per tile than the 16-bit tensor-core path: small tiles, more warps. Past a

@@ -226,7 +226,7 @@ def grad_rows(z, t, lse_s, lse_t, A, B, U, CL, label, block=None):
 # ---------------------------------------------------------------------------- compile matrix
 def compile_specs():
     """Both kernels as the launchers above run them on CUDA, in the form
-    ``benchmarks/gpu_compile_check.py`` compiles for sm_80 / sm_90 (``_configs.kernel_spec``).
+    ``scripts/gpu_compile_check.py`` compiles for sm_80 / sm_90 (``_configs.kernel_spec``).
 
     Representative call: Hd = 4096, V = 32000, a chunk of 1024 rows (``default_chunk`` at
     T = 8192), contiguous tensors. V = 128256 compiles to the same binaries (every integer

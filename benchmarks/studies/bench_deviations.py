@@ -1,8 +1,8 @@
 """Effect of each deviation from the published SEEKR code, measured on the demo stream.
 
-    python benchmarks/bench_deviations.py --stats           # rows 1-4: the statistics
-    python benchmarks/bench_deviations.py --runs --seeds 0 1 # rows 5-8: OP/BWT of whole runs
-    python benchmarks/bench_deviations.py --stats --runs --out results.json
+    python -m benchmarks.studies.bench_deviations --stats            # rows 1-4: the statistics
+    python -m benchmarks.studies.bench_deviations --runs --seeds 0 1  # rows 5-8: OP/BWT of whole runs
+    python -m benchmarks.studies.bench_deviations --stats --runs --out DIR
 
 ``--stats`` measures the attention-log row on synthetic heads of growing sharpness, then
 trains SEEKR (package recipe) on the demo's four rules with inputs of varying length
@@ -17,27 +17,30 @@ budget 100 > every demo sample's length) — and whether the head selection chan
 ``--runs`` trains the whole stream once per configuration: the demo's settings (package
 recipe; the demo clips gradients at 1.0), each run-level row switched to the published
 choice alone, and ``recipe: official`` (all rows, at the demo's batch size), and prints
-OP/BWT. Nothing is written unless ``--out`` is given.
+OP/BWT.
+
+The numbers printed also go to ``deviations.json`` in ``--out DIR`` (default
+``./bench-out/``; the committed results are replaced only with ``--out
+benchmarks/results``). ``--quick``: the demo's quick settings (3 tasks, a 2-layer model), a
+smoke run whose numbers mean nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import os
+import random
 import shutil
-import sys
 import tempfile
 import time
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from seekr_kernels.run.config import from_dict, set_dotted  # noqa: E402
-from seekr_kernels.run.data import Example  # noqa: E402
-from seekr_kernels.run.demo import FULL, LETTERS, RULES, demo_config, make_stream, write_stream  # noqa: E402
+from benchmarks import common
+from seekr_kernels.run.config import from_dict, set_dotted
+from seekr_kernels.run.data import Example
+from seekr_kernels.run.demo import FULL, LETTERS, QUICK, RULES, demo_config, make_stream, write_stream
 
 # The demo stream at a size a busy 2-core machine trains in a few minutes per run.
 SETTINGS = dict(FULL, n_train=600, n_test=100, epochs=3, first_epochs=5)
@@ -84,8 +87,8 @@ def rel(a, b):
     return float(r.max()), float(r.median())
 
 
-def config(method, ratio, out, data, seed, **over):
-    d = demo_config(method, ratio, out, data, SETTINGS, seed)
+def config(method, ratio, out, data, seed, s, **over):
+    d = demo_config(method, ratio, out, data, s, seed)
     d["log"] = {"progress": False}
     for k, v in over.items():
         set_dotted(d, k, v)
@@ -94,14 +97,14 @@ def config(method, ratio, out, data, seed, **over):
 
 # ============================================================================ statistics
 
-def stats(seed, tmp):
+def stats(seed, tmp, s):
     from seekr_kernels.seekr.recipe import SeekrRecipe
     from seekr_kernels.seekr.memory import ReplayMemory
     from seekr_kernels.seekr.selection import select_heads
     from seekr_kernels.run.trainer import ContinualTrainer
     data = os.path.join(tmp, "data")
-    write_stream(var_stream(SETTINGS["n_train"], SETTINGS["n_test"], SETTINGS["tasks"], seed), data)
-    cfg = from_dict(config("seekr", 0.01, os.path.join(tmp, "stats"), data, seed,
+    write_stream(var_stream(s["n_train"], s["n_test"], s["tasks"], seed), data)
+    cfg = from_dict(config("seekr", 0.01, os.path.join(tmp, "stats"), data, seed, s,
                            **{"distill.query_budget": 100, "distill.backend": "torch",
                               "train.pad_to_multiple_of": 8}))
     tr = ContinualTrainer(cfg, quiet=True)
@@ -168,12 +171,12 @@ def stats(seed, tmp):
     return rows, att, res
 
 
-def print_stats(rows, att, sharp):
+def print_stats(rows, att, sharp, tasks):
     print("\n| sharpness x | attention KL | log(p + 1e-8): KL lower by | gradient norm smaller by |")
     print("| --- | --- | --- | --- |")
     for s, l0, dl, dg in sharp:
         print(f"| {s} | {l0:.3f} | {100 * dl:.2f}% | {100 * dg:.2f}% |")
-    print("\n| row | measured on the demo rules, inputs of 3-9 letters (4 tasks, seekr, package recipe) |")
+    print(f"\n| row | measured on the demo rules, inputs of 3-9 letters ({tasks} tasks, seekr, package recipe) |")
     print("| --- | --- |")
     if att:
         worst = max(att, key=lambda x: x[0])
@@ -208,18 +211,17 @@ RUNS = {
 }
 
 
-def runs(seeds, tmp):
+def runs(seeds, tmp, s):
     from seekr_kernels.run.trainer import ContinualTrainer
     out = {}
     for seed in seeds:
         data = os.path.join(tmp, f"data-{seed}")
-        write_stream(make_stream(SETTINGS["n_train"], SETTINGS["n_test"], SETTINGS["length"], SETTINGS["tasks"],
-                                 seed=seed), data)
+        write_stream(make_stream(s["n_train"], s["n_test"], s["length"], s["tasks"], seed=seed), data)
         for name, over in RUNS.items():
             run_dir = os.path.join(tmp, "run")
             shutil.rmtree(run_dir, ignore_errors=True)
             if over == "official":
-                d = config("seekr", 0.01, run_dir, data, seed)
+                d = config("seekr", 0.01, run_dir, data, seed, s)
                 # the published recipe; the demo's model-size choices (lr, head and layer
                 # budgets, sequence lengths) stay
                 d["recipe"] = "official"
@@ -228,9 +230,9 @@ def runs(seeds, tmp):
                 d["train"] = {k: d["train"][k] for k in ("lr", "max_prompt_len", "max_answer_len")}
                 # batch 128 leaves the demo's 600 samples a handful of steps: keep its batch of
                 # 32, with the published accumulation structure scaled down
-                d["train"].update(batch_size=SETTINGS["batch_size"], grad_accum=4)
+                d["train"].update(batch_size=s["batch_size"], grad_accum=4)
             else:
-                d = config("seekr", 0.01, run_dir, data, seed, **over)
+                d = config("seekr", 0.01, run_dir, data, seed, s, **over)
             t0 = time.time()
             r = ContinualTrainer(from_dict(d), quiet=True).run()
             out.setdefault(name, []).append((r["OP"], r["BWT"]))
@@ -250,22 +252,25 @@ def main():
     ap.add_argument("--stats", action="store_true")
     ap.add_argument("--runs", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--out", default=None, help="write the numbers as JSON here")
+    common.add_common_args(ap)
     a = ap.parse_args()
+    out = common.out_dir(a)
+    s = QUICK if a.quick else SETTINGS
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    result = {"settings": {k: v for k, v in SETTINGS.items() if k != "tasks"}, "torch": torch.__version__}
+    result = {"settings": {k: v for k, v in s.items() if k != "tasks"}, "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         if a.stats:
             sharp = sharp_heads()
-            rows, att, _ = stats(a.seeds[0], tmp)
-            print_stats(rows, att, sharp)
+            rows, att, _ = stats(a.seeds[0], tmp, s)
+            print_stats(rows, att, sharp, len(s["tasks"]))
             result["stats"] = {"rows": rows, "attention": att, "sharp_heads": sharp}
         if a.runs:
-            result["runs"] = runs(a.seeds, tmp)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+            result["runs"] = runs(a.seeds, tmp, s)
+    path = os.path.join(out, "deviations.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

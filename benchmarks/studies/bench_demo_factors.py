@@ -1,9 +1,9 @@
 """Why SEEKR-1% falls short of replay-10% on the demo: one factor at a time, over seeds.
 
-    python benchmarks/bench_demo_factors.py                      # every factor, seeds 0 1 2
-    python benchmarks/bench_demo_factors.py --factors baseline "replay.cycle: 1" --seeds 5
-    python benchmarks/bench_demo_factors.py --reuse-demo seekr-demo --ref-seeds 5 --factors ...
-    python benchmarks/bench_demo_factors.py --quick --out /tmp/f  # smoke run
+    python -m benchmarks.studies.bench_demo_factors                      # every factor, seeds 0 1 2
+    python -m benchmarks.studies.bench_demo_factors --factors baseline "replay.cycle: 1" --seeds 5
+    python -m benchmarks.studies.bench_demo_factors --reuse-demo seekr-demo --ref-seeds 5 --factors ...
+    python -m benchmarks.studies.bench_demo_factors --quick --out /tmp/f  # smoke run
 
 Each factor is the demo's SEEKR-1% run (``seekr demo``'s settings, ``demo.FULL``) with one
 thing changed; the references are the demo's replay-1% and replay-10% runs, and a
@@ -27,16 +27,12 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
-from seekr_kernels.run import demo  # noqa: E402
-from seekr_kernels.run.config import set_dotted  # noqa: E402
+from benchmarks import common
+from seekr_kernels.run import demo
+from seekr_kernels.run.config import set_dotted
 
 #: name -> (demo method, config overrides). "baseline" is the demo's seekr-1% run.
 FACTORS = {
@@ -231,7 +227,7 @@ def main(argv=None):
                      "OP_minus_baseline_paired": d_op, "OP_wins_vs_baseline": cmp[base],
                      "OP_wins_vs_replay10": cmp[ref],
                      "cpu_seconds_mean": _mean(done[(n, seed)]["cpu_seconds"] for seed in own)})
-    common.write_csv(os.path.join(out, "demo_factors.csv"), rows)
+    common.write_csv(os.path.join(out, "demo_factors.csv"), rows, say=False)
     print(f"\nwritten: {os.path.join(out, 'demo_factors.csv')}, per run: {log_path}")
 
 

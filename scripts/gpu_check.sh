@@ -2,12 +2,13 @@
 # Everything a lent GPU machine (H100 / H200, no package registry) should do, in one call
 # of under 8 minutes (machine start not counted):
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR
-#   bash benchmarks/gpu_check.sh --quick OUT_DIR   # any machine, no GPU needed: every stage
-#                                                 # starts, at smoke sizes (~3 min)
+#   bash scripts/gpu_check.sh OUT_DIR
+#   bash scripts/gpu_check.sh --quick OUT_DIR   # any machine, no GPU needed: every stage
+#                                              # starts, at smoke sizes (~3 min)
 #
-# Nothing is installed: the package runs from this tree (PYTHONPATH) with the machine's
-# torch / triton / transformers (seen there: torch 2.11, triton 3.6, transformers 5.17).
+# Nothing is installed: the package and the benchmarks run from this tree (PYTHONPATH, the
+# benchmarks as `python -m benchmarks.<script>`) with the machine's torch / triton /
+# transformers.
 # Stages, each time-boxed so a slow one cannot eat the others (seconds, overridable as
 # GPU_CHECK_<STAGE>=N; GPU_CHECK_BUDGET, default 440, caps the stages together; `timeout`
 # kills a stage's whole process group):
@@ -16,9 +17,9 @@
 #   build     (background, CPU) the C++/CUDA extensions in place, for this GPU's arch only;
 #             cmake, ninja and pybind11 come with the image. If it fails, the cuda backend's
 #             tests skip and its benchmark column is missing; the Triton path needs nothing.
-#   compile   (background, CPU) benchmarks/gpu_compile_check.py with this machine's Triton
+#   compile   (background, CPU) scripts/gpu_compile_check.py with this machine's Triton
 #             and nvcc: the compile matrix again, with the versions the GPU really runs
-#   autotune  benchmarks/bench_autotune.py: the tuner's choices, fixed vs tuned time,
+#   autotune  benchmarks.bench_autotune: the tuner's choices, fixed vs tuned time,
 #             the forward's teacher-read bandwidth against the device copy bandwidth
 #   tests     the `gpu` tests (pytest -m gpu, 8 processes; among them the Triton
 #             linear_logits_kl against its oracle at a Llama vocabulary, 3 dtypes)
@@ -38,7 +39,7 @@
 # report, plots and any other file a stage left in OUT_DIR).
 #
 # --quick: a dry run of the same stages on CPU (no build; compile matrix for 4 specs on
-# sm_90; autotune --smoke; the gpu tests collected, not run; each benchmark --quick).
+# sm_90; the gpu tests collected, not run; autotune and each benchmark --quick).
 set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/.."
@@ -142,7 +143,7 @@ fi
 mkdir -p "$work/compile"
 compile_args=(--jobs 4)
 (( quick )) && compile_args=(--jobs 2 --parts triton --archs 90 --only linear_logits_kl_rows)
-background compile "${GPU_CHECK_COMPILE:-360}" "$PY" benchmarks/gpu_compile_check.py "${compile_args[@]}" \
+background compile "${GPU_CHECK_COMPILE:-360}" "$PY" scripts/gpu_compile_check.py "${compile_args[@]}" \
   --out "$work/compile"
 compile_pid=$!
 
@@ -159,7 +160,7 @@ background_done() {
 # ---- GPU stages ------------------------------------------------------------------------------
 # Each stage's arguments on the GPU, and (--quick) at smoke sizes on whatever machine this is.
 if (( quick )); then
-  autotune_args=(--smoke); tests_args=(--collect-only); bench_args=(--quick)
+  autotune_args=(--quick); tests_args=(--collect-only); bench_args=(--quick)
   attn_args=(); llama_args=(); logits_args=()
 else
   autotune_args=(--dtypes bfloat16 --head-dims 128 64 --lengths 1024 4096); tests_args=(); bench_args=(--gpu)
@@ -167,7 +168,7 @@ else
   logits_args=(--reps 3)
 fi
 
-stage autotune 75 "$PY" benchmarks/bench_autotune.py --out "$out" "${autotune_args[@]}"
+stage autotune 75 "$PY" -m benchmarks.bench_autotune --out "$out" "${autotune_args[@]}"
 
 [ -n "$build_pid" ] && wait "$build_pid"
 background_done build
@@ -177,10 +178,10 @@ ptime=(); "$PY" -c "import pytest_timeout" 2>/dev/null && ptime=(--timeout 120)
 stage tests 130 env SEEKR_TEST_GPU=1 "$PY" -m pytest -q -m gpu "${xdist[@]}" "${ptime[@]}" -p no:cacheprovider \
   --junitxml="$work/gpu_tests.xml" "${tests_args[@]}" tests
 
-stage attn 90 "$PY" benchmarks/bench_attention_kl.py "${bench_args[@]}" "${attn_args[@]}" --out "$out"
-stage llama 110 "$PY" benchmarks/bench_llama_step.py "${bench_args[@]}" --methods plain patched \
+stage attn 90 "$PY" -m benchmarks.bench_attention_kl "${bench_args[@]}" "${attn_args[@]}" --out "$out"
+stage llama 110 "$PY" -m benchmarks.bench_llama_step "${bench_args[@]}" --methods plain patched \
   "${llama_args[@]}" --out "$out"
-stage logits 75 "$PY" benchmarks/bench_logits_kl.py "${bench_args[@]}" --section linear \
+stage logits 75 "$PY" -m benchmarks.bench_logits_kl "${bench_args[@]}" --section linear \
   --impls materialised fused-dense "${logits_args[@]}" --out "$out"
 
 # The compile matrix has had the whole run; give it what is left of the budget, then stop it.
