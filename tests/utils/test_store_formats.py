@@ -13,6 +13,7 @@ import seekr_kernels as sk
 from seekr_kernels.run import checkpoint as ck
 from seekr_kernels.seekr.importance import Importance
 from seekr_kernels.seekr.memory import ReplayMemory
+from seekr_kernels.utils import store
 
 OLD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "legacy", "store_4e026d2")
 
@@ -76,7 +77,9 @@ def test_checkpoint_manifest_same_bytes(tmp_path):
 def test_sealed_run_state_digest():
     """state.json as the trainer seals it (canonical JSON without its ``sha256``)."""
     st = json.load(open(os.path.join(OLD, "state.json"), encoding="utf-8"))
-    assert st["sha256"] == ck.json_digest(st)
+    assert st["sha256"] == store.digest_json(st, skip="sha256")
+    store.check_seal(st, "state.json", "run state")
+    assert store.seal(dict(st))["sha256"] == st["sha256"]
 
 
 def _tiny_recipe():
