@@ -31,7 +31,7 @@ safetensors header (so a cache is a single file that cannot lose its sidecar)::
      "meta": {...caller JSON...},
      "header_sha256": "..."}
 
-Integrity: writes are atomic (:func:`seekr_kernels.utils.io.atomic_path`), so a crash
+Integrity: writes are atomic (:func:`seekr_kernels.utils.store.atomic_path`), so a crash
 leaves the old file or the new one, never a mix, and the temporaries of killed saves are
 removed by the next save or load of the same path. On load, safetensors rejects a
 truncated file (its header covers every byte); the JSON header must have the expected
@@ -41,48 +41,50 @@ every tensor must be listed in the header with the recorded dtype and shape, its
 must match the recorded SHA-256, and the shapes must agree with the header's sizes. Any
 failure raises :class:`TeacherCacheError` naming the file; nothing is returned
 half-checked. Version 1 files have no header checksum: they load with the structural
-checks and the per-tensor checksums only (load and save one to add it).
+checks and the per-tensor checksums only (load and save one to add it). What each version
+holds is the table :data:`READS`, which the loader follows; the digests are
+:mod:`seekr_kernels.utils.store`'s (``digest_tensor`` per tensor, ``seal`` of the header).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Dict, NamedTuple, Optional, Union
 
 import torch
 
+from ._checks import _fail
 from .ops.teachers import SampledTeacher, TopK, pack_indices, unpack_indices
+from .utils import store
 from .utils.store import atomic_path, clean_leftovers
 
 FORMAT = "seekr-teacher-cache"
-#: 3: packed indices and sampled teachers; 2: the JSON header checksummed; 1: the first.
+#: The version this build writes.
 VERSION = 3
-#: Versions this build reads (see the module docstring for what a version-1 file lacks).
-READ_VERSIONS = (1, 2, 3)
 _META_KEY = "seekr_teacher_cache"
+_SEAL = "header_sha256"
+
+
+class _Version(NamedTuple):
+    sealed: bool      # the JSON header carries header_sha256
+    packed: bool      # TopK / sampled indices as <base>.indices16 (+ .indices_hi), not int32 <base>.indices
+    sampled: bool     # logits of kind "sampled" (SampledTeacher)
+
+
+#: The versioned reader's table: the versions this build reads, and what each holds.
+READS = {
+    1: _Version(sealed=False, packed=False, sampled=False),   # 61b56de (tests/data/legacy/cache_v1_*)
+    2: _Version(sealed=True, packed=False, sampled=False),    # 3575421 (cache_v2_*)
+    3: _Version(sealed=True, packed=True, sampled=True),
+}
+READ_VERSIONS = tuple(READS)
 
 Rows = Union[torch.Tensor, TopK]
 
 
 class TeacherCacheError(ValueError):
     """A teacher cache file is truncated, corrupt, of another format version or inconsistent."""
-
-
-def _sha256(t: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-    if b.numel():
-        h.update(b.numpy())
-    return h.hexdigest()
-
-
-def _header_digest(header: dict) -> str:
-    """SHA-256 of the canonical JSON of the header without its own digest."""
-    body = {k: v for k, v in header.items() if k != "header_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                     allow_nan=False).encode()).hexdigest()
 
 
 def _check_header(h: dict) -> None:
@@ -118,15 +120,11 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
-def _fail(name, msg, exc=ValueError):
-    raise exc(f"{name}: {msg}")
-
-
 def _check_int(name, t):
     if not isinstance(t, torch.Tensor):
-        _fail(name, f"expected an integer torch.Tensor, got {type(t).__name__}", TypeError)
+        _fail(TypeError, name, f"expected an integer torch.Tensor, got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        _fail(name, f"expected an integer dtype, got {t.dtype}", TypeError)
+        _fail(TypeError, name, f"expected an integer dtype, got {t.dtype}")
 
 
 @dataclass(eq=False)
@@ -160,75 +158,77 @@ class TeacherCache:
     def validate(self) -> "TeacherCache":
         """Shape/dtype/consistency checks; raises ValueError/TypeError naming the field."""
         if not isinstance(self.attention, dict):
-            _fail("attention", f"expected a dict {{layer: rows}}, got {type(self.attention).__name__}", TypeError)
+            _fail(TypeError, "attention", f"expected a dict {{layer: rows}}, got {type(self.attention).__name__}")
         att = {}
         B = Lseq = S_by = Q_by = None
         for layer, rows in self.attention.items():
             if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                _fail("attention", f"layer keys must be ints >= 0, got {layer!r}", TypeError)
+                _fail(TypeError, "attention", f"layer keys must be ints >= 0, got {layer!r}")
             name = f"attention[{layer}]"
             if isinstance(rows, TopK):
                 if rows.kind != "probs":
-                    _fail(name, f"a TopK of attention rows must be of kind 'probs', got {rows.kind!r}")
+                    _fail(ValueError, name, f"a TopK of attention rows must be of kind 'probs', got {rows.kind!r}")
                 shape = tuple(rows.shape)
             elif isinstance(rows, torch.Tensor):
                 if not rows.dtype.is_floating_point:
-                    _fail(name, f"expected floating-point rows, got {rows.dtype}", TypeError)
+                    _fail(TypeError, name, f"expected floating-point rows, got {rows.dtype}")
                 shape = tuple(rows.shape)
             else:
-                _fail(name, f"expected a tensor [B, S, Q, L] or a TopK, got {type(rows).__name__}", TypeError)
+                _fail(TypeError, name, f"expected a tensor [B, S, Q, L] or a TopK, got {type(rows).__name__}")
             if len(shape) != 4:
-                _fail(name, f"expected rows of shape [B, S, Q, L], got {list(shape)}")
+                _fail(ValueError, name, f"expected rows of shape [B, S, Q, L], got {list(shape)}")
             if B is None:
                 B, Q_by, Lseq = shape[0], shape[2], shape[3]
             elif (shape[0], shape[2], shape[3]) != (B, Q_by, Lseq):
-                _fail(name, f"shape {list(shape)} disagrees with another layer's [B, *, Q, L] = "
+                _fail(ValueError, name, f"shape {list(shape)} disagrees with another layer's [B, *, Q, L] = "
                       f"{[B, '*', Q_by, Lseq]}")
             att[layer] = rows
         self.attention = att
         heads = {}
         if not isinstance(self.heads, dict):
-            _fail("heads", f"expected a dict {{layer: heads}}, got {type(self.heads).__name__}", TypeError)
+            _fail(TypeError, "heads", f"expected a dict {{layer: heads}}, got {type(self.heads).__name__}")
         if self.heads:
             if set(self.heads) != set(att):
-                _fail("heads", f"layers {sorted(self.heads)} differ from the attention layers {sorted(att)}")
+                _fail(ValueError, "heads",
+                      f"layers {sorted(self.heads)} differ from the attention layers {sorted(att)}")
             for layer, h in self.heads.items():
                 _check_int(f"heads[{layer}]", h)
                 S_by = att[layer].shape[1]
                 if h.dim() not in (1, 2) or h.shape[-1] != S_by or (h.dim() == 2 and h.shape[0] != B):
-                    _fail(f"heads[{layer}]", f"expected shape [S={S_by}] or [B={B}, S={S_by}], got "
+                    _fail(ValueError, f"heads[{layer}]", f"expected shape [S={S_by}] or [B={B}, S={S_by}], got "
                           f"{list(h.shape)}")
                 heads[layer] = h
         self.heads = heads
         if self.queries is not None:
             _check_int("queries", self.queries)
             if self.queries.dim() != 2:
-                _fail("queries", f"expected shape [B, Q], got {list(self.queries.shape)}")
+                _fail(ValueError, "queries", f"expected shape [B, Q], got {list(self.queries.shape)}")
             if B is not None and tuple(self.queries.shape) != (B, Q_by):
-                _fail("queries", f"shape {list(self.queries.shape)} does not match the rows' "
+                _fail(ValueError, "queries", f"shape {list(self.queries.shape)} does not match the rows' "
                       f"[B, Q] = {[B, Q_by]}")
         lg = self.logits
         if lg is not None:
             if isinstance(lg, TopK):
                 if lg.kind not in ("logits", "sampled"):
-                    _fail("logits", f"a TopK of logits must be of kind 'logits' or 'sampled', got {lg.kind!r}")
+                    _fail(ValueError, "logits",
+                          f"a TopK of logits must be of kind 'logits' or 'sampled', got {lg.kind!r}")
             elif isinstance(lg, torch.Tensor):
                 if not lg.dtype.is_floating_point:
-                    _fail("logits", f"expected floating-point logits, got {lg.dtype}", TypeError)
+                    _fail(TypeError, "logits", f"expected floating-point logits, got {lg.dtype}")
             else:
-                _fail("logits", f"expected a tensor [N, L, V] or a TopK, got {type(lg).__name__}", TypeError)
+                _fail(TypeError, "logits", f"expected a tensor [N, L, V] or a TopK, got {type(lg).__name__}")
             if len(lg.shape) != 3:
-                _fail("logits", f"expected shape [N, L, V], got {list(lg.shape)}")
+                _fail(ValueError, "logits", f"expected shape [N, L, V], got {list(lg.shape)}")
             if B is not None and (lg.shape[0], lg.shape[1]) != (B, Lseq):
-                _fail("logits", f"shape {list(lg.shape)} does not match the attention rows' "
+                _fail(ValueError, "logits", f"shape {list(lg.shape)} does not match the attention rows' "
                       f"batch and length [B, L] = {[B, Lseq]}")
         if not isinstance(self.extra, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                        for k, v in self.extra.items()):
-            _fail("extra", "expected a dict {name: tensor}", TypeError)
+            _fail(TypeError, "extra", "expected a dict {name: tensor}")
         try:
             json.dumps(self.meta, allow_nan=False)
         except (TypeError, ValueError) as e:
-            _fail("meta", f"must be JSON-serialisable ({e})", TypeError)
+            _fail(TypeError, "meta", f"must be JSON-serialisable ({e})")
         return self
 
     # ------------------------------------------------------------------ properties
@@ -311,11 +311,11 @@ class TeacherCache:
         tensors, att, logits = self._tensors()
         header = {
             "format": FORMAT, "version": VERSION, "attention": att, "logits": logits,
-            "tensors": {n: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape), "sha256": _sha256(t)}
+            "tensors": {n: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape), "sha256": store.digest_tensor(t)}
                         for n, t in tensors.items()},
             "meta": self.meta,
         }
-        header["header_sha256"] = _header_digest(header)
+        store.seal(header, _SEAL)
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={_META_KEY: json.dumps(header, allow_nan=False)})
         return os.path.getsize(path)
@@ -335,8 +335,10 @@ class TeacherCache:
         if not os.path.exists(path):
             raise FileNotFoundError(f"teacher cache {path!r} does not exist")
 
+        where = f"teacher cache {path!r}"
+
         def bad(msg):
-            return TeacherCacheError(f"teacher cache {path!r}: {msg}")
+            return TeacherCacheError(f"{where}: {msg}")
 
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
@@ -349,15 +351,12 @@ class TeacherCache:
                     header = json.loads(raw)
                 except json.JSONDecodeError as e:
                     raise bad(f"corrupt header ({e})") from None
-                if not isinstance(header, dict) or header.get("format") != FORMAT:
-                    raise bad(f"not a seekr teacher cache (format {header.get('format') if isinstance(header, dict) else None!r})")
-                if type(header.get("version")) is not int or header["version"] not in READ_VERSIONS:
-                    raise bad(f"format version {header.get('version')!r} is not supported "
-                              f"(this build reads versions {list(READ_VERSIONS)})")
-                # Version 1 predates the header checksum: its header is held to the
-                # structural checks and the tensors to their own checksums only.
-                if header["version"] >= 2 and header.get("header_sha256") != _header_digest(header):
-                    raise bad("header checksum mismatch (the JSON header was edited or is corrupt)")
+                version = store.check_format(header, where, "seekr teacher cache", error=TeacherCacheError,
+                                             kind=FORMAT, kind_key="format", versions=READS, version_key="version")
+                # A version without the header checksum (1) is held to the structural checks
+                # and the tensors to their own checksums only.
+                if version.sealed:
+                    store.check_seal(header, where, "header", error=TeacherCacheError, key=_SEAL)
                 try:
                     _check_header(header)
                 except ValueError as e:
@@ -373,7 +372,7 @@ class TeacherCache:
                     if _dtype_name(t.dtype) != info.get("dtype") or list(t.shape) != info.get("shape"):
                         raise bad(f"tensor {n!r} is {_dtype_name(t.dtype)}{list(t.shape)}, the header "
                                   f"says {info.get('dtype')}{info.get('shape')}")
-                    if verify and _sha256(t) != info.get("sha256"):
+                    if verify and store.digest_tensor(t) != info.get("sha256"):
                         raise bad(f"tensor {n!r} fails its checksum (the file is corrupt)")
                     tensors[n] = t
         except TeacherCacheError:
@@ -382,7 +381,7 @@ class TeacherCache:
             raise bad(f"unreadable ({type(e).__name__}: {e})") from e
 
         try:
-            cache = cls._from_tensors(tensors, header)
+            cache = cls._from_tensors(tensors, header, version)
         except TeacherCacheError:
             raise
         except Exception as e:      # KeyError, TypeError, AttributeError, ...: never a bare one
@@ -392,7 +391,7 @@ class TeacherCache:
         return cache
 
     @classmethod
-    def _from_tensors(cls, tensors, header):
+    def _from_tensors(cls, tensors, header, version: _Version):
         used = set()
 
         def take(n):
@@ -400,7 +399,7 @@ class TeacherCache:
             return tensors[n]
 
         def indices(base, full_size):
-            if header["version"] < 3:            # int32 indices before packing
+            if not version.packed:               # int32 indices before packing
                 return take(f"{base}.indices")
             hi = take(f"{base}.indices_hi") if f"{base}.indices_hi" in tensors else None
             return unpack_indices(take(f"{base}.indices16"), hi, full_size)
@@ -430,7 +429,7 @@ class TeacherCache:
                 fs = int(info["full_size"])
                 logits = TopK(take("logits.values"), indices("logits", fs), fs, "logits", lse=take("logits.lse"))
                 _same_size("logits", info, None, logits.k)
-            elif info["kind"] == "sampled" and header["version"] >= 3:
+            elif info["kind"] == "sampled" and version.sampled:
                 fs = int(info["full_size"])
                 logits = SampledTeacher(take("logits.values"), indices("logits", fs), fs, "sampled")
                 _same_size("logits", info, None, logits.k)

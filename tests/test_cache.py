@@ -169,7 +169,7 @@ def _rewrite_header(src, dst, edit, reseal=True):
     header = json.loads(meta[cache_mod._META_KEY])
     if edit(header, tensors, meta) != "drop":
         if reseal:
-            header["header_sha256"] = cache_mod._header_digest(header)
+            sio.seal(header, "header_sha256")
         meta[cache_mod._META_KEY] = json.dumps(header)
     save_file(tensors, str(dst), metadata=meta)
 
@@ -226,7 +226,7 @@ def test_mismatched_header(tmp_path):
         "shape": (lambda h, t, m: h["tensors"]["queries"].update(shape=[9]), "queries"),
         "kind": (lambda h, t, m: h["attention"]["5"].update(kind="weird"), "unknown kind"),
         "topk_shape": (lambda h, t, m: t.update({"logits.lse": torch.zeros(3)}) or
-                       h["tensors"]["logits.lse"].update(shape=[3], sha256=cache_mod._sha256(torch.zeros(3))),
+                       h["tensors"]["logits.lse"].update(shape=[3], sha256=sio.digest_tensor(torch.zeros(3))),
                        "inconsistent contents"),
     }
     for name, (edit, msg) in cases.items():

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import seekr_kernels as sk
-from seekr_kernels.seekr import memory as replay
 from seekr_kernels.seekr.memory import ReplayMemory, ReplayMemoryError, ReplaySample
 from seekr_kernels.utils import store as io
 
@@ -194,7 +193,7 @@ def test_replay_manifest_edits_are_refused(tmp_path, edit, msg):
     json.dump(man, open(man_p, "w"))
     with pytest.raises(ReplayMemoryError, match="manifest checksum mismatch"):
         ReplayMemory.load_task(root, 1)
-    man["manifest_sha256"] = replay._json_digest(man, "manifest_sha256")   # consistent digest
+    io.seal(man, "manifest_sha256")                                        # consistent digest
     json.dump(man, open(man_p, "w"))
     with pytest.raises(ReplayMemoryError, match=msg):
         ReplayMemory.load_task(root, 1)

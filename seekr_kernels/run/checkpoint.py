@@ -18,18 +18,18 @@ PEFT adapter), plus what a run needs to continue exactly where it stopped::
     checkpoints/task-002/             the same at the end of task 2 (no position)
 
 :func:`write` builds the directory in a temporary sibling and renames it into place
-(:func:`~seekr_kernels.utils.io.atomic_dir`), writing the manifest last: a directory
-without a valid manifest is an interrupted write. :func:`verify` checks every file
-against the manifest (missing, truncated, extra or changed files, and the manifest's own
-checksum) and raises :class:`CheckpointError` naming the file; the trainer verifies a
-checkpoint completely before it reads any byte of it, so a damaged checkpoint is refused,
-never loaded into a silently different run.
+(:func:`~seekr_kernels.utils.store.atomic_dir`), writing the manifest last
+(:func:`~seekr_kernels.utils.store.write_manifest`): a directory without a valid manifest
+is an interrupted write. :func:`verify` checks every file against the manifest
+(:func:`~seekr_kernels.utils.store.verify_dir`: missing, truncated, extra or changed
+files, and the manifest's own checksum) and raises :class:`CheckpointError` naming the
+file; the trainer verifies a checkpoint completely before it reads any byte of it, so a
+damaged checkpoint is refused, never loaded into a silently different run.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import functools
 import os
 import random
 import re
@@ -38,6 +38,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from ..utils import store
 from ..utils.store import _owner, _writer_dead, atomic_dir, clean_leftovers
 
 __all__ = ["CheckpointError", "ResumeError", "write", "verify", "discard", "list_checkpoints",
@@ -45,8 +46,10 @@ __all__ = ["CheckpointError", "ResumeError", "write", "verify", "discard", "list
            "load_model_weights", "is_peft_model", "clean_run_leftovers"]
 
 FORMAT = 1
+#: The manifest versions this build reads (the versioned reader's table).
+READS = {1: "the first: files with size and SHA-256, run meta, sealed under 'sha256'"}
 KIND = "seekr-checkpoint"
-MANIFEST = "manifest.json"
+MANIFEST = store.MANIFEST
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
@@ -69,49 +72,11 @@ class ResumeError(RuntimeError):
     damaged. The message says what to do."""
 
 
-# ============================================================================ hashing
-
-def _file_digest(p: str) -> Tuple[int, str]:
-    h = hashlib.sha256()
-    n = 0
-    with open(p, "rb") as f:
-        while True:
-            b = f.read(1 << 22)
-            if not b:
-                break
-            n += len(b)
-            h.update(b)
-    return n, h.hexdigest()
-
-
-def json_digest(obj: dict, skip: str = "sha256") -> str:
-    """SHA-256 of the canonical JSON of ``obj`` without its own checksum field ``skip``."""
-    body = {k: v for k, v in obj.items() if k != skip}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def read_json(p: str, what: str, error=CheckpointError) -> dict:
-    """A JSON object from ``p``; an unreadable, truncated or non-object file raises
-    ``error`` naming ``p``."""
-    try:
-        with open(p, "rb") as f:
-            obj = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise error(f"{p}: missing ({what})") from None
-    except (OSError, ValueError) as e:
-        raise error(f"{p}: unreadable {what} ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict):
-        raise error(f"{p}: not a {what} (expected a JSON object)")
-    return obj
-
-
-def _walk(d: str) -> List[str]:
-    out = []
-    for root, dirs, files in os.walk(d):
-        dirs[:] = sorted(dirs)
-        for f in sorted(files):
-            out.append(os.path.relpath(os.path.join(root, f), d).replace(os.sep, "/"))
-    return out
+# The trainer and preflight still reach these through this module (issue 19 moves them to
+# call utils.store directly); they are the store's functions, not copies.
+json_digest = functools.partial(store.digest_json, skip="sha256")
+read_json = functools.partial(store.read_json, error=CheckpointError)
+_walk = store.list_files
 
 
 # ============================================================================ write / verify
@@ -122,16 +87,7 @@ def write(path: str, fill: Callable[[str], None], *, meta: Optional[dict] = None
     written last and the directory renamed into place. Returns the manifest."""
     with atomic_dir(path) as tmp:
         fill(tmp)
-        files = {}
-        for rel in _walk(tmp):
-            if rel == MANIFEST:
-                continue
-            n, h = _file_digest(os.path.join(tmp, rel))
-            files[rel] = {"bytes": n, "sha256": h}
-        man = {"format": FORMAT, "kind": KIND, "files": files, **(meta or {})}
-        man["sha256"] = json_digest(man)
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(man, f, indent=1, sort_keys=True)
+        man = store.write_manifest(tmp, {"format": FORMAT, "kind": KIND, **(meta or {})})
     return man
 
 
@@ -143,36 +99,9 @@ def verify(path: str) -> dict:
     (truncated), a file whose SHA-256 differs (damaged), or a file the manifest does not
     list.
     """
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    mp = os.path.join(path, MANIFEST)
-    if not os.path.exists(mp):
-        raise CheckpointError(f"{mp}: missing (an interrupted write, or not a seekr checkpoint)")
-    man = read_json(mp, "checkpoint manifest")
-    if man.get("kind") != KIND:
-        raise CheckpointError(f"{mp}: not a seekr checkpoint manifest")
-    if man.get("format") != FORMAT:
-        raise CheckpointError(f"{mp}: format {man.get('format')!r}, this version reads format {FORMAT}")
-    if man.get("sha256") != json_digest(man):
-        raise CheckpointError(f"{mp}: manifest checksum mismatch (edited or damaged)")
-    files = man.get("files")
-    if not isinstance(files, dict) or not files:
-        raise CheckpointError(f"{mp}: malformed file list")
-    for rel, info in sorted(files.items()):
-        p = os.path.join(path, rel)
-        if not os.path.isfile(p):
-            raise CheckpointError(f"{p}: missing (listed in {MANIFEST})")
-        size = os.path.getsize(p)
-        if size != info.get("bytes"):
-            raise CheckpointError(f"{p}: {size} bytes, the manifest says {info.get('bytes')} (truncated or "
-                                  "replaced file)")
-        if _file_digest(p)[1] != info.get("sha256"):
-            raise CheckpointError(f"{p}: checksum mismatch (damaged file)")
-    extra = [r for r in _walk(path) if r != MANIFEST and r not in files]
-    if extra:
-        raise CheckpointError(f"{os.path.join(path, extra[0])}: not part of the checkpoint (not in {MANIFEST}; "
-                              f"{len(extra)} such file(s))")
-    return man
+    return store.verify_dir(path, "checkpoint", kind=KIND, versions=READS, error=CheckpointError,
+                            missing=f"{os.path.join(path, MANIFEST)}: missing (an interrupted write, or not a "
+                                    "seekr checkpoint)")
 
 
 def discard(path: str) -> None:
@@ -214,7 +143,7 @@ _LEGACY_TMP = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
 def clean_run_leftovers(out: str) -> List[str]:
     """What killed writers left in a run directory: temporaries and swapped-out copies
     of checkpoints, memory tasks, state and result files (see
-    :func:`~seekr_kernels.utils.io.clean_leftovers`), and ``.<name>.tmp<pid>`` files of
+    :func:`~seekr_kernels.utils.store.clean_leftovers`), and ``.<name>.tmp<pid>`` files of
     dead processes. Returns what it removed or recovered."""
     done = []
     for d in (out, os.path.join(out, "checkpoints"), os.path.join(out, "memory")):

@@ -88,7 +88,7 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from ..utils.store import atomic_write_bytes
+from ..utils import store
 from .selection import select_heads
 
 __all__ = [
@@ -588,6 +588,10 @@ def measure_forgettability(model_before, model_after, batches: Iterable[Mapping]
 # ============================================================================ importance
 
 _FORMAT = 1
+_KIND = "seekr-importance"
+#: The versioned reader's table: the file formats :meth:`Importance.load` reads (the
+#: safetensors metadata holds it as a string).
+_READS = {str(_FORMAT): "scores (float64), sensitivity and forgettability per task; sha256 = store.digest_tensors"}
 
 
 class Importance:
@@ -683,14 +687,15 @@ class Importance:
     def save(self, path: str) -> int:
         """Write to ``path`` (one ``.safetensors`` file) atomically; returns its size in bytes.
 
-        The metadata holds the format version, the shape and a sha256 of the tensor data.
+        The metadata holds the format version, the shape and the sha256 of the tensors
+        (:func:`~seekr_kernels.utils.store.digest_tensors`).
         """
         from safetensors.torch import save
         tensors = {k: v.contiguous() for k, v in self.state_dict().items() if isinstance(v, torch.Tensor)}
-        payload = save(tensors, metadata={"format": str(_FORMAT), "kind": "seekr-importance",
+        payload = save(tensors, metadata={"format": str(_FORMAT), "kind": _KIND,
                                           "n_layers": str(self.n_layers), "n_heads": str(self.n_heads),
-                                          "sha256": _tensor_digest(tensors)})
-        atomic_write_bytes(path, payload)
+                                          "sha256": store.digest_tensors(tensors)})
+        store.atomic_write_bytes(path, payload)
         return len(payload)
 
     @classmethod
@@ -707,19 +712,8 @@ class Importance:
             raise
         except Exception as e:  # safetensors raises its own error types on a damaged header
             raise ValueError(f"{path}: cannot read the importance file ({e})") from None
-        if meta.get("kind") != "seekr-importance" or meta.get("format") != str(_FORMAT):
-            raise ValueError(f"{path}: not a seekr importance file of format {_FORMAT} (metadata {meta})")
-        if _tensor_digest(tensors) != meta.get("sha256"):
+        store.check_format(meta, path, "seekr importance file", kind=_KIND, versions=_READS)
+        if store.digest_tensors(tensors) != meta.get("sha256"):
             raise ValueError(f"{path}: checksum mismatch (corrupt importance file)")
         obj = cls(int(meta["n_layers"]), int(meta["n_heads"]))
         return obj.load_state_dict({"format": _FORMAT, **tensors})
-
-
-def _tensor_digest(tensors: Mapping) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{list(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

@@ -38,7 +38,7 @@ checksum. The index is written last and is the commit point:
 
 * :meth:`ReplayMemory.save` is all-or-nothing: the whole memory (every task directory
   and the index) is built in a temporary sibling, fsynced and swapped in with
-  :func:`~seekr_kernels.utils.io.atomic_dir`, so a killed save leaves the previous
+  :func:`~seekr_kernels.utils.store.atomic_dir`, so a killed save leaves the previous
   memory or the new one, never old and new tasks mixed.
 * :meth:`ReplayMemory.save_task` (the trainer's, one task at a time) writes one task
   directory atomically and then rewrites the index to list tasks ``0..index``; a kill
@@ -51,11 +51,14 @@ checksum. The index is written last and is the commit point:
   the temporaries of killed saves and renames back a copy a killed swap left aside.
   A directory without an index (older versions) loads only with ``names=``.
 
+Every digest, manifest and checksummed JSON file goes through
+:mod:`seekr_kernels.utils.store`; what older versions wrote and this one still reads is
+listed in :data:`READS` and read in one place (the end of this module).
+
 :meth:`ReplayMemory.disk_sizes` reports the bytes on disk per task.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import numbers
@@ -68,7 +71,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..ops.teachers import SampledTeacher, TopK, pack_indices, unpack_indices
-from ..utils.store import atomic_dir, atomic_write_bytes, clean_leftovers
+from ..utils import store
+from ..utils.store import atomic_dir, clean_leftovers
 from .batching import IGNORE_INDEX
 from .selection import batch_heads
 from .stream import replay_count
@@ -76,6 +80,18 @@ from .stream import replay_count
 __all__ = ["ReplaySample", "ReplayTask", "ReplayMemory", "ReplayMemoryError", "ReplayDataset"]
 
 FORMAT = 1
+#: The versioned reader's table: the formats this build reads and what each holds. Every
+#: memory written so far says format 1; older writers left out what later ones added, and
+#: each such absence is still read (tests/data/legacy/replay_v1, replay_v2), by the
+#: functions at the end of this module only.
+READS = {1: {
+    "index": "memory.json (from 3575421 on); without it (61b56de) load() needs names= and save_task() "
+             "lists the tasks from their verified manifests",
+    "sealed manifests": "manifest_sha256 (from 3575421 on); a manifest without it (61b56de) still has its "
+                        "data checksum, and the layout is cross-checked against the data",
+    "packed indices": "TopK / sampled indices as logits.indices16 (+ logits.indices_hi); int32 logits.indices "
+                      "before (61b56de, 3575421)",
+}}
 _KIND = "seekr-replay-task"
 _DATA = "data.safetensors"
 _MANIFEST = "manifest.json"
@@ -540,12 +556,7 @@ class ReplayMemory:
         prev = _read_index(root, must_exist=False) or []
         entries = []
         for i in range(index):
-            if i < len(prev):
-                entries.append(prev[i])
-            else:      # written before this version kept an index: verify, then list it
-                task = self.load_task(root, i)
-                entries.append({"name": task.name, "manifest_sha256": _file_sha256(
-                    os.path.join(_task_dir(root, i), _MANIFEST))})
+            entries.append(prev[i] if i < len(prev) else _unindexed_entry(root, i))
         final = _task_dir(root, index)
         with atomic_dir(final) as tmp:
             entries.append(self._write_task(tmp, index))
@@ -557,21 +568,14 @@ class ReplayMemory:
         from safetensors.torch import save
         task = self.tasks[index]
         tensors, layout = _pack(task)
-        payload = save(tensors)
-        manifest = {
-            "format": FORMAT, "kind": _KIND, "index": index, "name": task.name,
-            "num_samples": len(task.samples), "heads": {str(l): h.tolist() for l, h in task.heads.items()},
-            "layout": layout, "meta": task.meta,
-            "files": {_DATA: {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}},
-        }
-        manifest["manifest_sha256"] = _json_digest(manifest, "manifest_sha256")
-        raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, _DATA), "wb") as f:
-            f.write(payload)
-        with open(os.path.join(d, _MANIFEST), "wb") as f:
-            f.write(raw)
-        return {"name": task.name, "manifest_sha256": hashlib.sha256(raw).hexdigest()}
+            f.write(save(tensors))
+        store.write_manifest(d, {
+            "format": FORMAT, "kind": _KIND, "index": index, "name": task.name,
+            "num_samples": len(task.samples), "heads": {str(l): h.tolist() for l, h in task.heads.items()},
+            "layout": layout, "meta": task.meta}, name=_MANIFEST, key="manifest_sha256")
+        return _index_entry(task.name, d)
 
     @staticmethod
     def disk_sizes(root: str) -> Dict[int, int]:
@@ -593,18 +597,7 @@ class ReplayMemory:
             raise ReplayMemoryError(f"{root}: no such replay memory directory")
         clean_leftovers(root, any_name=True)      # temporaries / old copies of task dirs
         entries = _read_index(root, must_exist=False)
-        if entries is None:
-            if names is None:
-                raise ReplayMemoryError(f"{root}: no {_INDEX} index (written by an older version or an "
-                                        "interrupted save): cannot tell whether the memory is complete; "
-                                        "pass names= (the expected task names, in order)")
-            idx = _task_indices(root)
-            if idx[:len(names)] != list(range(len(names))):
-                raise ReplayMemoryError(f"{root}: task directories {idx} are not task-000..task-"
-                                        f"{len(names) - 1:03d}; expected {len(names)} tasks ({list(names)})")
-            n = len(names)
-        else:
-            n = len(entries)
+        n = _unindexed_count(root, names) if entries is None else len(entries)
         if names is not None and len(names) != n:
             raise ReplayMemoryError(f"{root}: holds {n} tasks, expected {len(names)} ({list(names)})")
         mem = cls()
@@ -615,7 +608,7 @@ class ReplayMemory:
                 if not os.path.isdir(d):
                     raise ReplayMemoryError(f"{d}: missing; the index {_INDEX} lists {n} tasks "
                                             "(an incomplete copy of the memory?)")
-                if os.path.exists(man_p) and _file_sha256(man_p) != entries[i]["manifest_sha256"]:
+                if os.path.exists(man_p) and store.digest_file(man_p) != entries[i]["manifest_sha256"]:
                     raise ReplayMemoryError(f"{man_p}: differs from the manifest the index {_INDEX} "
                                             "lists (edited, or an interrupted save_task)")
             want = names[i] if names is not None else (entries[i]["name"] if entries is not None else None)
@@ -629,30 +622,16 @@ class ReplayMemory:
         d = _task_dir(root, index)
         clean_leftovers(d)
         man_p = os.path.join(d, _MANIFEST)
-        man = _read_json(man_p, _KIND, "manifest", missing=f"{d}: missing {_MANIFEST} (not a replay memory "
-                                                            "task directory, or an interrupted write)")
+        man = store.read_json(man_p, "seekr replay memory manifest", ReplayMemoryError, kind=_KIND, versions=READS,
+                              missing=f"{d}: missing {_MANIFEST} (not a replay memory task directory, or an "
+                                      "interrupted write)")
         if man.get("index") != index:
             raise ReplayMemoryError(f"{man_p}: belongs to task #{man.get('index')}, found in the directory of #{index}")
         if name is not None and man.get("name") != name:
             raise ReplayMemoryError(f"{man_p}: holds task {man.get('name')!r}, expected {name!r}")
-        # A manifest without its own checksum was written before manifests carried one
-        # (61b56de and earlier): it still loads, its data still has to match the checksum the
-        # manifest records, and _unpack cross-checks the layout against the data's tensors.
-        if "manifest_sha256" in man and man["manifest_sha256"] != _json_digest(man, "manifest_sha256"):
-            raise ReplayMemoryError(f"{man_p}: manifest checksum mismatch (the manifest was edited or is "
-                                    "corrupt)")
-        info = (man.get("files") or {}).get(_DATA) or {}
-        data_p = os.path.join(d, _DATA)
-        try:
-            with open(data_p, "rb") as f:
-                payload = f.read()
-        except OSError as e:
-            raise ReplayMemoryError(f"{data_p}: unreadable ({e})") from None
-        if len(payload) != info.get("bytes"):
-            raise ReplayMemoryError(f"{data_p}: {len(payload)} bytes, the manifest says {info.get('bytes')} "
-                                    "(truncated or replaced file)")
-        if hashlib.sha256(payload).hexdigest() != info.get("sha256"):
-            raise ReplayMemoryError(f"{data_p}: checksum mismatch (corrupt file)")
+        _check_manifest_seal(man, man_p)
+        payload = store.check_file(os.path.join(d, _DATA), (man.get("files") or {}).get(_DATA) or {},
+                                   error=ReplayMemoryError, manifest=_MANIFEST, read=True)
         try:
             tensors = load(payload)
             task = _unpack(man, tensors)
@@ -731,51 +710,24 @@ def _task_dir(root, index):
 _TASK_NAME = re.compile(r"^task-\d+$")
 
 
-def _json_digest(obj: dict, skip: str) -> str:
-    """SHA-256 of the canonical JSON of ``obj`` without its own checksum field ``skip``."""
-    body = {k: v for k, v in obj.items() if k != skip}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _file_sha256(p):
-    with open(p, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def _read_json(p, kind, what, missing):
-    """The JSON object at ``p`` if it is a ``kind`` of this FORMAT; a missing file raises
-    ReplayMemoryError(``missing``), or returns None when ``missing`` is None."""
-    try:
-        with open(p, "rb") as f:
-            obj = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        if missing is None:
-            return None
-        raise ReplayMemoryError(missing) from None
-    except (OSError, ValueError) as e:
-        raise ReplayMemoryError(f"{p}: unreadable {what} ({e})") from None
-    if not isinstance(obj, dict) or obj.get("kind") != kind:
-        raise ReplayMemoryError(f"{p}: not a seekr replay memory {what}")
-    if obj.get("format") != FORMAT:
-        raise ReplayMemoryError(f"{p}: format {obj.get('format')!r}, this version reads format {FORMAT}")
-    return obj
+def _index_entry(name, d):
+    """The index's entry of the task in directory ``d``: its name and manifest's digest."""
+    return {"name": name, "manifest_sha256": store.digest_file(os.path.join(d, _MANIFEST))}
 
 
 def _write_index(root, entries):
-    """The commit point of a save: ``memory.json`` listing the tasks, written atomically."""
-    idx = {"format": FORMAT, "kind": _INDEX_KIND, "tasks": entries}
-    idx["sha256"] = _json_digest(idx, "sha256")
-    atomic_write_bytes(os.path.join(root, _INDEX), json.dumps(idx, indent=1, sort_keys=True).encode())
+    """The commit point of a save: ``memory.json`` listing the tasks, sealed, written atomically."""
+    store.write_json(os.path.join(root, _INDEX), store.seal({"format": FORMAT, "kind": _INDEX_KIND, "tasks": entries}))
 
 
 def _read_index(root, must_exist=True):
     """The verified task entries of ``root/memory.json``, or None when there is none."""
     p = os.path.join(root, _INDEX)
-    idx = _read_json(p, _INDEX_KIND, "index", missing=f"{p}: missing" if must_exist else None)
+    idx = store.read_json(p, "seekr replay memory index", ReplayMemoryError, kind=_INDEX_KIND, versions=READS,
+                          missing=f"{p}: missing", optional=not must_exist)
     if idx is None:
         return None
-    if idx.get("sha256") != _json_digest(idx, "sha256"):
-        raise ReplayMemoryError(f"{p}: index checksum mismatch (edited or corrupt)")
+    store.check_seal(idx, p, "index", error=ReplayMemoryError)
     tasks = idx.get("tasks")
     if not isinstance(tasks, list) or not all(
             isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("manifest_sha256"), str)
@@ -840,11 +792,7 @@ def _pack(task: ReplayTask):
 
 def _unpack_sparse_logits(layout, t, sl):
     V = int(layout["vocab"])
-    if "logits.indices" in t:                      # written before packed indices
-        idx = t["logits.indices"][sl]
-    else:
-        hi = t["logits.indices_hi"][sl] if "logits.indices_hi" in t else None
-        idx = unpack_indices(t["logits.indices16"][sl], hi, V)
+    idx = _logits_indices(t, sl, V)
     if layout["logits"] == "sampled":
         return SampledTeacher(t["logits.values"][sl], idx, V, "sampled")
     if layout["logits"] != "topk":
@@ -909,10 +857,56 @@ def _unpack(man, t) -> ReplayTask:
             used.add("logits")
         else:
             used |= {"logits.values"} | ({"logits.lse"} if layout["logits"] == "topk" else set())
-            used |= ({"logits.indices"} if "logits.indices" in t       # int32, before packing
-                     else {"logits.indices16"} | ({"logits.indices_hi"} if "logits.indices_hi" in t else set()))
+            used |= _logits_index_names(t)
     if set(t) != used:
         # e.g. a layout whose logits or attention layers were dropped: the teachers would vanish
         raise ReplayMemoryError(f"the data's tensors {sorted(set(t) ^ used)} are not what the manifest's "
                                 "layout describes")
     return ReplayTask(man["name"], samples, heads, man.get("meta") or {})
+
+
+# ============================================================================ older writers (READS)
+# What versions before this one wrote, still read: every difference is here.
+
+def _unindexed_count(root, names):
+    """READS[1]["index"]: a memory without memory.json (61b56de, or an interrupted first
+    save) holds as many tasks as ``names`` says, in task-000.. directories."""
+    if names is None:
+        raise ReplayMemoryError(f"{root}: no {_INDEX} index (written by an older version or an "
+                                "interrupted save): cannot tell whether the memory is complete; "
+                                "pass names= (the expected task names, in order)")
+    idx = _task_indices(root)
+    if idx[:len(names)] != list(range(len(names))):
+        raise ReplayMemoryError(f"{root}: task directories {idx} are not task-000..task-"
+                                f"{len(names) - 1:03d}; expected {len(names)} tasks ({list(names)})")
+    return len(names)
+
+
+def _unindexed_entry(root, i):
+    """READS[1]["index"]: the index entry of task ``i`` written before the index listed
+    it (verified first)."""
+    task = ReplayMemory.load_task(root, i)
+    return _index_entry(task.name, _task_dir(root, i))
+
+
+def _check_manifest_seal(man, man_p):
+    """READS[1]["sealed manifests"]: a manifest without ``manifest_sha256`` (61b56de)
+    still loads: its data has to match the checksum it records, and :func:`_unpack`
+    cross-checks the layout against the data's tensors."""
+    store.check_seal(man, man_p, "manifest", error=ReplayMemoryError, key="manifest_sha256", optional=True)
+
+
+def _logits_index_names(t):
+    """READS[1]["packed indices"]: the tensors holding the TopK / sampled indices, int32
+    ``logits.indices`` (61b56de, 3575421) or packed."""
+    if "logits.indices" in t:
+        return {"logits.indices"}
+    return {"logits.indices16"} | ({"logits.indices_hi"} if "logits.indices_hi" in t else set())
+
+
+def _logits_indices(t, sl, V):
+    """The int32 indices of rows ``sl`` (see :func:`_logits_index_names`)."""
+    if "logits.indices" in t:
+        return t["logits.indices"][sl]
+    hi = t["logits.indices_hi"][sl] if "logits.indices_hi" in t else None
+    return unpack_indices(t["logits.indices16"][sl], hi, V)

@@ -58,13 +58,13 @@ query budget 0 (Q = n) 210 GB at n = 1024 — use the query budget, or DDP, with
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from ..utils import store
 from ..utils.store import atomic_dir
 from .config import ConfigError, RecipeConfig, recipe_from_dict
 from .distributed import DistributedHooks
@@ -830,7 +830,6 @@ class SeekrRecipe:
         ``output_dir/memory``, passes it back to :meth:`load`)."""
         from safetensors.torch import save as st_save
 
-        from .importance import _tensor_digest
         from .memory import ReplayMemory
         sd = self.state_dict()
         tensors = {}
@@ -843,14 +842,13 @@ class SeekrRecipe:
         payload = st_save(tensors)
         meta = {k: v for k, v in sd.items() if k not in ("importance", "memory")}
         meta["heads"] = {str(l): h.tolist() for l, h in self.heads.items()}
-        meta["tensors_sha256"] = _tensor_digest(tensors)
+        meta["tensors_sha256"] = store.digest_tensors(tensors)
         with atomic_dir(path) as tmp:
             with open(os.path.join(tmp, _TENSORS), "wb") as f:
                 f.write(payload)
             if self.memory.tasks and memory:
                 ReplayMemory(self.memory.tasks).save(os.path.join(tmp, _MEMORY))
-            with open(os.path.join(tmp, _META), "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=1, sort_keys=True)
+            store.write_json(os.path.join(tmp, _META), meta)
 
     def load(self, path: str, *, memory=None) -> "SeekrRecipe":
         """Restore a state written by :meth:`save` into this recipe (same method and
@@ -859,18 +857,10 @@ class SeekrRecipe:
         saved with ``memory=False``; its task names must be the state's."""
         from safetensors.torch import load as st_load
 
-        from .importance import _tensor_digest
         from .memory import ReplayMemory
         meta_p = os.path.join(path, _META)
-        try:
-            with open(meta_p, encoding="utf-8") as f:
-                meta = json.load(f)
-        except FileNotFoundError:
-            raise ValueError(f"{meta_p}: missing (not a saved SeekrRecipe, or an interrupted write)") from None
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{meta_p}: unreadable ({e})") from None
-        if not isinstance(meta, dict) or meta.get("kind") != _KIND:
-            raise ValueError(f"{meta_p}: not a SeekrRecipe state")
+        meta = store.read_json(meta_p, "SeekrRecipe state", ValueError, kind=_KIND,
+                               missing=f"{meta_p}: missing (not a saved SeekrRecipe, or an interrupted write)")
         ten_p = os.path.join(path, _TENSORS)
         try:
             with open(ten_p, "rb") as f:
@@ -879,7 +869,7 @@ class SeekrRecipe:
             raise ValueError(f"{ten_p}: missing") from None
         except Exception as e:  # safetensors raises its own types on a damaged header
             raise ValueError(f"{ten_p}: unreadable ({e})") from None
-        if _tensor_digest(tensors) != meta.get("tensors_sha256"):
+        if store.digest_tensors(tensors) != meta.get("tensors_sha256"):
             raise ValueError(f"{ten_p}: checksum mismatch (corrupt file)")
         mem_p = os.path.join(path, _MEMORY)
         if memory is not None:

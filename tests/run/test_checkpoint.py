@@ -11,6 +11,7 @@ import torch
 from seekr_kernels.run import checkpoint as ck
 from seekr_kernels.run.checkpoint import CheckpointError, ResumeError
 from seekr_kernels.seekr.config import ConfigError
+from seekr_kernels.utils import store
 from seekr_kernels.run.trainer import ContinualTrainer, _schedule
 
 from tiny_runs import read_log, tiny_config, tiny_tasks  # noqa: E402
@@ -45,7 +46,7 @@ def records(out, kinds=("train", "replay", "heads", "eval", "samples")):
 
 
 def tree_bytes(d):
-    return {rel: open(os.path.join(d, rel), "rb").read() for rel in ck._walk(d)}
+    return {rel: open(os.path.join(d, rel), "rb").read() for rel in store.list_files(d)}
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,7 @@ def _flip(p, at=-3):
 def test_damaged_checkpoint_refused_naming_the_file(stopped_run, tmp_path, data, target, damage):
     d, over = _copy(stopped_run, tmp_path)
     newest = d / "checkpoints" / "step-000006"
-    p = next(newest / rel for rel in ck._walk(newest) if rel.startswith(target))
+    p = next(newest / rel for rel in store.list_files(newest) if rel.startswith(target))
     if damage == "flip":
         _flip(p, at=len(p.read_bytes()) // 2)
     else:
@@ -203,7 +204,7 @@ def test_state_json_damage_detected(stopped_run, tmp_path, data):
     sp.write_text(json.dumps(st))
     with pytest.raises(ResumeError, match="state.json: checksum mismatch"):
         resume()
-    st["sha256"] = ck.json_digest(st)                                  # ... even with a fixed checksum
+    store.seal(st)                                                     # ... even with a fixed checksum
     sp.write_text(json.dumps(st))
     with pytest.raises(ResumeError, match="completed = 0 but its checkpoint .* says 1"):
         resume()
@@ -349,9 +350,8 @@ def test_run_saved_before_fused_lm_head_keeps_materialised_logits(stopped_run, t
     del ts["config"]["distill"]["fused_lm_head"]           # as written by the older version
     tsp.write_text(json.dumps(ts))
     man = json.loads((newest / "manifest.json").read_text())   # resealed: a genuine old file
-    n, h = ck._file_digest(str(tsp))
-    man["files"][ck.TRAINER_STATE] = {"bytes": n, "sha256": h}
-    man["sha256"] = ck.json_digest(man)
+    man["files"][ck.TRAINER_STATE] = store.file_entry(tsp)
+    store.seal(man)
     (newest / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ResumeError, match="distill.fused_lm_head"):
         ContinualTrainer(tiny_config(d, data, "seekr", **over), quiet=True).run(resume=True)

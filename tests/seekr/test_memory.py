@@ -362,9 +362,8 @@ def test_corrupt_truncated_and_mismatched(tmp_path):
 
 def _reseal(man):
     """A manifest edited with a recomputed checksum, as a buggy writer would produce."""
-    from seekr_kernels.seekr import memory as replay
-    man["manifest_sha256"] = replay._json_digest(man, "manifest_sha256")
-    return man
+    from seekr_kernels.utils import store
+    return store.seal(man, "manifest_sha256")
 
 
 def test_consistent_checksum_over_inconsistent_content(tmp_path):
