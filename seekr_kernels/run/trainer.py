@@ -73,7 +73,7 @@ from ..utils.store import atomic_save_json
 from . import checkpoint as ck
 from . import metrics as M
 from .checkpoint import CheckpointError, ResumeError, is_peft_model
-from ..seekr.config import ConfigError
+from ..seekr.config import ConfigError, canonical_keys
 from .config import RunConfig, TaskSpec, task_name
 from .data import CharTokenizer, EncodedDataset, epoch_batches, load_task, load_tokenizer
 from ..seekr.batching import Encoded, collate, shard
@@ -1321,7 +1321,7 @@ class ContinualTrainer:
         return int(ts["completed"]) if ts["phase"] == "task_end" else int(ts["task"])
 
     def _check_config(self, ts: dict, path: str, allow: tuple):
-        saved, now = _flatten(ts.get("config") or {}), _flatten(self.cfg.to_dict())
+        saved, now = _flatten(canonical_keys(ts.get("config") or {})), _flatten(self.cfg.to_dict())
         defaults = _flatten(RunConfig().to_dict())
         K = saved.get("distill.teacher_logits_topk")
         if K and "distill.teacher_logits" not in saved:
