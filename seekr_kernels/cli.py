@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "trains with DDP (or FSDP2 with distributed.strategy: fsdp).")
     t.add_argument("--config", required=True, help="YAML config file")
     t.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override config keys as if written in the file, e.g. train.lr=1e-4, "
-                   "tasks.0.epochs=2 or tasks[0].epochs=2")
+                   "tasks.0.epochs=2 or tasks[0].epochs=2 (a key replaces the file's older spelling of it: "
+                   "preset=package over recipe: official)")
     t.add_argument("--output-dir", help="override output_dir (relative to the working directory)")
     t.add_argument("--method", choices=["sft", "replay", "replay+logits", "seekr"], help="override method")
     r = t.add_mutually_exclusive_group()

@@ -217,6 +217,93 @@ def test_arguments_validate_and_parse(tmp_path):
         task_samples([{"input_ids": [1, 4, 5], "labels": [1, -100, 5]}])[0]
 
 
+#: The argument fields (public API: names and the recipe keys they set).
+ARGUMENT_KEYS = {
+    "seekr_method": ("method",), "seekr_recipe": ("preset",), "replay_ratio": ("replay", "ratio"),
+    "replay_cycle": ("replay", "cycle"), "replay_batch_size": ("replay", "batch_size"),
+    "replay_subset": ("replay", "subset"), "replay_in_accumulation": ("replay", "in_accumulation"),
+    "replay_order": ("replay", "order"), "replay_outnumbered": ("replay", "outnumbered"),
+    "replay_pad_to_multiple_of": ("pad_to_multiple_of",), "logits_weight": ("distill", "logits_weight"),
+    "attn_weight": ("distill", "attn_weight"), "layer_budget": ("distill", "layer_budget"),
+    "head_budget": ("distill", "head_budget"), "query_budget": ("distill", "query_budget"),
+    "query_sampling": ("distill", "query_sampling"), "sensitivity_region": ("distill", "sensitivity_region"),
+    "sensitivity_batch_size": ("distill", "sensitivity_batch_size"),
+    "sensitivity_padding": ("distill", "sensitivity_padding"),
+    "forgettability_norm": ("distill", "forgettability_norm"), "teacher_logits": ("distill", "teacher_logits"),
+    "teacher_logits_k": ("distill", "teacher_logits_k"), "teacher_logits_topk": ("distill", "teacher_logits_topk"),
+    "fused_lm_head": ("distill", "fused_lm_head"), "attn_log_eps": ("distill", "attn_log_eps"),
+    "seekr_backend": ("distill", "backend"), "capture_batch_size": ("capture_batch_size",),
+}
+
+
+def test_every_recipe_key_is_a_generated_argument_field(tmp_path):
+    """A recipe key added to the config is a field of the arguments (help included) without
+    an edit here; the names stay those of ARGUMENT_KEYS, and none shadows a field of
+    TrainingArguments (or TRL's SFTConfig)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from seekr_kernels.integrations import hf
+    from seekr_kernels.seekr.config import RecipeConfig
+    keys = set()
+    for f in dataclasses.fields(RecipeConfig):
+        if dataclasses.is_dataclass(f.default_factory):
+            keys |= {(f.name, g.name) for g in dataclasses.fields(f.default_factory)}
+        else:
+            keys.add((f.name,))
+    args = {f.name: f for f in dataclasses.fields(hf.SeekrArguments)}
+    assert set(hf._FIELDS.values()) | {(k,) for k in hf._FROM_TRAINING_ARGS} == keys
+    assert hf._FIELDS == ARGUMENT_KEYS and set(args) == set(ARGUMENT_KEYS)
+    for name, f in args.items():
+        assert len(f.metadata["help"]) > 10, name
+        assert f.default is None or name in ("seekr_method", "seekr_recipe"), name
+    assert (args["seekr_method"].default, args["seekr_recipe"].default) == ("seekr", "package")
+    assert "'first' with seekr_recipe='official'" in args["replay_subset"].metadata["help"]
+    assert not set(args) & {f.name for f in dataclasses.fields(TrainingArguments)}
+    try:
+        from trl import SFTConfig
+    except ImportError:
+        pass
+    else:
+        assert not set(args) & {f.name for f in dataclasses.fields(SFTConfig)}
+    # the keys the training arguments give
+    a = SeekrConfig(output_dir=str(tmp_path), seed=7, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                    use_cpu=True)
+    rc = a.seekr_recipe_config()
+    assert (rc.seed, rc.batch_size, rc.grad_accum) == (7, 3 * a.world_size * 2, 2)
+
+
+def test_argument_errors_name_the_fields():
+    from seekr_kernels.hf import SeekrArguments
+    from seekr_kernels.seekr.config import ConfigError
+    for kw, msg in [({"seekr_method": "x"}, "seekr_method: must be one of"),
+                    ({"seekr_recipe": "paper"}, "seekr_recipe: must be one of"),
+                    ({"layer_budget": 0}, "layer_budget: must be > 0"),
+                    ({"replay_ratio": 1.5}, "replay_ratio: a count"),
+                    ({"replay_pad_to_multiple_of": 0}, "replay_pad_to_multiple_of: must be > 0"),
+                    ({"seekr_backend": "gpu"}, "seekr_backend: must be one of")]:
+        with pytest.raises(ConfigError, match=f"^{msg}"):
+            SeekrArguments(**kw)
+
+
+def test_argument_parser_round_trip(tmp_path):
+    from transformers import HfArgumentParser
+    values = {"seekr_recipe": "official", "replay_ratio": 0.25, "replay_in_accumulation": False, "layer_budget": 2,
+              "teacher_logits": "sampled", "teacher_logits_k": 16, "fused_lm_head": "false",
+              "seekr_backend": "torch", "attn_log_eps": 0.0, "replay_pad_to_multiple_of": 4}
+    argv = ["--output_dir", str(tmp_path), "--use_cpu", "true"]
+    argv += [x for k, v in values.items() for x in (f"--{k}", str(v))]
+    (parsed,) = HfArgumentParser(SeekrConfig).parse_args_into_dataclasses(argv)
+    built = SeekrConfig(output_dir=str(tmp_path), use_cpu=True, **values)
+    assert {k: getattr(parsed, k) for k in values} == values
+    assert parsed.seekr_dict() == built.seekr_dict() and parsed.replay_cycle is None
+    rc = parsed.seekr_recipe_config()
+    assert rc == built.seekr_recipe_config() and rc.preset == "official"
+    assert (rc.replay.ratio, rc.replay.in_accumulation, rc.replay.subset) == (0.25, False, "first")
+    assert (rc.distill.teacher_logits_k, rc.distill.backend, rc.pad_to_multiple_of) == (16, "torch", 4)
+    assert rc.distill.query_budget == 0 and rc.distill.attn_log_eps == 0.0       # preset fills, explicit wins
+
 def test_trl_sft_trainer_and_reference_copy(tmp_path):
     trl = pytest.importorskip("trl", reason="TRL is needed for SeekrSFTTrainer")
     from datasets import Dataset

@@ -85,37 +85,55 @@ RECIPE_DIR = "seekr_recipe"
 
 # ============================================================================ arguments
 
+# The fields are generated from the recipe config's dataclasses (seekr_kernels.seekr.config),
+# where each key and its help live: a new recipe key is a new field there and nothing here.
+import dataclasses as _dc        # noqa: E402
+import typing as _typing         # noqa: E402
+
+from ..seekr import config as _rc  # noqa: E402
+
+#: Field names of recipe keys: a ``replay`` key is ``replay_<key>``, a ``distill`` key and a
+#: top-level key keep their name, except these (the names TrainingArguments or TRL's
+#: SFTConfig would read otherwise).
+_HF_NAMES = {"method": "seekr_method", "preset": "seekr_recipe", "pad_to_multiple_of": "replay_pad_to_multiple_of",
+             "distill.backend": "seekr_backend"}
+#: Recipe keys the training arguments give (:meth:`SeekrArguments.seekr_recipe_config`):
+#: seed, the global batch (per_device_train_batch_size x processes x accumulation steps),
+#: gradient_accumulation_steps.
+_FROM_TRAINING_ARGS = ("seed", "batch_size", "grad_accum")
+#: Fields with the config's default; every other field defaults to None: the package
+#: default, or the published value with seekr_recipe="official".
+_KEEP_DEFAULT = ("method", "preset")
+
+
+def _recipe_keys():
+    """``(path, field, type)`` of every recipe key, in :class:`RecipeConfig`'s order."""
+    hints = _typing.get_type_hints(RecipeConfig)
+    for f in _dc.fields(RecipeConfig):
+        if _dc.is_dataclass(hints[f.name]):
+            sub = _typing.get_type_hints(hints[f.name])
+            for g in _dc.fields(hints[f.name]):
+                yield (f.name, g.name), g, sub[g.name]
+        elif f.name not in _FROM_TRAINING_ARGS:
+            yield (f.name,), f, hints[f.name]
+
+
+def _hf_name(path) -> str:
+    dotted = ".".join(path)
+    if dotted in _HF_NAMES:
+        return _HF_NAMES[dotted]
+    return "replay_" + path[-1] if path[0] == "replay" else path[-1]
+
+
 # field name -> path in the recipe config (recipe_from_dict)
-_FIELDS = {
-    "seekr_method": ("method",),
-    "seekr_recipe": ("recipe",),
-    "replay_ratio": ("replay", "ratio"),
-    "replay_cycle": ("replay", "cycle"),
-    "replay_batch_size": ("replay", "batch_size"),
-    "replay_subset": ("replay", "subset"),
-    "replay_in_accumulation": ("replay", "in_accumulation"),
-    "replay_order": ("replay", "order"),
-    "replay_outnumbered": ("replay", "outnumbered"),
-    "replay_pad_to_multiple_of": ("pad_to_multiple_of",),
-    "logits_weight": ("distill", "logits_weight"),
-    "attn_weight": ("distill", "attn_weight"),
-    "layer_budget": ("distill", "layer_budget"),
-    "head_budget": ("distill", "head_budget"),
-    "query_budget": ("distill", "query_budget"),
-    "query_sampling": ("distill", "query_sampling"),
-    "sensitivity_region": ("distill", "sensitivity_region"),
-    "sensitivity_batch_size": ("distill", "sensitivity_batch_size"),
-    "sensitivity_padding": ("distill", "sensitivity_padding"),
-    "forgettability_norm": ("distill", "forgettability_norm"),
-    "teacher_logits": ("distill", "teacher_logits"),
-    "teacher_logits_k": ("distill", "teacher_logits_k"),
-    "teacher_logits_topk": ("distill", "teacher_logits_topk"),
-    "fused_lm_head": ("distill", "fused_lm_head"),
-    "attn_log_eps": ("distill", "attn_log_eps"),
-    "seekr_backend": ("distill", "backend"),
-    "capture_batch_size": ("capture_batch_size",),
-}
+_FIELDS = {_hf_name(path): path for path, _, _ in _recipe_keys()}
 _BY_PATH = {".".join(v): k for k, v in _FIELDS.items()}
+
+
+def _hf_names(text: str) -> str:
+    """The dotted recipe keys in ``text`` under the field names of the arguments."""
+    import re
+    return re.sub(r"\b[a-z_]+(?:\.[a-z_]+)+\b", lambda m: _BY_PATH.get(m.group(0), m.group(0)), text)
 
 
 def _help(text, package=None, official=None):
@@ -125,9 +143,41 @@ def _help(text, package=None, official=None):
     return {"help": text}
 
 
+def _recipe_field(path, f, tp):
+    """The argument field of the recipe key ``path``: the config's help (keys under field
+    names) with its default and the official one; ``Optional[type]`` defaulting to None
+    unless the key is in :data:`_KEEP_DEFAULT` (a free-form key, typed Any, is a string)."""
+    if _typing.get_origin(tp) is _typing.Union:     # Optional[X]
+        tp = next(a for a in _typing.get_args(tp) if a is not type(None))
+    base = str if tp is Any else tp
+    text = _hf_names(f.metadata["help"])
+    if ".".join(path) in _KEEP_DEFAULT:
+        return base, field(default=f.default, metadata=_help(text))
+    off = _rc.official_value(path)
+    if f.default is None:     # the help says what the default is
+        return Optional[base], field(default=None, metadata=_help(text))
+    return Optional[base], field(default=None, metadata=_help(
+        text, repr(f.default), None if off is _dc.MISSING or off == f.default else repr(off)))
+
+
+def _with_recipe_fields(cls):
+    """Adds one field per recipe key (:data:`_FIELDS`) to the dataclass-to-be ``cls``."""
+    ann = dict(cls.__dict__.get("__annotations__", {}))
+    for path, f, tp in _recipe_keys():
+        name = _hf_name(path)
+        ann[name], fld = _recipe_field(path, f, tp)
+        setattr(cls, name, fld)
+    cls.__annotations__ = ann
+    return cls
+
+
 @dataclass
+@_with_recipe_fields
 class SeekrArguments:
-    """SEEKR's options as ``TrainingArguments`` fields (the recipe config under flat names).
+    """SEEKR's options as ``TrainingArguments`` fields (the recipe config under flat names,
+    generated from :class:`~seekr_kernels.seekr.config.RecipeConfig`: ``replay_<key>`` for
+    the replay section, the key itself for the distill section, and ``seekr_method``,
+    ``seekr_recipe`` (the preset), ``seekr_backend``, ``replay_pad_to_multiple_of``).
 
     Mixed into :class:`SeekrConfig` (with ``TrainingArguments``) and ``SeekrSFTConfig``
     (with TRL's ``SFTConfig``). A field left at ``None`` takes the package default, or the
@@ -136,67 +186,6 @@ class SeekrArguments:
     gradient_accumulation_steps``) and the accumulation steps come from the training
     arguments.
     """
-    seekr_method: str = field(default="seekr", metadata=_help(
-        "Continual-learning method: 'sft' (no replay), 'replay' (CE on replay batches), 'replay+logits' "
-        "(+ logits distillation) or 'seekr' (+ attention distillation of the selected heads)."))
-    seekr_recipe: str = field(default="package", metadata=_help(
-        "'package' or 'official' (every option left unset takes the published SEEKR code's value)."))
-    replay_ratio: Optional[float] = field(default=None, metadata=_help(
-        "Replay samples kept per task: < 1 a fraction of its training set, >= 1 a count.", 0.01))
-    replay_cycle: Optional[int] = field(default=None, metadata=_help(
-        "A replay step before every N-th train step; 0: train steps per epoch // replay batches.", 0))
-    replay_batch_size: Optional[int] = field(default=None, metadata=_help(
-        "Samples per replay batch (global). Default: the global train batch (one micro-batch of it with "
-        "replay_in_accumulation)."))
-    replay_subset: Optional[str] = field(default=None, metadata=_help(
-        "Which samples of a task are kept: 'random' or 'first'.", "'random'", "'first'"))
-    replay_in_accumulation: Optional[bool] = field(default=None, metadata=_help(
-        "With gradient accumulation, a replay micro-batch is one micro-step of the next window instead of an "
-        "optimiser step of its own.", False, True))
-    replay_order: Optional[str] = field(default=None, metadata=_help(
-        "'reshuffle' (a fresh order per pass over the memory) or 'fixed' (one order, restarted every epoch).",
-        "'reshuffle'", "'fixed'"))
-    replay_outnumbered: Optional[str] = field(default=None, metadata=_help(
-        "When replay batches outnumber train batches: 'every_step' or 'skip'.", "'every_step'", "'skip'"))
-    replay_pad_to_multiple_of: Optional[int] = field(default=None, metadata=_help(
-        "Padding multiple of replay batches.", 8))
-    logits_weight: Optional[float] = field(default=None, metadata=_help(
-        "a in (1 - a) CE + a logits-KL + b attention-KL.", 0.5))
-    attn_weight: Optional[float] = field(default=None, metadata=_help("b, the attention-KL weight.", 1000.0))
-    layer_budget: Optional[int] = field(default=None, metadata=_help(
-        "Layers whose heads may be distilled. Default: 3/4 of the layers."))
-    head_budget: Optional[int] = field(default=None, metadata=_help(
-        "Heads distilled in total. Default: 1/8 of all heads."))
-    query_budget: Optional[int] = field(default=None, metadata=_help(
-        "Query rows distilled per sample (0: all).", 100, 0))
-    query_sampling: Optional[str] = field(default=None, metadata=_help(
-        "'subset' or 'official' (rows drawn with replacement when a sample is shorter).", "'subset'",
-        "'official'"))
-    sensitivity_region: Optional[str] = field(default=None, metadata=_help(
-        "'full' or 'causal' region of (dL/dA)^2.", "'full'"))
-    sensitivity_batch_size: Optional[int] = field(default=None, metadata=_help(
-        "Samples per sensitivity pass.", 1))
-    sensitivity_padding: Optional[str] = field(default=None, metadata=_help(
-        "'real' or 'official' (padded replay-set maps).", "'real'", "'official'"))
-    forgettability_norm: Optional[str] = field(default=None, metadata=_help(
-        "'sample' or 'official'.", "'sample'", "'official'"))
-    teacher_logits: Optional[str] = field(default=None, metadata=_help(
-        "What the replay memory keeps of the teacher's logits: 'dense', 'topk' (the k largest) or 'sampled' "
-        "(k positions sampled with importance weights: an unbiased teacher).", "'dense'"))
-    teacher_logits_k: Optional[int] = field(default=None, metadata=_help(
-        "k of a 'topk' or 'sampled' teacher.", 256))
-    teacher_logits_topk: Optional[int] = field(default=None, metadata=_help(
-        "Older spelling of teacher_logits='topk' with teacher_logits_k = this (0: dense).", 0))
-    fused_lm_head: Optional[str] = field(default=None, metadata=_help(
-        "'auto', 'true' or 'false': the replay CE and logits terms from the final hidden states and the lm_head "
-        "weight without [B, L, V] logits (auto: where it applies, not under FSDP or a LoRA-adapted lm_head; "
-        "true: refuse where it does not).", "'auto'"))
-    attn_log_eps: Optional[float] = field(default=None, metadata=_help(
-        "Attention KL with log(p + eps) (published 1e-8; 0 = exact).", 0.0, 1e-8))
-    seekr_backend: Optional[str] = field(default=None, metadata=_help(
-        "Kernel backend of the SEEKR ops: 'auto', 'triton', 'cpu', 'cuda' or 'torch'.", "'auto'"))
-    capture_batch_size: Optional[int] = field(default=None, metadata=_help(
-        "Samples per forward pass of teacher capture and forgettability.", 32))
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
@@ -243,10 +232,10 @@ class SeekrArguments:
 
 
 def _field_message(msg: str) -> str:
-    """A recipe ConfigError ("distill.query_budget: ...") in the field names of the arguments
-    (every key it names)."""
-    import re
-    return re.sub(r"\b[a-z_]+(?:\.[a-z_]+)+\b", lambda m: _BY_PATH.get(m.group(0), m.group(0)), msg)
+    """A recipe ConfigError ("distill.query_budget: ...", "method: ...") in the field names
+    of the arguments: the key it is about, and every dotted key it names."""
+    key, sep, rest = msg.partition(": ")
+    return _hf_names(_BY_PATH.get(key, key) + sep + rest)
 
 
 @dataclass

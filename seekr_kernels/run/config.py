@@ -24,11 +24,13 @@ to the config file's folder (:func:`load_config`; the working directory for
 (devices, kernels, folders, data, a saved run) run before training
 (:mod:`seekr_kernels.run.preflight`).
 
-The ``replay`` and ``distill`` sections, the ``recipe: official`` preset and the key
-checks are the recipe's (:mod:`seekr_kernels.seekr.config`). A key the config sets
-explicitly always wins over the preset (``recipe: official`` + ``distill:
+The ``method``, ``preset`` and ``seed`` keys, the ``replay`` and ``distill`` sections, the
+``preset: official`` preset, the older key spellings (:data:`~seekr_kernels.seekr.config.KEY_ALIASES`:
+``recipe:`` is read as ``preset:``) and the key checks are the recipe's
+(:mod:`seekr_kernels.seekr.config`, where each of those keys is documented). A key the
+config sets explicitly always wins over the preset (``preset: official`` + ``distill:
 {attn_log_eps: 0}`` = published recipe with the exact attention log). A
-:class:`RunConfig` built in Python with ``recipe="official"`` gets the preset on every
+:class:`RunConfig` built in Python with ``preset="official"`` gets the preset on every
 field still at its package default when validated.
 """
 from __future__ import annotations
@@ -40,9 +42,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..seekr.config import (_LIST_TYPES, METHODS, OFFICIAL, RECIPES, ConfigError, DistillConfig, RecipeConfig,
+from ..seekr.config import (_LIST_TYPES, METHODS, OFFICIAL, PRESETS, ConfigError, DistillConfig, RecipeConfig,
                             ReplayConfig, _apply_preset_to_defaults, _build, _choice, _err, _merge_preset,
-                            _positive, _validate_distill, _validate_replay)
+                            _positive, _validate_distill, _validate_replay, _written, accepts_older_keys,
+                            key_spellings, recipe_field, resolve_aliases)
 
 
 # ---------------------------------------------------------------- LoRA and checkpoint keys
@@ -168,12 +171,15 @@ class DistributedConfig:
     backend: str = "auto"               # auto: nccl on CUDA, gloo on CPU
 
 
+@accepts_older_keys
 @dataclass
 class RunConfig:
-    method: str = "seekr"
-    recipe: str = "package"             # package | official (see OFFICIAL)
+    """A run of the package's trainer (``seekr train``). ``method``, ``preset``, ``seed``,
+    ``replay`` and ``distill`` are the recipe's keys (:class:`RecipeConfig`)."""
+    method: str = recipe_field("method")
+    preset: str = recipe_field("preset")
     output_dir: str = "seekr-run"
-    seed: int = 42
+    seed: int = recipe_field("seed")
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     keep_checkpoints: str = "last"      # last | all
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,8 +198,8 @@ class RunConfig:
         """Check values (ranges, choices); raise :class:`ConfigError` naming the key.
         Relative paths left (a config built in Python) become absolute against the
         working directory."""
-        _choice("recipe", self.recipe, RECIPES)
-        if self.recipe == "official" and not self._preset_applied:
+        _choice(_written(self, "preset"), self.preset, PRESETS)
+        if self.preset == "official" and not self._preset_applied:
             _apply_preset_to_defaults(self)
         _validate(self)
         resolve_paths(self)
@@ -206,7 +212,7 @@ class RunConfig:
     def recipe_config(self) -> "RecipeConfig":
         """The parts of this run the SEEKR recipe needs (see :class:`RecipeConfig`)."""
         t = self.train
-        rc = RecipeConfig(method=self.method, recipe=self.recipe, seed=self.seed,
+        rc = RecipeConfig(method=self.method, preset=self.preset, seed=self.seed,
                           replay=dataclasses.replace(self.replay),
                           distill=dataclasses.replace(self.distill),
                           batch_size=t.batch_size, grad_accum=t.grad_accum,
@@ -376,7 +382,8 @@ def _default_name(path):
 
 
 def from_dict(data: dict, validate: bool = True, base_dir: Optional[str] = None) -> RunConfig:
-    """Build a :class:`RunConfig` from a plain dict (e.g. parsed YAML).
+    """Build a :class:`RunConfig` from a plain dict (e.g. parsed YAML; older key spellings
+    through :data:`~seekr_kernels.seekr.config.KEY_ALIASES`).
 
     Relative paths (``output_dir``, ``model.path``, ``model.tokenizer``, ``tasks[i].path``)
     are made absolute against ``base_dir`` (default: the working directory), see
@@ -385,8 +392,11 @@ def from_dict(data: dict, validate: bool = True, base_dir: Optional[str] = None)
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
-    official = data.get("recipe") == "official"
-    cfg = _build(RunConfig, _merge_preset(data, OFFICIAL) if official else data)
+    data, spelled = resolve_aliases(data, RunConfig)
+    official = data.get("preset") == "official"
+    cfg = _build(RunConfig, _merge_preset(data, OFFICIAL) if official else data, spelled=spelled)
+    if spelled:
+        cfg._spelled = spelled
     cfg._preset_applied = official
     resolve_paths(cfg, base_dir)
     return cfg.validate() if validate else cfg
@@ -394,7 +404,9 @@ def from_dict(data: dict, validate: bool = True, base_dir: Optional[str] = None)
 
 def load_config(path: str, overrides: dict | None = None) -> RunConfig:
     """Read a YAML (or JSON) config file; ``overrides`` (dotted keys, see
-    :func:`set_dotted`) are applied on top, as if written in the file.
+    :func:`set_dotted`) are applied on top, as if written in the file (an override
+    replaces the file's key under its other spelling too: ``preset=package`` over a file's
+    ``recipe: official``).
 
     Every relative path in it (``output_dir``, ``model.path``, ``model.tokenizer``,
     ``tasks[i].path``, overrides included) is resolved against the config file's folder
@@ -415,6 +427,9 @@ def load_config(path: str, overrides: dict | None = None) -> RunConfig:
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
         for k, v in (overrides or {}).items():
+            for other in key_spellings(k):      # the override wins over the file's other spelling
+                if other != k:
+                    _drop_dotted(data, other)
             set_dotted(data, k, v)
         cfg = from_dict(data, validate=False, base_dir=os.path.dirname(os.path.abspath(path)))
         return cfg.validate()
@@ -440,6 +455,15 @@ def resolve_paths(cfg: RunConfig, base_dir: Optional[str] = None) -> RunConfig:
         if isinstance(ts, TaskSpec):
             ts.path = rel(ts.path)
     return cfg
+
+
+def _drop_dotted(data: dict, key: str) -> None:
+    """Remove the dotted mapping key ``key`` from ``data`` where it is set."""
+    *path, last = key.split(".")
+    for p in path:
+        data = data.get(p) if isinstance(data, dict) else None
+    if isinstance(data, dict):
+        data.pop(last, None)
 
 
 _SEGMENT = re.compile(r"([^\[\]]*)((?:\[-?\d+\])*)")

@@ -1,21 +1,25 @@
 """The SEEKR recipe's configuration: :class:`RecipeConfig` and its ``replay`` / ``distill``
-sections, the ``recipe: official`` preset (:data:`OFFICIAL`) and the key-checked builder
-every config of the package goes through.
+sections, the ``preset: official`` preset (:data:`OFFICIAL`), the table of older key
+spellings (:data:`KEY_ALIASES`) and the key-checked builder every config of the package
+goes through.
 
-Every unknown key and every value of the wrong type or out of range is a
-:class:`ConfigError` naming the key by its dotted path (``distill.head_budget``). A run of
-the package's own trainer extends this with model, train, eval and log sections
-(:mod:`seekr_kernels.run.config`); the Hugging Face fields are generated from the same
-dataclasses (:mod:`seekr_kernels.integrations.hf`).
+Every key is documented once, in its field's ``metadata["help"]``; the Hugging Face fields
+(:class:`seekr_kernels.integrations.hf.SeekrArguments`) are generated from these fields,
+help included. Every unknown key and every value of the wrong type or out of range is a
+:class:`ConfigError` naming the key by its dotted path (``distill.head_budget``), as the
+config spells it. A run of the package's own trainer extends this with model, train, eval
+and log sections (:mod:`seekr_kernels.run.config`).
 
-``recipe: official`` switches every place where the package's definitions differ from the
-published code (jinghan1he/SEEKR) to the published choice at once; see :data:`OFFICIAL`
-for the keys it sets and README.md "Deviations from the published code" for what each
-changes. A key set explicitly always wins over the preset.
+``preset: official`` (``recipe: official`` in configs written before the key was renamed)
+switches every place where the package's definitions differ from the published code
+(jinghan1he/SEEKR) to the published choice at once; see :data:`OFFICIAL` for the keys it
+sets and README.md "Deviations from the published code" for what each changes. A key set
+explicitly always wins over the preset.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -23,117 +27,228 @@ from typing import Any, Optional
 
 
 METHODS = ("sft", "replay", "replay+logits", "seekr")
+PRESETS = ("package", "official")
+RECIPES = PRESETS   # the name before the key was renamed (recipe -> preset)
 
 
 class ConfigError(ValueError):
     """A config key that is unknown, of the wrong type or out of range (message names it)."""
 
 
+def _f(default=dataclasses.MISSING, help: str = "", **kw):
+    """A config field with its help text (the one place a key is documented)."""
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class ReplayConfig:
-    """Replay memory and schedule.
-
-    ``ratio`` < 1 is a fraction of each task's training set, >= 1 a count. ``cycle`` 0 means
-    the published default: train batches per epoch // replay batches.
-
-    ``subset``: which samples of a task are kept: ``random`` (a seeded random subset of at
-    least 1) or ``first`` (the first ``int(N x ratio)`` samples, as published).
-    ``in_accumulation``: with ``train.grad_accum`` > 1, a replay batch is one micro-batch
-    inside the accumulation window of the next optimiser step (published: DeepSpeed counts
-    it as a micro-step) instead of an optimiser step of its own; ``batch_size`` is then the
-    replay micro-batch (default ``train.batch_size / train.grad_accum``).
-    ``order``: ``reshuffle`` (each pass over the memory in a fresh order, continuing across
-    epochs) or ``fixed`` (one order per task, restarted at every epoch, as published).
-    ``outnumbered``: when replay batches outnumber train batches (so the default cycle is
-    0): ``every_step`` (replay before every train step) or ``skip`` (no replay in that
-    task, as published).
-    """
-    ratio: float = 0.01
-    cycle: int = 0
-    batch_size: Optional[int] = None    # default: train.batch_size (a micro-batch with in_accumulation)
-    subset: str = "random"              # random | first
-    in_accumulation: bool = False
-    order: str = "reshuffle"            # reshuffle | fixed
-    outnumbered: str = "every_step"     # every_step | skip
+    """Replay memory and schedule (the ``replay`` section)."""
+    ratio: float = _f(0.01, "Replay samples kept per task: < 1 a fraction of its training set, >= 1 a count.")
+    cycle: int = _f(0, "A replay step before every N-th train step; 0: the published default, train batches "
+                       "per epoch // replay batches.")
+    batch_size: Optional[int] = _f(None, "Samples per replay batch (global). Default: the global train batch "
+                                         "(one micro-batch of it with replay.in_accumulation).")
+    subset: str = _f("random", "Which samples of a task are kept: 'random' (a seeded random subset of at "
+                               "least 1) or 'first' (the first int(N x ratio) samples, as published).")
+    in_accumulation: bool = _f(False, "With gradient accumulation, a replay batch is one micro-batch inside the "
+                                      "accumulation window of the next optimiser step (published: DeepSpeed "
+                                      "counts it as a micro-step) instead of an optimiser step of its own; "
+                                      "replay.batch_size is then the replay micro-batch.")
+    order: str = _f("reshuffle", "'reshuffle' (each pass over the memory in a fresh order, continuing across "
+                                 "epochs) or 'fixed' (one order per task, restarted at every epoch, as published).")
+    outnumbered: str = _f("every_step", "When replay batches outnumber train batches (so the default cycle is "
+                                        "0): 'every_step' (replay before every train step) or 'skip' (no replay "
+                                        "in that task, as published).")
 
 
 @dataclass
 class DistillConfig:
-    """SEEKR losses, budgets and statistics.
-
-    Budgets ``None`` follow the published Llama-2-7B setting scaled to the model: 3/4 of
-    the layers, 1/8 of all heads; ``query_budget`` 0 = all rows.
-
-    Published-code switches (``recipe: official`` sets all of them):
-
-    ``attn_log_eps``: the attention KL uses ``log(p + eps)`` for the student (published
-    1e-8; 0 = the exact log-softmax). With eps > 0 the term runs on the plain-PyTorch
-    backend (selected rows only), see :func:`seekr_kernels.attention_kl`.
-    ``forgettability_norm``: ``sample`` (per sample, mean over its Q query rows x n real
-    keys) or ``official`` (every sample padded to the replay set's length T: mean over Q x
-    T, and with query budget 0 the T rows include the padding rows).
-    ``sensitivity_padding``: ``real`` (mean of (dL/dA)^2 over the sample's n x n map) or
-    ``official`` (over the T x T map of the sample padded to the replay set's length,
-    padding keys included).
-    ``query_sampling``: ``subset`` (a sample with n <= Q tokens distils all n rows) or
-    ``official`` (Q rows drawn with replacement, then sorted, when n < Q).
-
-    Logits teacher and student (README "Logits distillation without logits"):
-
-    ``teacher_logits``: what the replay memory keeps of the teacher's logits: ``dense``
-    (``[A, V]`` fp32 per sample, as published), ``topk`` (the ``teacher_logits_k``
-    largest logits and the row log-sum-exp, a :class:`~seekr_kernels.TopK`) or
-    ``sampled`` (``teacher_logits_k`` positions drawn by priority sampling with
-    importance weights, an unbiased :class:`~seekr_kernels.SampledTeacher`, seeded by
-    the run's seed, the task and the sample). ``teacher_logits_k``: k for ``topk`` /
-    ``sampled`` (default 256, the measured recommendation); not allowed with ``dense``.
-    ``teacher_logits_topk: K`` is the older spelling of ``teacher_logits: topk`` with
-    k = K (0: dense); it may be combined only with ``topk`` and the same k.
-    ``fused_lm_head``: ``auto`` (default) computes the replay CE and logits term from
-    the final hidden states and the ``lm_head`` weight
-    (:func:`~seekr_kernels.linear_logits_kl`) without materialising ``[B, L, V]``
-    logits, wherever that applies (an unsharded ``nn.Linear`` lm_head, not adapted by
-    LoRA, no logits post-processing); ``true`` refuses to run where it does not;
-    ``false`` always materialises the logits.
-    """
-    logits_weight: float = 0.5
-    attn_weight: float = 1000.0
-    layer_budget: Optional[int] = None
-    head_budget: Optional[int] = None
-    query_budget: int = 100
-    sensitivity_region: str = "full"     # full | causal
-    sensitivity_batch_size: int = 1
-    teacher_logits: str = "dense"        # dense | topk | sampled
-    teacher_logits_k: Optional[int] = None   # k of topk / sampled (default 256)
-    teacher_logits_topk: int = 0         # older spelling: K > 0 = teacher_logits topk, k = K
-    fused_lm_head: Any = "auto"          # auto | true | false
-    backend: str = "auto"
-    attn_log_eps: float = 0.0
-    forgettability_norm: str = "sample"  # sample | official
-    sensitivity_padding: str = "real"    # real | official
-    query_sampling: str = "subset"       # subset | official
+    """SEEKR losses, budgets and statistics (the ``distill`` section). Replay batches train
+    on ``(1 - a) CE + a logits-KL + b attention-KL``; the keys marked "published" are the
+    switches ``preset: official`` sets; the logits teacher is README "Logits distillation
+    without logits"."""
+    logits_weight: float = _f(0.5, "a in (1 - a) CE + a logits-KL + b attention-KL, in [0, 1].")
+    attn_weight: float = _f(1000.0, "b, the attention-KL weight.")
+    layer_budget: Optional[int] = _f(None, "Layers whose heads may be distilled. Default: 3/4 of the model's "
+                                           "layers (the published Llama-2-7B setting, scaled to the model).")
+    head_budget: Optional[int] = _f(None, "Heads distilled in total. Default: 1/8 of all heads (the published "
+                                          "Llama-2-7B setting, scaled to the model).")
+    query_budget: int = _f(100, "Query rows distilled per sample (0: all rows).")
+    sensitivity_region: str = _f("full", "Region of the (dL/dA)^2 head sensitivity: 'full' or 'causal'.")
+    sensitivity_batch_size: int = _f(1, "Samples per sensitivity pass.")
+    teacher_logits: str = _f("dense", "What the replay memory keeps of the teacher's logits: 'dense' ([A, V] "
+                                      "fp32 per sample, as published), 'topk' (the distill.teacher_logits_k "
+                                      "largest logits and the row log-sum-exp) or 'sampled' (k positions drawn "
+                                      "by priority sampling with importance weights, an unbiased teacher "
+                                      "seeded by the run's seed, the task and the sample).")
+    teacher_logits_k: Optional[int] = _f(None, "k of a 'topk' or 'sampled' teacher (default 256, the measured "
+                                               "recommendation); not allowed with 'dense'.")
+    teacher_logits_topk: int = _f(0, "Older spelling of distill.teacher_logits 'topk' with distill.teacher_logits_k "
+                                     "= this (0: dense); it may be combined only with 'topk' and the same k.")
+    fused_lm_head: Any = _f("auto", "'auto', 'true' or 'false': the replay CE and logits term from the final "
+                                    "hidden states and the lm_head weight without materialising [B, L, V] "
+                                    "logits. 'auto': wherever that applies (an unsharded nn.Linear lm_head, not "
+                                    "adapted by LoRA, no logits post-processing); 'true': refuse to run where it "
+                                    "does not; 'false': always materialise the logits.")
+    backend: str = _f("auto", "Kernel backend of the SEEKR ops: 'auto', 'triton', 'cpu', 'cuda' or 'torch'.")
+    attn_log_eps: float = _f(0.0, "The attention KL with log(p + eps) for the student (published 1e-8; 0: the "
+                                  "exact log-softmax). With eps > 0 the term runs on the plain-PyTorch backend "
+                                  "(selected rows only).")
+    forgettability_norm: str = _f("sample", "'sample' (per sample, mean over its Q = distill.query_budget query "
+                                            "rows x n real keys) or 'official' (every sample padded to the replay "
+                                            "set's length T: mean over Q x T; with query budget 0 the T rows "
+                                            "include the padding rows; published).")
+    sensitivity_padding: str = _f("real", "'real' (mean of (dL/dA)^2 over the sample's n x n map) or 'official' "
+                                          "(over the T x T map of the sample padded to the replay set's length, "
+                                          "padding keys included; published).")
+    query_sampling: str = _f("subset", "'subset' (a sample with n <= Q tokens distils all n rows) or 'official' "
+                                       "(Q rows drawn with replacement, then sorted, when n < Q; published).")
 
 
+#: Older spellings of config keys, for every config of the package (a run's YAML, a recipe
+#: dict, the config saved in a run's state.json and checkpoints): older dotted key -> current
+#: key. Each is a pure rename: the value is read as it is, under the current key. Both
+#: spellings given: the current key at its default counts as unset (a dict written by
+#: ``to_dict()`` carries every key), so the older spelling's value is read; two different
+#: values otherwise are a :class:`ConfigError` naming both. Constructors
+#: and attributes of the config classes take the older top-level spellings too
+#: (``RunConfig(recipe="official").recipe``). Older spellings that change the value, not only
+#: the key, stay keys of their own and are resolved where the key is checked:
+#: ``distill.teacher_logits_topk`` (:func:`_validate_teacher_logits`) and ``log.tensorboard``
+#: (:mod:`seekr_kernels.run.config`).
+KEY_ALIASES = {
+    "recipe": "preset",      # renamed so the key does not read as the SeekrRecipe class
+}
+
+
+def _contradiction(old, a, new, b):
+    _err(old, f"{a!r} contradicts {new}: {b!r} ({old} is the older spelling of {new}); set one of them")
+
+
+def _section(d: dict, path, create: bool):
+    """The mapping at ``path`` inside ``d``, copied into ``d`` (so the caller's dicts stay as
+    they are); None where there is none (created empty with ``create``) or it is no mapping."""
+    for k in path:
+        v = d.get(k)
+        if v is None and create:
+            v = {}
+        if not isinstance(v, dict):
+            return None
+        d[k] = d = dict(v)
+    return d
+
+
+def _field_default(cls, path):
+    """The default of the key ``path`` of the config dataclass ``cls`` (MISSING if none)."""
+    for i, name in enumerate(path):
+        f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+        if f is None:
+            return dataclasses.MISSING
+        if i == len(path) - 1:
+            return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        cls = typing.get_type_hints(cls)[name]
+        if not dataclasses.is_dataclass(cls):
+            return dataclasses.MISSING
+    return dataclasses.MISSING
+
+
+def resolve_aliases(data: dict, cls=None) -> tuple:
+    """``(data, spelled)``: a copy of the config dict ``data`` (of the config dataclass
+    ``cls``, default :class:`RecipeConfig`) with every older key of :data:`KEY_ALIASES` under
+    its current name, and ``{current key: older key}`` of those renamed (so errors can name
+    the key as written). Both spellings given: see :data:`KEY_ALIASES`."""
+    cls = cls or RecipeConfig
+    if not isinstance(data, dict):
+        return data, {}
+    out, spelled = dict(data), {}
+    for old, new in KEY_ALIASES.items():
+        *osec, okey = old.split(".")
+        src = _section(out, osec, create=False)
+        if src is None or okey not in src:
+            continue
+        *nsec, nkey = new.split(".")
+        dst = _section(out, nsec, create=True)
+        if dst is None:
+            continue      # the section is no mapping: _build reports it
+        value = src.pop(okey)
+        if nkey in dst and dst[nkey] != value and dst[nkey] != _field_default(cls, new.split(".")):
+            _contradiction(old, value, new, dst[nkey])
+        dst[nkey] = value
+        spelled[new] = old
+    return out, spelled
+
+
+def canonical_keys(data: dict, cls=None) -> dict:
+    """A config dict (one saved by an older version included) under the current keys."""
+    return resolve_aliases(data, cls)[0]
+
+
+def key_spellings(key: str) -> tuple:
+    """Every spelling of the dotted config ``key``: itself, its current name and its older ones."""
+    new = KEY_ALIASES.get(key, key)
+    return (new,) + tuple(old for old, n in KEY_ALIASES.items() if n == new)
+
+
+def _written(cfg, key: str) -> str:
+    """``key`` as the config ``cfg`` was given it (its older spelling where that was used)."""
+    return (getattr(cfg, "_spelled", None) or {}).get(key, key)
+
+
+def accepts_older_keys(cls):
+    """Class decorator for a config dataclass: its constructor takes the older top-level
+    spellings of :data:`KEY_ALIASES` as keywords, and each is an attribute reading and
+    writing the current field (``RunConfig(recipe="official").recipe == "official"``)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    olds = {old: new for old, new in KEY_ALIASES.items() if "." not in old and new in names}
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kw):
+        spelled = {}
+        for old, new in olds.items():
+            if old in kw:
+                value = kw.pop(old)
+                if new in kw and kw[new] != value and kw[new] != _field_default(cls, (new,)):
+                    _contradiction(old, value, new, kw[new])
+                kw[new], spelled[new] = value, old
+        init(self, *args, **kw)
+        if spelled:
+            self._spelled = spelled
+
+    cls.__init__ = __init__
+    for old, new in olds.items():
+        setattr(cls, old, property(lambda self, n=new: getattr(self, n),
+                                   lambda self, v, n=new: setattr(self, n, v),
+                                   doc=f"The older spelling of :attr:`{new}`."))
+    return cls
+
+
+def recipe_field(name: str):
+    """A field of another config dataclass that is the recipe's top-level key ``name``
+    (same default and help), so the run config does not document it a second time."""
+    f = next(f for f in dataclasses.fields(RecipeConfig) if f.name == name)
+    return field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+
+
+@accepts_older_keys
 @dataclass
 class RecipeConfig:
-    """What :class:`seekr_kernels.SeekrRecipe` needs, without the rest of a run.
-
-    ``batch_size`` is the global train batch (the default replay batch), ``grad_accum``
-    the accumulation micro-steps per optimiser step, ``pad_to_multiple_of`` the padding
-    of replay batches (and of the replay set under the official statistics),
-    ``capture_batch_size`` the samples per forward pass of teacher capture and
-    forgettability. Built from a run with :meth:`RunConfig.recipe_config`, from a dict
-    with :func:`recipe_from_dict` (``recipe: official`` applies as in a run config).
-    """
-    method: str = "seekr"
-    recipe: str = "package"
-    seed: int = 42
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    batch_size: int = 16
-    grad_accum: int = 1
-    pad_to_multiple_of: int = 8
-    capture_batch_size: int = 32
+    """What :class:`seekr_kernels.SeekrRecipe` needs, without the rest of a run. Built from a
+    run with :meth:`RunConfig.recipe_config`, from a dict with :func:`recipe_from_dict`
+    (``preset: official`` applies as in a run config)."""
+    method: str = _f("seekr", "Continual-learning method: 'sft' (no replay), 'replay' (CE on replay batches), "
+                              "'replay+logits' (+ logits distillation) or 'seekr' (+ attention distillation of "
+                              "the selected heads).")
+    preset: str = _f("package", "'package' or 'official': every key left unset takes the published SEEKR "
+                                "code's value (a key set explicitly wins).")
+    seed: int = _f(42, "Seed of the recipe's draws (replay subsets, replay order, query rows, sampled teachers).")
+    replay: ReplayConfig = _f(help="Replay memory and schedule.", default_factory=ReplayConfig)
+    distill: DistillConfig = _f(help="SEEKR losses, budgets and statistics.", default_factory=DistillConfig)
+    batch_size: int = _f(16, "The global train batch of one optimiser step (the default replay batch).")
+    grad_accum: int = _f(1, "Accumulation micro-steps per optimiser step.")
+    pad_to_multiple_of: int = _f(8, "Padding multiple of replay batches (and of the replay set under the "
+                                    "official statistics).")
+    capture_batch_size: int = _f(32, "Samples per forward pass of teacher capture and forgettability.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,8 +257,8 @@ class RecipeConfig:
 
     def validate(self) -> "RecipeConfig":
         """Check values; raise :class:`ConfigError` naming the key."""
-        _choice("recipe", self.recipe, RECIPES)
-        if self.recipe == "official" and not self._preset_applied:
+        _choice(_written(self, "preset"), self.preset, PRESETS)
+        if self.preset == "official" and not self._preset_applied:
             _apply_preset_to_defaults(self)
         _choice("method", self.method, METHODS)
         for k in ("batch_size", "grad_accum", "pad_to_multiple_of", "capture_batch_size"):
@@ -160,10 +275,7 @@ class RecipeConfig:
 _LIST_TYPES: dict = {}
 
 
-RECIPES = ("package", "official")
-
-
-#: What ``recipe: official`` sets (the published code, jinghan1he/SEEKR training/seekr.py
+#: What ``preset: official`` sets (the published code, jinghan1he/SEEKR training/seekr.py
 #: and scripts/exp_seq_seekr.sh, on 8 GPUs x 2 samples x 8 accumulation steps). Layer and
 #: head budgets stay scaled to the model (24 of 32 layers and 128 of 1024 heads at 7B are
 #: exactly the package's scaled defaults).
@@ -177,6 +289,16 @@ OFFICIAL = {
                 "attn_log_eps": 1e-8, "forgettability_norm": "official", "sensitivity_padding": "official",
                 "query_sampling": "official"},
 }
+#: The train keys of :data:`OFFICIAL` that are top-level keys of a :class:`RecipeConfig`.
+_RECIPE_TRAIN_KEYS = ("batch_size", "grad_accum", "pad_to_multiple_of")
+
+
+def official_value(path: tuple):
+    """What ``preset: official`` sets the recipe key ``path`` (``("replay", "subset")``,
+    ``("batch_size",)``) to; :data:`dataclasses.MISSING` where the preset leaves it."""
+    if len(path) == 1:
+        return OFFICIAL["train"][path[0]] if path[0] in _RECIPE_TRAIN_KEYS else dataclasses.MISSING
+    return OFFICIAL.get(path[0], {}).get(path[1], dataclasses.MISSING)
 
 
 def _merge_preset(data: dict, preset: dict) -> dict:
@@ -197,7 +319,7 @@ def _apply_preset_to_defaults(obj) -> None:
     for sec, vals in OFFICIAL.items():
         sub = getattr(obj, sec, None)
         if sub is None:   # a RecipeConfig has no train section: its batch fields instead
-            sub, names = obj, {"batch_size", "grad_accum", "pad_to_multiple_of"}
+            sub, names = obj, set(_RECIPE_TRAIN_KEYS)
         else:
             names = set(vals)
         defaults = type(sub)()
@@ -211,19 +333,19 @@ def _err(key, msg):
     raise ConfigError(f"{key}: {msg}")
 
 
-def _coerce(value, tp, key):
+def _coerce(value, tp, key, spelled=None):
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key)
+        return _coerce(value, args[0], key, spelled)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
             _err(key, f"expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, key)
+        return _build(tp, value, key, spelled)
     if tp is bool:
         if not isinstance(value, bool):
             _err(key, f"expected true or false, got {value!r}")
@@ -262,12 +384,16 @@ def _coerce(value, tp, key):
     return value
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def _build(cls, data: dict, prefix: str = "", spelled: Optional[dict] = None):
+    """``cls`` from the dict ``data`` (current keys: :func:`resolve_aliases`); errors name a
+    key as ``spelled`` says it was written."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    spelled = spelled or {}
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        key = spelled.get(key, key)
         if k not in names:
             _err(key, f"unknown key (known: {', '.join(sorted(names))})")
         sub = _LIST_TYPES.get((cls.__name__, k))
@@ -281,10 +407,10 @@ def _build(cls, data: dict, prefix: str = ""):
                     item = {"path": item}
                 if not isinstance(item, (dict, sub)):
                     _err(ik, f"expected a mapping, got {type(item).__name__}")
-                items.append(item if isinstance(item, sub) else _build(sub, item, ik))
+                items.append(item if isinstance(item, sub) else _build(sub, item, ik, spelled))
             kwargs[k] = items
         else:
-            kwargs[k] = _coerce(v, hints[k], key)
+            kwargs[k] = _coerce(v, hints[k], key, spelled)
     return cls(**kwargs)
 
 
@@ -369,14 +495,17 @@ def _validate_teacher_logits(d, p="distill."):
 
 def recipe_from_dict(data: Optional[dict] = None, validate: bool = True) -> RecipeConfig:
     """Build a :class:`RecipeConfig` from a plain dict (``replay``/``distill`` sections,
-    ``method``, ``recipe``, ``seed``, ``batch_size``, ...); ``recipe: official`` fills in the
-    published values under the keys given."""
-    data = dict(data or {})
-    if data.get("recipe", "package") == "official":
+    ``method``, ``preset``, ``seed``, ``batch_size``, ...; older key spellings through
+    :data:`KEY_ALIASES`); ``preset: official`` fills in the published values under the keys
+    given."""
+    data, spelled = resolve_aliases(dict(data or {}))
+    official = data.get("preset", "package") == "official"
+    if official:
         data = _merge_preset(data, {k: v for k, v in OFFICIAL.items() if k != "train"})
-        tr = OFFICIAL["train"]
-        for k in ("batch_size", "grad_accum", "pad_to_multiple_of"):
-            data.setdefault(k, tr[k])
-    cfg = _build(RecipeConfig, data)
-    cfg._preset_applied = data.get("recipe") == "official"
+        for k in _RECIPE_TRAIN_KEYS:
+            data.setdefault(k, OFFICIAL["train"][k])
+    cfg = _build(RecipeConfig, data, spelled=spelled)
+    if spelled:
+        cfg._spelled = spelled
+    cfg._preset_applied = official
     return cfg.validate() if validate else cfg

@@ -163,6 +163,10 @@ TRAIN_CASES = [
     ("metric-unknown", _set("tasks.0.metric", "no_such_metric"), "tasks[0].metric"),
     ("no-tasks", _set("tasks", []), "tasks: at least one task"),
     ("unknown-key", _set("eval.batchsize", 3), "eval.batchsize: unknown key"),
+    ("recipe-unknown", _set("recipe", "paper"), "recipe: must be one of ['package', 'official']"),
+    ("preset-unknown", _args("--set", "preset=paper"), "preset: must be one of ['package', 'official']"),
+    ("recipe-and-preset-differ", lambda d, r, m: d.update(recipe="package", preset="official"),
+     "recipe: 'package' contradicts preset: 'official' (recipe is the older spelling of preset)"),
     ("output-dir-is-file", _file_output, "output_dir:"),
     ("output-dir-foreign", _foreign_output, "holds no seekr run"),
     # state.json as found on --resume (a real run's edits: tests/run/test_checkpoint.py)

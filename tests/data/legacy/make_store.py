@@ -10,7 +10,7 @@ import shutil
 import torch
 
 import seekr_kernels as sk
-from seekr_kernels.ops.topk import TopK
+from seekr_kernels.ops.teachers import TopK
 from seekr_kernels.run import checkpoint as ck
 from seekr_kernels.seekr.importance import Importance
 from seekr_kernels.seekr.memory import ReplayMemory, ReplaySample
