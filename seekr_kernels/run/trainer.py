@@ -957,12 +957,7 @@ class ContinualTrainer:
         return int(ts["completed"]) if ts["phase"] == "task_end" else int(ts["task"])
 
     def _check_config(self, ts: dict, path: str, allow: tuple):
-<<<<<<< HEAD
         saved, now = flatten(canonical_keys(ts.get("config") or {})), flatten(self.cfg.to_dict())
-=======
-        saved, now = _flatten(canonical_keys(ts.get("config") or {})), _flatten(self.cfg.to_dict())
-        defaults = _flatten(RunConfig().to_dict())
->>>>>>> r19-args
         K = saved.get("distill.teacher_logits_topk")
         if K and "distill.teacher_logits" not in saved:
             # Saved before distill.teacher_logits existed: its older spelling, resolved as now.
