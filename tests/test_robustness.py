@@ -16,7 +16,6 @@ from seekr_kernels.ops import logits_kl as lk
 CPU = torch.device("cpu")
 FUSED = [b for b in ("cpu", "triton") if _backend.available(b, CPU)[0]]
 ALL = FUSED + ["torch"]
-SQDIFF = [b for b in ALL if b != "cpu"]      # backends with an attention_sqdiff
 needs_triton = pytest.mark.skipif("triton" not in FUSED, reason="triton is not installed")
 
 
@@ -113,10 +112,9 @@ def test_overflowing_scores_are_refused_on_every_backend(backend, dtype):
         sk.attention_kl(q, k, sk.TopK.from_dense(t, 2), heads, backend=backend)
     with pytest.raises(ValueError, match="q: attention scores may overflow"):
         sk.attention_probs(q, k, heads, backend=backend)
-    if backend != "cpu":
-        small = torch.randn(1, 1, 4, 4).to(dtype)
-        with pytest.raises(ValueError, match="q_b: attention scores may overflow"):
-            sk.attention_sqdiff(small, small, q, k, heads, backend=backend)
+    small = torch.randn(1, 1, 4, 4).to(dtype)
+    with pytest.raises(ValueError, match="q_b: attention scores may overflow"):
+        sk.attention_sqdiff(small, small, q, k, heads, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -144,9 +142,8 @@ def test_bad_head_without_value_checks_is_an_error(backend, head):
                  lambda: sk.attention_probs(q, k, heads, backend=backend, check_values=False)):
         with pytest.raises(ValueError, match="heads"):
             call()
-    if backend != "cpu":
-        with pytest.raises(ValueError, match="heads"):
-            sk.attention_sqdiff(q, k, q, k, heads, backend=backend, check_values=False)
+    with pytest.raises(ValueError, match="heads"):
+        sk.attention_sqdiff(q, k, q, k, heads, backend=backend, check_values=False)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -287,9 +284,8 @@ def _ops(q, k, t, heads, queries, mask, backend, cv):
     """attention_kl rows, attention_probs and attention_sqdiff as zero-argument calls."""
     kw = dict(backend=backend, check_values=cv)
     calls = [lambda: sk.attention_kl(q, k, t, heads, queries, mask, reduction="none", **kw),
-             lambda: sk.attention_probs(q, k, heads, queries, mask, **kw)]
-    if backend in SQDIFF:
-        calls.append(lambda: sk.attention_sqdiff(q, k, 0.7 * q, k, heads, queries, mask, **kw))
+             lambda: sk.attention_probs(q, k, heads, queries, mask, **kw),
+             lambda: sk.attention_sqdiff(q, k, 0.7 * q, k, heads, queries, mask, **kw)]
     return calls
 
 
