@@ -35,6 +35,8 @@ struct Problem {
   // inputs
   const void* q = nullptr;         // [B, H, L, D] contiguous, q_dtype
   const void* k = nullptr;         // [B, Hkv, L, D] contiguous, q_dtype
+  const void* q_b = nullptr;       // attention_sqdiff: model b's q and k, shaped and typed
+  const void* k_b = nullptr;       //   like q and k (model a's)
   const void* teacher = nullptr;   // [B, S, Q, L] contiguous, t_dtype; null = no teacher
   const void* tmass_in = nullptr;  // [B, S, Q] acc dtype (used when teacher is null)
   const int32_t* heads = nullptr;  // [B, S]
@@ -44,7 +46,7 @@ struct Problem {
   const void* tmass = nullptr;     // [B, S, Q] acc (backward)
   const void* grad = nullptr;      // [B, S, Q] acc (backward)
   // outputs
-  void* rows = nullptr;     // [B, S, Q] acc
+  void* rows = nullptr;     // [B, S, Q] acc (KL rows, or sqdiff rows)
   void* lse = nullptr;      // [B, S, Q] acc
   void* tmass_out = nullptr;  // [B, S, Q] acc
   void* dq = nullptr;       // [B, H, L, D] acc
@@ -71,7 +73,8 @@ struct Problem {
 #define SEEKR_DECLARE_ISA(isa)                    \
   void attention_kl_fwd_##isa(const Problem& p); \
   void attention_kl_bwd_##isa(const Problem& p); \
-  void attention_probs_##isa(const Problem& p);
+  void attention_probs_##isa(const Problem& p);  \
+  void attention_sqdiff_##isa(const Problem& p);
 
 SEEKR_DECLARE_ISA(generic)
 #if defined(SEEKR_HAVE_AVX2)

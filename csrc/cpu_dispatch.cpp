@@ -123,7 +123,9 @@ enum class Units { kTiles, kOwnedGroups };
 // kOwnedGroups (dq): consecutive tiles are merged while a tile boundary would split a run
 // of equal positions, so each unit owns all the rows of its positions and can add into dq
 // without atomics; the sum over repeated positions is then in a fixed order.
-Plan make_plan(const Problem& p, Units units, bool with_keys) {
+// work_factor: score passes per row relative to the forward (attention_sqdiff runs two
+// models twice), so that the thread count follows the real amount of work.
+Plan make_plan(const Problem& p, Units units, bool with_keys, int work_factor = 1) {
   Plan pl;
   const int64_t B = p.B, Q = p.Q, L = p.L, S = p.S;
   pl.order.assign(static_cast<size_t>(B * Q), 0);
@@ -194,7 +196,7 @@ Plan make_plan(const Problem& p, Units units, bool with_keys) {
   // Waking a thread costs microseconds (milliseconds on a busy machine): give each one at
   // least ~1M multiply-adds of score work, and never more threads than units of work.
   const int64_t n_units = static_cast<int64_t>(pl.rows.size() + pl.keys.size());
-  const int64_t by_work = std::max<int64_t>(1, total * p.D * (with_keys ? 3 : 1) >> 20);
+  const int64_t by_work = std::max<int64_t>(1, total * p.D * (with_keys ? 3 : 1) * work_factor >> 20);
   pl.threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({by_work, n_units,
                                                                            num_threads()})));
   return pl;
@@ -206,6 +208,7 @@ struct Isa {
   void (*fwd)(const Problem&);
   void (*bwd)(const Problem&);
   void (*probs)(const Problem&);
+  void (*sqdiff)(const Problem&);
   bool (*supported)();
 };
 
@@ -228,15 +231,19 @@ bool has_avx512() {
 // Widest first.
 const Isa kIsas[] = {
 #if defined(SEEKR_HAVE_AVX512)
-    {"avx512", attention_kl_fwd_avx512, attention_kl_bwd_avx512, attention_probs_avx512, has_avx512},
+    {"avx512", attention_kl_fwd_avx512, attention_kl_bwd_avx512, attention_probs_avx512, attention_sqdiff_avx512,
+     has_avx512},
 #endif
 #if defined(SEEKR_HAVE_AVX2)
-    {"avx2", attention_kl_fwd_avx2, attention_kl_bwd_avx2, attention_probs_avx2, has_avx2},
+    {"avx2", attention_kl_fwd_avx2, attention_kl_bwd_avx2, attention_probs_avx2, attention_sqdiff_avx2,
+     has_avx2},
 #endif
 #if defined(SEEKR_NATIVE_BUILD)  // the "generic" copy was built with -march=native
-    {"native", attention_kl_fwd_generic, attention_kl_bwd_generic, attention_probs_generic, always},
+    {"native", attention_kl_fwd_generic, attention_kl_bwd_generic, attention_probs_generic,
+     attention_sqdiff_generic, always},
 #else
-    {"generic", attention_kl_fwd_generic, attention_kl_bwd_generic, attention_probs_generic, always},
+    {"generic", attention_kl_fwd_generic, attention_kl_bwd_generic, attention_probs_generic,
+     attention_sqdiff_generic, always},
 #endif
 };
 
@@ -373,6 +380,34 @@ void attention_probs(uintptr_t q, uintptr_t k, uintptr_t heads, uintptr_t querie
   const Plan plan = make_plan(p, Units::kTiles, false);
   plan.attach(p);
   isa.probs(p);
+}
+
+void attention_sqdiff(uintptr_t q_a, uintptr_t k_a, uintptr_t q_b, uintptr_t k_b, uintptr_t heads,
+                      uintptr_t queries, uintptr_t key_mask, uintptr_t rows_out, int64_t B,
+                      int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t S, int64_t Q,
+                      int q_dtype, double scale) {
+  Problem p;
+  check_dims(p, B, H, Hkv, L, D, S, Q, q_dtype, scale);
+  const int es = elem_size(q_dtype), as = acc_size(q_dtype);
+  const int64_t nrows = B * S * Q;
+  check_ptr("q_a", q_a, B * H * L * D, es);
+  check_ptr("k_a", k_a, B * Hkv * L * D, es);
+  check_ptr("q_b", q_b, B * H * L * D, es);
+  check_ptr("k_b", k_b, B * Hkv * L * D, es);
+  check_ptr("heads", heads, B * S, 4);
+  check_ptr("queries", queries, B * Q, 4);
+  check_ptr("key_mask", key_mask, B * L, 4);
+  check_ptr("rows_out", rows_out, nrows, as);
+  set_inputs(p, q_a, k_a, heads, queries, key_mask);
+  p.q_b = reinterpret_cast<const void*>(q_b);
+  p.k_b = reinterpret_cast<const void*>(k_b);
+  p.rows = reinterpret_cast<void*>(rows_out);
+  if (nrows == 0) return;
+  check_indices(p);
+  const Isa& isa = pick_isa();
+  const Plan plan = make_plan(p, Units::kTiles, false, 4);
+  plan.attach(p);
+  isa.sqdiff(p);
 }
 
 int num_threads() {

@@ -21,6 +21,12 @@
 //
 // Backward: dz = g * (T * exp(z - lse) - t) is recomputed block by block (never stored
 // beyond the current tile), then dq_tile += dz K and dk_block += dz^T Qs.
+//
+// attention_sqdiff (forgettability) runs the same tiles for two models at once, each with
+// its own Op and Work: pass 1 is the forward's online log-sum-exp for both, pass 2
+// recomputes both score blocks and sums (p_a - p_b)^2 entry by entry. Not the one-pass
+// identity sum p_a^2 + sum p_b^2 - 2 sum p_a p_b: that cancels catastrophically exactly
+// where the op is used, on small changes of attention (as in triton/attention_sqdiff.py).
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -693,6 +699,96 @@ struct Op {
   }
 };
 
+// ---------------------------------------------------------------- attention_sqdiff
+// One unit = one tile of rows of one (sample, slot), for both models. `a` and `b` share the
+// plan (positions, row order, key mask), so their tiles and key blocks line up.
+template <class In, class Acc>
+void sqdiff_unit(const Op<In, Acc>& a, const Op<In, Acc>& b, Work<Acc>& wa, Work<Acc>& wb,
+                 const RowWork& u) {
+  typedef typename Op<In, Acc>::V V;
+  typedef typename Op<In, Acc>::VI VI;
+  constexpr int W = Op<In, Acc>::W;
+  const Problem& p = a.p;
+  const int bi = u.b, s = u.s, nr = u.r1 - u.r0;
+  const int h = p.heads[static_cast<int64_t>(bi) * a.S + s];
+  const int kvh = static_cast<int>(h / a.G);
+  a.load_tile(wa, bi, h, u.r0, nr);
+  b.load_tile(wb, bi, h, u.r0, nr);
+  const Acc inf = std::numeric_limits<Acc>::infinity();
+  for (int rr = 0; rr < nr; ++rr) {
+    wa.m[rr] = wb.m[rr] = -inf;
+    wa.l[rr] = wb.l[rr] = 0;
+  }
+  const int lo = p.klo[bi], hi = wa.pos[nr - 1] + 1;
+  for (int n0 = lo; n0 < hi; n0 += kBN) {
+    const int nk = hi - n0 < kBN ? hi - n0 : kBN;
+    a.load_keys(wa, bi, kvh, n0, nk, false);
+    b.load_keys(wb, bi, kvh, n0, nk, false);
+    a.scores(wa, nr);
+    b.scores(wb, nr);
+    for (int rr = 0; rr < nr; ++rr) {
+      a.fwd_row(wa, rr, n0, nk, nullptr, 0);
+      b.fwd_row(wb, rr, n0, nk, nullptr, 0);
+    }
+  }
+  // An active row always sees its own (real) key, so l > 0; the guard only keeps a
+  // hypothetical empty row at 0 instead of NaN.
+  for (int rr = 0; rr < nr; ++rr) {
+    wa.lse[rr] = wa.l[rr] > 0 ? wa.m[rr] + std::log(wa.l[rr]) : Acc(0);
+    wb.lse[rr] = wb.l[rr] > 0 ? wb.m[rr] + std::log(wb.l[rr]) : Acc(0);
+    wa.ts[rr] = 0;
+  }
+  const V ninf = splat<V>(-inf);
+  for (int n0 = lo; n0 < hi; n0 += kBN) {
+    const int nk = hi - n0 < kBN ? hi - n0 : kBN;
+    a.load_keys(wa, bi, kvh, n0, nk, false);
+    b.load_keys(wb, bi, kvh, n0, nk, false);
+    a.scores(wa, nr);
+    b.scores(wb, nr);
+    for (int rr = 0; rr < nr; ++rr) {
+      const int lim = wa.pos[rr] - n0 + 1;
+      if (lim <= 0) continue;
+      const int nv = lim < nk ? lim : nk;
+      const int nch = (nv + W - 1) / W;
+      const Acc* za = wa.Z + static_cast<int64_t>(rr) * kBN;
+      const Acc* zb = wb.Z + static_cast<int64_t>(rr) * kBN;
+      V acc = splat<V>(Acc(0));
+      for (int c = 0; c < nch; ++c) {
+        // Hidden keys become exp(-inf) = 0 in both rows and add nothing.
+        const VI ok = a.valid_mask(wa, c * W, lim);
+        const V d = vexp(vselect(ok, vload<V>(za + c * W) - wa.lse[rr], ninf)) -
+                    vexp(vselect(ok, vload<V>(zb + c * W) - wb.lse[rr], ninf));
+        acc += d * d;
+      }
+      wa.ts[rr] += hsum<Acc>(acc);
+    }
+  }
+  Acc* rows = static_cast<Acc*>(p.rows);
+  for (int rr = 0; rr < nr; ++rr) rows[a.row_index(bi, s, wa.qi[rr])] = wa.ts[rr];
+}
+
+template <class In, class Acc>
+void run_sqdiff(const Problem& p) {
+  const Op<In, Acc> a(p);
+  Problem pb = p;
+  pb.q = p.q_b;
+  pb.k = p.k_b;
+  const Op<In, Acc> b(pb);
+  std::memset(p.rows, 0, sizeof(Acc) * p.B * p.S * p.Q);  // inactive rows stay 0
+  if (p.n_row_work == 0) return;
+  const int nt = p.threads > 0 ? p.threads : 1;
+  const size_t per = Work<Acc>::bytes(p.D, a.Dp);
+  Arena arena(2 * per * nt);
+#pragma omp parallel num_threads(nt)
+  {
+    Work<Acc> wa, wb;
+    wa.carve(arena.p + 2 * per * thread_id(), p.D, a.Dp);
+    wb.carve(arena.p + 2 * per * thread_id() + per, p.D, a.Dp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < p.n_row_work; ++i) sqdiff_unit(a, b, wa, wb, p.row_work[i]);
+  }
+}
+
 template <class In, class Acc>
 void run_fwd(const Problem& p) {
   const Op<In, Acc> op(p);
@@ -778,6 +874,7 @@ void run_probs(const Problem& p) {
 void SEEKR_CAT(attention_kl_fwd, SEEKR_ISA)(const Problem& p) { SEEKR_DISPATCH(run_fwd, p) }
 void SEEKR_CAT(attention_kl_bwd, SEEKR_ISA)(const Problem& p) { SEEKR_DISPATCH(run_bwd, p) }
 void SEEKR_CAT(attention_probs, SEEKR_ISA)(const Problem& p) { SEEKR_DISPATCH(run_probs, p) }
+void SEEKR_CAT(attention_sqdiff, SEEKR_ISA)(const Problem& p) { SEEKR_DISPATCH(run_sqdiff, p) }
 
 }  // namespace cpu
 }  // namespace seekr

@@ -34,6 +34,14 @@ void attention_probs(uintptr_t q, uintptr_t k, uintptr_t heads, uintptr_t querie
                      int64_t Hkv, int64_t L, int64_t D, int64_t S, int64_t Q, int q_dtype,
                      double scale);
 
+// rows [B, S, Q] (acc dtype) = sum over the valid keys of (p_a - p_b)^2, p_x the softmax of
+// model x's scores (x = a: q_a/k_a, x = b: q_b/k_b, same shapes and dtype); 0 on inactive
+// rows. Forward only: the op is not differentiable.
+void attention_sqdiff(uintptr_t q_a, uintptr_t k_a, uintptr_t q_b, uintptr_t k_b, uintptr_t heads,
+                      uintptr_t queries, uintptr_t key_mask, uintptr_t rows_out, int64_t B,
+                      int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t S, int64_t Q,
+                      int q_dtype, double scale);
+
 int num_threads();
 // Instruction set the kernels run with ("generic", "avx2", "avx512"; "native" for a
 // SEEKR_NATIVE_ARCH=1 build). The environment variable SEEKR_CPU_ISA forces one of

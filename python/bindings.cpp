@@ -13,7 +13,8 @@ namespace py = pybind11;
 namespace sc = seekr::cpu;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "seekr-kernels CPU backend (C++/OpenMP): fused selected-head attention KL";
+  m.doc() = "seekr-kernels CPU backend (C++/OpenMP): fused selected-head attention KL, probabilities "
+            "and two-model squared differences";
 
   m.def("attention_kl_fwd", &sc::attention_kl_fwd, py::call_guard<py::gil_scoped_release>(),
         py::arg("q"), py::arg("k"), py::arg("teacher"), py::arg("teacher_dtype"),
@@ -40,6 +41,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"),
         "Selected attention rows [B, S, Q, L] in out_dtype: softmax over the valid keys, 0 "
         "elsewhere and on inactive rows.");
+
+  m.def("attention_sqdiff", &sc::attention_sqdiff, py::call_guard<py::gil_scoped_release>(),
+        py::arg("q_a"), py::arg("k_a"), py::arg("q_b"), py::arg("k_b"), py::arg("heads"),
+        py::arg("queries"), py::arg("key_mask"), py::arg("rows_out"), py::arg("B"), py::arg("H"),
+        py::arg("Hkv"), py::arg("L"), py::arg("D"), py::arg("S"), py::arg("Q"),
+        py::arg("q_dtype"), py::arg("scale"),
+        "Per-row sum over the valid keys of (p_a - p_b)^2 of two models' attention, [B, S, Q] "
+        "(fp32; fp64 for fp64 q), 0 on inactive rows.");
 
   m.def("num_threads", &sc::num_threads, "OpenMP threads the kernels use (OMP_NUM_THREADS).");
   m.def("isa", &sc::isa,

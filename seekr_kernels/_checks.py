@@ -82,6 +82,14 @@ def _check_index(name, t):
         _fail(TypeError, name, f"expected an integer torch.Tensor, got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         _fail(TypeError, name, f"expected an integer dtype, got {t.dtype}")
+    if t.dtype in _SHELL_UINTS:
+        _fail(TypeError, name, f"dtype {t.dtype} is not supported (torch cannot compare it on every "
+              "device); use int64, int32, int16, int8 or uint8")
+
+
+# uint32/uint64 exist in torch but without comparison kernels (lt/gt raise on CPU), so
+# their range could not be checked the same way on every backend: refused up front.
+_SHELL_UINTS = tuple(getattr(torch, n) for n in ("uint32", "uint64") if hasattr(torch, n))
 
 
 @dataclass
@@ -174,6 +182,9 @@ def check_attention_args(q, k, heads, queries=None, attention_mask=None, scale=N
             _fail(TypeError, "attention_mask", f"expected a torch.Tensor, got {type(attention_mask).__name__}")
         if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
             _fail(TypeError, "attention_mask", f"expected bool or integer 0/1, got {attention_mask.dtype}")
+        if attention_mask.dtype in _SHELL_UINTS:
+            _fail(TypeError, "attention_mask", f"dtype {attention_mask.dtype} is not supported; use bool "
+                  "or int64, int32, int16, int8, uint8")
         if attention_mask.device != dev:
             _fail(ValueError, "attention_mask", f"is on {attention_mask.device}, q is on {dev}")
         if tuple(attention_mask.shape) != (B, L):
@@ -220,11 +231,26 @@ def check_attention_args(q, k, heads, queries=None, attention_mask=None, scale=N
 
 
 def _to_int32(t, bad):
-    """int32 copy of an index tensor; values outside int32 become ``bad`` (out of range)."""
-    if t.dtype not in (torch.int32, torch.bool) and t.numel():
+    """int32 copy of an index tensor; values outside int32 become ``bad`` (out of range).
+
+    Only dtypes wider than int32 can hold such values. Narrower ones (int8, int16, uint8)
+    must not be compared with int32's limits: torch casts the Python bound to the tensor's
+    own dtype, where -2**31 wraps to 0, and every value of an int16 tensor then compared
+    as out of range (issue 22: int16 heads all became -2, the cpu backend refused them and
+    the torch backend silently treated every slot as empty).
+    """
+    if t.dtype != torch.bool and t.numel() and _wider_than_int32(t.dtype):
         lim = torch.iinfo(torch.int32)
         t = torch.where((t < lim.min) | (t > lim.max), torch.full_like(t, bad), t)
     return t.to(torch.int32).contiguous()
+
+
+def _wider_than_int32(dtype):
+    if dtype.is_floating_point or dtype.is_complex:
+        return False
+    info = torch.iinfo(dtype)
+    lim = torch.iinfo(torch.int32)
+    return info.min < lim.min or info.max > lim.max
 
 
 def _index_checks(heads, queries, mask, H, L):

@@ -7,6 +7,7 @@ Both give the surface the ops expect from a fused backend:
 * ``attention_kl_fwd(a, teacher, tmass) -> (rows, lse, T)``, each [B, S, Q]
 * ``attention_kl_bwd(a, teacher, lse, T, grad_rows) -> (dq, dk)`` in q's dtype and shapes
 * ``attention_probs(a, out_dtype) -> [B, S, Q, L]``
+* ``attention_sqdiff(a, q_b, k_b) -> [B, S, Q]`` (cpu only; ``a`` holds model a's q and k)
 
 where ``a`` is the :class:`~seekr_kernels._checks.AttnArgs` of a validated call.
 
@@ -152,6 +153,26 @@ class _CpuBackend:
                           kmask.data_ptr(), out.data_ptr(), _code("out_dtype", out_dtype),
                           *dims, _code("q", q.dtype), float(a.scale))
         return out
+
+
+    def attention_sqdiff(self, a: AttnArgs, q_b, k_b):
+        """Per-row sum over the valid keys of (p_a - p_b)^2 [B, S, Q] (fp32; fp64 for fp64
+        q): p_a from ``a.q``/``a.k``, p_b from ``q_b``/``k_b``; 0 on inactive rows."""
+        C = _ext()
+        q, k, (heads, queries, kmask), dims = _inputs(a)
+        _require_cpu(q_b=q_b, k_b=k_b)
+        for name, t, ref in (("q_b", q_b, q), ("k_b", k_b, k)):
+            if t.dtype != ref.dtype:
+                raise TypeError(f"{name}: dtype {t.dtype} differs from model a's dtype {ref.dtype}")
+            if tuple(t.shape) != tuple(ref.shape):
+                raise ValueError(f"{name}: shape {list(t.shape)} differs from model a's {list(ref.shape)}")
+        qb = q_b.detach().contiguous()
+        kb = k_b.detach().contiguous()
+        rows = torch.empty(a.B, a.S, a.Q, dtype=_acc_dtype(a))
+        C.attention_sqdiff(q.data_ptr(), k.data_ptr(), qb.data_ptr(), kb.data_ptr(), heads.data_ptr(),
+                           queries.data_ptr(), kmask.data_ptr(), rows.data_ptr(), *dims,
+                           _code("q", q.dtype), float(a.scale))
+        return rows
 
 
 _CPU = _CpuBackend()

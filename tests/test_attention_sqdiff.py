@@ -4,9 +4,13 @@ import warnings
 import pytest
 import torch
 
+from seekr_kernels import _backend
 from seekr_kernels.ops.attention_sqdiff import attention_sqdiff
 
-BACKENDS = ["torch", "triton"]
+# cpu: the C++/OpenMP kernel (seekr_kernels._C); skipped, not dropped, when it is not built.
+CPU_OK = _backend.available("cpu", torch.device("cpu"))[0]
+BACKENDS = ["torch", "triton", pytest.param("cpu", marks=pytest.mark.skipif(
+    not CPU_OK, reason="C++ extension not built"))]
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +125,32 @@ def test_identical_models_give_zero_and_small_changes_are_resolved(backend):
     torch.testing.assert_close(got.double()[:, :, 1:], want[:, :, 1:], rtol=2e-2, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_ragged_padding_long_rows_and_empty_slots(backend, dtype):
+    """Rows longer than one key block / row tile of the fused kernels (64), ragged left and
+    right padding in one batch, a sample with every slot empty and one whose only real
+    tokens are at the end."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton refuses fp64 (test_all_heads_all_rows_vs_eager)")
+    B, H, Hkv, L, D = 4, 4, 2, 150, 24
+    qa, ka, qb, kb = make(B, H, Hkv, L, D, dtype, seed=6)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, :37] = 0                     # left padding
+    mask[1, 101:] = 0                    # right padding
+    mask[2, :140] = 0                    # ten real tokens, at the end
+    mask[3, ::3] = 0                     # holes (a packed-sequence style mask)
+    heads = torch.tensor([[3, 0, -1], [1, 2, 3], [-1, -1, -1], [0, -1, 2]])
+    g = torch.Generator().manual_seed(7)
+    queries = torch.randint(0, L, (B, 90), generator=g)
+    queries[:, :3] = torch.tensor([0, L - 1, 70])
+    got = attention_sqdiff(qa, ka, qb, kb, heads, queries, mask, backend=backend)
+    want = eager_rows(qa, ka, qb, kb, heads, queries, mask, D ** -0.5)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+    assert (got[2] == 0).all() and (got[0, 2] == 0).all() and float(want.max()) > 1e-2
+
+
 def test_backends_agree_on_strided_inputs():
     B, H, L, D = 2, 4, 24, 8
     g = torch.Generator().manual_seed(4)
@@ -131,8 +161,9 @@ def test_backends_agree_on_strided_inputs():
     kb = ka * 1.1
     q = torch.tensor([[0, 5, 23], [2, 2, 9]])
     r_t = attention_sqdiff(qa, ka, qb, kb, torch.tensor([3, 0]), q, backend="torch")
-    r_k = attention_sqdiff(qa, ka, qb, kb, torch.tensor([3, 0]), q, backend="triton")
-    torch.testing.assert_close(r_k, r_t, rtol=1e-5, atol=1e-7)
+    for backend in ["triton"] + ["cpu"] * CPU_OK:
+        r_k = attention_sqdiff(qa, ka, qb, kb, torch.tensor([3, 0]), q, backend=backend)
+        torch.testing.assert_close(r_k, r_t, rtol=1e-5, atol=1e-7)
 
 
 def test_torch_backend_chunks_slots(monkeypatch):
@@ -170,8 +201,8 @@ def test_errors_name_the_argument():
         attention_sqdiff(qa, ka, qb, kb, torch.tensor([2]), backend="torch")
     with pytest.raises(ValueError, match="queries"):
         attention_sqdiff(qa, ka, qb, kb, h, torch.tensor([[8]]), backend="torch")
-    with pytest.raises(ValueError, match="backend"):
-        attention_sqdiff(qa, ka, qb, kb, h, backend="cpu")
+    with pytest.raises(ValueError, match="backend: attention_sqdiff has no 'cuda' implementation"):
+        attention_sqdiff(qa, ka, qb, kb, h, backend="cuda")
 
 
 @pytest.mark.gpu

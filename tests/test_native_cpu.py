@@ -302,7 +302,7 @@ def test_teacher_mass_on_hidden_keys_is_ignored():
 
 def test_module_for():
     cpu = _native.module_for("cpu")
-    for name in ("attention_kl_fwd", "attention_kl_bwd", "attention_probs"):
+    for name in ("attention_kl_fwd", "attention_kl_bwd", "attention_probs", "attention_sqdiff"):
         assert callable(getattr(cpu, name))
     with pytest.raises(ValueError, match="backend"):
         _native.module_for("tpu")
@@ -325,6 +325,8 @@ class Raw:
         B, H, Hkv, L, D, S, Q = self.B, self.H, self.Hkv, self.L, self.D, self.S, self.Q
         self.q = torch.randn(B, H, L, D)
         self.k = torch.randn(B, Hkv, L, D)
+        self.qb = self.q + 0.5 * torch.randn(B, H, L, D)
+        self.kb = self.k.clone()
         self.t = torch.rand(B, S, Q, L)
         self.heads = torch.tensor([[0, 3], [1, -1]], dtype=torch.int32)
         self.queries = torch.tensor([[0, 5, 7], [2, 2, 1]], dtype=torch.int32)
@@ -358,6 +360,12 @@ class Raw:
             self.T.data_ptr(), self.g.data_ptr(), self.dq.data_ptr(), self.dk.data_ptr(),
             *self.dims(**dims).values(), 0, 0.25)
 
+    def sqdiff(self, qb=True, **dims):
+        return _C.attention_sqdiff(
+            self.q.data_ptr(), self.k.data_ptr(), self.qb.data_ptr() if qb else 0, self.kb.data_ptr(),
+            self.heads.data_ptr(), self.queries.data_ptr(), self.mask.data_ptr(),
+            self.rows.data_ptr(), *self.dims(**dims).values(), 0, 0.25)
+
     def probs(self, out_dtype=0, **dims):
         return _C.attention_probs(
             self.q.data_ptr(), self.k.data_ptr(), self.heads.data_ptr(), self.queries.data_ptr(),
@@ -370,6 +378,9 @@ def test_raw_calls_work():
     r.bwd()
     r.probs()
     assert torch.isfinite(r.rows).all() and (r.rows[1, 1] == 0).all()
+    r.rows.fill_(7)
+    r.sqdiff()
+    assert (r.rows[1, 1] == 0).all() and (r.rows[0, :, 1:] > 0).all()   # position 0: one key, 0
     assert r.dq.abs().sum() > 0 and (r.dq[1, 0] == 0).all()
     # S = 0 / Q = 0: nothing to compute, gradients written as zeros.
     r.dq.fill_(7)
@@ -399,6 +410,12 @@ RAW_BAD = [
     ("queries", lambda r: r.queries.__setitem__((1, 2), 8) or r.fwd()),
     ("queries", lambda r: r.queries.__setitem__((0, 0), -1) or r.bwd()),
     ("key_mask", lambda r: r.mask.__setitem__((1, 3), 2) or r.probs()),
+    ("q_b", lambda r: r.sqdiff(qb=False)),
+    ("Hkv", lambda r: r.sqdiff(Hkv=3)),
+    ("heads", lambda r: r.heads.__setitem__((1, 1), -2) or r.sqdiff()),
+    ("heads", lambda r: r.heads.__setitem__((1, 0), 4) or r.sqdiff()),
+    ("queries", lambda r: r.queries.__setitem__((1, 2), 8) or r.sqdiff()),
+    ("key_mask", lambda r: r.mask.__setitem__((0, 0), -1) or r.sqdiff()),
 ]
 
 
@@ -414,3 +431,107 @@ def test_native_rejects_misaligned_pointer():
         _C.attention_probs(r.q.data_ptr() + 1, r.k.data_ptr(), r.heads.data_ptr(),
                            r.queries.data_ptr(), r.mask.data_ptr(), r.out.data_ptr(), 0,
                            *r.dims().values(), 0, 0.25)
+
+
+def test_native_sqdiff_rejects_misaligned_pointer():
+    r = Raw()
+    with pytest.raises(ValueError, match="k_b: data pointer is not aligned"):
+        _C.attention_sqdiff(r.q.data_ptr(), r.k.data_ptr(), r.qb.data_ptr(), r.kb.data_ptr() + 2,
+                            r.heads.data_ptr(), r.queries.data_ptr(), r.mask.data_ptr(),
+                            r.rows.data_ptr(), *r.dims().values(), 0, 0.25)
+
+
+# ---- attention_sqdiff (forgettability): the C++ kernel against the torch backend --------
+
+def sqdiff_case(B, H, Hkv, L, D, S, dtype=torch.float32, seed=0, delta=0.3, **kw):
+    """Two models' q/k (b = a + delta * noise, rounded to `dtype`) on make_case's heads,
+    queries and mask."""
+    qa, ka, _, heads, qs, mask = make_case(B, H, Hkv, L, D, S, dtype=torch.float64, seed=seed, **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    qb = qa + delta * torch.randn(qa.shape, generator=g, dtype=torch.float64)
+    kb = ka + delta * torch.randn(ka.shape, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (qa, ka, qb, kb)] + [heads, qs, mask]
+
+
+def sqdiff(backend, qa, ka, qb, kb, heads, qs, mask, upcast=False):
+    if upcast:
+        qa, ka, qb, kb = (t.double() for t in (qa, ka, qb, kb))
+    return sk.attention_sqdiff(qa, ka, qb, kb, heads, qs, mask, backend=backend)
+
+
+# Rows are sums of squared probability differences (<= 2): errors relative to the fp64
+# oracle on the same rounded inputs; the kernel accumulates in fp32 for every input dtype.
+SQ_TOL = {torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6, torch.float64: 1e-13}
+
+
+@pytest.mark.parametrize("B,HK,qmode,L,D,pad,dtype", GRID[::3], ids=GRID_IDS[::3])
+def test_sqdiff_grid_matches_reference(B, HK, qmode, L, D, pad, dtype):
+    case = sqdiff_case(B, *HK, L, D, S=3, queries=qmode, pad=pad, dtype=dtype, seed=L * 7 + D)
+    got = sqdiff("cpu", *case)
+    ref = sqdiff("torch", *case, upcast=True)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert_close(got, ref, SQ_TOL[dtype], "sqdiff rows")
+    assert_close(got, sqdiff("torch", *case), 1e-5, "sqdiff rows vs torch backend")
+    a = check_attention_args(case[0], case[1], case[4], case[5], case[6])
+    assert (got[~a.row_active] == 0).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 20), (torch.float32, 72), (torch.float64, 40),
+                                     (torch.bfloat16, 96), (torch.float16, 8)])
+def test_sqdiff_every_instruction_set(monkeypatch, isa, dtype, D):
+    monkeypatch.setenv("SEEKR_CPU_ISA", isa)
+    case = sqdiff_case(2, 6, 3, 150, D, S=3, queries="subset", pad="left", dtype=dtype, seed=D)
+    got = sqdiff("cpu", *case)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(got, sqdiff("torch", *case, upcast=True), SQ_TOL[dtype], "sqdiff rows")
+
+
+def test_sqdiff_small_changes_keep_their_relative_accuracy():
+    """Forgettability is measured on small changes of attention: the difference is formed
+    from normalised probabilities entry by entry, so 1e-3 perturbations keep ~1e-3 relative
+    accuracy in fp32 (the one-pass identity would cancel to noise)."""
+    case = sqdiff_case(2, 4, 2, 200, 64, S=4, queries="all", pad="right", seed=3, delta=1e-3)
+    got = sqdiff("cpu", *case)
+    ref = sqdiff("torch", *case, upcast=True)
+    a = check_attention_args(case[0], case[1], case[4], case[5], case[6])
+    on = a.row_active.clone()
+    on[:, :, 0] = False                                    # row 0 sees one key: exactly 0
+    assert float(ref[on].min()) > 0
+    assert ((got[on].double() - ref[on]).abs() / ref[on]).max() < 1e-2
+    same = sqdiff("cpu", case[0], case[1], case[0].clone(), case[1].clone(), *case[4:])
+    assert (same == 0).all()
+
+
+def test_sqdiff_deterministic_and_layout_independent():
+    qa, ka, qb, kb, heads, qs, mask = sqdiff_case(3, 8, 2, 200, 64, S=4, queries="subset", pad="left",
+                                                  seed=5)
+    ref = sqdiff("cpu", qa, ka, qb, kb, heads, qs, mask)
+    assert torch.equal(sqdiff("cpu", qa, ka, qb, kb, heads, qs, mask), ref)
+    nc = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in (qa, ka, qb, kb)]
+    assert not any(t.is_contiguous() for t in nc)
+    assert torch.equal(sqdiff("cpu", *nc, heads, qs, mask.bool()), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sqdiff_half_inputs_convert_exactly(dtype):
+    qa, ka, qb, kb, heads, qs, mask = sqdiff_case(2, 4, 4, 40, 16, S=2, dtype=dtype, seed=11)
+    qa[0, 0, :, 0] = 3e-6                      # fp16 subnormals
+    kb[0, 0, :, 1] = -1e-7
+    lo = sqdiff("cpu", qa, ka, qb, kb, heads, qs, mask)
+    hi = sqdiff("cpu", qa.float(), ka.float(), qb.float(), kb.float(), heads, qs, mask)
+    assert torch.equal(lo, hi)
+
+
+def test_sqdiff_auto_runs_the_native_kernel_without_a_fallback_warning():
+    """The package's rule: CPU ops have a native kernel; `auto` on CPU tensors must not warn
+    that attention_sqdiff falls back to plain PyTorch (it did on every SEEKR run)."""
+    import warnings
+    case = sqdiff_case(2, 4, 2, 30, 16, S=3, queries="subset", seed=13)
+    _backend._warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = sqdiff("auto", *case)
+    assert torch.equal(got, sqdiff("cpu", *case))
+    assert _backend.resolve("auto", torch.device("cpu"), "attention_sqdiff",
+                            supported=("triton", "cpu", "torch"), dtype=torch.float64) == "cpu"

@@ -112,10 +112,9 @@ def test_overflowing_scores_are_refused_on_every_backend(backend, dtype):
         sk.attention_kl(q, k, sk.TopK.from_dense(t, 2), heads, backend=backend)
     with pytest.raises(ValueError, match="q: attention scores may overflow"):
         sk.attention_probs(q, k, heads, backend=backend)
-    if backend != "cpu":
-        small = torch.randn(1, 1, 4, 4).to(dtype)
-        with pytest.raises(ValueError, match="q_b: attention scores may overflow"):
-            sk.attention_sqdiff(small, small, q, k, heads, backend=backend)
+    small = torch.randn(1, 1, 4, 4).to(dtype)
+    with pytest.raises(ValueError, match="q_b: attention scores may overflow"):
+        sk.attention_sqdiff(small, small, q, k, heads, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -143,9 +142,8 @@ def test_bad_head_without_value_checks_is_an_error(backend, head):
                  lambda: sk.attention_probs(q, k, heads, backend=backend, check_values=False)):
         with pytest.raises(ValueError, match="heads"):
             call()
-    if backend != "cpu":
-        with pytest.raises(ValueError, match="heads"):
-            sk.attention_sqdiff(q, k, q, k, heads, backend=backend, check_values=False)
+    with pytest.raises(ValueError, match="heads"):
+        sk.attention_sqdiff(q, k, q, k, heads, backend=backend, check_values=False)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -266,3 +264,71 @@ def test_logits_kl_docstring_lists_the_real_topk_modes():
              if f'"{m}"' in part}
     assert named == set(lk.TOPK_MODES)
     assert f'"{lk.DEFAULT_TOPK_MODE}"`` (default)' in part.replace("\n", " ").replace("            ", "")
+
+
+# ============================================================================= issue 22
+# ----------------------------------------------------------------------------- 2. narrow index dtypes
+INT_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8] + \
+    [getattr(torch, "uint16")] * hasattr(torch, "uint16")
+
+
+def _index_case():
+    q, k, _, _ = _case(L=6, seed=4)
+    queries = torch.tensor([[0, 5, 2], [4, 4, 1]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    t = torch.softmax(torch.randn(2, 2, 3, 6, generator=torch.Generator().manual_seed(5)), -1)
+    return q, k, t, queries, mask
+
+
+def _ops(q, k, t, heads, queries, mask, backend, cv):
+    """attention_kl rows, attention_probs and attention_sqdiff as zero-argument calls."""
+    kw = dict(backend=backend, check_values=cv)
+    calls = [lambda: sk.attention_kl(q, k, t, heads, queries, mask, reduction="none", **kw),
+             lambda: sk.attention_probs(q, k, heads, queries, mask, **kw),
+             lambda: sk.attention_sqdiff(q, k, 0.7 * q, k, heads, queries, mask, **kw)]
+    return calls
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+@pytest.mark.parametrize("check_values", [True, False])
+def test_every_integer_dtype_of_heads_queries_mask_means_the_same(backend, dtype, check_values):
+    """int8/int16 heads used to be converted to int32 through a comparison with int32's
+    limits that wrapped in the narrow dtype: every head (a valid -1 included) became -2, so
+    the cpu backend refused valid input ("heads: value -2") and torch/triton silently
+    returned zeros (every slot empty)."""
+    q, k, t, queries, mask = _index_case()
+    h64 = torch.tensor([[0, 3], [1, -1]]) if dtype.is_signed else torch.tensor([[0, 3], [1, 2]])
+    want = [c() for c in _ops(q, k, t, h64, queries, mask, "torch", True)]
+    got = [c() for c in _ops(q, k, t, h64.to(dtype), queries.to(dtype), mask.to(dtype), backend,
+                             check_values)]
+    assert all(float(w.abs().sum()) > 0 for w in want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+@pytest.mark.parametrize("check_values", [True, False])
+def test_a_head_below_minus_one_is_refused_alike_in_every_integer_dtype(backend, dtype, check_values):
+    """-1 is the only empty-slot marker (ops' docstrings, _checks.AttnArgs): -2 (250 in the
+    unsigned dtypes, which cannot hold it) is out of range on every backend, same message."""
+    q, k, t, queries, mask = _index_case()
+    heads = torch.tensor([[0, 3], [1, -2 if dtype.is_signed else 250]]).to(dtype)
+    for call in _ops(q, k, t, heads, queries, mask, backend, check_values):
+        with pytest.raises(ValueError, match=r"^heads: values must lie in \[-1, 4\) \(-1 = empty slot\)$"):
+            call()
+
+
+@pytest.mark.parametrize("name", ["uint32", "uint64"])
+def test_unsigned_shell_dtypes_are_refused_by_name(name):
+    if not hasattr(torch, name):
+        pytest.skip(f"torch has no {name}")
+    dt = getattr(torch, name)
+    q, k, t, queries, mask = _index_case()
+    heads = torch.tensor([[0, 3], [1, 2]])
+    for arg in ("heads", "queries", "attention_mask"):
+        call = dict(heads=heads, queries=queries, attention_mask=mask)
+        call[arg] = call[arg].to(dt)
+        with pytest.raises(TypeError, match=f"^{arg}: dtype torch.{name} is not supported"):
+            sk.attention_probs(q, k, **call, backend="torch")

@@ -11,8 +11,9 @@ of the [L, L] maps. It is the building block of SEEKR's forgettability (mean of
 (A_before - A_after)^2 over a head's attention map, see
 :func:`seekr_kernels.seekr.importance.measure_forgettability`).
 
-The fused (triton) backend streams key blocks twice — the log-sum-exp of both rows,
-then the squared difference of the normalised probabilities — and writes only [B, S, Q].
+The fused backends (triton; cpu, the C++/OpenMP kernel of csrc/cpu_kernels.cpp) stream
+key blocks twice — the log-sum-exp of both rows, then the squared difference of the
+normalised probabilities — and write only [B, S, Q].
 The torch backend materialises the rows of a bounded number of slots at a time (an
 independent oracle for the tests is in tests/test_attention_sqdiff.py: eager [L, L] maps).
 """
@@ -86,12 +87,13 @@ def attention_sqdiff(q_a, k_a, q_b, k_b, heads, queries=None, attention_mask=Non
         attention_mask: ``[B, L]`` 0/1 key padding mask (left or right padding), None =
             all ones; the causal mask is always applied. Both models see the same tokens.
         scale: softmax scale of both models, default D ** -0.5.
-        backend: 'auto' (triton on CUDA, torch elsewhere with a one-time warning),
-            'triton' (also CPU tensors under TRITON_INTERPRET=1) or 'torch'.
+        backend: 'auto' (triton on CUDA, the C++ extension on CPU, torch otherwise with
+            a one-time warning), 'triton' (also CPU tensors under TRITON_INTERPRET=1),
+            'cpu' or 'torch'.
         check_values: scan inputs for NaN/inf, out-of-range indices and scores that could
             overflow (one host sync; see :func:`seekr_kernels.attention_kl`). Head and query
             ranges are re-checked by every backend even when off. fp64 input is refused by
-            the triton backend (TypeError); 'auto' picks torch for it.
+            the triton backend (TypeError); 'auto' picks cpu (CPU tensors) or torch for it.
 
     Returns:
         fp32 ``[B, S, Q]`` (fp64 for fp64 inputs); 0 for empty slots and padded query
@@ -103,7 +105,7 @@ def attention_sqdiff(q_a, k_a, q_b, k_b, heads, queries=None, attention_mask=Non
         qm, km = abs_max(q_b), abs_max(k_b)
         _check_finite([("q_b", q_b, qm), ("k_b", k_b, km)],
                       extra=[score_overflow_check("q_b", qm, km, a.D, a.scale, a.q.dtype)])
-    b = resolve(backend, a.q.device, "attention_sqdiff", supported=("triton", "torch"),
+    b = resolve(backend, a.q.device, "attention_sqdiff", supported=("triton", "cpu", "torch"),
                 dtype=a.q.dtype, head_dim=a.D, arg="q_a")
     with torch.no_grad():
         q_a, k_a, q_b, k_b = (t.detach() for t in (q_a, k_a, q_b, k_b))
@@ -115,5 +117,8 @@ def attention_sqdiff(q_a, k_a, q_b, k_b, heads, queries=None, attention_mask=Non
         if b == "triton":
             from ..triton.attention_sqdiff import attention_sqdiff_rows
             return attention_sqdiff_rows(a, q_b, k_b)
+        if b == "cpu":
+            from .. import _native
+            return _native.module_for("cpu").attention_sqdiff(a, q_b, k_b)
         ensure_index_ranges(a)
         return _torch_rows(a, q_b, k_b)

@@ -77,7 +77,7 @@ ATT_OP_FAULTS = {
     "sqdiff": _ATT_COMMON + ["qb_shape", "nan_kb"],
 }
 ATT_BACKENDS = {"kl": ("cpu", "torch", "triton"), "kl_topk": ("cpu", "torch", "triton"),
-                "probs": ("cpu", "torch", "triton"), "sqdiff": ("torch", "triton")}
+                "probs": ("cpu", "torch", "triton"), "sqdiff": ("cpu", "torch", "triton")}
 DTYPES = ("float32", "float32", "bfloat16", "float16", "float64")
 
 LOGIT_FAULTS = {
