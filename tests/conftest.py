@@ -54,14 +54,14 @@ def _one_thread_for_training(request):
 def own_replay_grads(monkeypatch):
     """``run(trainer, keys) -> (grads, record)``: the ContinualTrainer's replay step on
     ``keys``, with its parameter gradients captured just before the optimiser step."""
-    from seekr_kernels.run.trainer import ContinualTrainer
+    from seekr_kernels.run.steps import TrainSteps
 
     def run(tr, keys):
         grads = {}
 
         def capture(self, opt, sched):
             grads.update({n: p.grad.clone() for n, p in self.base.named_parameters()})
-            self.train_model.zero_grad(set_to_none=True)
-        monkeypatch.setattr(ContinualTrainer, "_optimizer_step", capture)
-        return grads, tr._replay_step(keys, None, None)
+            self.model.zero_grad(set_to_none=True)
+        monkeypatch.setattr(TrainSteps, "optimizer_step", capture)
+        return grads, tr.steps.replay_step(keys, None, None)
     return run

@@ -168,3 +168,14 @@ def fork_rng():
         yield
     finally:
         torch.random.set_rng_state(state)
+
+
+def save_model(model, tokenizer, d: str, state_dict=None, max_shard_size="5GB") -> None:
+    """``save_pretrained`` of ``model`` into ``d`` (safetensors, sharded at
+    ``max_shard_size``; a PEFT model writes its adapters) and the tokenizer next to it."""
+    with quiet_transformers():
+        if state_dict is None:
+            model.save_pretrained(d)
+        else:
+            model.save_pretrained(d, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save(d)

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from typing import Optional, Sequence
 
 from ..utils.store import atomic_save_json
@@ -278,6 +279,45 @@ class RunDirectory:
                 out.append(hashlib.sha256(f.read()).hexdigest())
         return out
 
+    def write_final(self, global_step: int, write_merged=None) -> Optional[str]:
+        """``final/``: the finished model as a loadable Hugging Face folder, from the
+        checkpoint state.json names — its model and tokenizer files hard-linked (they are
+        never modified in place), the trainer's and the recipe's files left out, and
+        ``use_cache`` turned back on — or written by ``write_merged(tmp_dir)`` (a LoRA run
+        saved merged). Returns that checkpoint's path, or None when ``final/`` already
+        holds this step's model."""
+        final = self.path("final")
+        src = self.path(self.read_state_quiet().get("checkpoint", ""))
+        with contextlib.suppress(CheckpointError):
+            if checkpoint.verify(final).get("global_step") == global_step:
+                return None
+        trainer_only = (checkpoint.OPTIMIZER, checkpoint.SCHEDULER, checkpoint.SCALER, checkpoint.RNG,
+                        checkpoint.TRAINER_STATE, checkpoint.MANIFEST)
+
+        def links(tmp):
+            for rel in checkpoint._walk(src):
+                if rel in trainer_only or rel.startswith(checkpoint.SEEKR + "/"):
+                    continue
+                dst = os.path.join(tmp, rel)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                try:
+                    os.link(os.path.join(src, rel), dst)
+                except OSError:
+                    shutil.copy2(os.path.join(src, rel), dst)
+
+        def fill(tmp):
+            (write_merged or links)(tmp)
+            cp = os.path.join(tmp, "config.json")
+            if os.path.exists(cp):      # training turned the KV cache off; a finished model wants it
+                with open(cp, encoding="utf-8") as f:
+                    c = json.load(f)
+                c["use_cache"] = True
+                os.unlink(cp)           # maybe a hard link into the checkpoint: never write through it
+                with open(cp, "w", encoding="utf-8") as f:
+                    json.dump(c, f, indent=2, sort_keys=True)
+        checkpoint.write(final, fill, meta={"what": "final model", "global_step": global_step})
+        return src
+
     # ---------------------------------------------------------------- the resume decision
     def start(self, resume, overwrite: bool, barrier=lambda: None):
         """How the run starts: None (from the beginning; with ``overwrite`` the old run is
@@ -331,6 +371,34 @@ class RunDirectory:
                     raise ResumeError(f"{self.state_path}: {k} = {st.get(k)!r} but its checkpoint {path} says "
                                       f"{ts.get(k)!r} (state.json edited or from another run); {self.hint()}")
         return path, ts
+
+
+def check_resume_config(ts: dict, config: dict, defaults: dict, tasks, world: int, device_type: str, path: str,
+                        allow: tuple) -> list:
+    """Compare a checkpoint's trainer state ``ts`` with the resuming run: its config
+    (``config``, the defaults flattened in ``defaults``), every task's data, the number of
+    processes and the device type. Refuses what changed and may not (see
+    :func:`config_diff`); returns the allowed changes. Configs saved before a key existed
+    are read as the code that wrote them ran."""
+    from ..seekr.config import canonical_keys
+    saved, now = flatten(canonical_keys(ts.get("config") or {})), flatten(config)
+    K = saved.get("distill.teacher_logits_topk")
+    if K and "distill.teacher_logits" not in saved:
+        # Saved before distill.teacher_logits existed: its older spelling, resolved as now.
+        saved.update({"distill.teacher_logits": "topk", "distill.teacher_logits_k": K})
+    if "distill.fused_lm_head" not in saved and ts.get("config"):
+        # Saved before the fused replay step existed: it trained on materialised logits,
+        # and the default (auto) would now fuse, which is not bit-identical. Refused as a
+        # change unless the run says fused_lm_head: false (or allows the change).
+        saved["distill.fused_lm_head"] = "false"
+    saved.update({"world_size": ts.get("world_size"), "device_type": ts.get("device_type")})
+    now.update({"world_size": world, "device_type": device_type})
+    data = ts.get("data") or []
+    for i, d in enumerate(data_digests(tasks)):
+        now[f"tasks[{i}].data"] = d
+        if i < len(data):
+            saved[f"tasks[{i}].data"] = data[i]
+    return config_diff(saved, now, defaults, path, allow)
 
 
 def config_diff(saved: dict, now: dict, defaults: dict, path: str, allow: tuple) -> list:

@@ -56,9 +56,7 @@ rank 0 writes files.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -66,10 +64,9 @@ from typing import Optional
 
 import torch
 
-from ..seekr.batching import Encoded, collate, shard
-from ..seekr.config import ConfigError, canonical_keys
+from ..seekr.batching import shard
+from ..seekr.config import ConfigError
 from ..seekr.distributed import DistributedHooks
-from ..seekr.losses import ce_sum
 from ..seekr.recipe import SeekrRecipe, task_seed
 from ..utils.store import atomic_save_json
 from . import checkpoint, metrics
@@ -77,9 +74,10 @@ from .checkpoint import CheckpointError, ResumeError, is_peft_model
 from .config import RunConfig, TaskSpec, task_name
 from .data import EncodedDataset, epoch_batches, load_task
 from .evaluate import GenerationOptions, evaluate_examples, resolve_metric_name
-from .models import apply_lora, build_model, build_tokenizer, plain_state_dict, quiet_transformers, seed_everything
+from .steps import TrainSteps, build_optimizer, load_optimizer
+from .models import apply_lora, build_model, build_tokenizer, plain_state_dict, save_model, seed_everything
 from .preflight import check_run, check_tasks, eval_split, model_max_positions
-from .rundir import RunDirectory, TRAINER_KIND, config_diff, data_digests, flatten
+from .rundir import TRAINER_KIND, RunDirectory, check_resume_config, data_digests, flatten
 from .runlog import RunLogger
 
 # ============================================================================ setup helpers
@@ -138,41 +136,6 @@ def _device(cfg: RunConfig, d: Dist) -> torch.device:
     if cfg.device == "cuda":
         return torch.device(f"cuda:{d.local_rank}")
     return torch.device(cfg.device)
-
-
-def _schedule(kind: str, warmup: int, total: int):
-    def f(step):
-        if warmup and step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        frac = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return max(0.0, 1.0 - frac)
-        return 0.5 * (1.0 + math.cos(math.pi * frac))
-    return f
-
-
-def _param_groups(model, weight_decay):
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if (p.dim() < 2 or "norm" in n.lower() or n.endswith(".bias")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _n_targets(e: Encoded) -> int:
-    """Next-token targets of one example: every answer token that has a token before it."""
-    return len(e.answer_ids) - (0 if e.prompt_ids else 1)
-
-
-# ============================================================================ SEEKR pieces
-
-def _select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int) -> dict:
-    """Published rule (top layers by summed importance, then top heads across them)."""
-    from ..seekr.selection import select_heads
-    return {int(l): torch.as_tensor(h).long() for l, h in select_heads(importance, layer_budget, head_budget).items()}
 
 
 # ============================================================================ the trainer
@@ -316,14 +279,6 @@ class ContinualTrainer:
                              op=res.get("OP"), bwt=res.get("BWT"), heatmap=heat, loglik=loglik,
                              train_seconds=round(seconds, 3))
 
-    def _autocast(self):
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
-
-    def _backward(self, loss):
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
     @property
     def base(self):
         """The plain model (under DDP the wrapped module; FSDP2 shards in place)."""
@@ -361,6 +316,8 @@ class ContinualTrainer:
         else:
             self.train_model = m
         self._fsdp = self.dist.world > 1 and self.cfg.distributed.strategy == "fsdp"
+        self.steps = TrainSteps(self.train_model, self.recipe, self.cfg.train, self.dist, self.device,
+                                self.tokenizer.pad_token_id, self.autocast, self.scaler)
         self.recipe.dist = DistributedHooks.from_torch(self.model, self.device, sharded=self._fsdp)
 
     def _reshard(self):
@@ -515,66 +472,78 @@ class ContinualTrainer:
         tr = self.cfg.train
         if tr.optimizer_scope == "run" and self._run_opt is not None:
             return self._run_opt
-        opt = torch.optim.AdamW(_param_groups(self.base, tr.weight_decay), lr=tr.lr, betas=tuple(tr.betas))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tr.schedule, tr.warmup_steps, total))
+        opt, sched = build_optimizer(self.base, tr, total)
         if self._resume_state is not None and self._resume_state.get("optimizer"):
-            self._load_optimizer(opt, sched)
+            load_optimizer(opt, sched, self._resume_ck, tr, self.model if self._fsdp else None)
             if self._resume_state["phase"] == "task_end":
                 self._resume_state = None
         if tr.optimizer_scope == "run":
             self._run_opt = (opt, sched)
         return opt, sched
 
-    def _load_optimizer(self, opt, sched):
-        d = self._resume_ck
-        sd = checkpoint.load_torch(os.path.join(d, checkpoint.OPTIMIZER))
-        try:
-            if self._fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-                set_optimizer_state_dict(self.model, opt, sd, options=StateDictOptions(full_state_dict=True))
-            else:
-                opt.load_state_dict(sd)
-            sched.load_state_dict(checkpoint.load_torch(os.path.join(d, checkpoint.SCHEDULER)))
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{os.path.join(d, checkpoint.OPTIMIZER)}: does not fit this model's trainable "
-                                  f"parameters ({e})") from None
-        # The config's hyper-parameters win over the saved ones (identical unless a change
-        # was allowed): lr through the schedule's base, betas and weight decay per group.
-        tr = self.cfg.train
-        sched.base_lrs = [tr.lr for _ in opt.param_groups]
-        for i, (g, lam) in enumerate(zip(opt.param_groups, sched.lr_lambdas)):
-            g["initial_lr"] = tr.lr
-            g["lr"] = tr.lr * lam(sched.last_epoch)
-            g["betas"] = tuple(tr.betas)
-            g["weight_decay"] = tr.weight_decay if i == 0 else 0.0
-        sched._last_lr = [g["lr"] for g in opt.param_groups]
-
     def _due(self, loop: _TaskLoop) -> bool:
         return self.global_step % self.cfg.log.every == 0 or loop.task_step == loop.total
 
     def _fit(self, t: int, ds: EncodedDataset, epochs: int):
-        if self.recipe.replays_in_accumulation:
-            return self._fit_in_accumulation(t, ds, epochs)
+        """Train task ``t`` over the recipe's replay stream. A train unit is a global batch
+        (one optimiser step; its accumulation micro-steps run inside it), or with
+        ``replay.in_accumulation`` (published, DeepSpeed) one micro-step: a replay
+        micro-batch is then one of them, every ``grad_accum`` micro-steps (train or replay)
+        make one optimiser step, each micro-step's loss its own mean / grad_accum as
+        DeepSpeed scales it, and a window left incomplete at the task's end is stepped (the
+        published engine would carry it into the next task). Checkpoints fall between
+        windows, so a resumed task starts a fresh window."""
         tr = self.cfg.train
-        model = self.train_model
-        model.train()
-        n_batches = len(self._global_batches(len(ds), 0, t, tr.batch_size))
-        if n_batches == 0:
+        W = self.dist.world
+        A = tr.grad_accum if self.recipe.replays_in_accumulation else 1      # units per optimiser step
+        self.train_model.train()
+
+        def units(epoch):
+            batches = self._global_batches(len(ds), epoch, t, tr.batch_size)
+            if A == 1:
+                return batches
+            out = []      # micro-step k of a global batch: every rank's k-th micro-batch of it
+            for gb in batches:
+                ranks = [shard(gb, r, W) for r in range(W)]
+                out += [[i for r in ranks for i in shard(r, k, A)] for k in range(A)]
+            return out
+
+        n = len(units(0))
+        if n == 0:
             raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
-                             f"{self.dist.world * tr.grad_accum}+ samples")
-        loop = self._start_loop(t, n_batches, lambda rs: epochs * (n_batches + rs.per_epoch))
+                             f"{W * tr.grad_accum}+ samples")
+        loop = self._start_loop(t, n, lambda rs: -(-epochs * (n + rs.per_epoch) // A))
         opt, sched = loop.opt, loop.lr_scheduler
         bar = self._bar(t, loop.total, loop.task_step)
-        events = self._fast_forward(loop, loop.replay.events(
-            epochs, lambda ep: self._global_batches(len(ds), ep, t, tr.batch_size)))
-        for kind, epoch, step, x in events:
-            loop.consumed += 1
+        losses = []
+        for kind, epoch, step, x in self._fast_forward(loop, loop.replay.events(epochs, units)):
+            if A == 1:
+                loop.consumed += 1
+                if kind == "replay":
+                    self._after(loop, bar, "replay", epoch, step, self.steps.replay_step(x, opt, sched))
+                else:
+                    loss = self.steps.train_step([ds[i] for i in x], opt, sched)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    self._after(loop, bar, "train", epoch, step, {"loss": loss, "lr": sched.get_last_lr()[0]})
+                continue
+            boundary = (loop.consumed + 1) % A == 0
             if kind == "replay":
-                self._after(loop, bar, "replay", epoch, step, self._replay_step(x, opt, sched))
+                rec = self.steps.replay_micro(x, boundary, 1.0 / A)
+                # logged at the step its window makes (a resumed run restarts that window)
+                if (self.global_step + 1) % self.cfg.log.every == 0:
+                    self.log(kind="replay", task=t, epoch=epoch, batch=step, task_step=loop.task_step + 1,
+                             global_step=self.global_step + 1, **rec)
             else:
-                loss = self._train_step([ds[i] for i in x], opt, sched)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                self._after(loop, bar, "train", epoch, step, {"loss": loss, "lr": sched.get_last_lr()[0]})
+                losses.append(self.steps.train_micro([ds[i] for i in x], boundary, 1.0 / A))
+            loop.consumed += 1
+            if boundary:
+                self.steps.optimizer_step(opt, sched)
+                rec = {"loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0]} if losses else {}
+                losses = []
+                self._after(loop, bar, "train" if rec else None, epoch, step, rec)
+        if loop.consumed % A:
+            self.steps.optimizer_step(opt, sched)
+            self._after(loop, bar, None, None, None, {})
         bar.close()
         opt.zero_grad(set_to_none=True)
         self._loop = None
@@ -607,150 +576,6 @@ class ContinualTrainer:
                     desc=f"{self.method} {t + 1}/{len(self.tasks)} {self.task_names[t]}",
                     disable=not (self.dist.main and self.cfg.log.progress and not self.quiet), leave=False,
                     dynamic_ncols=True)
-
-    def _fit_in_accumulation(self, t: int, ds: EncodedDataset, epochs: int):
-        """``replay.in_accumulation`` (published, DeepSpeed): the loop runs micro-steps; a
-        replay micro-batch is one of them, and every ``grad_accum`` micro-steps (train or
-        replay) make one optimiser step. Each micro-step's loss is its own mean / grad_accum,
-        as DeepSpeed scales it. A window left incomplete at the end of the task is stepped
-        (the published engine would carry it into the next task). Checkpoints fall between
-        windows, so a resumed task starts a fresh window."""
-        tr = self.cfg.train
-        A, W = tr.grad_accum, self.dist.world
-        model = self.train_model
-        model.train()
-
-        def micro_steps(epoch):
-            # Micro-step k of a global batch: every rank's k-th micro-batch of it.
-            out = []
-            for gb in self._global_batches(len(ds), epoch, t, tr.batch_size):
-                ranks = [shard(gb, r, W) for r in range(W)]
-                for k in range(A):
-                    out.append([i for r in ranks for i in shard(r, k, A)])
-            return out
-
-        n_micro = len(micro_steps(0))
-        if n_micro == 0:
-            raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
-                             f"{W * A}+ samples")
-        loop = self._start_loop(t, n_micro, lambda rs: -(-epochs * (n_micro + rs.per_epoch) // A))
-        opt, sched = loop.opt, loop.lr_scheduler
-        bar = self._bar(t, loop.total, loop.task_step)
-        losses = []
-        events = self._fast_forward(loop, loop.replay.events(epochs, micro_steps))
-        for kind, epoch, step, x in events:
-            boundary = (loop.consumed + 1) % A == 0
-            if kind == "replay":
-                rec = self._replay_micro(x, boundary, 1.0 / A)
-                # logged at the step its window makes (a resumed run restarts that window)
-                if (self.global_step + 1) % self.cfg.log.every == 0:
-                    self.log(kind="replay", task=t, epoch=epoch, batch=step, task_step=loop.task_step + 1,
-                             global_step=self.global_step + 1, **rec)
-            else:
-                losses.append(self._train_micro([ds[i] for i in x], boundary, 1.0 / A))
-            loop.consumed += 1
-            if boundary:
-                self._optimizer_step(opt, sched)
-                rec = {}
-                if losses:
-                    rec = {"loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0]}
-                losses = []
-                self._after(loop, bar, "train" if rec else None, epoch, step, rec)
-        if loop.consumed % A:
-            self._optimizer_step(opt, sched)
-            self._after(loop, bar, None, None, None, {})
-        bar.close()
-        opt.zero_grad(set_to_none=True)
-        self._loop = None
-
-    def _train_micro(self, items, boundary: bool, scale: float) -> float:
-        """One accumulation micro-step on a global micro-batch (this rank takes its slice)."""
-        N = sum(_n_targets(e) for e in items)
-        mine = shard(list(range(len(items))), self.dist.rank, self.dist.world)
-        b = collate([items[i] for i in mine], self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of)
-        b = {k: v.to(self.device) for k, v in b.items()}
-        with self._sync_ctx(0, 1 if boundary else 2), self._autocast():
-            s = ce_sum(self._forward(b).logits, b["labels"])
-        self._backward(s * (scale * self.dist.world / N))
-        return float(self.dist.all_reduce(s.detach().double().cpu())) / N
-
-    def _replay_micro(self, keys, boundary: bool, scale: float) -> dict:
-        """One replay micro-step inside an accumulation window."""
-        mine = [keys[i] for i in shard(list(range(len(keys))), self.dist.rank, self.dist.world)]
-        b = self.recipe.batch(mine, global_keys=keys)
-        with self._sync_ctx(0, 1 if boundary else 2), self._autocast():
-            loss, parts = self.recipe.replay_loss(self.train_model, b)
-        self._backward(loss * (scale * self.dist.world))
-        return self._replay_record(parts)
-
-    def _replay_record(self, parts):
-        sums = torch.tensor([float(parts.get(k, 0.0)) for k in ("ce", "logits_kl", "attn_kl")], dtype=torch.float64)
-        sums = self.dist.all_reduce(sums)
-        rec = {"ce": float(sums[0])}
-        if "logits_kl" in parts:
-            rec["logits_kl"] = float(sums[1])
-        if "attn_kl" in parts:
-            rec["attn_kl"] = float(sums[2])
-        return rec
-
-    def _micro(self, items):
-        """This rank's micro-batches of a global batch (list of lists)."""
-        return self.recipe.micro_batches(items, self.cfg.train.grad_accum)
-
-    def _sync_ctx(self, k, n):
-        m = self.train_model
-        if k < n - 1 and isinstance(m, torch.nn.parallel.DistributedDataParallel):
-            return m.no_sync()
-        return contextlib.nullcontext()
-
-    def _optimizer_step(self, opt, sched):
-        tr = self.cfg.train
-        if self.scaler is not None:
-            self.scaler.unscale_(opt)          # clip the true gradients
-        if tr.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), tr.max_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(opt)              # skipped when a gradient is inf/NaN
-            self.scaler.update()
-        else:
-            opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-
-    def _forward(self, b):
-        return self.train_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                position_ids=b["position_ids"], use_cache=False)
-
-    def _train_step(self, items, opt, sched) -> float:
-        N = sum(_n_targets(e) for e in items)
-        W = self.dist.world
-        micro = self._micro(items)
-        total = torch.zeros((), dtype=torch.float64)
-        for k, mb in enumerate(micro):
-            b = collate([items[i] for i in mb], self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of)
-            b = {kk: v.to(self.device) for kk, v in b.items()}
-            with self._sync_ctx(k, len(micro)), self._autocast():
-                out = self._forward(b)
-                s = ce_sum(out.logits, b["labels"])
-            self._backward(s * (W / N))
-            total += s.detach().double().cpu()
-        self._optimizer_step(opt, sched)
-        return float(self.dist.all_reduce(total)) / N
-
-    def _replay_step(self, keys, opt, sched) -> dict:
-        """One optimiser step on a global replay batch (the recipe's loss per micro-batch)."""
-        W = self.dist.world
-        micro = self._micro(keys)
-        sums = {}
-        for k, mb in enumerate(micro):
-            b = self.recipe.batch([keys[i] for i in mb], global_keys=keys)
-            with self._sync_ctx(k, len(micro)), self._autocast():
-                loss, parts = self.recipe.replay_loss(self.train_model, b)
-            self._backward(loss * W)
-            for name, v in parts.items():
-                sums[name] = sums.get(name, 0.0) + float(v)
-        self._optimizer_step(opt, sched)
-        return self._replay_record(sums)
 
     # ---------------------------------------------------------------- evaluation
     def _evaluate_upto(self, t: int):
@@ -794,25 +619,16 @@ class ContinualTrainer:
         """A LoRA run on a model built from model.arch: its frozen base weights, once, so
         that every adapter folder of the run names a loadable base model."""
         if self.dist.main:
-            base = self.base.get_base_model()
-            sd = plain_state_dict(self.base, merge=False)
-
-            def fill(tmp):
-                with quiet_transformers():
-                    base.save_pretrained(tmp, state_dict=sd, max_shard_size=self.cfg.train.max_shard_size)
-                self.tokenizer.save(tmp)
-            checkpoint.write(os.path.join(self.out, "base"), fill, meta={"what": "base model"})
+            base, sd = self.base.get_base_model(), plain_state_dict(self.base, merge=False)
+            checkpoint.write(os.path.join(self.out, "base"),
+                             lambda tmp: save_model(base, self.tokenizer, tmp, sd, self.cfg.train.max_shard_size),
+                             meta={"what": "base model"})
         self.dist.barrier()
 
     def _save_model_files(self, d: str, sd):
-        with quiet_transformers():
-            if self.lora:
-                self.base.peft_config[self.base.active_adapter].base_model_name_or_path = self._base_path()
-                self.base.save_pretrained(d)
-            else:
-                self.base.save_pretrained(d, state_dict=sd, safe_serialization=True,
-                                          max_shard_size=self.cfg.train.max_shard_size)
-        self.tokenizer.save(d)
+        if self.lora:
+            self.base.peft_config[self.base.active_adapter].base_model_name_or_path = self._base_path()
+        save_model(self.base, self.tokenizer, d, sd, self.cfg.train.max_shard_size)
 
     def _trainer_state(self, phase: str, t: int, loop: Optional[_TaskLoop]) -> dict:
         st = {"format": 1, "kind": TRAINER_KIND, "phase": phase, "task": t, "completed": len(self.rows),
@@ -896,49 +712,17 @@ class ContinualTrainer:
 
     def _write_final(self):
         """``output_dir/final``: the finished model as a loadable Hugging Face folder (full
-        fine-tuning: the last task checkpoint's model files, hard-linked; LoRA: merged
-        weights or the adapter, ``model.lora.save``) with the tokenizer."""
-        if not self.dist.main:
-            self.dist.barrier()
-            return
-        final = os.path.join(self.out, "final")
-        src = os.path.join(self.out, self.rundir.read_state_quiet().get("checkpoint", ""))
-        with contextlib.suppress(CheckpointError):
-            if checkpoint.verify(final).get("global_step") == self.global_step:
-                self.dist.barrier()
-                return
-        trainer_only = (checkpoint.OPTIMIZER, checkpoint.SCHEDULER, checkpoint.SCALER, checkpoint.RNG, checkpoint.TRAINER_STATE, checkpoint.MANIFEST)
-
-        def fill(tmp):
-            if self.lora and self.cfg.model.lora is not None and self.cfg.model.lora.save == "merged":
-                base = self.base.get_base_model()
-                with quiet_transformers():
-                    base.save_pretrained(tmp, state_dict=plain_state_dict(self.base, merge=True),
-                                         max_shard_size=self.cfg.train.max_shard_size)
-                self.tokenizer.save(tmp)
-                return
-            for rel in checkpoint._walk(src):
-                if rel in trainer_only or rel.startswith(checkpoint.SEEKR + "/"):
-                    continue
-                dst = os.path.join(tmp, rel)
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                try:
-                    os.link(os.path.join(src, rel), dst)      # files are never modified in place
-                except OSError:
-                    import shutil
-                    shutil.copy2(os.path.join(src, rel), dst)
-        def fill_final(tmp):
-            fill(tmp)
-            cp = os.path.join(tmp, "config.json")
-            if os.path.exists(cp):      # training turned the KV cache off; a finished model wants it
-                with open(cp, encoding="utf-8") as f:
-                    c = json.load(f)
-                c["use_cache"] = True
-                os.unlink(cp)           # maybe a hard link into the checkpoint: never write through it
-                with open(cp, "w", encoding="utf-8") as f:
-                    json.dump(c, f, indent=2, sort_keys=True)
-        checkpoint.write(final, fill_final, meta={"what": "final model", "global_step": self.global_step})
-        self._write_state(os.path.relpath(src, self.out), final="final")
+        fine-tuning: the last task checkpoint's model files; LoRA: merged weights or the
+        adapter, ``model.lora.save``) with the tokenizer."""
+        if self.dist.main:
+            def merged(tmp):
+                save_model(self.base.get_base_model(), self.tokenizer, tmp, plain_state_dict(self.base, merge=True),
+                           self.cfg.train.max_shard_size)
+            lo = self.cfg.model.lora
+            src = self.rundir.write_final(self.global_step, merged if self.lora and lo is not None
+                                          and lo.save == "merged" else None)
+            if src is not None:
+                self._write_state(os.path.relpath(src, self.out), final="final")
         self.dist.barrier()
 
     # ---------------------------------------------------------------- persistence: resuming
@@ -957,24 +741,8 @@ class ContinualTrainer:
         return int(ts["completed"]) if ts["phase"] == "task_end" else int(ts["task"])
 
     def _check_config(self, ts: dict, path: str, allow: tuple):
-        saved, now = flatten(canonical_keys(ts.get("config") or {})), flatten(self.cfg.to_dict())
-        K = saved.get("distill.teacher_logits_topk")
-        if K and "distill.teacher_logits" not in saved:
-            # Saved before distill.teacher_logits existed: its older spelling, resolved as now.
-            saved.update({"distill.teacher_logits": "topk", "distill.teacher_logits_k": K})
-        if "distill.fused_lm_head" not in saved and ts.get("config"):
-            # Saved before the fused replay step existed: it trained on materialised logits,
-            # and the default (auto) would now fuse, which is not bit-identical. Refused as a
-            # change unless the run says fused_lm_head: false (or allows the change).
-            saved["distill.fused_lm_head"] = "false"
-        saved.update({"world_size": ts.get("world_size"), "device_type": ts.get("device_type")})
-        now.update({"world_size": self.dist.world, "device_type": self.device.type})
-        data = ts.get("data") or []
-        for i, d in enumerate(data_digests(self.tasks)):
-            now[f"tasks[{i}].data"] = d
-            if i < len(data):
-                saved[f"tasks[{i}].data"] = data[i]
-        diff = config_diff(saved, now, flatten(RunConfig().to_dict()), path, allow)
+        diff = check_resume_config(ts, self.cfg.to_dict(), flatten(RunConfig().to_dict()), self.tasks,
+                                   self.dist.world, self.device.type, path, allow)
         done = int(ts["completed"])
         names = [t["name"] if isinstance(t, dict) and t.get("name") else None
                  for t in (ts.get("config") or {}).get("tasks", [])]

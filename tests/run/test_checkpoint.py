@@ -12,7 +12,8 @@ from seekr_kernels.run import checkpoint as ck
 from seekr_kernels.run.checkpoint import CheckpointError, ResumeError
 from seekr_kernels.seekr.config import ConfigError
 from seekr_kernels.utils import store
-from seekr_kernels.run.trainer import ContinualTrainer, _schedule
+from seekr_kernels.run.steps import TrainSteps, lr_lambda
+from seekr_kernels.run.trainer import ContinualTrainer
 
 from tiny_runs import read_log, tiny_config, tiny_tasks  # noqa: E402
 
@@ -23,14 +24,17 @@ class _Crash(RuntimeError):
 
 def crash_at(mp, step):
     """Raise inside the optimiser step that would make global step ``step`` (weights of
-    steps < ``step`` are on the model, gradients of ``step`` are lost: a kill)."""
-    orig = ContinualTrainer._optimizer_step
+    steps < ``step`` are on the model, gradients of ``step`` are lost: a kill). For runs
+    that start at step 0."""
+    orig = TrainSteps.optimizer_step
+    done = {"n": 0}
 
     def f(self, opt, sched):
-        if self.global_step + 1 == step:
+        if done["n"] + 1 == step:
             raise _Crash(f"killed before step {step}")
+        done["n"] += 1
         return orig(self, opt, sched)
-    mp.setattr(ContinualTrainer, "_optimizer_step", f)
+    mp.setattr(TrainSteps, "optimizer_step", f)
 
 
 def same_weights(a, b):
@@ -234,7 +238,7 @@ def test_resume_is_explicit_and_names_changed_keys(stopped_run, tmp_path, data, 
     sched = torch.load(c / "scheduler.pt", weights_only=True)
     opt = torch.load(c / "optimizer.pt", weights_only=True)
     assert sched["base_lrs"] == [1e-3, 1e-3] and sched["last_epoch"] == 2
-    assert opt["param_groups"][0]["lr"] == pytest.approx(1e-3 * _schedule("linear", 1, 4)(2))
+    assert opt["param_groups"][0]["lr"] == pytest.approx(1e-3 * lr_lambda("linear", 1, 4)(2))
     # the abandoned continuation (step 6) is gone; state.json names the new checkpoint
     assert not (d / "checkpoints" / "step-000006").exists()
     assert json.loads((d / "state.json").read_text())["checkpoint"] == "checkpoints/step-000005"

@@ -8,7 +8,9 @@ import torch
 
 from seekr_kernels.run.config import from_dict
 from seekr_kernels.seekr.memory import ReplayMemory, ReplayMemoryError
-from seekr_kernels.run.trainer import ContinualTrainer, _select_heads
+from seekr_kernels.run.steps import TrainSteps
+from seekr_kernels.run.trainer import ContinualTrainer
+from seekr_kernels.seekr.selection import select_heads
 
 
 from tiny_runs import TASKS, read_log, tiny_config, tiny_tasks  # noqa: E402,F401  (tests/tiny_runs.py)
@@ -92,7 +94,7 @@ class _Crash(RuntimeError):
 
 
 def _crash_after(monkeypatch, n_steps):
-    orig = ContinualTrainer._train_step
+    orig = TrainSteps.train_step
     calls = {"n": 0}
 
     def step(self, *a, **k):
@@ -101,7 +103,7 @@ def _crash_after(monkeypatch, n_steps):
             raise _Crash("killed")
         return orig(self, *a, **k)
 
-    monkeypatch.setattr(ContinualTrainer, "_train_step", step)
+    monkeypatch.setattr(TrainSteps, "train_step", step)
 
 
 @pytest.mark.parametrize("method", ["seekr", "replay+logits"])
@@ -159,7 +161,7 @@ def test_memory_on_disk_and_corruption_refused(tmp_path):
 def test_select_heads_published_rule():
     imp = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.05]])
     # layer sums 1.0, 1.5, 0.05 -> layers {0, 1}; top 3 heads among them: (0,1), then ties 0.5
-    heads = _select_heads(imp, 2, 3)
+    heads = select_heads(imp, 2, 3)
     assert {l: h.tolist() for l, h in heads.items()} == {0: [1], 1: [0, 1]}
 
 

@@ -236,14 +236,15 @@ def test_replay_in_accumulation_window(tmp_path, monkeypatch):
     """With grad_accum 2 a replay batch is one micro-step of the window; every 2 micro-steps
     (train or replay) one optimiser step, each micro-step's mean loss / 2 — what DeepSpeed
     does with the published loop."""
+    from seekr_kernels.run.steps import TrainSteps
     from seekr_kernels.run.trainer import ContinualTrainer
     paths = tiny_tasks(tmp_path / "data")[:2]
     cfg = tiny_config(tmp_path / "run", paths, "replay+logits", **{
         "train.grad_accum": 2, "replay.in_accumulation": True, "replay.order": "fixed", "replay.batch_size": 6,
         "train.schedule": "constant", "train.warmup_steps": 0})
     events, checked = [], {}
-    orig_t, orig_r = ContinualTrainer._train_micro, ContinualTrainer._replay_micro
-    orig_step = ContinualTrainer._optimizer_step
+    orig_t, orig_r = TrainSteps.train_micro, TrainSteps.replay_micro
+    orig_step = TrainSteps.optimizer_step
 
     def train_micro(self, items, boundary, scale):
         events.append(("t", boundary, scale, items))
@@ -267,7 +268,7 @@ def test_replay_in_accumulation_window(tmp_path, monkeypatch):
                 if kind == "r":
                     loss, _ = self.recipe.replay_loss(self.base, self.recipe.batch(x))
                 else:
-                    b = collate(x, self.tokenizer.pad_token_id, 1)
+                    b = collate(x, self.pad_token_id, 1)
                     loss = self.base(**b, use_cache=False).loss
                 (loss / 2).backward()
             for n, p in self.base.named_parameters():
@@ -276,9 +277,9 @@ def test_replay_in_accumulation_window(tmp_path, monkeypatch):
         events.append("step")
         return orig_step(self, opt, sched)
 
-    monkeypatch.setattr(ContinualTrainer, "_train_micro", train_micro)
-    monkeypatch.setattr(ContinualTrainer, "_replay_micro", replay_micro)
-    monkeypatch.setattr(ContinualTrainer, "_optimizer_step", step)
+    monkeypatch.setattr(TrainSteps, "train_micro", train_micro)
+    monkeypatch.setattr(TrainSteps, "replay_micro", replay_micro)
+    monkeypatch.setattr(TrainSteps, "optimizer_step", step)
     ContinualTrainer(cfg, quiet=True).run()
     micro = [e for e in events if e != "step"]
     assert all(e[2] == 0.5 for e in micro)
