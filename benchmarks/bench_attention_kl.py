@@ -100,26 +100,19 @@ def point(method, L, Q, H=32, D=128, S=4, dtype="float32", device="cpu", reps=3)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpu", action="store_true", help="run on CUDA (bf16, L up to 8192)")
-    ap.add_argument("--lengths", type=int, nargs="*", default=None)
+    common.add_sweep_args(ap, "run on CUDA (bf16, L up to 8192)", reps=3)
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--queries", type=int, nargs="*", default=None,
                     help="query rows per sample, 0 = all L (default: 100 and all; --quick 32 and all)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3; --quick 1)")
     common.add_common_args(ap)
     args = ap.parse_args()
     out = common.out_dir(args)
-    reps = args.reps or (1 if args.quick else 3)
+    device, dtype, lengths, reps = common.sweep(args, cpu_lengths=[512, 1024, 2048],
+                                                gpu_lengths=[1024, 2048, 4096, 8192])
 
     import torch
 
     from seekr_kernels import _backend
-    device = "cuda" if args.gpu else "cpu"
-    dtype = "bfloat16" if args.gpu else "float32"
-    if args.quick:
-        lengths = args.lengths or [128]
-    else:
-        lengths = args.lengths or ([1024, 2048, 4096, 8192] if args.gpu else [512, 1024, 2048])
     q_few = 32 if args.quick else 100      # the "few query rows" point; the other is Q = L
     if args.methods:
         methods = args.methods

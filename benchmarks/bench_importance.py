@@ -234,23 +234,14 @@ def e2e_point(method, samples=2, L=512, Q=100, layers=2):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpu", action="store_true", help="run the kernel part on CUDA (bf16, triton)")
-    ap.add_argument("--lengths", type=int, nargs="*", default=None)
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; --quick 1)")
+    common.add_sweep_args(ap, "run the kernel part on CUDA (bf16, triton)", reps=7)
     ap.add_argument("--skip-host", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--e2e", action="store_true", help="also run the end-to-end forgettability pass")
     common.add_common_args(ap)
     args = ap.parse_args()
     out = common.out_dir(args)
-    reps = args.reps or (1 if args.quick else 7)
-
-    device = "cuda" if args.gpu else "cpu"
-    dtype = "bfloat16" if args.gpu else "float32"
-    if args.quick:
-        lengths = args.lengths or [128]
-    else:
-        lengths = args.lengths or ([1024, 2048, 4096] if args.gpu else [256, 512, 1024])
+    device, dtype, lengths, reps = common.sweep(args, cpu_lengths=[256, 512, 1024], gpu_lengths=[1024, 2048, 4096])
     print(f"machine: {common.machine()}")
     if args.skip_kernels:
         lengths = []

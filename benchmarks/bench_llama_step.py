@@ -182,32 +182,24 @@ def timing_point(methods, L, Q, S=4, device="cpu", backend="auto", reps=3, threa
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpu", action="store_true", help="CUDA, bf16, Llama-2-7B layer shapes")
-    ap.add_argument("--lengths", type=int, nargs="*", default=None)
+    common.add_sweep_args(ap, "CUDA, bf16, Llama-2-7B layer shapes", reps=3)
     ap.add_argument("--queries", type=int, default=None, help="query rows per sample (default: all L)")
     ap.add_argument("--heads", type=int, default=4, help="distilled heads per layer")
     ap.add_argument("--methods", nargs="*", default=["plain", "patched", "published"],
                     help="plain, patched, published, patched-torch (fused op on the torch backend)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch's default); 1 gives steadier numbers on a busy machine")
     ap.add_argument("--plot-only", action="store_true", help="reprint ratios and replot from the CSV in --out")
     common.add_common_args(ap)
     args = ap.parse_args()
     out = common.out_dir(args)
-    reps = args.reps or (1 if args.quick else 3)
+    device, _, lengths, reps = common.sweep(args, cpu_lengths=[256, 512, 1024], gpu_lengths=[1024, 2048, 4096])
     if args.plot_only:
-        device = "cuda" if args.gpu else "cpu"
         rows = common.read_csv(os.path.join(out, f"llama_step_{device}.csv"))
         _ratios(rows, args.gpu)
         _plot(rows, os.path.join(out, f"llama_step_{device}.png"))
         return
 
-    device = "cuda" if args.gpu else "cpu"
-    if args.quick:
-        lengths = args.lengths or [128]
-    else:
-        lengths = args.lengths or ([1024, 2048, 4096] if args.gpu else [256, 512, 1024])
     # Every big tensor its own mmap, unmapped when freed: see the module docstring.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     print(f"machine: {common.machine()}")

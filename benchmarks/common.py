@@ -12,9 +12,11 @@ inputs of one measurement and returns one CSV row (a dict); ``main`` walks the g
 prints the comparisons through ``ratio`` and draws the rows with ``plot_lines``::
 
     ap = argparse.ArgumentParser(...)
+    common.add_sweep_args(ap, "run on CUDA", reps=3)   # --gpu, --lengths, --reps (a sweep over L)
     common.add_common_args(ap)      # --quick and --out DIR
     args = ap.parse_args()
     out = common.out_dir(args)      # the folder to write CSV / PNG files into (created)
+    device, dtype, lengths, reps = common.sweep(args, cpu_lengths=[512, 1024], gpu_lengths=[1024, 4096])
     rows = [common.run_point("benchmarks.bench_x", "point", dict(method=m, L=L), label=...,
                              show=lambda r: f"{r['ms']:.2f} ms", isolated=not args.quick)
             for L in lengths for m in methods]
@@ -383,6 +385,25 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"folder for the CSV and PNG files (default: ./{DEFAULT_OUT}/; the committed "
                              "results are replaced only with an explicit --out benchmarks/results)")
     return parser
+
+
+def add_sweep_args(parser: argparse.ArgumentParser, gpu_help: str, reps: int) -> argparse.ArgumentParser:
+    """A sweep over sequence lengths: ``--gpu``, ``--lengths`` and ``--reps`` (default ``reps``);
+    ``sweep`` reads them back."""
+    parser.add_argument("--gpu", action="store_true", help=gpu_help)
+    parser.add_argument("--lengths", type=int, nargs="*", default=None,
+                        help="sequence lengths L (default: the script's, per device; --quick 128)")
+    parser.add_argument("--reps", type=int, default=None, help=f"timed repetitions (default {reps}; --quick 1)")
+    parser.set_defaults(_default_reps=reps)
+    return parser
+
+
+def sweep(args, cpu_lengths, gpu_lengths):
+    """(device, dtype, lengths, reps) of a sweep: CUDA in bf16 with --gpu, else CPU in fp32;
+    --quick: L = 128 and one repetition unless given."""
+    device, dtype = ("cuda", "bfloat16") if args.gpu else ("cpu", "float32")
+    lengths = args.lengths or ([128] if args.quick else gpu_lengths if args.gpu else cpu_lengths)
+    return device, dtype, lengths, args.reps or (1 if args.quick else args._default_reps)
 
 
 def out_dir(args) -> str:

@@ -175,3 +175,12 @@ def test_csv_round_trip(tmp_path, capsys):
     back = common.read_csv(path)
     assert [r["L"] for r in back] == [128, 128, 256] and back[0]["ms"] == 1.5 and back[1]["note"] == "x"
     assert back[0]["note"] == "" and back[2]["error"] == ""
+
+
+def test_sweep_defaults():
+    ap = common.add_common_args(common.add_sweep_args(argparse.ArgumentParser(), "CUDA", reps=7))
+    assert common.sweep(ap.parse_args([]), [1], [2]) == ("cpu", "float32", [1], 7)
+    assert common.sweep(ap.parse_args(["--gpu"]), [1], [2]) == ("cuda", "bfloat16", [2], 7)
+    assert common.sweep(ap.parse_args(["--quick"]), [1], [2]) == ("cpu", "float32", [128], 1)
+    assert common.sweep(ap.parse_args(["--quick", "--lengths", "64", "--reps", "2"]), [1], [2]) == \
+        ("cpu", "float32", [64], 2)
