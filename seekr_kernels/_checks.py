@@ -20,6 +20,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _fail(exc, name, msg):
+    """Raise ``exc("<name>: <msg>")``: the one argument-error helper (every op's and the
+    teacher cache's validation names the argument this way)."""
     raise exc(f"{name}: {msg}")
 
 

@@ -416,8 +416,10 @@ def check_format(obj, where: str, what: str, *, error: Type[Exception] = ValueEr
 
     ``versions`` is the versioned reader's table: the versions of the format this build
     reads, each with what it holds, kept next to the format's reader. Raises ``error``
-    naming ``where``: ``not a <what> (<kind_key> <found>)``, or ``<version_key> <found>,
-    this version reads <version_key> <versions>``.
+    naming ``where``: ``not a <what> (<kind_key> <found>)``, or ``format <found>, this
+    version reads format 1 or 2`` (``format <version_key> ...`` when the key is not
+    ``"format"``, e.g. ``format version 9, ...``). A version must be an int or a str
+    (``true`` and ``1.0`` are not version 1).
     """
     if not isinstance(obj, Mapping):
         raise error(f"{where}: not a {what} (expected a JSON object)")
