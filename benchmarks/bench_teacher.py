@@ -243,7 +243,7 @@ def _register_capture():
         return eager_attention_forward(module, query, key, value, attention_mask, **kw)
 
     AttentionInterface.register("seekr_bench_capture", capture)
-    # Registered under the same name, or the model would build no mask at all (DESIGN §5).
+    # Registered under the same name, or the model would build no mask at all (docs/DESIGN.md §6).
     AttentionMaskInterface.register("seekr_bench_capture", eager_mask)
 
 

@@ -1,6 +1,6 @@
 """Fused KL(teacher attention || student attention) on selected heads and query rows.
 
-Math (DESIGN.md §2), for one row r = (b, s, i), head h = heads[b, s], valid keys
+Math (docs/DESIGN.md §2), for one row r = (b, s, i), head h = heads[b, s], valid keys
 V = {j <= i, mask[b, j] = 1}, z_j = scale * q[b, h, i] . k[b, h // G, j]:
 
     KL_r = sum_{j in V, t_j > 0} t_j log t_j - sum_{j in V} t_j z_j + T_r * lse_r,

@@ -16,7 +16,7 @@ with ``cross_entropy`` averaged over the same tokens as :func:`~seekr_kernels.lo
 ``logits_kl`` accepts: dense teacher logits, a :class:`~seekr_kernels.TopK` of kind
 ``"logits"`` (with ``topk_mode``) or a :class:`~seekr_kernels.SampledTeacher`.
 
-How (the Liger-Kernel way, DESIGN.md section 5): the supervised rows are processed in
+How (the Liger-Kernel way, docs/DESIGN.md §5): the supervised rows are processed in
 chunks of ``chunk_size`` rows. Per chunk the logits z [c, V] are computed, then the row
 log-sum-exps, the losses and dloss/dz = (hard + soft) softmax(z) - soft p_teacher - hard
 onehot(label) (sparse teachers: the TopK/sampled coefficients of ``logits_kl``), and at
@@ -58,6 +58,8 @@ import numbers
 
 import torch
 
+from .._checks import _fail
+
 from .._backend import available
 from .logits_kl import IGNORE_INDEX, TOPK_MODES, _topk_terms, sparse_teacher_probs
 from .teachers import TopK
@@ -67,8 +69,6 @@ REDUCTIONS = ("mean", "sum")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _fail(exc, name, msg):
-    raise exc(f"{name}: {msg}")
 
 
 def _full(x):

@@ -69,9 +69,11 @@ import functools
 import torch
 
 from .._backend import available, resolve
-from .._checks import refuse_double_backward
+from .._checks import _fail, refuse_double_backward
 from .teachers import TopK
 
+#: Label of a position that is not supervised (prompt, padding): PyTorch's cross-entropy
+#: default. The one definition; the method's batching and the loops use it.
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum", "none")
 TOPK_MODES = ("student_tail", "uniform", "kept", "renorm")
@@ -83,8 +85,6 @@ _STUDENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHUNK_ELEMS = 1 << 21
 
 
-def _fail(exc, name, msg):
-    raise exc(f"{name}: {msg}")
 
 
 # ---------------------------------------------------------------------------- checks

@@ -41,6 +41,8 @@ from typing import Optional
 
 import torch
 
+from .._checks import _fail
+
 
 KINDS = ("probs", "logits", "sampled")
 
@@ -49,8 +51,6 @@ KINDS = ("probs", "logits", "sampled")
 _CHUNK_ELEMS = 1 << 24
 
 
-def _fail(exc, name, msg):
-    raise exc(f"{name}: {msg}")
 
 
 def _check_dense(x, k):

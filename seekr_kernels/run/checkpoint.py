@@ -29,7 +29,6 @@ damaged checkpoint is refused, never loaded into a silently different run.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import random
 import re
@@ -42,7 +41,7 @@ from ..utils import store
 from ..utils.store import _owner, _writer_dead, atomic_dir, clean_leftovers
 
 __all__ = ["CheckpointError", "ResumeError", "write", "verify", "discard", "list_checkpoints",
-           "rng_state", "set_rng_state", "save_torch", "load_torch", "read_json", "json_digest",
+           "rng_state", "set_rng_state", "save_torch", "load_torch",
            "load_model_weights", "is_peft_model", "clean_run_leftovers"]
 
 FORMAT = 1
@@ -70,13 +69,6 @@ class ResumeError(RuntimeError):
     """An output directory that cannot be resumed (or started) as asked: it holds a run
     and neither resume nor overwrite was asked, the config differs, the run state is
     damaged. The message says what to do."""
-
-
-# The trainer and preflight still reach these through this module (issue 19 moves them to
-# call utils.store directly); they are the store's functions, not copies.
-json_digest = functools.partial(store.digest_json, skip="sha256")
-read_json = functools.partial(store.read_json, error=CheckpointError)
-_walk = store.list_files
 
 
 # ============================================================================ write / verify
@@ -225,7 +217,7 @@ def model_files(path: str) -> List[str]:
     index names)."""
     idx = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(idx):
-        wm = read_json(idx, "shard index").get("weight_map")
+        wm = store.read_json(idx, "shard index", CheckpointError).get("weight_map")
         if not isinstance(wm, dict):
             raise CheckpointError(f"{idx}: no weight_map")
         return [os.path.join(path, f) for f in sorted(set(wm.values()))]

@@ -32,7 +32,8 @@ import torch
 
 from . import trace_metrics as _trace
 from .data import EncodedDataset
-from ..seekr.batching import collate
+from ..seekr.batching import IGNORE_INDEX, collate
+from ..seekr.distributed import unwrap
 
 
 def exact_match(pred: str, ref: str, prompt: Optional[str] = None) -> float:
@@ -115,11 +116,6 @@ def get_metric(name) -> Callable[..., float]:
     raise ValueError(f"metric: unknown metric {name!r} (built in: {sorted(METRICS)}, "
                      f"'trace:<task>' for {', '.join(_trace.TRACE_TASKS)}, 'auto', "
                      "or 'package.module:function')")
-
-
-def unwrap(model):
-    """The plain module under DDP (``.module``); FSDP2 modules are used as they are."""
-    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +210,7 @@ def answer_loglik(model, batch) -> torch.Tensor:
                 position_ids=batch["position_ids"], use_cache=False)
     logits = out.logits[:, :-1].float()
     tgt = labels[:, 1:]
-    valid = tgt != -100
+    valid = tgt != IGNORE_INDEX
     lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     lp = lp * valid
     return lp.sum(1) / valid.sum(1).clamp_min(1)

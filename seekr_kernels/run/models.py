@@ -179,3 +179,45 @@ def save_model(model, tokenizer, d: str, state_dict=None, max_shard_size="5GB") 
         else:
             model.save_pretrained(d, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save(d)
+
+
+def prepare_model(model, device, *, patch: bool, gradient_checkpointing: bool, world: int = 1, fsdp: bool = False):
+    """The model ready to train: on ``device``, Llama attention patched for SEEKR's fused
+    ops (``patch``), non-reentrant activation checkpointing, no KV cache, and wrapped for
+    ``world`` > 1 processes (FSDP2 per decoder layer with ``fsdp``, else DDP). Returns
+    ``(model, train_model)``: the module itself and what the loop calls (the DDP wrapper,
+    or the same module)."""
+    m = model.to(device)
+    if patch:
+        from ..llama import patch_llama
+        m = patch_llama(m)
+    if gradient_checkpointing:
+        # Non-reentrant: the attention losses need gradients in the first forward pass.
+        kw = {"use_reentrant": False}
+        if hasattr(m, "activation_checkpointing_enable"):     # transformers >= 5.x name
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    m.config.use_cache = False
+    if world <= 1:
+        return m, m
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in m.model.layers:
+            fully_shard(layer)
+        fully_shard(m)
+        return m, m
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return m, DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def model_state_dict(model, base, fsdp: bool) -> dict:
+    """The full weights on the host, for a checkpoint: gathered from FSDP2 shards (the tied
+    output embedding once, as an unsharded model saves it), else ``base``'s."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if getattr(model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)     # its load path re-ties it
+        return sd
+    return {k: v.detach().cpu() for k, v in base.state_dict().items()}

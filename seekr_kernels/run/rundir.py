@@ -17,12 +17,12 @@ with, before anything is loaded.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 from typing import Optional, Sequence
 
+from ..utils import store
 from ..utils.store import atomic_save_json
 from . import checkpoint
 from .checkpoint import CheckpointError, ResumeError
@@ -73,7 +73,7 @@ def read_run_state(out_dir: str, task_names: Optional[Sequence[str]] = None) -> 
         raise RunStateError(f"{p}: unreadable ({e.strerror})") from None
     if not isinstance(st, dict):
         raise RunStateError(f"{p}: damaged (expected a JSON object, got {type(st).__name__}); {hint}")
-    if "sha256" in st and st["sha256"] != checkpoint.json_digest(st):
+    if not store.is_sealed(st, optional=True):
         raise RunStateError(f"{p}: checksum mismatch (edited or damaged); {hint}")
     done = st.get("completed")
     if isinstance(done, bool) or not isinstance(done, int) or done < 0:
@@ -99,10 +99,9 @@ def data_digests(tasks) -> list:
     """SHA-256 of each task's records (all splits): a resumed run must see the same data."""
     out = []
     for task in tasks:
-        h = hashlib.sha256()
-        for split in ("train", "eval", "test"):
-            h.update(json.dumps([[e.prompt, e.answer] for e in getattr(task, split)]).encode())
-        out.append(h.hexdigest())
+        # json.dumps' default spacing, not canonical JSON: earlier runs recorded these digests
+        out.append(store.digest_bytes(*(json.dumps([[e.prompt, e.answer] for e in getattr(task, split)]).encode()
+                                        for split in ("train", "eval", "test"))))
     return out
 
 
@@ -148,7 +147,7 @@ class RunDirectory:
         if not os.path.exists(p):
             raise ResumeError(f"{p}: missing, but {self.out} holds checkpoints; {self.hint()}")
         try:
-            st = checkpoint.read_json(p, "run state", error=ResumeError)
+            st = store.read_json(p, "run state", ResumeError)
         except ResumeError as e:
             raise ResumeError(f"{e}; {self.hint()}") from None
         if st.get("kind") != STATE_KIND or st.get("version") != STATE_VERSION:
@@ -157,7 +156,7 @@ class RunDirectory:
                                   "checkpoints without manifests); finish it with that version, or start over "
                                   "with --overwrite")
             raise ResumeError(f"{p}: not a seekr run state (version {st.get('version')!r}); {self.hint()}")
-        if st.get("sha256") != checkpoint.json_digest(st):
+        if not store.is_sealed(st):
             raise ResumeError(f"{p}: checksum mismatch (edited or damaged: e.g. its completed count); "
                               f"{self.hint()}")
         return st
@@ -168,7 +167,7 @@ class RunDirectory:
         st = {"version": STATE_VERSION, "kind": STATE_KIND, **fields, "checkpoint": checkpoint_rel}
         if final:
             st["final"] = final
-        st["sha256"] = checkpoint.json_digest(st)
+        store.seal(st)
         atomic_save_json(self.state_path, st)
 
     # ---------------------------------------------------------------- what the folder holds
@@ -239,12 +238,43 @@ class RunDirectory:
                     f"{good}` (python: run(resume={good!r})), or start over with --overwrite")
         return "no good checkpoint is left: start over with --overwrite"
 
-    def write_checkpoint(self, name: str, fill, meta: dict) -> str:
-        """Write ``checkpoints/<name>`` atomically (``fill(tmp_dir)`` writes its files;
-        the manifest comes last); returns its path."""
+    def write_checkpoint(self, name: str, meta: dict, *, model, recipe, trainer_state: dict, optimizer=None,
+                         scaler=None) -> str:
+        """Write ``checkpoints/<name>`` atomically, the manifest last (see
+        :mod:`seekr_kernels.run.checkpoint` for the files): ``model(tmp_dir)`` saves the
+        model and tokenizer, then the optimiser and LR-schedule states
+        (``optimizer=(opt_sd, sched_sd)``), the gradient scaler's, the RNG states, the
+        recipe's state without its memory, and ``trainer_state``. Returns its path."""
+        rng = checkpoint.rng_state()
+
+        def fill(tmp):
+            model(tmp)
+            if optimizer is not None:
+                checkpoint.save_torch(os.path.join(tmp, checkpoint.OPTIMIZER), optimizer[0])
+                checkpoint.save_torch(os.path.join(tmp, checkpoint.SCHEDULER), optimizer[1])
+            if scaler is not None:
+                checkpoint.save_torch(os.path.join(tmp, checkpoint.SCALER), scaler)
+            with open(os.path.join(tmp, checkpoint.RNG), "w", encoding="utf-8") as f:
+                json.dump(rng, f)
+            recipe.save(os.path.join(tmp, checkpoint.SEEKR), memory=False)
+            with open(os.path.join(tmp, checkpoint.TRAINER_STATE), "w", encoding="utf-8") as f:
+                json.dump(trainer_state, f, indent=1)
         path = os.path.join(self.checkpoints, name)
         checkpoint.write(path, fill, meta=meta)
         return path
+
+    def load_memory(self, digests: list, names: list, ck_path: str) -> list:
+        """The replay memory's tasks 0..len(names)-1 from ``memory/``, each checked against
+        the manifest digest the checkpoint ``ck_path`` recorded (``digests``)."""
+        from ..seekr.memory import ReplayMemory
+        have = self.memory_digests(len(names)) if len(digests) == len(names) else None
+        tasks = []
+        for i, name in enumerate(names):
+            if have is None or have[i] != digests[i]:
+                raise CheckpointError(f"{os.path.join(self.memory, f'task-{i:03d}')}: not the replay memory the "
+                                      f"checkpoint {ck_path} was taken with")
+            tasks.append(ReplayMemory.load_task(self.memory, i, name))
+        return tasks
 
     def prune(self, newest: str, phase: str, keep_checkpoints: str, save_total_limit: Optional[int]) -> None:
         """Keep what the run needs: the newest ``save_total_limit`` mid-task checkpoints
@@ -273,11 +303,7 @@ class RunDirectory:
     def memory_digests(self, k: int) -> list:
         """SHA-256 of the manifests of memory tasks 0..k-1 on disk (each manifest holds
         its data file's checksum): ties a checkpoint to the memory it was taken with."""
-        out = []
-        for i in range(k):
-            with open(os.path.join(self.memory, f"task-{i:03d}", "manifest.json"), "rb") as f:
-                out.append(hashlib.sha256(f.read()).hexdigest())
-        return out
+        return [store.digest_file(os.path.join(self.memory, f"task-{i:03d}", "manifest.json")) for i in range(k)]
 
     def write_final(self, global_step: int, write_merged=None) -> Optional[str]:
         """``final/``: the finished model as a loadable Hugging Face folder, from the
@@ -295,7 +321,7 @@ class RunDirectory:
                         checkpoint.TRAINER_STATE, checkpoint.MANIFEST)
 
         def links(tmp):
-            for rel in checkpoint._walk(src):
+            for rel in store.list_files(src):
                 if rel in trainer_only or rel.startswith(checkpoint.SEEKR + "/"):
                     continue
                 dst = os.path.join(tmp, rel)
@@ -362,7 +388,7 @@ class RunDirectory:
         except CheckpointError as e:
             newest = "the newest checkpoint" if st is not None else "the checkpoint"
             raise CheckpointError(f"{newest} is damaged: {e}; {self.hint(exclude=[path])}") from None
-        ts = checkpoint.read_json(os.path.join(path, checkpoint.TRAINER_STATE), "trainer state")
+        ts = store.read_json(os.path.join(path, checkpoint.TRAINER_STATE), "trainer state", CheckpointError)
         if ts.get("kind") != TRAINER_KIND:
             raise CheckpointError(f"{os.path.join(path, checkpoint.TRAINER_STATE)}: not a seekr trainer state")
         if st is not None:
@@ -398,7 +424,15 @@ def check_resume_config(ts: dict, config: dict, defaults: dict, tasks, world: in
         now[f"tasks[{i}].data"] = d
         if i < len(data):
             saved[f"tasks[{i}].data"] = data[i]
-    return config_diff(saved, now, defaults, path, allow)
+    diff = config_diff(saved, now, defaults, path, allow)
+    done = int(ts["completed"])
+    learned = [t["name"] if isinstance(t, dict) and t.get("name") else None
+               for t in (ts.get("config") or {}).get("tasks", [])][:done]
+    names = [t.name for t in tasks][:done]
+    if done > len(tasks) or (all(learned) and learned != names):
+        raise ResumeError(f"{path}: learned tasks {learned}, this config's stream starts with {names}; a resumed "
+                          "run can only add tasks after the learned ones")
+    return diff
 
 
 def config_diff(saved: dict, now: dict, defaults: dict, path: str, allow: tuple) -> list:

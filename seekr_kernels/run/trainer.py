@@ -56,7 +56,6 @@ rank 0 writes files.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -68,14 +67,16 @@ from ..seekr.batching import shard
 from ..seekr.config import ConfigError
 from ..seekr.distributed import DistributedHooks
 from ..seekr.recipe import SeekrRecipe, task_seed
+from ..utils import store
 from ..utils.store import atomic_save_json
 from . import checkpoint, metrics
-from .checkpoint import CheckpointError, ResumeError, is_peft_model
+from .checkpoint import CheckpointError, is_peft_model
 from .config import RunConfig, TaskSpec, task_name
 from .data import EncodedDataset, epoch_batches, load_task
 from .evaluate import GenerationOptions, evaluate_examples, resolve_metric_name
 from .steps import TrainSteps, build_optimizer, load_optimizer
-from .models import apply_lora, build_model, build_tokenizer, plain_state_dict, save_model, seed_everything
+from .models import (apply_lora, build_model, build_tokenizer, model_state_dict, plain_state_dict, prepare_model,
+                     save_model, seed_everything)
 from .preflight import check_run, check_tasks, eval_split, model_max_positions
 from .rundir import TRAINER_KIND, RunDirectory, check_resume_config, data_digests, flatten
 from .runlog import RunLogger
@@ -290,59 +291,13 @@ class ContinualTrainer:
 
     # ---------------------------------------------------------------- model preparation
     def _prepare_model(self):
-        m = self.model.to(self.device)
-        if self._uses_patch():
-            from ..llama import patch_llama
-            m = patch_llama(m)
-        if self.cfg.train.gradient_checkpointing:
-            # Non-reentrant: the attention losses need gradients in the first forward pass.
-            kw = {"use_reentrant": False}
-            if hasattr(m, "activation_checkpointing_enable"):     # transformers >= 5.x name
-                m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-            else:
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        m.config.use_cache = False
-        self.model = m
-        if self.dist.world > 1:
-            if self.cfg.distributed.strategy == "fsdp":
-                from torch.distributed.fsdp import fully_shard
-                for layer in m.model.layers:
-                    fully_shard(layer)
-                fully_shard(m)
-                self.train_model = m
-            else:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-                self.train_model = DDP(m, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        else:
-            self.train_model = m
         self._fsdp = self.dist.world > 1 and self.cfg.distributed.strategy == "fsdp"
+        self.model, self.train_model = prepare_model(
+            self.model, self.device, patch=self._uses_patch(), gradient_checkpointing=self.cfg.train.gradient_checkpointing,
+            world=self.dist.world, fsdp=self._fsdp)
         self.steps = TrainSteps(self.train_model, self.recipe, self.cfg.train, self.dist, self.device,
                                 self.tokenizer.pad_token_id, self.autocast, self.scaler)
         self.recipe.dist = DistributedHooks.from_torch(self.model, self.device, sharded=self._fsdp)
-
-    def _reshard(self):
-        """FSDP2 keeps the root's parameters gathered after a forward with no backward (it
-        expects one); reshard them so the next training step all-gathers fresh weights."""
-        if not getattr(self, "_fsdp", False):
-            return
-        from torch.distributed.fsdp import FSDPModule
-        for mod in self.model.modules():
-            if isinstance(mod, FSDPModule):
-                mod.reshard()
-
-    def _state_dict(self):
-        if self._fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                            cpu_offload=True))
-            if getattr(self.model.config, "tie_word_embeddings", False):
-                # The gathered dict names the tied output embedding twice; save it once, like
-                # an unsharded model (its load path re-ties it).
-                sd.pop("lm_head.weight", None)
-            return sd
-        if self.lora:
-            return None       # PEFT's save_pretrained takes the adapters itself
-        return {k: v.detach().cpu() for k, v in self.base.state_dict().items()}
 
     # ---------------------------------------------------------------- run
     def run(self, resume=None, overwrite: bool = False, allow_config_change=()) -> dict:
@@ -462,7 +417,8 @@ class ContinualTrainer:
             if loop.replay.schedule.state_dict() != st["schedule"]:
                 raise CheckpointError(f"{self._resume_ck}: the replay schedule at step {self.global_step} "
                                       "differs from the checkpoint's (the memory or a replay setting changed)")
-            checkpoint.set_rng_state(checkpoint.read_json(os.path.join(self._resume_ck, checkpoint.RNG), "RNG state"))
+            checkpoint.set_rng_state(store.read_json(os.path.join(self._resume_ck, checkpoint.RNG), "RNG state",
+                                                     CheckpointError))
             self._resume_state = None
         return events
 
@@ -596,7 +552,7 @@ class ContinualTrainer:
             ll.append(r["loglik"])
             if j == t and r["predictions"]:
                 self.log(kind="samples", task=t, predictions=r["predictions"])
-        self._reshard()
+        self.recipe.dist.after_forward()
         return row, ll
 
     # ---------------------------------------------------------------- persistence: writing
@@ -644,7 +600,7 @@ class ContinualTrainer:
     def _checkpoint(self, name: str, phase: str, t: int, loop: Optional[_TaskLoop]):
         """Write checkpoint ``checkpoints/<name>`` (every rank calls: FSDP gathers), then
         commit it in state.json and drop the checkpoints it supersedes."""
-        sd = self._state_dict()
+        sd = None if self.lora else model_state_dict(self.model, self.base, self._fsdp)
         opt_sched = (loop.opt, loop.lr_scheduler) if loop is not None else self._run_opt
         opt_sd = None
         if opt_sched is not None:
@@ -655,24 +611,12 @@ class ContinualTrainer:
             else:
                 opt_sd = opt_sched[0].state_dict()
         if self.dist.main:
-            state = self._trainer_state(phase, t, loop)
-            rng = checkpoint.rng_state()
-
-            def fill(tmp):
-                self._save_model_files(tmp, sd)
-                if opt_sd is not None:
-                    checkpoint.save_torch(os.path.join(tmp, checkpoint.OPTIMIZER), opt_sd)
-                    checkpoint.save_torch(os.path.join(tmp, checkpoint.SCHEDULER), opt_sched[1].state_dict())
-                if self.scaler is not None:
-                    checkpoint.save_torch(os.path.join(tmp, checkpoint.SCALER), self.scaler.state_dict())
-                with open(os.path.join(tmp, checkpoint.RNG), "w", encoding="utf-8") as f:
-                    json.dump(rng, f)
-                self.recipe.save(os.path.join(tmp, checkpoint.SEEKR), memory=False)
-                with open(os.path.join(tmp, checkpoint.TRAINER_STATE), "w", encoding="utf-8") as f:
-                    json.dump(state, f, indent=1)
-
-            path = self.rundir.write_checkpoint(name, fill, {"phase": phase, "task": t,
-                                                             "global_step": self.global_step})
+            path = self.rundir.write_checkpoint(
+                name, {"phase": phase, "task": t, "global_step": self.global_step},
+                model=lambda tmp: self._save_model_files(tmp, sd), recipe=self.recipe,
+                trainer_state=self._trainer_state(phase, t, loop),
+                optimizer=None if opt_sd is None else (opt_sd, opt_sched[1].state_dict()),
+                scaler=None if self.scaler is None else self.scaler.state_dict())
             self._write_state(os.path.join("checkpoints", name))
             self.rundir.prune(name, phase, self.cfg.keep_checkpoints, self.cfg.train.save_total_limit)
             self.log(kind="saved", task=t, checkpoint=path)
@@ -743,12 +687,6 @@ class ContinualTrainer:
     def _check_config(self, ts: dict, path: str, allow: tuple):
         diff = check_resume_config(ts, self.cfg.to_dict(), flatten(RunConfig().to_dict()), self.tasks,
                                    self.dist.world, self.device.type, path, allow)
-        done = int(ts["completed"])
-        names = [t["name"] if isinstance(t, dict) and t.get("name") else None
-                 for t in (ts.get("config") or {}).get("tasks", [])]
-        if done > len(self.tasks) or (all(names[:done]) and names[:done] != self.task_names[:done]):
-            raise ResumeError(f"{path}: learned tasks {names[:done]}, this config's stream starts with "
-                              f"{self.task_names[:done]}; a resumed run can only add tasks after the learned ones")
         for k, a, b in diff:
             self._print(f"resume: {k} changed ({a!r} -> {b!r}), as allowed")
 
@@ -756,16 +694,8 @@ class ContinualTrainer:
         """Weights, recipe state, memory, rows, counters and scaler of a verified checkpoint."""
         done = int(ts["completed"])
         checkpoint.load_model_weights(self.model, path)
-        tasks = []
-        if self.method != "sft":
-            from ..seekr.memory import ReplayMemory
-            want = ts.get("memory") or []
-            have = self._memory_digests(done) if len(want) == done else None
-            for i in range(done):
-                if have is None or have[i] != want[i]:
-                    raise CheckpointError(f"{os.path.join(self.out, 'memory', f'task-{i:03d}')}: not the replay "
-                                          f"memory the checkpoint {path} was taken with")
-                tasks.append(ReplayMemory.load_task(os.path.join(self.out, "memory"), i, self.task_names[i]))
+        tasks = [] if self.method == "sft" else self.rundir.load_memory(ts.get("memory") or [], self.task_names[:done],
+                                                                        path)
         try:
             self.recipe.load(os.path.join(path, checkpoint.SEEKR), memory=tasks)
         except ValueError as e:

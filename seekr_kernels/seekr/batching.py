@@ -13,8 +13,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-#: Label of a position that is not supervised (prompt, padding): PyTorch's cross-entropy default.
-IGNORE_INDEX = -100
+from ..ops.logits_kl import IGNORE_INDEX  # noqa: F401  (the label of unsupervised positions, defined by the op)
 
 
 @dataclass
@@ -102,3 +101,8 @@ def as_pair(item, i):
     if not a:
         raise ValueError(f"{name}: empty answer")
     return p, a
+
+
+def encoded(samples) -> list:
+    """:class:`Encoded` views of anything with ``prompt_ids`` and ``answer_ids``."""
+    return [Encoded(s.prompt_ids, s.answer_ids) for s in samples]

@@ -80,3 +80,8 @@ class DistributedHooks:
             sharded = model is not None and bool(fsdp_modules())
         return cls(dist.get_rank(), dist.get_world_size(), all_reduce, reshard if model is not None else None,
                    bool(sharded))
+
+
+def unwrap(model):
+    """The module under a DDP wrapper; FSDP2 and PEFT models are used as they are."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

@@ -58,79 +58,32 @@ query budget 0 (Q = n) 210 GB at n = 1024 — use the query budget, or DDP, with
 from __future__ import annotations
 
 import contextlib
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from ..utils import store
-from ..utils.store import atomic_dir
 from .config import ConfigError, RecipeConfig, recipe_from_dict
-from .distributed import DistributedHooks
+from . import passes, recipe_store
+from .recipe_store import FORMAT, KIND
+from .samples import PendingSample, sample_seed, task_seed  # noqa: F401  (sample_seed: part of this module's API)
+from .distributed import DistributedHooks, unwrap
 from .snapshot import PreTaskWeights, snapshot_from_tensors, snapshot_kind, snapshot_tensors
 from .stream import ReplaySchedule, ReplayStream, replay_batch_size, replays_in_accumulation
-from .batching import IGNORE_INDEX, Encoded, as_pair, collate, shard
+from .batching import IGNORE_INDEX, as_pair, shard
 from .losses import ce_sum, logits_kl_mean, replay_objective, shifted_teacher
 
 __all__ = ["SeekrRecipe", "DistributedHooks", "PreTaskWeights", "PendingSample", "ReplaySchedule",
            "task_seed", "sample_seed"]
 
-FORMAT = 1
-_KIND = "seekr-recipe"
-_META = "recipe.json"
-_TENSORS = "tensors.safetensors"
-_MEMORY = "memory"
-
-
-def task_seed(seed: int, t: int) -> int:
-    """The seed of task t: every RNG of the task derives from it."""
-    return (int(seed) * 1000003 + 7919 * (t + 1)) % (2 ** 31 - 1)
-
-
-def sample_seed(seed: int, t: int, j: int) -> int:
-    """The seed of replay sample j of task t (its sampled teacher)."""
-    return (task_seed(seed, t) * 1000003 + 104729 * (j + 1)) % (2 ** 31 - 1)
 
 
 # ============================================================================ samples
-
-@dataclass
-class PendingSample:
-    """A new replay sample while its task is being learned (:meth:`to_replay` gives the
-    :class:`~seekr_kernels.ReplaySample` stored in the memory).
-
-    ``logits``: teacher logits ``[A, V]`` (or a TopK) at the positions that predict the
-    A answer tokens that have a token before them; ``queries``: ``[Q]`` positions within
-    the sample (None = all rows); ``attn``: ``{layer: [S_l, Q, n]}`` teacher rows.
-    """
-    prompt_ids: list
-    answer_ids: list
-    task: int
-    logits: object = None
-    queries: Optional[torch.Tensor] = None
-    attn: dict = field(default_factory=dict)
-
-    @property
-    def length(self):
-        return len(self.prompt_ids) + len(self.answer_ids)
-
-    def to_replay(self):
-        from .memory import ReplaySample
-        ids = torch.tensor(self.prompt_ids + self.answer_ids, dtype=torch.long)
-        mask = torch.zeros(self.length, dtype=torch.bool)
-        mask[len(self.prompt_ids):] = True
-        # Teacher logits sit at the positions that predict answer tokens.
-        return ReplaySample(ids, mask, self.queries, self.logits, max(0, len(self.prompt_ids) - 1), self.attn)
 
 
 def _targets(rs) -> int:
     """Next-token targets of a ReplaySample: answer tokens with a token before them."""
     return int(rs.answer_mask[1:].sum())
-
-
-def _encoded(samples):
-    return [Encoded(s.prompt_ids, s.answer_ids) for s in samples]
 
 
 @dataclass
@@ -293,8 +246,8 @@ class SeekrRecipe:
         """What forgettability compares against: :class:`PreTaskWeights` of ``model``, or
         (sharded parameters) every head's rows at the samples' query rows on the host."""
         if self.dist.sharded:
-            return self._all_head_rows(model, samples)
-        return PreTaskWeights.capture(_unwrap(model), self.snapshot_device)
+            return passes.all_head_rows(self, model, samples)
+        return PreTaskWeights.capture(unwrap(model), self.snapshot_device)
 
     # ---------------------------------------------------------------- replay batches
     def replay_stream(self, n_train_batches: int) -> ReplayStream:
@@ -561,205 +514,21 @@ class SeekrRecipe:
         self.current = None
         return info
 
-    # ---------------------------------------------------------------- statistics
-    def _set_length(self, samples) -> int:
-        """Length of the replay set collated as one batch (the published statistics' T)."""
-        m = self.cfg.pad_to_multiple_of
-        n = max(s.length for s in samples)
-        return -(-n // m) * m
-
-    def _sensitivity_chunks(self, samples, bs):
-        """This process's share of the samples in chunks of ``bs``, plus weight-0 filler
-        chunks so every process runs the same number of passes (FSDP needs matched
-        collectives)."""
-        n = len(samples)
-        R, W = self.dist.rank, self.dist.world_size
-        mine = [samples[i] for i in shard(list(range(n)), R, W)]
-        chunks = [(mine[i:i + bs], 1.0) for i in range(0, len(mine), bs)]
-        need = -(-(-(-n // W)) // bs)
-        return chunks + [([samples[0]], 0.0)] * (need - len(chunks))
-
+    # ---------------------------------------------------------------- statistics and teacher (seekr/passes.py)
     def sensitivity(self, model, samples) -> torch.Tensor:
-        """Task sensitivity per head on the samples (mean over samples of the mean
-        (dL/dA)^2 over each head's map; ``distill.sensitivity_padding``), normalised per
-        layer as published. ``[n_layers, n_heads]`` fp32."""
-        from .importance import measure_sensitivity, sensitivity_loss
-        d = self.cfg.distill
-        model = _unwrap(model)
-        dev = self._device_of(model)
-        was = model.training
-        model.eval()
-        L, H = self.importance.shape
-        official = d.sensitivity_padding == "official"
-        pad_to = self._set_length(samples) if official else 1
-        sums = torch.zeros(L, H, dtype=torch.float64)
-        for chunk, w in self._sensitivity_chunks(samples, d.sensitivity_batch_size):
-            b = collate(_encoded(chunk), self.pad_token_id, pad_to)
-            b = {k: v.to(dev) for k, v in b.items()}
-            with measure_sensitivity(model, region=d.sensitivity_region,
-                                     padding="padded" if official else "real") as m:
-                with self._autocast(dev):
-                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                position_ids=b["position_ids"], use_cache=False)
-                # Sum of per-sample mean CE: each sample gets the gradient it gets alone.
-                sensitivity_loss(out.logits, b["labels"]).backward()
-            if w:
-                sums += m.sums.double().cpu()
-            model.zero_grad(set_to_none=True)
-        sens = self.dist.reduce(sums) / max(1, len(samples))
-        model.train(was)
-        return (sens / sens.sum(1, keepdim=True).clamp_min(1e-30)).float()
+        """Task sensitivity per head on the samples, normalised per layer as published
+        (:func:`seekr_kernels.seekr.passes.sensitivity`). ``[n_layers, n_heads]`` fp32."""
+        return passes.sensitivity(self, model, samples)
 
     def forgettability(self, model, samples, before) -> torch.Tensor:
         """Mean (A_before - A_after)^2 per head over the samples' query rows
-        (``distill.forgettability_norm``); ``before`` from :meth:`snapshot`."""
-        L, H = self.importance.shape
-        official = self.cfg.distill.forgettability_norm == "official"
-        T = self._set_length(samples)
-        if isinstance(before, list):      # rows on the host (sharded parameters)
-            after = self._all_head_rows(model, samples)
-            acc = torch.zeros(L, H, dtype=torch.float64)
-            for i, s in enumerate(samples):
-                for l in range(L):
-                    sq = (before[i][l].double() - after[i][l].double()) ** 2     # [H, Q, n]
-                    if official:
-                        rows = T if s.queries is None else s.queries.numel()
-                        acc[l] += sq.sum((1, 2)) / (rows * T)
-                    else:
-                        acc[l] += sq.mean((1, 2))
-            return (acc / max(1, len(samples))).float()
-        from .importance import ForgettabilityMeter
-        model = _unwrap(model)
-        dev = self._device_of(model)
-        was = model.training
-        model.eval()
-        meter = ForgettabilityMeter(normalize="official" if official else "sample", backend=self.cfg.distill.backend)
-        before_model = before.module(model)
-        n_local = 0
-        mine = [samples[i] for i in shard(list(range(len(samples))), self.dist.rank, self.dist.world_size)]
-        bs = self.cfg.capture_batch_size
-        for i in range(0, len(mine), bs):
-            chunk = mine[i:i + bs]
-            b = collate(_encoded(chunk), self.pad_token_id, T if official else 1)
-            Lb = b["input_ids"].shape[1]
-            inputs = {k: b[k].to(dev) for k in ("input_ids", "attention_mask", "position_ids")}
-            inputs["use_cache"] = False
-            if any(s.queries is not None for s in chunk):
-                q, qm = self._query_table(chunk, Lb)
-                inputs["queries"], inputs["query_mask"] = q.to(dev), qm.to(dev)
-            with self._autocast(dev):
-                meter.update(before_model, model, inputs)
-            n_local += len(chunk)
-        model.train(was)
-        sc = meter.scores.double() if n_local else torch.zeros(L, H, dtype=torch.float64)
-        return (self.dist.reduce(sc * n_local) / max(1, len(samples))).float()
+        (:func:`seekr_kernels.seekr.passes.forgettability`); ``before`` from :meth:`snapshot`."""
+        return passes.forgettability(self, model, samples, before)
 
-    @staticmethod
-    def _query_table(chunk, Lb):
-        """[B, Q] absolute query positions of left-padded samples, and which slots are real."""
-        Qm = max(s.length if s.queries is None else s.queries.numel() for s in chunk)
-        q = torch.zeros(len(chunk), Qm, dtype=torch.long)
-        qm = torch.zeros(len(chunk), Qm, dtype=torch.bool)
-        for j, s in enumerate(chunk):
-            p = Lb - s.length
-            rel = torch.arange(s.length) if s.queries is None else s.queries.long()
-            q[j, :rel.numel()] = rel + p
-            qm[j, :rel.numel()] = True
-        return q, qm
-
-    @torch.no_grad()
-    def _all_head_rows(self, model, samples) -> list:
-        """Every head's attention rows at the samples' query rows: per sample {l: [H, Q, n]}."""
-        from ..llama import capture_attention
-        model = _unwrap(model)
-        dev = self._device_of(model)
-        was = model.training
-        model.eval()
-        L, H = self.importance.shape
-        heads = {l: torch.arange(H) for l in range(L)}
-        out = []
-        for s in samples:
-            b = collate(_encoded([s]), self.pad_token_id)
-            b = {k: v.to(dev) for k, v in b.items()}
-            q = None if s.queries is None else s.queries[None].to(dev)
-            with capture_attention(model, heads, q, b["attention_mask"], device="cpu",
-                                   backend=self.cfg.distill.backend) as c, self._autocast(dev):
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                      position_ids=b["position_ids"], use_cache=False)
-            out.append({l: r[0].float() for l, r in c.rows.items()})
-        model.train(was)
-        self.dist.after_forward()
-        return out
-
-    # ---------------------------------------------------------------- teacher capture
-    @torch.no_grad()
     def capture_teacher(self, model, samples: Sequence[PendingSample], heads: Optional[Mapping] = None) -> None:
-        """Fill each pending sample's teacher from ``model`` (eval mode, no gradients).
-
-        ``sample.logits``: the logits at the positions that predict its answer tokens —
-        position ``len(prompt) - 1 + j`` predicts answer token ``j`` (the first answer
-        token of a sample without prompt has no predicting position) — as ``[A, V]`` fp32
-        (``distill.teacher_logits: dense``), a TopK of kind ``"logits"`` (``topk``) or a
-        :class:`~seekr_kernels.SampledTeacher` (``sampled``; sample ``j`` of ``samples``
-        drawn with seed :func:`sample_seed` (run seed, its task, ``j``), so a resumed run
-        draws the same teacher) with ``distill.teacher_logits_k`` entries per position
-        (at most V). ``sample.attn``: for each
-        layer of ``heads`` (``{layer: 1-D heads}``; None/empty: logits only) the rows
-        ``[S_l, Q, n]`` of those heads at the sample's query rows (all n rows when
-        ``queries`` is None), over its n real keys. Samples run in batches of
-        ``capture_batch_size``, left padded; rows and logits are cut back to each sample.
-        """
-        d = self.cfg.distill
-        model = _unwrap(model)
-        dev = self._device_of(model)
-        heads = dict(heads or {})
-        was = model.training
-        model.eval()
-        kind, k = d.teacher_logits, d.teacher_logits_k
-        bs = self.cfg.capture_batch_size
-        for i in range(0, len(samples), bs):
-            chunk = samples[i:i + bs]
-            b = collate(_encoded(chunk), self.pad_token_id)
-            Lb = b["input_ids"].shape[1]
-            b = {k: v.to(dev) for k, v in b.items()}
-            pads = [Lb - s.length for s in chunk]
-            ctx = contextlib.nullcontext()
-            if heads:
-                from ..llama import capture_attention
-                all_rows = all(s.queries is None for s in chunk)
-                q = None
-                if not all_rows:
-                    Qm = max(Lb if s.queries is None else s.queries.numel() for s in chunk)
-                    q = torch.zeros(len(chunk), Qm, dtype=torch.long)
-                    for j, (s, p) in enumerate(zip(chunk, pads)):
-                        rel = torch.arange(s.length) if s.queries is None else s.queries
-                        q[j, :rel.numel()] = rel + p
-                    q = q.to(dev)
-                ctx = capture_attention(model, {l: h.to(dev) for l, h in heads.items()}, q,
-                                        b["attention_mask"], device="cpu", backend=d.backend)
-            with ctx as c, self._autocast(dev):
-                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                            position_ids=b["position_ids"], use_cache=False)
-            logits = out.logits.float().cpu()
-            for j, (s, p) in enumerate(zip(chunk, pads)):
-                a0 = max(p, p + len(s.prompt_ids) - 1)
-                A = len(s.answer_ids) - (0 if s.prompt_ids else 1)
-                lg = logits[j, a0:a0 + A].clone()
-                if kind == "topk":
-                    from ..ops.teachers import TopK
-                    s.logits = TopK.from_dense(lg, min(k, lg.shape[-1]), kind="logits")
-                elif kind == "sampled":
-                    from ..ops.teachers import SampledTeacher
-                    s.logits = SampledTeacher.from_dense(lg, min(k, lg.shape[-1]),
-                                                         seed=sample_seed(self.cfg.seed, s.task, i + j))
-                else:
-                    s.logits = lg
-                if heads:
-                    Q = s.length if s.queries is None else s.queries.numel()
-                    s.attn = {l: (r[j][:, p:, p:] if s.queries is None else r[j][:, :Q, p:]).clone().float()
-                              for l, r in c.rows.items()}
-        model.train(was)
-        self.dist.after_forward()
+        """Fill each pending sample's teacher (logits, and the rows of ``heads``) from
+        ``model`` (:func:`seekr_kernels.seekr.passes.capture_teacher`)."""
+        passes.capture_teacher(self, model, samples, heads)
 
     # ---------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
@@ -774,7 +543,7 @@ class SeekrRecipe:
                    "samples": [{"prompt_ids": s.prompt_ids, "answer_ids": s.answer_ids,
                                 "queries": None if s.queries is None else s.queries.tolist()} for s in st.samples],
                    "snapshot": snapshot_tensors(st.before), "snapshot_kind": snapshot_kind(st.before)}
-        return {"format": FORMAT, "kind": _KIND, "config": self.cfg.to_dict(),
+        return {"format": FORMAT, "kind": KIND, "config": self.cfg.to_dict(),
                 "shape": None if self.budgets is None else [self.num_layers, self.num_heads],
                 "num_tasks": self.num_tasks, "task_names": list(self.task_names),
                 "importance": None if self.importance is None else self.importance,
@@ -782,7 +551,7 @@ class SeekrRecipe:
 
     def load_state_dict(self, sd: Mapping) -> "SeekrRecipe":
         """Restore :meth:`state_dict` output (checked: format, method, shape)."""
-        if not isinstance(sd, Mapping) or sd.get("kind") != _KIND:
+        if not isinstance(sd, Mapping) or sd.get("kind") != KIND:
             raise ValueError("state_dict: not a SeekrRecipe state")
         if sd.get("format") != FORMAT:
             raise ValueError(f"state_dict: format {sd.get('format')!r}, this version reads {FORMAT}")
@@ -823,73 +592,17 @@ class SeekrRecipe:
 
     def save(self, path: str, *, memory: bool = True) -> None:
         """Write the state to directory ``path`` atomically (a reader sees the old one or
-        the complete new one): ``recipe.json`` (metadata, with the sha256 of the tensors),
-        ``tensors.safetensors`` (importance, pre-task snapshot) and ``memory/`` (one
-        checksummed directory per task, :meth:`ReplayMemory.save`). ``memory=False``
-        leaves the memory out (a loop that keeps it elsewhere, e.g. the trainer's
-        ``output_dir/memory``, passes it back to :meth:`load`)."""
-        from safetensors.torch import save as st_save
-
-        from .memory import ReplayMemory
-        sd = self.state_dict()
-        tensors = {}
-        if sd["importance"] is not None:
-            tensors["importance"] = sd["importance"].contiguous()
-        cur = sd["current"]
-        if cur is not None:
-            for k, v in (cur.pop("snapshot") or {}).items():
-                tensors[f"snapshot/{k}"] = v.detach().cpu().contiguous()
-        payload = st_save(tensors)
-        meta = {k: v for k, v in sd.items() if k not in ("importance", "memory")}
-        meta["heads"] = {str(l): h.tolist() for l, h in self.heads.items()}
-        meta["tensors_sha256"] = store.digest_tensors(tensors)
-        with atomic_dir(path) as tmp:
-            with open(os.path.join(tmp, _TENSORS), "wb") as f:
-                f.write(payload)
-            if self.memory.tasks and memory:
-                ReplayMemory(self.memory.tasks).save(os.path.join(tmp, _MEMORY))
-            store.write_json(os.path.join(tmp, _META), meta)
+        the complete new one); ``memory=False`` leaves the replay memory out (a loop that
+        keeps it elsewhere passes it back to :meth:`load`). See
+        :mod:`seekr_kernels.seekr.recipe_store` for the files."""
+        recipe_store.save(self, path, memory=memory)
 
     def load(self, path: str, *, memory=None) -> "SeekrRecipe":
         """Restore a state written by :meth:`save` into this recipe (same method and
         shape); a missing, corrupt or foreign file raises ``ValueError`` naming it.
         ``memory``: the replay memory (a ``ReplayMemory`` or its task list) of a state
         saved with ``memory=False``; its task names must be the state's."""
-        from safetensors.torch import load as st_load
-
-        from .memory import ReplayMemory
-        meta_p = os.path.join(path, _META)
-        meta = store.read_json(meta_p, "SeekrRecipe state", ValueError, kind=_KIND,
-                               missing=f"{meta_p}: missing (not a saved SeekrRecipe, or an interrupted write)")
-        ten_p = os.path.join(path, _TENSORS)
-        try:
-            with open(ten_p, "rb") as f:
-                tensors = st_load(f.read())
-        except FileNotFoundError:
-            raise ValueError(f"{ten_p}: missing") from None
-        except Exception as e:  # safetensors raises its own types on a damaged header
-            raise ValueError(f"{ten_p}: unreadable ({e})") from None
-        if store.digest_tensors(tensors) != meta.get("tensors_sha256"):
-            raise ValueError(f"{ten_p}: checksum mismatch (corrupt file)")
-        mem_p = os.path.join(path, _MEMORY)
-        if memory is not None:
-            memory = list(getattr(memory, "tasks", memory))
-            names = [t.name for t in memory]
-            if self.uses_memory and names != list(meta.get("task_names") or []):
-                raise ValueError(f"memory: holds tasks {names}, the state at {path} learned "
-                                 f"{meta.get('task_names')}")
-        else:
-            memory = ReplayMemory.load(mem_p, meta.get("task_names")).tasks if os.path.isdir(mem_p) else []
-        sd = dict(meta)
-        sd["importance"] = tensors.get("importance")
-        sd["memory"] = memory
-        cur = sd.get("current")
-        if cur is not None:
-            cur["snapshot"] = {k[len("snapshot/"):]: v for k, v in tensors.items() if k.startswith("snapshot/")}
-        try:
-            return self.load_state_dict(sd)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return recipe_store.load(self, path, memory=memory)
 
 
 # ============================================================================ helpers
@@ -904,7 +617,7 @@ def _fusable_lm_head(recipe, model):
         return None, "distill.backend is torch (the plain-PyTorch reference materialises the logits)"
     if recipe.dist.sharded:
         return None, "the model is sharded (FSDP): its lm_head weight is gathered only inside its forward"
-    m = _unwrap(model)
+    m = unwrap(model)
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
         if any(isinstance(x, (FSDPModule, FullyShardedDataParallel)) for x in m.modules()):
@@ -970,13 +683,8 @@ class _LmHeadInput:
                                "false for this model")
         return self.inputs[0]
 
-def _unwrap(model):
-    """The module under a DDP wrapper (FSDP2 and PEFT models are used as they are)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def _model_config(model):
-    c = getattr(_unwrap(model), "config", None)
+    c = getattr(unwrap(model), "config", None)
     if c is None or not hasattr(c, "num_hidden_layers") or not hasattr(c, "num_attention_heads"):
         raise TypeError("model: expected a transformers model with config.num_hidden_layers and "
                         "config.num_attention_heads")
@@ -986,7 +694,7 @@ def _model_config(model):
 def _ensure_patched(model):
     from ..llama import is_patched, patch_llama
     if not is_patched(model):
-        patch_llama(_unwrap(model))
+        patch_llama(unwrap(model))
 
 
 def _forward(model, inputs):

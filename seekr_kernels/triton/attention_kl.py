@@ -1,4 +1,4 @@
-"""Triton kernels for the fused attention-KL loss (DESIGN.md §2).
+"""Triton kernels for the fused attention-KL loss (docs/DESIGN.md §2).
 
 Three kernels, none of which ever holds more than a [BLOCK_M, BLOCK_N] tile of scores:
 

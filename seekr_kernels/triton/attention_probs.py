@@ -1,7 +1,7 @@
 """Triton kernel for teacher capture: softmax rows of selected heads and query rows.
 
 One program per (tile of BLOCK_M selected query rows, sample x slot), two passes over
-key blocks (DESIGN.md §2, last paragraph):
+key blocks (docs/DESIGN.md §2, teacher capture):
 
 * pass 1 streams key blocks up to the tile's last query position and keeps the online
   max / sum of exp per row, i.e. lse over the valid keys j <= i with mask[b, j] = 1;

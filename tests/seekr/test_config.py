@@ -10,6 +10,7 @@ from seekr_kernels.run import checkpoint as ck
 from seekr_kernels.run.checkpoint import ResumeError
 from seekr_kernels.run.config import RunConfig, from_dict, load_config
 from seekr_kernels.run.trainer import ContinualTrainer
+from seekr_kernels.utils import store
 from seekr_kernels.seekr.config import (KEY_ALIASES, ConfigError, DistillConfig, RecipeConfig, ReplayConfig,
                                         canonical_keys, recipe_from_dict, resolve_aliases)
 
@@ -96,9 +97,8 @@ def _as_older_version(ckpt):
     ts["config"] = {("recipe" if k == "preset" else k): v for k, v in cfg.items()}
     tsp.write_text(json.dumps(ts))
     man = json.loads((ckpt / "manifest.json").read_text())
-    n, h = ck._file_digest(str(tsp))
-    man["files"][ck.TRAINER_STATE] = {"bytes": n, "sha256": h}
-    man["sha256"] = ck.json_digest(man)
+    man["files"][ck.TRAINER_STATE] = store.file_entry(str(tsp))
+    store.seal(man)
     (ckpt / "manifest.json").write_text(json.dumps(man))
     return ts
 
@@ -109,7 +109,7 @@ def test_run_saved_with_recipe_key_resumes(tmp_path):
     ContinualTrainer(tiny_config(tmp_path / "run", data, "replay", **over), quiet=True).run()
     st = json.loads((tmp_path / "run" / "state.json").read_text())
     st["config"]["recipe"] = st["config"].pop("preset")
-    st["sha256"] = ck.json_digest(st)                           # resealed: a genuine old file
+    store.seal(st)                                              # resealed: a genuine old file
     (tmp_path / "run" / "state.json").write_text(json.dumps(st))
     newest = tmp_path / "run" / st["checkpoint"]
     ts = _as_older_version(newest)
