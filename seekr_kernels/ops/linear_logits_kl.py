@@ -33,6 +33,11 @@ Backends:
   fp32 accumulation) writes the chunk's logits in the input dtype and, in its epilogue,
   partial softmax statistics per vocabulary tile; a row kernel turns the buffer into dz in
   place; the dz products use cuBLAS (seekr_kernels/triton/linear_logits_kl.py). No fp64.
+  Its logits buffer has the input dtype, so with fp16 input a logit beyond +-65504 is inf
+  there (the loss then becomes non-finite and ``check_values`` refuses it, naming
+  ``hidden``) where ``chunked`` and ``torch`` form fp32 logits and return a finite loss:
+  the one documented difference between the backends (fp16 logits of a trained lm_head
+  stay far below it; bf16 has fp32's range).
 * ``"chunked"`` (any device, the CPU path): the same algorithm in plain PyTorch with fp32
   (fp64 for fp64) logits per chunk; BLAS does the three products.
 * ``"torch"``: materialises ``hidden @ weight.T + bias`` (fp32, fp64 for fp64) of the
