@@ -323,6 +323,19 @@ def test_a_head_below_minus_one_is_refused_alike_in_every_integer_dtype(backend,
             call()
 
 
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+@pytest.mark.parametrize("check_values", [True, False])
+def test_a_query_out_of_range_is_refused_alike_in_every_integer_dtype(backend, dtype, check_values):
+    q, k, t, queries, mask = _index_case()
+    queries = queries.clone()
+    queries[1, 2] = -1 if dtype.is_signed else 6
+    for call in _ops(q, k, t, torch.tensor([[0, 3], [1, -1]]), queries.to(dtype), mask.to(dtype), backend,
+                     check_values):
+        with pytest.raises(ValueError, match=r"^queries: positions must lie in \[0, 6\)$"):
+            call()
+
+
 @pytest.mark.parametrize("name", ["uint32", "uint64"])
 def test_unsigned_shell_dtypes_are_refused_by_name(name):
     if not hasattr(torch, name):
