@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -79,6 +80,59 @@ def score_overflow_check(name, q_max, k_max, D, scale, dtype):
             f"(scale * D * max|q| * max|k| >= {limit:.3g}); rescale q and k")
 
 
+def kl_overflow_checks(a: "AttnArgs", t_max, row_mass, floor=None):
+    """`extra` checks for :func:`_check_finite`: can attention_kl's loss, or its gradients
+    for an upstream gradient of at most 1 per row, overflow the accumulator?
+
+    :func:`score_overflow_check` keeps every score finite, but the loss sums B*S*Q rows of
+    up to ~2 * max|z| each, and dk sums as many rows of scale * |q|: inputs that pass it
+    can still give an inf loss or gradient on every backend (issue 22: near-limit q and k,
+    all three backends returned inf for reduction 'sum'/'mean'). So attention_kl also
+    refuses, with the same rule (a sufficient bound reaching a quarter of the accumulator's
+    range, fp32 for fp32/fp16/bf16 input), what its own sums could overflow:
+
+    * the loss: n * (T * (2 * Z + log L + |log t_max| + tail) + L), with n active rows,
+      Z = scale * D * max|q| * max|k| (|z| <= Z, so |lse| <= Z + log L), T a bound on a
+      row's teacher mass, and L bounding the small-t part of sum t log t (|t log t| <= 1/e);
+      ``teacher`` is named when the teacher alone (Z = 0) overflows it, else ``q``;
+    * dk <= 2 * scale * max|q| * T * n * amp and dq <= 2 * scale * max|k| * T * Q * amp
+      (sum_j |dz_j| <= 2 g T per row; a position repeats at most Q times), naming q / k.
+
+    ``floor``: the TopK bucket's floor on the dropped mass (ops/attention_kl.py, _TAIL_FLOOR): its gradient is
+    formed from two parts of size up to 1/floor times the gradient (amp) and its row holds
+    delta * log(1/floor) more (tail). Gradients are bounded in the accumulator only: a
+    gradient whose exact value exceeds fp16's range is inf in an fp16 gradient, as with
+    plain autograd (what a GradScaler detects), since a bound against 65504 would refuse
+    ordinary fp16 input. No trained model comes near these bounds: for L = 4096,
+    n = 10^6 rows, Z = 10^4 they stay under 10^17.
+    """
+    if a.q_absmax is None or a.k_absmax is None:
+        return []
+    acc = torch.float64 if a.q.dtype == torch.float64 else torch.float32
+    limit = torch.finfo(acc).max / 4
+    amp, tail = (1.0, 0.0) if floor is None else (1.0 / floor, -math.log(floor))
+    n = a.row_active.sum().double()
+    t_max = t_max.double()
+    row_mass = row_mass.double()
+    tlog = torch.log(torch.where(t_max > 0, t_max, torch.ones_like(t_max))).abs()
+    own = row_mass * (math.log(a.L) + 1.0 + tlog + tail) + a.L
+    zmax = a.scale * a.D * a.q_absmax * a.k_absmax
+    grad_k = 2.0 * amp * a.scale * a.q_absmax * row_mass * n
+    grad_q = 2.0 * amp * a.scale * a.k_absmax * row_mass * float(a.Q)
+    name = str(acc)[6:]
+    return [
+        ("teacher", n * own >= limit, f"its mass is so large that the loss may overflow the {name} "
+         "accumulator (active rows * row mass * log terms)"),
+        ("q", n * (own + 2.0 * row_mass * zmax) >= limit,
+         f"the loss may overflow the {name} accumulator (active rows * teacher row mass * 2 * scale * "
+         f"D * max|q| * max|k| >= {limit:.3g}); rescale q and k"),
+        ("q", grad_k >= limit, f"the gradient of k may overflow the {name} accumulator (2 * scale * "
+         f"max|q| * teacher row mass * active rows >= {limit:.3g}); rescale q"),
+        ("k", grad_q >= limit, f"the gradient of q may overflow the {name} accumulator (2 * scale * "
+         f"max|k| * teacher mass * Q >= {limit:.3g}); rescale k"),
+    ]
+
+
 def _check_index(name, t):
     if not isinstance(t, torch.Tensor):
         _fail(TypeError, name, f"expected an integer torch.Tensor, got {type(t).__name__}")
@@ -121,6 +175,10 @@ class AttnArgs:
     #: True when check_attention_args already range-checked heads, queries and the mask
     #: (check_values=True); backends that index with them re-check them otherwise.
     indices_checked: bool = False
+    #: max|q| and max|k| (0-dim fp64 tensors on q's device) when check_values scanned
+    #: them; attention_kl bounds its loss and gradients with them (kl_overflow_checks).
+    q_absmax: Optional[torch.Tensor] = None
+    k_absmax: Optional[torch.Tensor] = None
 
     @property
     def group(self) -> int:
@@ -203,6 +261,7 @@ def check_attention_args(q, k, heads, queries=None, attention_mask=None, scale=N
         if not math.isfinite(scale) or scale <= 0:
             _fail(ValueError, "scale", f"must be finite and > 0, got {scale}")
 
+    qm = km = None
     if check_values:
         checks = _index_checks(heads, None if all_queries else queries,
                                None if attention_mask is None else attention_mask, H, L)
@@ -229,7 +288,7 @@ def check_attention_args(q, k, heads, queries=None, attention_mask=None, scale=N
     return AttnArgs(q=q, k=k, heads=heads, queries=queries, key_mask=key_mask,
                     row_active=row_active, scale=scale, all_queries=all_queries,
                     B=B, H=H, Hkv=Hkv, L=L, D=D, S=S, Q=Q,
-                    indices_checked=bool(check_values))
+                    indices_checked=bool(check_values), q_absmax=qm, k_absmax=km)
 
 
 def _to_int32(t, bad):
@@ -278,7 +337,9 @@ def ensure_index_ranges(a: AttnArgs) -> None:
 
 
 def check_teacher_rows(teacher, a: AttnArgs, check_values=True, name="teacher"):
-    """Dense teacher attention rows [B, S, Q, L], any float dtype, finite and >= 0."""
+    """Dense teacher attention rows [B, S, Q, L], any float dtype, finite and >= 0, and
+    (when ``a`` carries max|q|, max|k|) a loss that cannot overflow: kl_overflow_checks
+    with t_max = max t and the largest row mass. One host sync."""
     _check_float(name, teacher)
     if teacher.device != a.q.device:
         _fail(ValueError, name, f"is on {teacher.device}, q is on {a.q.device}")
@@ -288,7 +349,14 @@ def check_teacher_rows(teacher, a: AttnArgs, check_values=True, name="teacher"):
     if check_values and teacher.numel():
         lo, hi = torch.aminmax(teacher.detach())
         mag = torch.maximum(-lo.double(), hi.double())
-        _check_finite([(name, teacher, mag)], extra=[(name, lo < 0, "contains negative probabilities")])
+        extra = [(name, lo < 0, "contains negative probabilities")]
+        # Only meaningful for finite teachers; _check_finite names a NaN/inf teacher first.
+        if a.q_absmax is not None:
+            safe = torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag))
+            mass = teacher.detach().sum(-1, dtype=torch.float64).amax()
+            mass = torch.where(torch.isfinite(mass), mass, torch.zeros_like(mass)).clamp_min(0)
+            extra += kl_overflow_checks(a, safe, mass)
+        _check_finite([(name, teacher, mag)], extra=extra)
     return teacher
 
 

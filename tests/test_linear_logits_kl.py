@@ -361,3 +361,117 @@ def test_compile_specs_describe_the_launcher():
     s = fwd[0]
     hinted = {s["kernel"].arg_names[i] for (i,) in s["attrs"]}
     assert hinted == {"H", "W", "BIAS", "T", "Z", "P", "C", "V", "D", "h_sr", "w_sr", "t_sr", "z_sr"}
+
+
+# ---------------------------------------------------------------------------- issue 22.1
+ALL_BACKENDS = ["chunked", "triton", "torch"]
+
+
+def _dirty_ignored_rows(h, t, lab, teacher):
+    """Copies of hidden and the teacher whose ignored (-100) rows hold NaN, inf and huge
+    values; a TopK teacher also gets garbage indices there."""
+    ign = lab == -100
+    h2 = h.clone()
+    h2[ign] = float("nan")
+    r0 = tuple(ign.nonzero()[0].tolist())
+    h2[r0 + (0,)] = float("inf")
+    h2[r0 + (1,)] = 1e30 if h.dtype != torch.float16 else 6e4
+    if isinstance(teacher, TopK):
+        vals, idx = teacher.values.clone(), teacher.indices.clone()
+        vals[ign] = float("nan")
+        idx[ign] = torch.tensor([V + 9] + [-5] * (teacher.k - 1), dtype=idx.dtype)
+        lse = None if teacher.lse is None else teacher.lse.clone()
+        if lse is not None:
+            lse[ign] = float("nan")
+        t2 = type(teacher)(vals, idx, teacher.full_size, teacher.kind, lse=lse)
+    else:
+        t2 = t.clone()
+        t2[ign] = float("nan")
+    return h2, t2
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk", "sampled"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("check_values", [True, False])
+def test_ignored_rows_never_contribute(backend, kind, check_values):
+    """A NaN hidden state on a -100 row used to make the torch backend's weight gradient NaN
+    (0 * NaN through the materialised logits); no backend may read such rows at all."""
+    h, W, b, lab, t = make(seed=4)
+    teacher = teacher_of(kind, t)
+    h2, t2 = _dirty_ignored_rows(h, t, lab, teacher)
+    kw = dict(hard_weight=0.4, soft_weight=0.6, chunk_size=4, check_values=check_values)
+    clean = run(h, W, b, lab, teacher, backend, **kw)
+    dirty = run(h2, W, b, lab, t2, backend, **kw)
+    for name, a, c in zip(["loss", "hidden", "weight", "bias"], dirty, clean):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert (dirty[1][lab == -100] == 0).all()
+
+
+def _weight_inf_case():
+    """An inf in weight that the softmax hides: every used row's logit of entry 3 is -inf
+    (h[..., 0] > 0, W[3, 0] = -inf), so a hard-label loss is finite while dhidden = dz W
+    holds 0 * inf = NaN. The torch backend returned that finite loss."""
+    h, W, b, lab, t = make(seed=5)
+    h[..., 0] = h[..., 0].abs() + 0.1
+    lab[lab == 3] = 4
+    W = W.clone()
+    W[3, 0] = float("-inf")
+    return h, W, b, lab, t
+
+
+BAD_INPUTS = {
+    "nan_hidden_used_row": ("hidden", "a row with label != -100 contains NaN or infinite values"),
+    "inf_hidden_used_row": ("hidden", "a row with label != -100 contains NaN or infinite values"),
+    "neg_inf_weight_hidden_by_softmax": ("weight", "contains NaN or infinite values"),
+    "nan_weight": ("weight", "contains NaN or infinite values"),
+    "inf_bias": ("bias", "contains NaN or infinite values"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_INPUTS))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("kw", [dict(hard_weight=1.0, soft_weight=0.0), dict(hard_weight=0.3, soft_weight=0.7)],
+                         ids=["hard", "hard+soft"])
+def test_non_finite_inputs_are_refused_alike_before_any_compute(backend, what, kw):
+    if what == "neg_inf_weight_hidden_by_softmax":
+        h, W, b, lab, t = _weight_inf_case()
+    else:
+        h, W, b, lab, t = make(seed=6)
+        h, W, b = h.clone(), W.clone(), b.clone()
+        used = (lab != -100).nonzero()[-1].tolist()
+        if what == "nan_hidden_used_row":
+            h[tuple(used) + (3,)] = float("nan")
+        elif what == "inf_hidden_used_row":
+            h[tuple(used) + (0,)] = float("-inf")
+        elif what == "nan_weight":
+            W[V - 1, Hd - 1] = float("nan")
+        else:
+            b[0] = float("inf")
+    arg, msg = BAD_INPUTS[what]
+    with pytest.raises(ValueError, match=f"^{arg}: {msg}"):
+        run(h, W, b, lab, t if kw["soft_weight"] else None, backend, **kw)
+
+
+def test_weight_inf_case_reaches_a_non_finite_gradient_unchecked():
+    """The case above is a real one: without the checks (check_values=False, result
+    undefined) the loss is finite and the hidden gradient is not, so only an up-front scan
+    of the weight can refuse it."""
+    h, W, b, lab, t = _weight_inf_case()
+    loss, dh = run(h, W, b, lab, None, "torch", hard_weight=1.0, soft_weight=0.0, check_values=False)[:2]
+    assert torch.isfinite(loss) and not torch.isfinite(dh).all()
+
+
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_fp16_logits_beyond_fp16_range_are_computed_in_fp32(backend):
+    """The torch oracle formed fp16 logits (inf beyond 65504) and refused naming
+    logits_kl's own 'student_logits'; it now forms them in fp32 like the chunked backend."""
+    h, W, b, lab, t = make(torch.float16, seed=7)
+    h, W = h * 3000, W * 20
+    assert float((h.float() @ W.float().t() + b.float()).abs().max()) > 65504
+    out = run(h, W, b, lab, t, backend, hard_weight=0.5, soft_weight=0.5)
+    ref = reference(h, W, b, lab, t, hard_weight=0.5, soft_weight=0.5)
+    for name, a, r in zip(["loss", "hidden", "weight", "bias"], out, ref):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.double(), r, rtol=4e-3, atol=4e-3 * float(r.abs().max()),
+                                   msg=lambda m: f"{name}: {m}")

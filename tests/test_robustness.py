@@ -3,6 +3,7 @@
 Each test names the defect it pins down (numbers as in the issue). The fuzz campaign in
 tests/fuzz/ covers the same contracts over random inputs; these are the exact cases.
 """
+import math
 import warnings
 
 import pytest
@@ -119,10 +120,12 @@ def test_overflowing_scores_are_refused_on_every_backend(backend, dtype):
 
 @pytest.mark.parametrize("backend", ALL)
 def test_large_but_safe_scores_are_finite_and_agree(backend):
-    # scale * D * max|q| * max|k| = 0.5 * 4 * 1e36 = 2e36, under the 8.5e37 limit
-    q = torch.randn(1, 2, 5, 4) * 1e18
-    k = torch.randn(1, 2, 5, 4).clamp(-1, 1) * 1e18
-    t = torch.softmax(torch.randn(1, 2, 5, 5), -1)
+    # scale * D * max|q| * max|k| = 0.5 * 4 * 1e36 = 2e36, under the 8.5e37 limit, and the
+    # loss bound of attention_kl (10 active rows * 2 * 2e36 * teacher mass 1 = 4e37) too
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 5, 4, generator=g).clamp(-1, 1) * 1e18
+    k = torch.randn(1, 2, 5, 4, generator=g).clamp(-1, 1) * 1e18
+    t = torch.softmax(torch.randn(1, 2, 5, 5, generator=g), -1)
     heads = torch.tensor([0, 1])
     got = sk.attention_probs(q, k, heads, backend=backend)
     want = sk.attention_probs(q.double(), k.double(), heads, backend="torch")
@@ -320,6 +323,19 @@ def test_a_head_below_minus_one_is_refused_alike_in_every_integer_dtype(backend,
             call()
 
 
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+@pytest.mark.parametrize("check_values", [True, False])
+def test_a_query_out_of_range_is_refused_alike_in_every_integer_dtype(backend, dtype, check_values):
+    q, k, t, queries, mask = _index_case()
+    queries = queries.clone()
+    queries[1, 2] = -1 if dtype.is_signed else 6
+    for call in _ops(q, k, t, torch.tensor([[0, 3], [1, -1]]), queries.to(dtype), mask.to(dtype), backend,
+                     check_values):
+        with pytest.raises(ValueError, match=r"^queries: positions must lie in \[0, 6\)$"):
+            call()
+
+
 @pytest.mark.parametrize("name", ["uint32", "uint64"])
 def test_unsigned_shell_dtypes_are_refused_by_name(name):
     if not hasattr(torch, name):
@@ -332,3 +348,90 @@ def test_unsigned_shell_dtypes_are_refused_by_name(name):
         call[arg] = call[arg].to(dt)
         with pytest.raises(TypeError, match=f"^{arg}: dtype torch.{name} is not supported"):
             sk.attention_probs(q, k, **call, backend="torch")
+
+
+
+# ----------------------------------------------------------------------------- 3. near-limit inputs
+def _near_limit(frac, D=8, L=16):
+    """q, k whose scores reach +-frac * (the score check's limit) / 2.8 with opposite signs on
+    alternate keys, and a teacher on the keys the student likes least: every active row's
+    KL is ~ 2 * max|z|."""
+    m = math.sqrt(frac * 8.5e37 / D)
+    q = torch.full((2, 4, L, D), m)
+    k = torch.full((2, 2, L, D), m)
+    k[:, :, 1::2] = -m
+    t = torch.zeros(2, 2, L, L)
+    t[..., 1::2] = 1.0
+    t = torch.tril(t)
+    t[..., 0, 0] = 1.0
+    return q, k, t / t.sum(-1, keepdim=True), torch.tensor([[0, 3], [1, -1]])
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+def test_a_loss_that_may_overflow_is_refused_like_overflowing_scores(backend, teacher_kind, reduction):
+    """These scores pass the score check (scale * D * max|q| * max|k| = 0.1 of its limit),
+    but 48 rows of KL ~ 6e36 summed to inf on every backend (issue 22); the same rule, a
+    sufficient bound reaching a quarter of the fp32 range, now refuses the loss too."""
+    q, k, t, heads = _near_limit(0.1)
+    teacher = t if teacher_kind == "dense" else sk.TopK.from_dense(t, 3)
+    with pytest.raises(ValueError, match=r"^q: the loss may overflow the float32 accumulator"):
+        sk.attention_kl(q, k, teacher, heads, backend=backend, reduction=reduction)
+    # Three orders of magnitude below, the same construction is computed, finite, and the
+    # backends agree with the fp64 oracle.
+    q, k, t, heads = _near_limit(1e-3)
+    teacher = t if teacher_kind == "dense" else sk.TopK.from_dense(t, 3)
+    q.requires_grad_()
+    k.requires_grad_()
+    got = sk.attention_kl(q, k, teacher, heads, backend=backend, reduction=reduction)
+    gq, gk = torch.autograd.grad(got.sum(), (q, k))
+    assert all(bool(torch.isfinite(x).all()) for x in (got, gq, gk))
+    q64, k64 = q.detach().double(), k.detach().double()
+    t64 = t.double() if teacher_kind == "dense" else sk.TopK.from_dense(t.double(), 3)
+    want = sk.attention_kl(q64, k64, t64, heads, backend="torch", reduction=reduction)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_a_gradient_that_may_overflow_is_refused(backend):
+    """k near the fp32 limit with a tiny q: the scores are tiny, but dq = scale * sum dz k
+    overflowed to inf on the cpu and triton backends (torch stayed finite): refused on all
+    before any kernel runs."""
+    q, k, t, heads = _case()
+    q = (q * 1e-30).requires_grad_()
+    k = torch.full_like(k, 1e38).requires_grad_()
+    with pytest.raises(ValueError, match=r"^k: the gradient of q may overflow the float32 accumulator"):
+        sk.attention_kl(q, k, t, heads, backend=backend, reduction="sum")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_topk_bucket_gradient_parts_near_the_limit_are_refused(backend):
+    """q ~ 3e34, k ~ 1: the TopK bucket's gradient is formed from parts up to 1/floor (1e7)
+    times larger than itself; they overflowed to a non-finite dk on every backend."""
+    q, k, t, heads = _case()
+    q = (q * 1e34).requires_grad_()
+    with pytest.raises(ValueError, match=r"^q: the gradient of k may overflow"):
+        sk.attention_kl(q, k, sk.TopK.from_dense(t, 3), heads, backend=backend)
+    # the dense teacher has no such parts: accepted, finite
+    k = k.requires_grad_()
+    gq, gk = torch.autograd.grad(sk.attention_kl(q, k, t, heads, backend=backend), (q, k))
+    assert torch.isfinite(gq).all() and torch.isfinite(gk).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_fp16_gradient_beyond_fp16_range_is_inf_on_every_backend(backend):
+    """A defined result, not a refusal: an fp16 gradient whose exact value exceeds 65504 is
+    +-inf (as plain autograd gives, and what a GradScaler detects), the same entries on
+    every backend and never NaN; bounding it up front would refuse ordinary fp16 input."""
+    q, k, t, heads = _case(torch.float16, L=64, seed=3)
+    t = torch.softmax(torch.randn(2, 2, 64, 64, generator=torch.Generator().manual_seed(1)), -1)
+    q = (q.float() * 3e4).clamp(-6e4, 6e4).half().requires_grad_()
+    k = k.requires_grad_()
+    loss = sk.attention_kl(q, k, t, heads, backend=backend, reduction="sum")
+    gq, gk = torch.autograd.grad(loss * 64, (q, k))
+    q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    want = torch.autograd.grad(sk.attention_kl(q32, k32, t, heads, backend="torch", reduction="sum") * 64,
+                               (q32, k32))
+    assert torch.isinf(gk).any() and not torch.isnan(gk).any() and not torch.isnan(gq).any()
+    assert torch.equal(torch.isinf(gk), want[1].abs() > 65504)

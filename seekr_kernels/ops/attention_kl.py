@@ -16,8 +16,8 @@ import torch
 from .. import reference
 from .._backend import resolve
 from .teachers import TopK
-from .._checks import (AttnArgs, check_attention_args, check_reduction, check_teacher_rows,
-                       ensure_index_ranges, reduce_rows, refuse_double_backward)
+from .._checks import (AttnArgs, _check_finite, check_attention_args, check_reduction, check_teacher_rows,
+                       ensure_index_ranges, kl_overflow_checks, reduce_rows, refuse_double_backward)
 
 
 def _impl(backend):
@@ -125,6 +125,13 @@ def attention_kl(q, k, teacher, heads, queries=None, attention_mask=None, *, sca
         ValueError when ``scale * D * max|q| * max|k|`` reaches a quarter of the fp32
         range (fp64 range for fp64 input): scores could overflow to inf and the softmax to
         NaN, so such input is refused on every backend (``_checks.score_overflow_check``).
+        With the same rule, ValueError when the loss summed over B*S*Q rows, or the
+        gradient of q or k for an upstream gradient of at most 1 per row, could overflow
+        the accumulator (``_checks.kl_overflow_checks``): near-limit q and k (q ~ 1e35 with
+        k ~ 1, or q, k ~ 1e18) passed the score check and gave an inf loss or gradient on
+        every backend. Both are sufficient conditions checked in Python before any kernel
+        runs (with ``check_values``); no trained model comes near them. A gradient that
+        only exceeds fp16's range (fp16 q/k) is inf in the fp16 gradient, as with autograd.
 
     The fused backends are once differentiable: ``create_graph=True`` raises a RuntimeError.
 
@@ -139,11 +146,33 @@ def attention_kl(q, k, teacher, heads, queries=None, attention_mask=None, *, sca
         check_teacher_rows(teacher, a, check_values)
         return reduce_rows(attention_kl_rows(a, teacher, None, "torch", eps), a.row_active, reduction)
     if isinstance(teacher, TopK):
+        if check_values:
+            _check_topk_overflow(a, teacher)
         rows = attention_kl_topk_rows(a, teacher, _resolve(backend, q), check_values)
     else:
         check_teacher_rows(teacher, a, check_values)
         rows = attention_kl_rows(a, teacher, None, _resolve(backend, q))
     return reduce_rows(rows, a.row_active, reduction)
+
+
+def _check_topk_overflow(a: AttnArgs, teacher):
+    """kl_overflow_checks for a TopK teacher (one host sync): entries up to max(values), a
+    row mass up to the largest kept sum or ``mass``, and the bucket's floor (its
+    gradient parts reach 1/floor times the gradient: q ~ 1e35 made dk inf on every backend).
+    Non-finite values are left to TopK.check, which names them."""
+    if teacher.values.numel() == 0:
+        return
+
+    def finite_max(x):
+        m = x.detach().amax().double()
+        return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).clamp_min(0)
+    t_max = finite_max(teacher.values)
+    mass = finite_max(teacher.values.detach().sum(-1, dtype=torch.float64))
+    if teacher.mass is not None and teacher.mass.numel():
+        mass = torch.maximum(mass, finite_max(teacher.mass))
+    acc = torch.float64 if a.q.dtype == torch.float64 else torch.float32
+    floor = _TAIL_FLOOR.get(a.q.dtype, _TAIL_FLOOR[acc])
+    _check_finite([], extra=kl_overflow_checks(a, t_max, mass, floor))
 
 
 def _check_log_eps(log_eps, backend, teacher, TopK):

@@ -33,10 +33,15 @@ Backends:
   fp32 accumulation) writes the chunk's logits in the input dtype and, in its epilogue,
   partial softmax statistics per vocabulary tile; a row kernel turns the buffer into dz in
   place; the dz products use cuBLAS (seekr_kernels/triton/linear_logits_kl.py). No fp64.
+  Its logits buffer has the input dtype, so with fp16 input a logit beyond +-65504 is inf
+  there (the loss then becomes non-finite and ``check_values`` refuses it, naming
+  ``hidden``) where ``chunked`` and ``torch`` form fp32 logits and return a finite loss:
+  the one documented difference between the backends (fp16 logits of a trained lm_head
+  stay far below it; bf16 has fp32's range).
 * ``"chunked"`` (any device, the CPU path): the same algorithm in plain PyTorch with fp32
   (fp64 for fp64) logits per chunk; BLAS does the three products.
-* ``"torch"``: materialises ``hidden @ weight.T + bias`` and calls ``logits_kl`` and
-  ``cross_entropy``: the test oracle.
+* ``"torch"``: materialises ``hidden @ weight.T + bias`` (fp32, fp64 for fp64) of the
+  labelled rows and calls ``logits_kl`` and ``cross_entropy``: the test oracle.
 * ``"auto"``: ``triton`` for CUDA tensors (when Triton is installed and the dtype is not
   fp64), else ``chunked``.
 
@@ -61,6 +66,7 @@ import torch
 from .._checks import _fail
 
 from .._backend import available
+from .._checks import _check_finite, abs_max
 from .logits_kl import IGNORE_INDEX, TOPK_MODES, _topk_terms, sparse_teacher_probs
 from .teachers import TopK
 
@@ -454,44 +460,83 @@ class _LinearLogitsKL(torch.autograd.Function):
 
 
 def _oracle(hidden, weight, bias, teacher, labels, hw, sw, reduction, topk_mode, parts=None):
-    """The materialising reference: logits, then cross_entropy and logits_kl."""
+    """The materialising reference: logits, then cross_entropy and logits_kl.
+
+    Only the supervised rows (label != -100) are selected before anything is computed, as
+    the fused backends never compute the others: an ignored row contributes nothing to the
+    value or to any gradient, whatever it holds (a NaN hidden state would otherwise reach
+    the weight gradient as 0 * NaN). Logits are formed in the accumulation dtype (fp32;
+    fp64 for fp64), like the chunked backend, so fp16 logits beyond 65504 do not overflow
+    here either. Value checks are the caller's (linear_logits_kl): the inner logits_kl runs
+    unchecked so that an error names linear_logits_kl's arguments, not its own.
+    """
     from .logits_kl import logits_kl
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    V = weight.shape[0]
+    V, Hd = weight.shape
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    lab = labels.reshape(-1)
+    rows = (lab != IGNORE_INDEX).nonzero().squeeze(1)
+    h = hidden.reshape(-1, Hd).index_select(0, rows)
+    logits = torch.nn.functional.linear(h.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
     lg3 = logits.reshape(1, -1, V)
-    lab = labels.reshape(1, -1)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    n = (lab != IGNORE_INDEX).sum().clamp_min(1) if reduction == "mean" else 1
+    lab = lab.index_select(0, rows).reshape(1, -1)
+    n = lab.shape[1] if reduction == "mean" else 1
+    n = max(n, 1)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     if hw:
-        ce = torch.nn.functional.cross_entropy(lg3[0].to(acc), lab[0].long(), ignore_index=IGNORE_INDEX,
-                                               reduction="sum")
+        ce = torch.nn.functional.cross_entropy(lg3[0], lab[0].long(), reduction="sum")
         loss = loss + hw * ce / n
         if parts is not None:
             parts["hard"] = (ce / n).detach()
     if sw:
         if isinstance(teacher, TopK):
-            t3 = type(teacher)(teacher.values.reshape(1, -1, teacher.k), teacher.indices.reshape(1, -1, teacher.k),
+            def pick(x, *tail):
+                return x.reshape(-1, *tail).index_select(0, rows)[None]
+            t3 = type(teacher)(pick(teacher.values, teacher.k), pick(teacher.indices, teacher.k),
                                teacher.full_size, teacher.kind,
-                               lse=None if teacher.lse is None else teacher.lse.reshape(1, -1))
+                               lse=None if teacher.lse is None else pick(teacher.lse))
         else:
-            t3 = teacher.reshape(1, -1, V)
-        kd = logits_kl(lg3, t3, lab, reduction=reduction, backend="torch", topk_mode=topk_mode)
+            t3 = teacher.reshape(-1, V).index_select(0, rows)[None]
+        kd = logits_kl(lg3, t3, lab, reduction=reduction, backend="torch", topk_mode=topk_mode,
+                       check_values=False)
         loss = loss + sw * kd
         if parts is not None:
             parts["soft"] = kd.detach()
     return loss
 
 
-def _diagnose(hidden, weight, bias, teacher):
-    """Name the argument that made the loss non-finite."""
-    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if x is not None and not bool(torch.isfinite(x.detach()).all()):
-            _fail(ValueError, name, "contains NaN or infinite values")
+def _input_checks(hidden, weight, bias, labels, hw, V):
+    """(name, bad-flag, message) value checks of what the loss reads, for one host sync.
+
+    hidden: only rows with a label (the others are never computed, on any backend, so they
+    may hold anything); weight and bias: in full (every logit of a used row reads all of
+    them). A NaN/inf there would give NaN logits on the fused backends but, where the
+    softmax gives the entry no mass (an inf weight row with a -inf logit), a finite loss
+    with a NaN gradient on others: refused up front instead, the same on every backend.
+    """
+    Hd = weight.shape[1]
+    used = labels.reshape(-1) != IGNORE_INDEX
+    checks = []
+    if hidden.numel():
+        lo, hi = torch.aminmax(hidden.detach().reshape(-1, Hd), dim=-1)   # per row; NaN propagates
+        bad = ~(torch.isfinite(lo) & torch.isfinite(hi)) & used
+        checks.append(("hidden", bad.any(), "a row with label != -100 contains NaN or infinite values"))
+    checks.append(("weight", ~torch.isfinite(abs_max(weight)), "contains NaN or infinite values"))
+    if bias is not None:
+        checks.append(("bias", ~torch.isfinite(abs_max(bias)), "contains NaN or infinite values"))
+    if hw and labels.numel():
+        lab = labels.reshape(-1)
+        checks.append(("labels", (used & ((lab < 0) | (lab >= V))).any(),
+                       f"with hard_weight > 0 every label must be -100 or lie in [0, V={V})"))
+    return checks
+
+
+def _diagnose(teacher, labels):
+    """Name the argument that made the loss non-finite, once the inputs are known finite."""
     if isinstance(teacher, torch.Tensor):
-        lse = torch.logsumexp(teacher.detach().float(), -1)
+        used = (labels != IGNORE_INDEX).reshape(-1)
+        lse = torch.logsumexp(teacher.detach().reshape(-1, teacher.shape[-1])[used].float(), -1)
         if not bool(torch.isfinite(lse).all()):
-            _fail(ValueError, "teacher", "a row has NaN or +inf logits, or only -inf logits")
+            _fail(ValueError, "teacher", "a row with label != -100 has NaN or +inf logits, or only -inf logits")
     _fail(ValueError, "hidden", "the loss is not finite (logits overflow?)")
 
 
@@ -508,7 +553,7 @@ def linear_logits_kl(hidden, weight, teacher, labels, *, bias=None, hard_weight=
         teacher: dense teacher logits [..., V] aligned with ``hidden`` (any float dtype),
             a ``TopK`` of kind ``"logits"`` or a ``SampledTeacher`` over [..., V]; None
             when ``soft_weight == 0``. Gets no gradient.
-        labels: [...] integer, -100 = ignored row (never computed). Aligned with hidden:
+        labels: [...] integer, -100 = ignored row (never read, on any backend). Aligned with hidden:
             no shift (as ``logits_kl``). With ``hard_weight > 0`` the others must lie in
             [0, V).
         bias: [V] or None.
@@ -519,8 +564,17 @@ def linear_logits_kl(hidden, weight, teacher, labels, *, bias=None, hard_weight=
             oracle).
         topk_mode: dropped-mass treatment of a TopK teacher (as ``logits_kl``).
         reduction: ``"mean"`` over rows with a label (0 when there are none) or ``"sum"``.
-        check_values: one host sync; a non-finite loss raises ValueError naming the
-            argument at fault; also labels out of range, TopK contents.
+        check_values: the same on every backend: before anything is computed, one host
+            sync refuses (ValueError naming the argument) NaN/inf in a row of ``hidden``
+            whose label is not -100, anywhere in ``weight`` or ``bias``, and (with
+            ``hard_weight > 0``) labels outside [0, V); TopK teachers are checked on the
+            labelled rows (``TopK.check``). After the forward, a non-finite loss (finite
+            inputs whose logits overflow, a dense teacher row of NaN/+inf or only -inf
+            logits) is a ValueError naming ``teacher`` or ``hidden``. Rows with label
+            -100 are never read by any backend and may hold anything: they contribute
+            nothing, to the value or to any gradient. With ``check_values=False`` only the
+            TopK indices of labelled rows are range-checked (they are gathered); the
+            result of non-finite input is then undefined.
         _parts: a dict that receives the detached unweighted terms ``"hard"`` (the CE)
             and ``"soft"`` (the distillation term), reduced like the loss, of those with
             a weight > 0 (the replay loss logs them).
@@ -536,12 +590,14 @@ def linear_logits_kl(hidden, weight, teacher, labels, *, bias=None, hard_weight=
     V = weight.shape[0]
     if sw == 0:
         teacher = None
-    if hw and check_values and labels.numel():
-        lv = labels[labels != IGNORE_INDEX]
-        if lv.numel() and bool(((lv < 0) | (lv >= V)).any()):
-            _fail(ValueError, "labels", f"with hard_weight > 0 every label must be -100 or lie in [0, V={V})")
-    if isinstance(teacher, TopK) and check_values:
-        teacher.check("teacher")
+    if check_values:
+        _check_finite([], extra=_input_checks(hidden, weight, bias, labels, hw, V))    # one host sync
+    if isinstance(teacher, TopK):
+        used = labels != IGNORE_INDEX          # ignored rows are never read: they may hold anything
+        if check_values:
+            teacher.check("teacher", rows=used)
+        elif teacher.indices.numel():          # gathered with on every backend: never out of bounds
+            _check_topk_indices(teacher, used)
     bk = _resolve(backend, hidden)
     if bk == "torch":
         loss = _oracle(hidden, weight, bias, teacher, labels, hw, sw, reduction, topk_mode, _parts)
@@ -565,8 +621,18 @@ def linear_logits_kl(hidden, weight, teacher, labels, *, bias=None, hard_weight=
                               dense_t if dense_t is not None else meta["teacher"], lab, hw, sw, reduction,
                               topk_mode, chunk_size, bk, (False, False, False), _block, _parts)[0]
     if check_values and not bool(torch.isfinite(loss.detach())):
-        _diagnose(hidden, weight, bias, teacher)
+        _diagnose(teacher, labels)
     return loss
+
+
+def _check_topk_indices(teacher, used):
+    """TopK indices of the used rows in [0, full_size) (one sync), as logits_kl does with
+    check_values=False."""
+    idx = teacher.indices[used]
+    if idx.numel():
+        lo, hi = torch.aminmax(idx)
+        if int(lo) < 0 or int(hi) >= teacher.full_size:
+            _fail(ValueError, "teacher", f"TopK indices must lie in [0, full_size={teacher.full_size})")
 
 
 class LinearLogitsKLLoss(torch.nn.Module):

@@ -101,6 +101,21 @@ LOGIT_OP_FAULTS = {
 IGNORABLE = {"nan_student", "inf_teacher", "all_neginf_student", "topk_nan_values"}
 
 
+# linear_logits_kl (lm_head fused with the logits term): value faults land on a labelled
+# row (refused, naming the argument) or, for the ones in LINEAR_IGNORABLE, on an ignored
+# (-100) row, where the input is valid and must not change anything.
+LINEAR_FAULTS = {
+    "nan_hidden": ("hidden", "V", False), "inf_hidden": ("hidden", "V", False),
+    "inf_weight": ("weight", "V", False), "nan_weight": ("weight", "V", False),
+    "neginf_weight_masked": ("weight", "V", False), "inf_bias": ("bias", "V", False),
+    "nan_teacher": ("teacher", "V", False), "topk_nan_values": ("teacher", "V", False),
+    "label_range": ("labels", "V", False), "labels_shape": ("labels", "V", True),
+    "weight_shape": ("weight", "V", True), "weight_dtype": ("weight", "T", True),
+}
+LINEAR_IGNORABLE = {"nan_hidden", "inf_hidden", "nan_teacher", "topk_nan_values"}
+LINEAR_BACKENDS = ("chunked", "torch", "triton")
+
+
 def attention_specs(st, backends=None):
     """Hypothesis strategy of attention-op specs."""
     @st.composite
@@ -149,6 +164,32 @@ def logits_specs(st, backends=None):
                  seed=draw(st.integers(0, 2 ** 31 - 1)))
         fault = draw(st.one_of(st.none(), st.sampled_from(LOGIT_OP_FAULTS[op])))
         if fault is not None and not LOGIT_FAULTS[fault][2] and not (d["on_ignored"] and fault in IGNORABLE):
+            d["check_values"] = True
+        d["fault"] = fault
+        return d
+    return spec()
+
+
+def linear_specs(st, backends=None):
+    @st.composite
+    def spec(draw):
+        bks = [b for b in LINEAR_BACKENDS if backends is None or b in backends] or list(LINEAR_BACKENDS)
+        teacher = draw(st.sampled_from(["dense", "topk", "sampled", "none"]))
+        V = draw(st.integers(2, 50))
+        d = dict(family="linear", op="linear", backend=draw(st.sampled_from(bks)),
+                 N=draw(st.integers(1, 3)), L=draw(st.integers(1, 7)), Hd=draw(st.integers(1, 24)), V=V,
+                 dtype=draw(st.sampled_from(DTYPES)), check_values=draw(st.booleans()),
+                 reduction=draw(st.sampled_from(["mean", "sum"])),
+                 ignore_frac=draw(st.sampled_from([0.0, 0.3, 0.8, 1.0])),
+                 magnitude=draw(st.sampled_from([0.1, 1.0, 4.0])), bias=draw(st.booleans()),
+                 teacher=teacher, hard_weight=draw(st.sampled_from([0.0, 0.5, 1.0])) if teacher != "none" else 1.0,
+                 topk=draw(st.integers(1, V)), chunk=draw(st.one_of(st.none(), st.integers(1, 9))),
+                 on_ignored=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 31 - 1)))
+        faults = [f for f in LINEAR_FAULTS if not (f == "nan_teacher" and teacher != "dense")
+                  and not (f == "topk_nan_values" and teacher not in ("topk", "sampled"))
+                  and not (f == "inf_bias" and not d["bias"])]
+        fault = draw(st.one_of(st.none(), st.sampled_from(faults)))
+        if fault is not None and not LINEAR_FAULTS[fault][2] and not (d["on_ignored"] and fault in LINEAR_IGNORABLE):
             d["check_values"] = True
         d["fault"] = fault
         return d
@@ -415,7 +456,7 @@ def run_attention(sp):
         return outcome, why
     # The oracle: the torch backend in fp64 on the same (rounded) inputs. For a TopK
     # teacher the torch backend at the input dtype instead: its dropped-mass term takes
-    # log(P_D + floor) with a floor that depends on the accumulation dtype (ops/topk.py).
+    # log(P_D + floor) with a floor that depends on the accumulation dtype (ops/attention_kl.py, _TAIL_FLOOR).
     t64 = dict(t)
     if sp["op"] != "kl_topk":
         for key in ("q", "k", "teacher", "qb", "kb"):
@@ -429,7 +470,7 @@ def run_attention(sp):
     out_tol = tol if sp["op"] != "probs" else max(tol, {"float16": 1e-3, "bfloat16": 8e-3}.get(sp["dtype"], 0))
     # TopK's dropped bucket is conditioned by 1/P_D: scores rounded in another order
     # (kernel vs torch) move it by ~delta * error(z) / P_D. Its documented precision
-    # (ops/topk.py, tests/test_topk.py::test_bucket_with_sharpening_student_matches_fp64):
+    # (ops/attention_kl.py, tests/test_topk.py::test_bucket_with_sharpening_student_matches_fp64):
     # 3e-2 on values and 5e-2 on gradients while P_D is resolvable; below (rows whose
     # student tail is under the rounding of their scores) only finite and bounded.
     g_tol = tol
@@ -608,6 +649,120 @@ def run_logits(sp):
     return "ok", ""
 
 
+def run_linear(sp):
+    """One linear_logits_kl call against the fp64 torch oracle on the same inputs with every
+    ignored row cleaned (no backend may read those rows, so the results must be equal)."""
+    import torch
+    import seekr_kernels as sk
+    g = torch.Generator().manual_seed(sp["seed"])
+    N, L, Hd, V = sp["N"], sp["L"], sp["Hd"], sp["V"]
+    dt = _dt(sp["dtype"])
+    m = sp["magnitude"]
+    h = (torch.randn(N, L, Hd, generator=g) * m).to(dt)
+    W = (torch.randn(V, Hd, generator=g) * (0.5 / max(1.0, Hd ** 0.5 / 2))).to(dt)
+    b = (torch.randn(V, generator=g) * 0.3).to(dt) if sp["bias"] else None
+    tl_ = torch.randn(N, L, V, generator=g) * 2
+    labels = torch.randint(0, V, (N, L), generator=g)
+    ign = torch.rand(N, L, generator=g) < sp["ignore_frac"]
+    labels[ign] = -100
+    hw = sp["hard_weight"]
+    sw = 0.0 if sp["teacher"] == "none" else 1.0 - 0.5 * (hw == 1.0)
+    f, cv = sp["fault"], sp["check_values"]
+    sup, ig = (~ign).nonzero(), ign.nonzero()
+    expected, at = None, None
+    if f in LINEAR_IGNORABLE:
+        pool = ig if sp["on_ignored"] and len(ig) else sup
+        if len(pool) == 0:
+            f = None
+        else:
+            at = tuple(pool[0].tolist())
+            if pool is sup:
+                expected, cv = LINEAR_FAULTS[f][:2], True
+    elif f in ("inf_weight", "nan_weight", "neginf_weight_masked", "inf_bias", "label_range"):
+        if f == "label_range" and (not hw or len(sup) == 0):
+            f = None
+        else:
+            expected, cv = LINEAR_FAULTS[f][:2], True
+    elif f is not None:
+        expected = LINEAR_FAULTS[f][:2]
+    if f == "nan_hidden" and at is not None:
+        h = h.clone(); h[at + (0,)] = float("nan")
+    elif f == "inf_hidden" and at is not None:
+        h = h.clone(); h[at + (Hd - 1,)] = float("-inf")
+    elif f == "inf_weight":
+        W = W.clone(); W[V - 1, 0] = float("inf")
+    elif f == "nan_weight":
+        W = W.clone(); W[0, Hd - 1] = float("nan")
+    elif f == "neginf_weight_masked":
+        # -inf logits of entry 0 on every row (the softmax hides it): finite loss, NaN dhidden
+        h = h.clone(); h[..., 0] = h[..., 0].abs() + 0.1
+        labels[labels == 0] = -100 if V == 1 else 1
+        W = W.clone(); W[0, 0] = float("-inf")
+    elif f == "inf_bias":
+        b = b.clone(); b[0] = float("inf")
+    elif f == "nan_teacher" and at is not None:
+        tl_[at + (V // 2,)] = float("nan")
+    elif f == "label_range":
+        labels = labels.clone(); labels[tuple(sup[0].tolist())] = V
+    elif f == "labels_shape":
+        labels = labels[:, :-1] if L > 1 else torch.zeros(N, 2, dtype=torch.long)
+    elif f == "weight_shape":
+        W = torch.zeros(V, Hd + 1, dtype=dt)
+    elif f == "weight_dtype":
+        W = W.to(torch.float64 if dt != torch.float64 else torch.float32)
+    if sp["teacher"] == "dense":
+        teacher = tl_.to(dt)
+    elif sp["teacher"] == "none":
+        teacher = None
+    else:
+        kk = min(sp["topk"], V)
+        if sp["teacher"] == "topk":
+            teacher = sk.TopK.from_dense(tl_, kk, kind="logits")
+        else:
+            teacher = sk.SampledTeacher.from_dense(tl_, kk, seed=sp["seed"] % 1000)
+        if f == "topk_nan_values" and at is not None:
+            teacher.values[at] = float("nan")
+            if teacher.lse is not None:
+                teacher.lse[at] = float("nan")
+    backend = sp["backend"]
+    expected = _with_fp64_refusal(expected, sp, "hidden")
+
+    def call(h_, W_, b_, t_, bk):
+        h_ = h_.detach().clone().requires_grad_()
+        W_ = W_.detach().clone().requires_grad_() if W_.dtype.is_floating_point else W_
+        b_ = None if b_ is None else b_.detach().clone().requires_grad_()
+        loss = sk.linear_logits_kl(h_, W_, t_, labels, bias=b_, hard_weight=hw, soft_weight=sw,
+                                   chunk_size=sp["chunk"], backend=bk, reduction=sp["reduction"],
+                                   check_values=cv)
+        grads = torch.autograd.grad(loss, [x for x in (h_, W_, b_) if x is not None])
+        return (loss, *grads)
+
+    outcome, why, got = _attempt(lambda: call(h, W, b, teacher, backend), expected, f)
+    if outcome:
+        return outcome, why
+    keep = ~ign
+    h64 = torch.where(keep[..., None], h.double(), torch.zeros(()))
+    if isinstance(teacher, sk.TopK):
+        k = teacher.k
+        t64 = type(teacher)(torch.where(keep[..., None], teacher.values.double(), torch.zeros(())),
+                            torch.where(keep[..., None], teacher.indices, torch.arange(k, dtype=torch.int32)),
+                            V, teacher.kind,
+                            lse=None if teacher.lse is None else torch.where(keep, teacher.lse.double(), torch.zeros(())))
+    elif teacher is not None:
+        t64 = torch.where(keep[..., None], teacher.double(), torch.zeros(()))
+    else:
+        t64 = None
+    ref = call(h64, W.double(), None if b is None else b.double(), t64, "torch")
+    tol = TOL[sp["dtype"]] * (1.0 + (m if sp["dtype"] != "float64" else 0.0))
+    for name, a, r in zip(("loss", "dhidden", "dweight", "dbias"), got, ref):
+        why = _close(a, r, tol, name)
+        if why:
+            return "silent_wrong", why
+    if not bool((got[1][ign] == 0).all()):
+        return "silent_wrong", "gradient on ignored rows"
+    return "ok", ""
+
+
 def run_files(sp, workdir):
     """Damage a saved cache / replay memory; it must be refused or load identical."""
     import random
@@ -727,6 +882,8 @@ def run_case(sp, workdir):
             return run_attention(sp)
         if sp["family"] == "logits":
             return run_logits(sp)
+        if sp["family"] == "linear":
+            return run_linear(sp)
         return run_files(sp, workdir)
 
 

@@ -15,6 +15,7 @@ CAMPAIGNS = [
     ("attention-triton", lambda: fuzzlib.attention_specs(st, backends=("triton",)), 90, 1200, 11),
     ("attention-cpu-torch", lambda: fuzzlib.attention_specs(st, backends=("cpu", "torch")), 150, 1800, 12),
     ("logits", lambda: fuzzlib.logits_specs(st), 120, 1200, 13),
+    ("linear", lambda: fuzzlib.linear_specs(st), 80, 800, 14),
 ]
 
 
