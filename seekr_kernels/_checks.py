@@ -86,7 +86,7 @@ def kl_overflow_checks(a: "AttnArgs", t_max, row_mass, floor=None):
 
     :func:`score_overflow_check` keeps every score finite, but the loss sums B*S*Q rows of
     up to ~2 * max|z| each, and dk sums as many rows of scale * |q|: inputs that pass it
-    can still give an inf loss or gradient on every backend (issue 22: near-limit q and k,
+    can still give an inf loss or gradient on every backend (near-limit q and k:
     all three backends returned inf for reduction 'sum'/'mean'). So attention_kl also
     refuses, with the same rule (a sufficient bound reaching a quarter of the accumulator's
     range, fp32 for fp32/fp16/bf16 input), what its own sums could overflow:
@@ -297,7 +297,7 @@ def _to_int32(t, bad):
     Only dtypes wider than int32 can hold such values. Narrower ones (int8, int16, uint8)
     must not be compared with int32's limits: torch casts the Python bound to the tensor's
     own dtype, where -2**31 wraps to 0, and every value of an int16 tensor then compared
-    as out of range (issue 22: int16 heads all became -2, the cpu backend refused them and
+    as out of range (int16 heads all became -2: the cpu backend refused them and
     the torch backend silently treated every slot as empty).
     """
     if t.dtype != torch.bool and t.numel() and _wider_than_int32(t.dtype):

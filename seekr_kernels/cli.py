@@ -59,7 +59,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .run import metrics as M
+    from .run import metrics
     from .seekr.config import ConfigError
     from .run.config import load_config
     from .run.trainer import ContinualTrainer
@@ -77,7 +77,7 @@ def cmd_train(args) -> int:
                           allow_config_change=args.allow_config_change)
         if trainer.dist.main:
             if res.get("complete"):
-                print(M.format_table({cfg.method: res}))
+                print(metrics.format_table({cfg.method: res}))
             print(f"results: {os.path.join(cfg.output_dir, 'results.json')}")
     finally:
         trainer.dist.close()
@@ -111,7 +111,7 @@ def _eval_settings(args, cfg):
 
 
 def cmd_eval(args) -> int:
-    from .run import metrics as M
+    from .run import metrics
     from .seekr.config import ConfigError
     from .run.config import ModelConfig
     from .run.data import load_task, load_tokenizer
@@ -135,11 +135,11 @@ def cmd_eval(args) -> int:
         res = rebuild_matrix(args.run, settings, device, progress=row)
         out = args.out or os.path.join(args.run, "eval-matrix.json")
         import dataclasses
-        M.write_json(out, {**res, "run": os.path.abspath(args.run), "settings": dataclasses.asdict(settings)})
+        metrics.write_json(out, {**res, "run": os.path.abspath(args.run), "settings": dataclasses.asdict(settings)})
         png = os.path.splitext(out)[0] + ".png"
-        M.plot_heatmap(res["matrix"], png, res["tasks"], title=f"{res['method']} (rebuilt from checkpoints)")
+        metrics.plot_heatmap(res["matrix"], png, res["tasks"], title=f"{res['method']} (rebuilt from checkpoints)")
         if res["complete"]:
-            print(M.format_table({res["method"]: res}))
+            print(metrics.format_table({res["method"]: res}))
         else:
             print(f"partial run: {sum(r[0] is not None for r in res['matrix'])} of {len(res['tasks'])} tasks "
                   "(no OP/BWT)")
@@ -175,7 +175,7 @@ def cmd_eval(args) -> int:
                           "loglik": r["loglik"], "n": r["n"]}
         print(f"{task.name:<20} {task.metric}={r['score']:.4f}  loglik={r['loglik']:.4f}  (n={r['n']})")
     if args.out:
-        M.write_json(args.out, {"model": os.path.abspath(model_dir), "split": settings.split, "tasks": out})
+        metrics.write_json(args.out, {"model": os.path.abspath(model_dir), "split": settings.split, "tasks": out})
     return 0
 
 

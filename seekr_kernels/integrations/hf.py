@@ -68,7 +68,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..run import metrics as _metrics
+from ..run import metrics
 from ..seekr.config import ConfigError, RecipeConfig, recipe_from_dict
 from ..seekr.batching import IGNORE_INDEX, Encoded, as_pair, collate, shard
 from ..seekr.distributed import DistributedHooks
@@ -617,7 +617,7 @@ class SeekrTrainerMixin:
                 rows.append([float(score(self, n)) for n in names])
         out: Dict[str, Any] = {"tasks": names}
         if score is not None:
-            out.update(_metrics.summarize(_metrics.partial_matrix(rows, len(names))))
+            out.update(metrics.summarize(metrics.partial_matrix(rows, len(names))))
         return out
 
     def _seekr_prepare_dataset(self, dataset, name):

@@ -31,7 +31,7 @@ import shutil
 import string
 import time
 
-from . import metrics as M
+from . import metrics
 from .config import from_dict
 from .data import Example, write_records
 
@@ -358,7 +358,7 @@ def run_demo(out: str = "seekr-demo", quick: bool = False, methods=None, seeds=D
                         sum(r["matrix"][i][j] for r in runs) / len(runs) for j in range(T)] for i in range(T)]
         summary[n] = {"OP": spread(r["OP"] for r in runs), "BWT": spread(r["BWT"] for r in runs),
                       "matrix": mean_matrix}
-        M.plot_heatmap(mean_matrix, os.path.join(out, f"heatmap-{n.replace('%', 'pct')}.png"), tasks,
+        metrics.plot_heatmap(mean_matrix, os.path.join(out, f"heatmap-{n.replace('%', 'pct')}.png"), tasks,
                        title=f"{n}, mean of {len(runs)} seed{'s' if len(runs) > 1 else ''}: "
                              f"OP {100 * summary[n]['OP']['mean']:.1f}%")
     cpu = [per_seed[k[0]][k[1]]["cpu_seconds"] for k in configs]
@@ -371,7 +371,7 @@ def run_demo(out: str = "seekr-demo", quick: bool = False, methods=None, seeds=D
         "idle_seconds_estimate": round(makespan(cpu, jobs), 1), "load_average": load,
         "settings": {k: v for k, v in s.items() if k != "tasks"},
     }
-    M.write_json(os.path.join(out, "results.json"), result)
+    metrics.write_json(os.path.join(out, "results.json"), result)
     say("")
     say(format_per_seed(per_seed, names))
     say("")
@@ -398,8 +398,8 @@ def _write_seed(out: str, seed: int, results: dict, s: dict, quick: bool) -> Non
     d = os.path.join(out, f"seed-{seed}")
     tasks = list(s["tasks"])
     for n, r in results.items():
-        M.plot_heatmap(r["matrix"], os.path.join(d, f"heatmap-{n.replace('%', 'pct')}.png"), tasks,
+        metrics.plot_heatmap(r["matrix"], os.path.join(d, f"heatmap-{n.replace('%', 'pct')}.png"), tasks,
                        title=f"{n}, seed {seed}: OP {100 * r['OP']:.1f}%, BWT {100 * r['BWT']:+.1f}%")
-    M.write_json(os.path.join(d, "results.json"),
+    metrics.write_json(os.path.join(d, "results.json"),
                  {"methods": results, "tasks": tasks, "quick": quick, "seed": seed,
                   "settings": {k: v for k, v in s.items() if k != "tasks"}})

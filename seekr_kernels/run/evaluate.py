@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import trace_metrics as _trace
+from . import trace_metrics
 from .data import EncodedDataset
 from ..seekr.batching import IGNORE_INDEX, collate
 from ..seekr.distributed import unwrap
@@ -49,8 +49,8 @@ def prefix(pred: str, ref: str, prompt: Optional[str] = None) -> float:
 
 
 METRICS = {"exact_match": exact_match, "accuracy": exact_match, "contains": contains,
-           "prefix": prefix, **_trace.TRACE_METRICS}
-rouge_l = _trace.rouge_l
+           "prefix": prefix, **trace_metrics.TRACE_METRICS}
+rouge_l = trace_metrics.rouge_l
 
 
 def resolve_metric_name(metric: str, task_name: Optional[str]) -> str:
@@ -58,7 +58,7 @@ def resolve_metric_name(metric: str, task_name: Optional[str]) -> str:
     any other name is returned as it is."""
     if metric != "auto":
         return metric
-    task = _trace.canonical_task(task_name)
+    task = trace_metrics.canonical_task(task_name)
     return f"trace:{task}" if task else "exact_match"
 
 
@@ -96,12 +96,12 @@ def get_metric(name) -> Callable[..., float]:
         raise ValueError("metric: 'auto' depends on the task name; resolve it with "
                          "resolve_metric_name(metric, task_name) first")
     if name in METRICS:
-        _trace.check_packages(name)
+        trace_metrics.check_packages(name)
         return METRICS[name]
     if name.startswith("trace:"):
         try:
-            _trace.check_packages(name)
-            return _trace.trace_metric(name[len("trace:"):])
+            trace_metrics.check_packages(name)
+            return trace_metrics.trace_metric(name[len("trace:"):])
         except ValueError as e:
             raise ValueError(f"metric: {e}") from None
     if ":" in name:
@@ -114,7 +114,7 @@ def get_metric(name) -> Callable[..., float]:
             raise ValueError(f"metric: {name!r} is not callable")
         return _with_prompt(f, name)
     raise ValueError(f"metric: unknown metric {name!r} (built in: {sorted(METRICS)}, "
-                     f"'trace:<task>' for {', '.join(_trace.TRACE_TASKS)}, 'auto', "
+                     f"'trace:<task>' for {', '.join(trace_metrics.TRACE_TASKS)}, 'auto', "
                      "or 'package.module:function')")
 
 

@@ -196,7 +196,7 @@ def rebuild_matrix(run_dir: str, settings: EvalSettings, device, *, progress=Non
 
     Returns ``{"tasks", "matrix", "loglik", "complete", "OP", "BWT"}`` (OP/BWT when every
     task is complete), the layout of the run's ``results.json``."""
-    from . import metrics as M
+    from . import metrics
     st, cfg = load_run(run_dir)
     done = int(st["completed"])
     missing = [t for t in range(done) if not os.path.isdir(task_checkpoint(run_dir, t))]
@@ -218,8 +218,8 @@ def rebuild_matrix(run_dir: str, settings: EvalSettings, device, *, progress=Non
         del model
     T = len(tasks)
     out = {"method": cfg.method, "tasks": [t.name for t in tasks], "complete": done == T,
-           "matrix": M.partial_matrix(rows, T), "loglik": M.partial_matrix(ll_rows, T)}
+           "matrix": metrics.partial_matrix(rows, T), "loglik": metrics.partial_matrix(ll_rows, T)}
     if done == T:
-        out["OP"] = M.overall_performance(out["matrix"])
-        out["BWT"] = M.backward_transfer(out["matrix"])
+        out["OP"] = metrics.overall_performance(out["matrix"])
+        out["BWT"] = metrics.backward_transfer(out["matrix"])
     return out
