@@ -18,12 +18,13 @@ import copy
 import pytest
 import torch
 
-from real_helpers import LAYERS, PROMPTS, chat_ids, left_padded, real_extra_missing
+from real_helpers import LAYERS, PROMPTS, chat_ids, left_padded, one_thread, real_extra_missing
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """One torch thread per test: two pytest workers share two cores."""
+def _one_thread_per_test(one_thread):
+    """One torch thread per test: two pytest workers share two cores (module and session
+    fixtures here take one thread themselves: real_helpers.one_thread)."""
     yield
 
 
@@ -34,7 +35,8 @@ def smollm2_dir():
     if why:
         pytest.skip(why)
     from seekr_kernels.assets import smollm2_path
-    return smollm2_path()
+    with one_thread():
+        return smollm2_path()
 
 
 @pytest.fixture(scope="session")
@@ -50,12 +52,24 @@ def _base_model(smollm2_dir):
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()        # the dropped layers are reported as unexpected keys
     try:
-        model = AutoModelForCausalLM.from_pretrained(smollm2_dir, num_hidden_layers=LAYERS, dtype=torch.float32,
-                                                     attn_implementation="sdpa")
+        with one_thread():
+            model = AutoModelForCausalLM.from_pretrained(smollm2_dir, num_hidden_layers=LAYERS, dtype=torch.float32,
+                                                         attn_implementation="sdpa")
     finally:
         logging.set_verbosity(verbosity)
     assert len(model.model.layers) == LAYERS
     model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def full_model(smollm2_dir):
+    """All 30 layers, fp32, eval mode, weights frozen (shared: do not modify)."""
+    from transformers import AutoModelForCausalLM
+    with one_thread():
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -1,4 +1,5 @@
 """Shared data and helpers of the real-weights tier (tests/real); fixtures are in conftest.py."""
+import contextlib
 import importlib.util
 from importlib import metadata
 
@@ -52,3 +53,16 @@ def left_padded(seqs, pad_id):
         am[i, L - len(s):] = 1
     pos = (am.cumsum(-1) - 1).clamp_min(0)
     return ids, am, pos
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread inside: two pytest workers share two cores, and module or session
+    fixtures run before the per-test one-thread fixture (an idle second OpenMP thread
+    spins on a busy core)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -18,7 +18,7 @@ import torch
 
 import seekr_kernels as sk
 
-from real_helpers import LAYERS, OTHER_TEXT, left_padded
+from real_helpers import LAYERS, OTHER_TEXT, left_padded, one_thread
 
 # Distilled heads per layer: shared [S] lists, and per-sample [B, S] slots with -1 = empty.
 HEADS = {1: torch.tensor([0, 4, 8]),                      # one head of each KV group
@@ -134,14 +134,12 @@ def drifted(_base_model, tokenizer):
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     ids, am, pos = left_padded([tokenizer(t)["input_ids"][:48] for t in OTHER_TEXT], tokenizer.pad_token_id)
     labels = ids.masked_fill(am == 0, -100)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     student.train()
-    for _ in range(5):
-        student(input_ids=ids, attention_mask=am, position_ids=pos, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    torch.set_num_threads(n)
+    with one_thread():
+        for _ in range(5):
+            student(input_ids=ids, attention_mask=am, position_ids=pos, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
