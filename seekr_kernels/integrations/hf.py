@@ -835,12 +835,18 @@ def _trl_classes():
             return self._prepare_dataset(dataset, self.processing_class, self.args, self.args.packing,
                                          None, str(name))
 
-    SeekrSFTConfig.__module__ = SeekrSFTTrainer.__module__ = __name__
-    _LAZY.update(SeekrSFTConfig=SeekrSFTConfig, SeekrSFTTrainer=SeekrSFTTrainer)
+    # Module-level names, so that pickle finds them: the Trainer torch.saves its arguments
+    # (training_args.bin) into every checkpoint, and pickle stores a class by module and
+    # qualified name; a name with "<locals>" in it cannot be pickled.
+    for cls in (SeekrSFTConfig, SeekrSFTTrainer):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+        globals()[cls.__name__] = cls
+        _LAZY[cls.__name__] = cls
     return _LAZY
 
 
 def __getattr__(name):
+    # TRL is imported on first use (it takes seconds); unpickling a SeekrSFTConfig lands here too.
     if name in ("SeekrSFTConfig", "SeekrSFTTrainer"):
         return _trl_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
