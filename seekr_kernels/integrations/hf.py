@@ -32,6 +32,12 @@ What happens in ``train()`` (the moments of :class:`~seekr_kernels.SeekrRecipe`)
 Every checkpoint holds the recipe state (``seekr_recipe/``); ``train(resume_from_checkpoint=...)``
 restores it and resumes the task where it stopped, replay position included (while
 ``train()`` runs, the Trainer's ``skip_first_batches`` skips inside the replay loader).
+A checkpoint is complete once ``seekr_recipe/manifest.json`` is written, last: the SEEKR
+files with their SHA-256, the Trainer's files with their size (:func:`verify_checkpoint`).
+``resume_from_checkpoint=True`` takes the newest complete checkpoint (one a kill left
+half-written is skipped); an incomplete one passed by path is refused, naming the newest
+complete one. ``save_total_limit`` rotates older checkpoints out only once the new one is
+complete.
 
 Loss normalisation follows transformers' convention: ``compute_loss`` keeps the
 ``num_items_in_batch`` argument and returns this process's share of the accumulated
@@ -59,28 +65,35 @@ the engine's forward).
 """
 import contextlib
 import itertools
+import logging
 import os
+import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..run import metrics as _metrics
 from ..seekr.config import ConfigError, RecipeConfig, recipe_from_dict
 from ..seekr.batching import IGNORE_INDEX, Encoded, as_pair, collate, shard
 from ..seekr.distributed import DistributedHooks
 from ..seekr.recipe import SeekrRecipe
+from ..utils import store
 
 __all__ = ["SeekrArguments", "SeekrConfig", "SeekrTrainerMixin", "SeekrTrainer", "SeekrDataCollator",
-           "SeekrSFTConfig", "SeekrSFTTrainer", "seekr_trainer_class", "task_samples", "REPLAY_KEY"]
+           "SeekrSFTConfig", "SeekrSFTTrainer", "seekr_trainer_class", "task_samples", "REPLAY_KEY",
+           "SeekrCheckpointError", "verify_checkpoint", "last_checkpoint"]
 
 #: The key under which an interleaved replay batch travels through the Trainer.
 REPLAY_KEY = "seekr_replay"
 #: The recipe state inside each Trainer checkpoint directory.
 RECIPE_DIR = "seekr_recipe"
+
+logger = logging.getLogger(__name__)
 
 
 # ============================================================================ arguments
@@ -437,6 +450,87 @@ def _replay_aware_skip():
             hf_trainer.skip_first_batches = orig
 
 
+# ============================================================================ checkpoints
+
+#: ``checkpoint-N/seekr_recipe/manifest.json``: written last, so a checkpoint without a
+#: valid one is an interrupted save.
+CHECKPOINT_KIND = "seekr-hf-checkpoint"
+#: The manifest versions this build reads (the versioned reader's table).
+CHECKPOINT_READS = {1: "the SEEKR files with size and SHA-256, the Trainer's files with their size"}
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class SeekrCheckpointError(ValueError):
+    """A checkpoint that is incomplete (an interrupted save), damaged, or not written by
+    a SEEKR trainer; the message names the file."""
+
+
+def _seal_checkpoint(d: str, head: Mapping) -> dict:
+    """The manifest of checkpoint ``d``, written last (the recipe state is in place): the
+    SEEKR files with size and SHA-256 (``store.write_manifest``), the Trainer's files
+    (weights or adapter, optimizer, scheduler, RNG, trainer_state.json, ...) with their
+    size. Those are not hashed: they are the Trainer's, read by the Trainer, and hashing
+    tens of GB of weights and optimizer state at every save would cost more than the save."""
+    trainer_files = {rel: os.path.getsize(os.path.join(d, rel)) for rel in store.list_files(d)
+                     if not rel.startswith(RECIPE_DIR + "/")}
+    return store.write_manifest(os.path.join(d, RECIPE_DIR), {"format": 1, "kind": CHECKPOINT_KIND, **head,
+                                                                "trainer_files": trainer_files})
+
+
+def verify_checkpoint(path: str) -> dict:
+    """Check a checkpoint written by a SEEKR trainer (``checkpoint-N`` or a task's
+    ``final``) before anything of it is read; returns its manifest.
+
+    Raises :class:`SeekrCheckpointError` naming the file: no manifest (an interrupted save,
+    or a checkpoint not written by a SEEKR trainer), an edited manifest, a SEEKR file
+    missing, truncated, damaged or not listed, a Trainer file missing or of another size.
+    """
+    path = os.fspath(path)
+    rdir = os.path.join(path, RECIPE_DIR)
+    mp = os.path.join(rdir, store.MANIFEST)
+    if not os.path.isdir(path):
+        raise SeekrCheckpointError(f"{path}: no such checkpoint directory")
+    if not os.path.isfile(mp):
+        raise SeekrCheckpointError(f"{mp}: missing (an interrupted save, or a checkpoint not written by a "
+                                   "SEEKR trainer)")
+    man = store.verify_dir(rdir, "SEEKR checkpoint", kind=CHECKPOINT_KIND, versions=CHECKPOINT_READS,
+                           error=SeekrCheckpointError)
+    files = man.get("trainer_files")
+    if not isinstance(files, dict):
+        raise SeekrCheckpointError(f"{mp}: malformed trainer_files")
+    for rel, n in sorted(files.items()):
+        p = os.path.join(path, rel)
+        if not os.path.isfile(p):
+            raise SeekrCheckpointError(f"{p}: missing (listed in {mp})")
+        if os.path.getsize(p) != n:
+            raise SeekrCheckpointError(f"{p}: {os.path.getsize(p)} bytes, {mp} says {n} (truncated or replaced)")
+    return man
+
+
+def _checkpoints(folder: str) -> List[str]:
+    """``checkpoint-N`` directories of ``folder``, newest (highest N) first."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), n) for n in names
+             if (m := _CHECKPOINT_RE.match(n)) and os.path.isdir(os.path.join(folder, n))]
+    return [os.path.join(folder, n) for _, n in sorted(found, reverse=True)]
+
+
+def last_checkpoint(folder: str) -> Optional[str]:
+    """The newest complete checkpoint (:func:`verify_checkpoint`) in ``folder``, or None.
+    Incomplete ones (a job killed during a save) are skipped with a warning naming why."""
+    for c in _checkpoints(folder):
+        try:
+            verify_checkpoint(c)
+        except SeekrCheckpointError as e:
+            logger.warning("seekr: skipping %s: %s", c, e)
+            continue
+        return c
+    return None
+
+
 # ============================================================================ the trainer
 
 def _world(trainer) -> int:
@@ -567,6 +661,8 @@ class SeekrTrainerMixin:
         ckpt = kwargs.pop("resume_from_checkpoint", args.pop(0) if args else None)
         if ckpt is not None and ckpt is not False:
             ckpt = self._seekr_resume(ckpt)
+        else:
+            ckpt = None
         engine = getattr(self, "model_wrapped", None)
         if _is_deepspeed(self) and engine is not None and engine is not self.model:
             # A later task: the Trainer would keep the previous task's engine (freed by
@@ -744,33 +840,88 @@ class SeekrTrainerMixin:
         return super().log(logs, *args, **kwargs)
 
     # ---------------------------------------------------------------- checkpoints
-    def _seekr_save(self, checkpoint_dir: str):
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        """The Trainer's checkpoint, then the recipe state and the manifest (written last:
+        :func:`verify_checkpoint`). Older checkpoints are rotated out (``save_total_limit``)
+        only once this one is complete, so a kill during the save always leaves a complete
+        one behind."""
+        ckpt = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self._seekr_clear(ckpt)
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial, *args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
+        self._seekr_seal(ckpt, global_step=int(self.state.global_step))
+        if limit and self.args.should_save:
+            self._seekr_rotate(self._get_output_dir(trial=trial), limit)
+
+    def _seekr_rotate(self, run_dir, limit):
+        rotate = getattr(self, "_rotate_checkpoints", None)
+        if rotate is not None:                 # transformers 4.x
+            rotate(use_mtime=True, output_dir=run_dir)
+            return
+        from transformers.trainer_utils import rotate_checkpoints
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _seekr_barrier(self):
+        acc = getattr(self, "accelerator", None)
+        if acc is not None:
+            acc.wait_for_everyone()
+
+    def _seekr_clear(self, d):
+        """Remove what a killed job left at ``d`` (the Trainer writes into an existing
+        folder, and a stale file would be listed in the new manifest)."""
+        if self.args.should_save and os.path.isdir(d):
+            shutil.rmtree(d)
+        self._seekr_barrier()
+
+    def _seekr_seal(self, d, **head):
+        """Every process has written its part of ``d``: the recipe state, then the manifest."""
+        self._seekr_barrier()
         if self.args.should_save:
-            self.recipe.save(os.path.join(checkpoint_dir, RECIPE_DIR))
+            self.recipe.save(os.path.join(d, RECIPE_DIR))
+            _seal_checkpoint(d, {"task": self._seekr_task_name, **head})
+        self._seekr_barrier()
 
     def _seekr_resume(self, ckpt):
+        """The checkpoint to resume from, its recipe state loaded; None to start afresh
+        (``True`` and no complete checkpoint yet: a job killed before its first save)."""
+        folder = self.args.output_dir
         if ckpt is True:
-            ckpt = get_last_checkpoint(self.args.output_dir)
-            if ckpt is None:
-                raise ValueError(f"resume_from_checkpoint: no checkpoint found in {self.args.output_dir}")
-        path = os.path.join(ckpt, RECIPE_DIR)
-        if not os.path.isdir(path):
-            raise ValueError(f"{path}: missing (the checkpoint was not written by a SEEKR trainer)")
-        self.recipe.load(path)
+            found = last_checkpoint(folder)
+            if found is None:
+                logger.warning("seekr: resume_from_checkpoint=True: no complete checkpoint in %s; the task "
+                               "starts from its beginning", folder)
+                return None
+            ckpt = found
+        ckpt = os.fspath(ckpt)
+        try:
+            man = verify_checkpoint(ckpt)
+        except SeekrCheckpointError as e:
+            newest = last_checkpoint(os.path.dirname(os.path.abspath(ckpt)))
+            raise SeekrCheckpointError(f"resume_from_checkpoint: {e}; " + (
+                f"the newest complete checkpoint there is {newest}" if newest else
+                "there is no complete checkpoint next to it")) from None
+        name = self._seekr_task_name
+        if name is not None and man.get("task") is not None and man["task"] != name:
+            raise ValueError(f"resume_from_checkpoint: {ckpt} is a checkpoint of task {man['task']!r}, "
+                             f"not of {name!r}")
+        self.recipe.load(os.path.join(ckpt, RECIPE_DIR))
         return ckpt
 
 
 class _SeekrCallback(TrainerCallback):
-    """begin_task once the model is wrapped; the recipe state into every checkpoint."""
+    """begin_task once the model is wrapped (the recipe state goes into every checkpoint
+    through :meth:`SeekrTrainerMixin._save_checkpoint`)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kw):
         self.trainer._seekr_begin()
-
-    def on_save(self, args, state, control, **kw):
-        self.trainer._seekr_save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
 
 class SeekrTrainer(SeekrTrainerMixin, Trainer):
