@@ -1,7 +1,8 @@
 """Resuming SEEKR inside the Hugging Face Trainer after a kill (seekr_kernels.hf), in one
 process: a checkpoint is complete only once its manifest is written (a kill during a save
 leaves one that is skipped, or refused naming the newest complete one), older checkpoints
-are rotated out only after the new one is complete."""
+are rotated out only after the new one is complete, and ``train_tasks(resume=True)`` run
+again after a kill at any point of a sequence ends where the uninterrupted run ends."""
 import os
 import shutil
 
@@ -48,25 +49,57 @@ def trainer(out, **kw):
 def same(x, y):
     for (n, a), (_, b) in zip(x.model.named_parameters(), y.model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
-    assert torch.equal(x.recipe.importance, y.recipe.importance)
-    assert x.recipe.heads.keys() == y.recipe.heads.keys()
-    assert all(torch.equal(x.recipe.heads[k], y.recipe.heads[k]) for k in x.recipe.heads)
+    rx, ry = x.recipe, y.recipe
+    assert rx.task_names == ry.task_names and torch.equal(rx.importance, ry.importance)
+    assert rx.heads.keys() == ry.heads.keys() and all(torch.equal(rx.heads[k], ry.heads[k]) for k in rx.heads)
+    for tx, ty in zip(rx.memory.tasks, ry.memory.tasks):
+        for sx, sy in zip(tx.samples, ty.samples):
+            assert torch.equal(sx.input_ids, sy.input_ids) and torch.equal(sx.logits, sy.logits)
+    assert x.seekr_history == y.seekr_history
+
+
+def same_as_final(tr, d):
+    """The trainer holds the model and recipe state of the task end saved in ``d``."""
+    from safetensors.torch import load_file
+    verify_checkpoint(str(d))
+    saved = load_file(str(d / "model.safetensors"))
+    for n, p in tr.model.state_dict().items():
+        if n in saved:
+            torch.testing.assert_close(p, saved[n], rtol=0, atol=0, msg=n)
+    rc = SeekrRecipe(tr.recipe.cfg, model=tr.model).load(str(d / "seekr_recipe"))
+    assert rc.task_names == tr.recipe.task_names and torch.equal(rc.importance, tr.recipe.importance)
+
+
+def score(tr, name):
+    """A deterministic score: minus the loss on the task's first rows."""
+    from seekr_kernels.hf import SeekrDataCollator
+    batch = SeekrDataCollator(0, 1)(rows(TASKS.index(name))[:4])
+    with torch.no_grad():
+        return -float(tr.model(**batch).loss)
+
+
+TASKS = ["a", "b"]
+
+
+def tasks():
+    return [(n, rows(i)) for i, n in enumerate(TASKS)]
 
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
-    """Task a, uninterrupted; its checkpoint folder is copied by the tests that damage it."""
+    """The sequence, uninterrupted; tests copy its folder and damage the copy."""
     out = tmp_path_factory.mktemp("full")
     tr = trainer(out)
-    tr.train_task(rows(0), "a")
-    return tr, out
+    res = tr.train_tasks(tasks(), score=score)
+    return tr, out, res
 
 
 def test_incomplete_checkpoints_are_skipped_or_refused(full, tmp_path):
-    ref, src = full
+    _, src, _ = full
     run = tmp_path / "run"
     shutil.copytree(src / "a", run / "a")
     d = run / "a"
+    shutil.rmtree(d / "final")
     assert [os.path.basename(c) for c in sorted(d.glob("checkpoint-*"))] == [f"checkpoint-{i}" for i in range(1, 5)]
     for c in d.glob("checkpoint-*"):
         verify_checkpoint(str(c))
@@ -99,7 +132,68 @@ def test_incomplete_checkpoints_are_skipped_or_refused(full, tmp_path):
     tr = trainer(run)
     tr.train_task(rows(0), "a", resume_from_checkpoint=True)
     assert tr.state.global_step == 4
+    same_as_final(tr, src / "a" / "final")
+
+
+def test_resume_true_before_the_first_checkpoint_starts_the_task(full, tmp_path):
+    """A job killed before the task's first save, requeued: the same call starts the task."""
+    _, src, _ = full
+    tr = trainer(tmp_path)
+    tr.train_task(rows(0), "a", resume_from_checkpoint=True)
+    same_as_final(tr, src / "a" / "final")
+
+
+def _killed_before_b_saved(d):
+    shutil.rmtree(d / "b")
+
+
+def _killed_mid_b(d):
+    for c in (d / "b").glob("checkpoint-*"):
+        if int(c.name.split("-")[1]) > 2:
+            shutil.rmtree(c)
+    shutil.rmtree(d / "b" / "final")
+    os.makedirs(d / "b" / "checkpoint-3")                     # a save the kill interrupted
+
+
+def _killed_saving_b_final(d):
+    os.remove(d / "b" / "final" / "seekr_recipe" / "manifest.json")
+
+
+def _killed_scoring_b(d):
+    from seekr_kernels.utils import store
+    p = d / "seekr_scores.json"
+    saved = store.read_json(p, "scores")
+    store.write_json(p, store.seal({k: v for k, v in saved.items() if k != "sha256"} | {
+        "tasks": saved["tasks"][:1], "rows": saved["rows"][:1]}))
+
+
+def _finished(d):
+    pass
+
+
+@pytest.mark.parametrize("kill", [_killed_before_b_saved, _killed_mid_b, _killed_saving_b_final, _killed_scoring_b,
+                                  _finished], ids=lambda f: f.__name__.strip("_"))
+def test_train_tasks_resume_continues_the_sequence(full, tmp_path, kill):
+    """``train_tasks(tasks, resume=True)`` run again after a kill ends where the
+    uninterrupted sequence ends: weights, recipe state, history, score rows."""
+    ref, src, want = full
+    d = tmp_path / "run"
+    shutil.copytree(src, d)
+    kill(d)
+    tr = trainer(d)
+    got = tr.train_tasks(tasks(), score=score, resume=True)
+    assert got == want
     same(tr, ref)
+
+
+def test_train_tasks_resume_refuses_another_task_list(full, tmp_path):
+    _, src, _ = full
+    shutil.copytree(src, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"tasks: .*final ends the sequence \['a', 'b'\], tasks starts with "
+                                         r"\['b'\]"):
+        trainer(tmp_path / "run").train_tasks(tasks()[::-1], resume=True)
+    with pytest.raises(ValueError, match="resume: save_strategy='no'"):
+        trainer(tmp_path / "run", save_strategy="no").train_tasks(tasks(), resume=True)
 
 
 class _Killed(BaseException):

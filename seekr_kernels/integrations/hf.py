@@ -92,6 +92,11 @@ __all__ = ["SeekrArguments", "SeekrConfig", "SeekrTrainerMixin", "SeekrTrainer",
 REPLAY_KEY = "seekr_replay"
 #: The recipe state inside each Trainer checkpoint directory.
 RECIPE_DIR = "seekr_recipe"
+#: A task's end inside its folder (``<output_dir>/<task>/final``).
+FINAL_DIR = "final"
+#: ``train_tasks``' score rows, in ``output_dir``.
+SCORES_FILE = "seekr_scores.json"
+SCORES_KIND = "seekr-hf-scores"
 
 logger = logging.getLogger(__name__)
 
@@ -679,7 +684,12 @@ class SeekrTrainerMixin:
         """Learn one task: set ``train_dataset``, start a fresh optimiser and learning-rate
         schedule (unless the Trainer was given its own optimiser), ``train()`` with SEEKR,
         and end the task. ``name`` defaults to ``task-<index>``; the task's checkpoints go
-        to ``<output_dir>/<name>/`` (global steps restart in every task). Returns
+        to ``<output_dir>/<name>/`` (global steps restart in every task) and, unless
+        ``save_strategy="no"``, the task's end to ``<output_dir>/<name>/final/`` (the
+        model as ``save_model`` writes it, the recipe state after ``end_task``, the
+        manifest last), from which :meth:`train_tasks` resumes a sequence.
+        ``resume_from_checkpoint=True`` with no complete checkpoint of the task yet (a job
+        killed before its first save) starts the task from its beginning. Returns
         ``train()``'s ``TrainOutput``."""
         rc = self.recipe
         name = f"task-{rc.num_tasks}" if name is None else str(name)
@@ -694,27 +704,108 @@ class SeekrTrainerMixin:
         base = self.args.output_dir
         self.args.output_dir = os.path.join(base, name) if base else base
         try:
-            return self.train(**train_kwargs)
+            out = self.train(**train_kwargs)
+            if self._seekr_saves():
+                self._seekr_save_final(os.path.join(self.args.output_dir, FINAL_DIR))
+            return out
         finally:
             self.args.output_dir = base
             self._seekr_task_name = None
 
-    def train_tasks(self, tasks, score: Optional[Callable[["SeekrTrainerMixin", str], float]] = None) -> dict:
+    def train_tasks(self, tasks, score: Optional[Callable[["SeekrTrainerMixin", str], float]] = None,
+                    resume: bool = False) -> dict:
         """Learn a task sequence: ``tasks`` is a mapping ``name -> train_dataset`` or a list of
         ``(name, train_dataset)``. With ``score(trainer, name) -> float`` every task learned
         so far is scored after each task, and the result holds the accuracy ``matrix``, ``OP``
-        and ``BWT`` (TRACE's definitions, :mod:`seekr_kernels.run.metrics`)."""
+        and ``BWT`` (TRACE's definitions, :mod:`seekr_kernels.run.metrics`); the rows are
+        kept in ``<output_dir>/seekr_scores.json``.
+
+        ``resume=True`` (a requeued job running the same command again) continues the
+        sequence where it stopped, into a fresh trainer: the tasks whose ``final/`` is
+        complete are skipped (the model and the recipe state restored from the last of
+        them), the first other task resumes from its newest complete checkpoint, or starts
+        from its beginning when it has none. A ``tasks`` list that does not start with the
+        tasks already learned there is refused."""
         items = list(tasks.items()) if isinstance(tasks, Mapping) else [tuple(t) for t in tasks]
-        rows, names = [], []
-        for name, ds in items:
-            self.train_task(ds, name)
-            names.append(str(name))
+        names = [str(n) for n, _ in items]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"tasks: task names must be unique ({', '.join(dup)} repeated)")
+        start, rows = (self._seekr_restore(names) if resume else (0, []))
+        if score is not None and len(rows) < start - 1:
+            raise ValueError(f"score: {os.path.join(self.args.output_dir, SCORES_FILE)} lacks the rows of tasks "
+                             f"{names[len(rows):start - 1]}, whose models are gone (was the run scored?)")
+        if score is not None and start and len(rows) < start:     # killed while scoring the last task learned
+            rows.append([float(score(self, n)) for n in names[:start]])
+            self._seekr_save_scores(names[:start], rows)
+        for i in range(start, len(items)):
+            self.train_task(items[i][1], names[i], **({"resume_from_checkpoint": True} if resume and i == start
+                                                      else {}))
             if score is not None:
-                rows.append([float(score(self, n)) for n in names])
+                rows.append([float(score(self, n)) for n in names[:i + 1]])
+                self._seekr_save_scores(names[:i + 1], rows)
         out: Dict[str, Any] = {"tasks": names}
         if score is not None:
             out.update(_metrics.summarize(_metrics.partial_matrix(rows, len(names))))
         return out
+
+    # ---------------------------------------------------------------- a sequence's progress
+    def _seekr_saves(self) -> bool:
+        return str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) != "no"
+
+    def _seekr_save_final(self, d):
+        """The task's end: the model (``save_model``), the recipe state after ``end_task``,
+        the manifest last (:func:`verify_checkpoint`)."""
+        self._seekr_clear(d)
+        self.save_model(d)
+        self._seekr_seal(d, global_step=int(self.state.global_step), task_names=list(self.recipe.task_names),
+                         history=self.seekr_history)
+
+    def _seekr_save_scores(self, names, rows):
+        if self.args.should_save:
+            store.write_json(os.path.join(self.args.output_dir, SCORES_FILE),
+                             store.seal({"format": 1, "kind": SCORES_KIND, "tasks": list(names), "rows": rows}))
+
+    def _seekr_restore(self, names):
+        """``train_tasks(resume=True)``: restore the tasks learned in ``output_dir``; returns
+        how many, and the score rows saved for them."""
+        if self.recipe.num_tasks or self.recipe.current is not None:
+            raise ValueError("resume: this trainer has learned tasks already; resume=True restores a sequence "
+                             "into a fresh trainer")
+        if not self._seekr_saves():
+            raise ValueError("resume: save_strategy='no' saves no checkpoints to resume from")
+        base = self.args.output_dir
+        last, man = None, None
+        for i, name in enumerate(names):
+            d = os.path.join(base, name, FINAL_DIR)
+            if not os.path.exists(d):
+                break
+            try:
+                m = verify_checkpoint(d)
+            except SeekrCheckpointError as e:
+                logger.warning("seekr: %s is incomplete (%s); task %r is resumed", d, e, name)
+                break
+            if m.get("task_names") != names[:i + 1]:
+                raise ValueError(f"tasks: {d} ends the sequence {m.get('task_names')}, tasks starts with "
+                                 f"{names[:i + 1]} (resume runs the same task list again)")
+            last, man = d, m
+        k = 0 if man is None else len(man["task_names"])
+        if last is not None:
+            self.recipe.load(os.path.join(last, RECIPE_DIR))
+            self._load_from_checkpoint(last)
+            self.seekr_history = [dict(h, heads={int(l): v for l, v in h.get("heads", {}).items()})
+                                  for h in man.get("history", [])]
+        rows: list = []
+        p = os.path.join(base, SCORES_FILE)
+        saved = store.read_json(p, "SEEKR score rows", SeekrCheckpointError, kind=SCORES_KIND, versions=(1,),
+                                optional=True)
+        if saved is not None and k:
+            store.check_seal(saved, p, "score rows", error=SeekrCheckpointError)
+            n = min(k, len(saved["rows"]))
+            if saved["tasks"][:n] != names[:n]:
+                raise ValueError(f"tasks: {p} holds the scores of {saved['tasks']}, tasks starts with {names[:n]}")
+            rows = [list(r) for r in saved["rows"][:n]]
+        return k, rows
 
     def _seekr_prepare_dataset(self, dataset, name):
         """Hook for trainers that tokenise datasets themselves (TRL)."""
