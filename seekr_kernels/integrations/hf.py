@@ -512,6 +512,32 @@ def verify_checkpoint(path: str) -> dict:
     return man
 
 
+def _checkpoint_step(path: str) -> int:
+    """The global step of the Trainer checkpoint ``path`` (its trainer_state.json)."""
+    st = store.read_json(os.path.join(path, "trainer_state.json"), "Trainer state", SeekrCheckpointError)
+    return int(st.get("global_step", 0))
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """The global RNGs (Python, NumPy, torch CPU and CUDA) as they were before the block:
+    scoring between tasks must not change what the next task draws, or a resumed
+    sequence (which does not score the tasks it skips) would train differently."""
+    import random
+
+    import numpy as np
+    st = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+          torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(st[0])
+        np.random.set_state(st[1])
+        torch.set_rng_state(st[2])
+        if st[3] is not None:
+            torch.cuda.set_rng_state_all(st[3])
+
+
 def _checkpoints(folder: str) -> List[str]:
     """``checkpoint-N`` directories of ``folder``, newest (highest N) first."""
     try:
@@ -675,8 +701,13 @@ class SeekrTrainerMixin:
             if hasattr(engine, "destroy"):
                 engine.destroy()
             self.model_wrapped = self.model
+        at = _checkpoint_step(ckpt) if ckpt is not None else None
         with _replay_aware_skip():
             out = super().train(ckpt, *args, **kwargs)
+        if at is not None and self.state.global_step <= at:
+            # Resumed at the task's last step: the Trainer ran no epoch, so it did not restore
+            # the RNG; end_task and the next task must start from the uninterrupted run's.
+            self._load_rng_state(ckpt)
         self._seekr_end()
         return out
 
@@ -736,13 +767,15 @@ class SeekrTrainerMixin:
             raise ValueError(f"score: {os.path.join(self.args.output_dir, SCORES_FILE)} lacks the rows of tasks "
                              f"{names[len(rows):start - 1]}, whose models are gone (was the run scored?)")
         if score is not None and start and len(rows) < start:     # killed while scoring the last task learned
-            rows.append([float(score(self, n)) for n in names[:start]])
+            with _rng_kept():
+                rows.append([float(score(self, n)) for n in names[:start]])
             self._seekr_save_scores(names[:start], rows)
         for i in range(start, len(items)):
             self.train_task(items[i][1], names[i], **({"resume_from_checkpoint": True} if resume and i == start
                                                       else {}))
             if score is not None:
-                rows.append([float(score(self, n)) for n in names[:i + 1]])
+                with _rng_kept():
+                    rows.append([float(score(self, n)) for n in names[:i + 1]])
                 self._seekr_save_scores(names[:i + 1], rows)
         out: Dict[str, Any] = {"tasks": names}
         if score is not None:
@@ -754,10 +787,11 @@ class SeekrTrainerMixin:
         return str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) != "no"
 
     def _seekr_save_final(self, d):
-        """The task's end: the model (``save_model``), the recipe state after ``end_task``,
-        the manifest last (:func:`verify_checkpoint`)."""
+        """The task's end: the model (``save_model``), the RNG state, the recipe state after
+        ``end_task``, the manifest last (:func:`verify_checkpoint`)."""
         self._seekr_clear(d)
         self.save_model(d)
+        self._save_rng_state(d)        # what the next task draws from (dropout, sampling)
         self._seekr_seal(d, global_step=int(self.state.global_step), task_names=list(self.recipe.task_names),
                          history=self.seekr_history)
 
@@ -793,6 +827,7 @@ class SeekrTrainerMixin:
         if last is not None:
             self.recipe.load(os.path.join(last, RECIPE_DIR))
             self._load_from_checkpoint(last)
+            self._load_rng_state(last)
             self.seekr_history = [dict(h, heads={int(l): v for l, v in h.get("heads", {}).items()})
                                   for h in man.get("history", [])]
         rows: list = []
