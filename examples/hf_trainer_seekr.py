@@ -39,7 +39,8 @@ def main(argv=None):
     model = tiny_llama(tok)
     args = SeekrConfig(
         output_dir=a.out, per_device_train_batch_size=16, num_train_epochs=a.epochs, learning_rate=2e-3,
-        lr_scheduler_type="constant", logging_steps=20, save_strategy="no", report_to=[], use_cpu=True,
+        lr_scheduler_type="constant", logging_steps=20, save_strategy="steps", save_steps=100,
+        save_total_limit=1, report_to=[], use_cpu=True,
         disable_tqdm=True, seed=0,
         # SEEKR: keep 10 samples per task; distil 4 of the 8 heads on 4 query rows per sample
         seekr_method=a.method, replay_ratio=10, replay_batch_size=8, replay_cycle=2,

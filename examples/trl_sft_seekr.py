@@ -37,7 +37,8 @@ def main(argv=None):
     model = tiny_llama(tok)
     args = SeekrSFTConfig(
         output_dir=a.out, per_device_train_batch_size=16, num_train_epochs=a.epochs, learning_rate=2e-3,
-        lr_scheduler_type="constant", logging_steps=20, save_strategy="no", report_to=[], use_cpu=True,
+        lr_scheduler_type="constant", logging_steps=20, save_strategy="steps", save_steps=100,
+        save_total_limit=1, report_to=[], use_cpu=True,
         disable_tqdm=True, seed=0, bf16=False, max_length=32,
         seekr_method="seekr", replay_ratio=10, replay_batch_size=8, replay_cycle=2,
         layer_budget=2, head_budget=4, query_budget=4)

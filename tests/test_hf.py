@@ -304,6 +304,26 @@ def test_argument_parser_round_trip(tmp_path):
     assert (rc.distill.teacher_logits_k, rc.distill.backend, rc.pad_to_multiple_of) == (16, "torch", 4)
     assert rc.distill.query_budget == 0 and rc.distill.attn_log_eps == 0.0       # preset fills, explicit wins
 
+def test_trl_config_pickles_under_both_module_names(tmp_path):
+    """The Trainer torch.saves its arguments into every checkpoint: SeekrSFTConfig must be
+    a class pickle can name (it is made when TRL is first needed)."""
+    import pickle
+    pytest.importorskip("trl", reason="TRL is needed for SeekrSFTConfig")
+    from seekr_kernels.hf import SeekrSFTConfig, SeekrSFTTrainer
+    from seekr_kernels.integrations import hf
+    assert hf.SeekrSFTConfig is SeekrSFTConfig and hf.SeekrSFTTrainer is SeekrSFTTrainer
+    args = SeekrSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], replay_ratio=3)
+    back = pickle.loads(pickle.dumps(args))
+    assert type(back) is SeekrSFTConfig and back.replay_ratio == 3
+    assert pickle.loads(pickle.dumps(SeekrSFTTrainer)) is SeekrSFTTrainer
+    # a fresh process (TRL not imported yet) finds the class through the module's __getattr__
+    code = "import pickle, sys; a = pickle.loads(sys.stdin.buffer.read()); print(type(a).__name__, a.replay_ratio)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(args), env=env, capture_output=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == [b"SeekrSFTConfig", b"3"], out.stderr[-2000:]
+
+
 def test_trl_sft_trainer_and_reference_copy(tmp_path):
     trl = pytest.importorskip("trl", reason="TRL is needed for SeekrSFTTrainer")
     from datasets import Dataset
@@ -317,13 +337,22 @@ def test_trl_sft_trainer_and_reference_copy(tmp_path):
     tok = train_tokenizer(tasks)
     model = tiny_llama(tok)
     args = SeekrSFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=1,
-                          logging_steps=1, save_strategy="no", use_cpu=True, report_to=[], disable_tqdm=True,
+                          logging_steps=1, save_strategy="steps", save_steps=2, use_cpu=True, report_to=[],
+                          disable_tqdm=True,
                           bf16=False, max_length=32, replay_ratio=4, replay_cycle=1, query_budget=3,
                           layer_budget=2, head_budget=3, seekr_backend="torch")
     data = {n: Dataset.from_list([{"prompt": tok.bos_token + p, "completion": c} for p, c in t["train"]])
             for n, t in list(tasks.items())[:2]}
     trainer = SeekrSFTTrainer(model=model, args=args, processing_class=tok, train_dataset=data["rev"])
     trainer.train_tasks(data)
+    # every checkpoint holds the pickled arguments (training_args.bin) and is complete
+    for name in data:
+        cks = sorted((tmp_path / name).glob("checkpoint-*"))
+        assert cks, name
+        for ck in cks:
+            assert (ck / "seekr_recipe" / "recipe.json").is_file()
+            saved = torch.load(ck / "training_args.bin", weights_only=False)
+            assert type(saved) is SeekrSFTConfig and saved.replay_ratio == 4
     mem = trainer.recipe.memory.tasks
     s = mem[1].samples[0]
     # TRL's completion-only labels became the replay sample's answer: "cba" + eos after the prompt
@@ -360,6 +389,8 @@ def test_examples_run(tmp_path, script):
     assert op and "BWT=" in op[0]
     assert any(x.startswith("last replay log: replay_ce=") and "replay_attn_kl=" in x for x in lines)
     assert sum(1 for x in lines if x.startswith("  ") and ":" in x) == 3       # the 3 x 3 matrix rows
+    for task in ("rev", "rot", "ilv"):                                          # checkpoints are saved
+        assert [c.name for c in (tmp_path / task).glob("checkpoint-*")], task
 
 
 def test_resume_inside_a_task_ends_where_an_uninterrupted_run_ends(tmp_path):

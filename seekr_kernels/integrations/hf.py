@@ -32,6 +32,12 @@ What happens in ``train()`` (the moments of :class:`~seekr_kernels.SeekrRecipe`)
 Every checkpoint holds the recipe state (``seekr_recipe/``); ``train(resume_from_checkpoint=...)``
 restores it and resumes the task where it stopped, replay position included (while
 ``train()`` runs, the Trainer's ``skip_first_batches`` skips inside the replay loader).
+A checkpoint is complete once ``seekr_recipe/manifest.json`` is written, last: the SEEKR
+files with their SHA-256, the Trainer's files with their size (:func:`verify_checkpoint`).
+``resume_from_checkpoint=True`` takes the newest complete checkpoint (one a kill left
+half-written is skipped); an incomplete one passed by path is refused, naming the newest
+complete one. ``save_total_limit`` rotates older checkpoints out only once the new one is
+complete.
 
 Loss normalisation follows transformers' convention: ``compute_loss`` keeps the
 ``num_items_in_batch`` argument and returns this process's share of the accumulated
@@ -59,28 +65,40 @@ the engine's forward).
 """
 import contextlib
 import itertools
+import logging
 import os
+import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..run import metrics
 from ..seekr.config import ConfigError, RecipeConfig, recipe_from_dict
 from ..seekr.batching import IGNORE_INDEX, Encoded, as_pair, collate, shard
 from ..seekr.distributed import DistributedHooks
 from ..seekr.recipe import SeekrRecipe
+from ..utils import store
 
 __all__ = ["SeekrArguments", "SeekrConfig", "SeekrTrainerMixin", "SeekrTrainer", "SeekrDataCollator",
-           "SeekrSFTConfig", "SeekrSFTTrainer", "seekr_trainer_class", "task_samples", "REPLAY_KEY"]
+           "SeekrSFTConfig", "SeekrSFTTrainer", "seekr_trainer_class", "task_samples", "REPLAY_KEY",
+           "SeekrCheckpointError", "verify_checkpoint", "last_checkpoint"]
 
 #: The key under which an interleaved replay batch travels through the Trainer.
 REPLAY_KEY = "seekr_replay"
 #: The recipe state inside each Trainer checkpoint directory.
 RECIPE_DIR = "seekr_recipe"
+#: A task's end inside its folder (``<output_dir>/<task>/final``).
+FINAL_DIR = "final"
+#: ``train_tasks``' score rows, in ``output_dir``.
+SCORES_FILE = "seekr_scores.json"
+SCORES_KIND = "seekr-hf-scores"
+
+logger = logging.getLogger(__name__)
 
 
 # ============================================================================ arguments
@@ -437,6 +455,113 @@ def _replay_aware_skip():
             hf_trainer.skip_first_batches = orig
 
 
+# ============================================================================ checkpoints
+
+#: ``checkpoint-N/seekr_recipe/manifest.json``: written last, so a checkpoint without a
+#: valid one is an interrupted save.
+CHECKPOINT_KIND = "seekr-hf-checkpoint"
+#: The manifest versions this build reads (the versioned reader's table).
+CHECKPOINT_READS = {1: "the SEEKR files with size and SHA-256, the Trainer's files with their size"}
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class SeekrCheckpointError(ValueError):
+    """A checkpoint that is incomplete (an interrupted save), damaged, or not written by
+    a SEEKR trainer; the message names the file."""
+
+
+def _seal_checkpoint(d: str, head: Mapping) -> dict:
+    """The manifest of checkpoint ``d``, written last (the recipe state is in place): the
+    SEEKR files with size and SHA-256 (``store.write_manifest``), the Trainer's files
+    (weights or adapter, optimizer, scheduler, RNG, trainer_state.json, ...) with their
+    size. Those are not hashed: they are the Trainer's, read by the Trainer, and hashing
+    tens of GB of weights and optimizer state at every save would cost more than the save."""
+    trainer_files = {rel: os.path.getsize(os.path.join(d, rel)) for rel in store.list_files(d)
+                     if not rel.startswith(RECIPE_DIR + "/")}
+    return store.write_manifest(os.path.join(d, RECIPE_DIR), {"format": 1, "kind": CHECKPOINT_KIND, **head,
+                                                                "trainer_files": trainer_files})
+
+
+def verify_checkpoint(path: str) -> dict:
+    """Check a checkpoint written by a SEEKR trainer (``checkpoint-N`` or a task's
+    ``final``) before anything of it is read; returns its manifest.
+
+    Raises :class:`SeekrCheckpointError` naming the file: no manifest (an interrupted save,
+    or a checkpoint not written by a SEEKR trainer), an edited manifest, a SEEKR file
+    missing, truncated, damaged or not listed, a Trainer file missing or of another size.
+    """
+    path = os.fspath(path)
+    rdir = os.path.join(path, RECIPE_DIR)
+    mp = os.path.join(rdir, store.MANIFEST)
+    if not os.path.isdir(path):
+        raise SeekrCheckpointError(f"{path}: no such checkpoint directory")
+    if not os.path.isfile(mp):
+        raise SeekrCheckpointError(f"{mp}: missing (an interrupted save, or a checkpoint not written by a "
+                                   "SEEKR trainer)")
+    man = store.verify_dir(rdir, "SEEKR checkpoint", kind=CHECKPOINT_KIND, versions=CHECKPOINT_READS,
+                           error=SeekrCheckpointError)
+    files = man.get("trainer_files")
+    if not isinstance(files, dict):
+        raise SeekrCheckpointError(f"{mp}: malformed trainer_files")
+    for rel, n in sorted(files.items()):
+        p = os.path.join(path, rel)
+        if not os.path.isfile(p):
+            raise SeekrCheckpointError(f"{p}: missing (listed in {mp})")
+        if os.path.getsize(p) != n:
+            raise SeekrCheckpointError(f"{p}: {os.path.getsize(p)} bytes, {mp} says {n} (truncated or replaced)")
+    return man
+
+
+def _checkpoint_step(path: str) -> int:
+    """The global step of the Trainer checkpoint ``path`` (its trainer_state.json)."""
+    st = store.read_json(os.path.join(path, "trainer_state.json"), "Trainer state", SeekrCheckpointError)
+    return int(st.get("global_step", 0))
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """The global RNGs (Python, NumPy, torch CPU and CUDA) as they were before the block:
+    scoring between tasks must not change what the next task draws, or a resumed
+    sequence (which does not score the tasks it skips) would train differently."""
+    import random
+
+    import numpy as np
+    st = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+          torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(st[0])
+        np.random.set_state(st[1])
+        torch.set_rng_state(st[2])
+        if st[3] is not None:
+            torch.cuda.set_rng_state_all(st[3])
+
+
+def _checkpoints(folder: str) -> List[str]:
+    """``checkpoint-N`` directories of ``folder``, newest (highest N) first."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), n) for n in names
+             if (m := _CHECKPOINT_RE.match(n)) and os.path.isdir(os.path.join(folder, n))]
+    return [os.path.join(folder, n) for _, n in sorted(found, reverse=True)]
+
+
+def last_checkpoint(folder: str) -> Optional[str]:
+    """The newest complete checkpoint (:func:`verify_checkpoint`) in ``folder``, or None.
+    Incomplete ones (a job killed during a save) are skipped with a warning naming why."""
+    for c in _checkpoints(folder):
+        try:
+            verify_checkpoint(c)
+        except SeekrCheckpointError as e:
+            logger.warning("seekr: skipping %s: %s", c, e)
+            continue
+        return c
+    return None
+
+
 # ============================================================================ the trainer
 
 def _world(trainer) -> int:
@@ -567,6 +692,8 @@ class SeekrTrainerMixin:
         ckpt = kwargs.pop("resume_from_checkpoint", args.pop(0) if args else None)
         if ckpt is not None and ckpt is not False:
             ckpt = self._seekr_resume(ckpt)
+        else:
+            ckpt = None
         engine = getattr(self, "model_wrapped", None)
         if _is_deepspeed(self) and engine is not None and engine is not self.model:
             # A later task: the Trainer would keep the previous task's engine (freed by
@@ -574,8 +701,13 @@ class SeekrTrainerMixin:
             if hasattr(engine, "destroy"):
                 engine.destroy()
             self.model_wrapped = self.model
+        at = _checkpoint_step(ckpt) if ckpt is not None else None
         with _replay_aware_skip():
             out = super().train(ckpt, *args, **kwargs)
+        if at is not None and self.state.global_step <= at:
+            # Resumed at the task's last step: the Trainer ran no epoch, so it did not restore
+            # the RNG; end_task and the next task must start from the uninterrupted run's.
+            self._load_rng_state(ckpt)
         self._seekr_end()
         return out
 
@@ -583,7 +715,12 @@ class SeekrTrainerMixin:
         """Learn one task: set ``train_dataset``, start a fresh optimiser and learning-rate
         schedule (unless the Trainer was given its own optimiser), ``train()`` with SEEKR,
         and end the task. ``name`` defaults to ``task-<index>``; the task's checkpoints go
-        to ``<output_dir>/<name>/`` (global steps restart in every task). Returns
+        to ``<output_dir>/<name>/`` (global steps restart in every task) and, unless
+        ``save_strategy="no"``, the task's end to ``<output_dir>/<name>/final/`` (the
+        model as ``save_model`` writes it, the recipe state after ``end_task``, the
+        manifest last), from which :meth:`train_tasks` resumes a sequence.
+        ``resume_from_checkpoint=True`` with no complete checkpoint of the task yet (a job
+        killed before its first save) starts the task from its beginning. Returns
         ``train()``'s ``TrainOutput``."""
         rc = self.recipe
         name = f"task-{rc.num_tasks}" if name is None else str(name)
@@ -598,27 +735,112 @@ class SeekrTrainerMixin:
         base = self.args.output_dir
         self.args.output_dir = os.path.join(base, name) if base else base
         try:
-            return self.train(**train_kwargs)
+            out = self.train(**train_kwargs)
+            if self._seekr_saves():
+                self._seekr_save_final(os.path.join(self.args.output_dir, FINAL_DIR))
+            return out
         finally:
             self.args.output_dir = base
             self._seekr_task_name = None
 
-    def train_tasks(self, tasks, score: Optional[Callable[["SeekrTrainerMixin", str], float]] = None) -> dict:
+    def train_tasks(self, tasks, score: Optional[Callable[["SeekrTrainerMixin", str], float]] = None,
+                    resume: bool = False) -> dict:
         """Learn a task sequence: ``tasks`` is a mapping ``name -> train_dataset`` or a list of
         ``(name, train_dataset)``. With ``score(trainer, name) -> float`` every task learned
         so far is scored after each task, and the result holds the accuracy ``matrix``, ``OP``
-        and ``BWT`` (TRACE's definitions, :mod:`seekr_kernels.run.metrics`)."""
+        and ``BWT`` (TRACE's definitions, :mod:`seekr_kernels.run.metrics`); the rows are
+        kept in ``<output_dir>/seekr_scores.json``.
+
+        ``resume=True`` (a requeued job running the same command again) continues the
+        sequence where it stopped, into a fresh trainer: the tasks whose ``final/`` is
+        complete are skipped (the model and the recipe state restored from the last of
+        them), the first other task resumes from its newest complete checkpoint, or starts
+        from its beginning when it has none. A ``tasks`` list that does not start with the
+        tasks already learned there is refused."""
         items = list(tasks.items()) if isinstance(tasks, Mapping) else [tuple(t) for t in tasks]
-        rows, names = [], []
-        for name, ds in items:
-            self.train_task(ds, name)
-            names.append(str(name))
+        names = [str(n) for n, _ in items]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"tasks: task names must be unique ({', '.join(dup)} repeated)")
+        start, rows = (self._seekr_restore(names) if resume else (0, []))
+        if score is not None and len(rows) < start - 1:
+            raise ValueError(f"score: {os.path.join(self.args.output_dir, SCORES_FILE)} lacks the rows of tasks "
+                             f"{names[len(rows):start - 1]}, whose models are gone (was the run scored?)")
+        if score is not None and start and len(rows) < start:     # killed while scoring the last task learned
+            with _rng_kept():
+                rows.append([float(score(self, n)) for n in names[:start]])
+            self._seekr_save_scores(names[:start], rows)
+        for i in range(start, len(items)):
+            self.train_task(items[i][1], names[i], **({"resume_from_checkpoint": True} if resume and i == start
+                                                      else {}))
             if score is not None:
-                rows.append([float(score(self, n)) for n in names])
+                with _rng_kept():
+                    rows.append([float(score(self, n)) for n in names[:i + 1]])
+                self._seekr_save_scores(names[:i + 1], rows)
         out: Dict[str, Any] = {"tasks": names}
         if score is not None:
             out.update(metrics.summarize(metrics.partial_matrix(rows, len(names))))
         return out
+
+    # ---------------------------------------------------------------- a sequence's progress
+    def _seekr_saves(self) -> bool:
+        return str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) != "no"
+
+    def _seekr_save_final(self, d):
+        """The task's end: the model (``save_model``), the RNG state, the recipe state after
+        ``end_task``, the manifest last (:func:`verify_checkpoint`)."""
+        self._seekr_clear(d)
+        self.save_model(d)
+        self._save_rng_state(d)        # what the next task draws from (dropout, sampling)
+        self._seekr_seal(d, global_step=int(self.state.global_step), task_names=list(self.recipe.task_names),
+                         history=self.seekr_history)
+
+    def _seekr_save_scores(self, names, rows):
+        if self.args.should_save:
+            store.write_json(os.path.join(self.args.output_dir, SCORES_FILE),
+                             store.seal({"format": 1, "kind": SCORES_KIND, "tasks": list(names), "rows": rows}))
+
+    def _seekr_restore(self, names):
+        """``train_tasks(resume=True)``: restore the tasks learned in ``output_dir``; returns
+        how many, and the score rows saved for them."""
+        if self.recipe.num_tasks or self.recipe.current is not None:
+            raise ValueError("resume: this trainer has learned tasks already; resume=True restores a sequence "
+                             "into a fresh trainer")
+        if not self._seekr_saves():
+            raise ValueError("resume: save_strategy='no' saves no checkpoints to resume from")
+        base = self.args.output_dir
+        last, man = None, None
+        for i, name in enumerate(names):
+            d = os.path.join(base, name, FINAL_DIR)
+            if not os.path.exists(d):
+                break
+            try:
+                m = verify_checkpoint(d)
+            except SeekrCheckpointError as e:
+                logger.warning("seekr: %s is incomplete (%s); task %r is resumed", d, e, name)
+                break
+            if m.get("task_names") != names[:i + 1]:
+                raise ValueError(f"tasks: {d} ends the sequence {m.get('task_names')}, tasks starts with "
+                                 f"{names[:i + 1]} (resume runs the same task list again)")
+            last, man = d, m
+        k = 0 if man is None else len(man["task_names"])
+        if last is not None:
+            self.recipe.load(os.path.join(last, RECIPE_DIR))
+            self._load_from_checkpoint(last)
+            self._load_rng_state(last)
+            self.seekr_history = [dict(h, heads={int(l): v for l, v in h.get("heads", {}).items()})
+                                  for h in man.get("history", [])]
+        rows: list = []
+        p = os.path.join(base, SCORES_FILE)
+        saved = store.read_json(p, "SEEKR score rows", SeekrCheckpointError, kind=SCORES_KIND, versions=(1,),
+                                optional=True)
+        if saved is not None and k:
+            store.check_seal(saved, p, "score rows", error=SeekrCheckpointError)
+            n = min(k, len(saved["rows"]))
+            if saved["tasks"][:n] != names[:n]:
+                raise ValueError(f"tasks: {p} holds the scores of {saved['tasks']}, tasks starts with {names[:n]}")
+            rows = [list(r) for r in saved["rows"][:n]]
+        return k, rows
 
     def _seekr_prepare_dataset(self, dataset, name):
         """Hook for trainers that tokenise datasets themselves (TRL)."""
@@ -744,33 +966,88 @@ class SeekrTrainerMixin:
         return super().log(logs, *args, **kwargs)
 
     # ---------------------------------------------------------------- checkpoints
-    def _seekr_save(self, checkpoint_dir: str):
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        """The Trainer's checkpoint, then the recipe state and the manifest (written last:
+        :func:`verify_checkpoint`). Older checkpoints are rotated out (``save_total_limit``)
+        only once this one is complete, so a kill during the save always leaves a complete
+        one behind."""
+        ckpt = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self._seekr_clear(ckpt)
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial, *args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
+        self._seekr_seal(ckpt, global_step=int(self.state.global_step))
+        if limit and self.args.should_save:
+            self._seekr_rotate(self._get_output_dir(trial=trial), limit)
+
+    def _seekr_rotate(self, run_dir, limit):
+        rotate = getattr(self, "_rotate_checkpoints", None)
+        if rotate is not None:                 # transformers 4.x
+            rotate(use_mtime=True, output_dir=run_dir)
+            return
+        from transformers.trainer_utils import rotate_checkpoints
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _seekr_barrier(self):
+        acc = getattr(self, "accelerator", None)
+        if acc is not None:
+            acc.wait_for_everyone()
+
+    def _seekr_clear(self, d):
+        """Remove what a killed job left at ``d`` (the Trainer writes into an existing
+        folder, and a stale file would be listed in the new manifest)."""
+        if self.args.should_save and os.path.isdir(d):
+            shutil.rmtree(d)
+        self._seekr_barrier()
+
+    def _seekr_seal(self, d, **head):
+        """Every process has written its part of ``d``: the recipe state, then the manifest."""
+        self._seekr_barrier()
         if self.args.should_save:
-            self.recipe.save(os.path.join(checkpoint_dir, RECIPE_DIR))
+            self.recipe.save(os.path.join(d, RECIPE_DIR))
+            _seal_checkpoint(d, {"task": self._seekr_task_name, **head})
+        self._seekr_barrier()
 
     def _seekr_resume(self, ckpt):
+        """The checkpoint to resume from, its recipe state loaded; None to start afresh
+        (``True`` and no complete checkpoint yet: a job killed before its first save)."""
+        folder = self.args.output_dir
         if ckpt is True:
-            ckpt = get_last_checkpoint(self.args.output_dir)
-            if ckpt is None:
-                raise ValueError(f"resume_from_checkpoint: no checkpoint found in {self.args.output_dir}")
-        path = os.path.join(ckpt, RECIPE_DIR)
-        if not os.path.isdir(path):
-            raise ValueError(f"{path}: missing (the checkpoint was not written by a SEEKR trainer)")
-        self.recipe.load(path)
+            found = last_checkpoint(folder)
+            if found is None:
+                logger.warning("seekr: resume_from_checkpoint=True: no complete checkpoint in %s; the task "
+                               "starts from its beginning", folder)
+                return None
+            ckpt = found
+        ckpt = os.fspath(ckpt)
+        try:
+            man = verify_checkpoint(ckpt)
+        except SeekrCheckpointError as e:
+            newest = last_checkpoint(os.path.dirname(os.path.abspath(ckpt)))
+            raise SeekrCheckpointError(f"resume_from_checkpoint: {e}; " + (
+                f"the newest complete checkpoint there is {newest}" if newest else
+                "there is no complete checkpoint next to it")) from None
+        name = self._seekr_task_name
+        if name is not None and man.get("task") is not None and man["task"] != name:
+            raise ValueError(f"resume_from_checkpoint: {ckpt} is a checkpoint of task {man['task']!r}, "
+                             f"not of {name!r}")
+        self.recipe.load(os.path.join(ckpt, RECIPE_DIR))
         return ckpt
 
 
 class _SeekrCallback(TrainerCallback):
-    """begin_task once the model is wrapped; the recipe state into every checkpoint."""
+    """begin_task once the model is wrapped (the recipe state goes into every checkpoint
+    through :meth:`SeekrTrainerMixin._save_checkpoint`)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kw):
         self.trainer._seekr_begin()
-
-    def on_save(self, args, state, control, **kw):
-        self.trainer._seekr_save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
 
 class SeekrTrainer(SeekrTrainerMixin, Trainer):
@@ -835,12 +1112,18 @@ def _trl_classes():
             return self._prepare_dataset(dataset, self.processing_class, self.args, self.args.packing,
                                          None, str(name))
 
-    SeekrSFTConfig.__module__ = SeekrSFTTrainer.__module__ = __name__
-    _LAZY.update(SeekrSFTConfig=SeekrSFTConfig, SeekrSFTTrainer=SeekrSFTTrainer)
+    # Module-level names, so that pickle finds them: the Trainer torch.saves its arguments
+    # (training_args.bin) into every checkpoint, and pickle stores a class by module and
+    # qualified name; a name with "<locals>" in it cannot be pickled.
+    for cls in (SeekrSFTConfig, SeekrSFTTrainer):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+        globals()[cls.__name__] = cls
+        _LAZY[cls.__name__] = cls
     return _LAZY
 
 
 def __getattr__(name):
+    # TRL is imported on first use (it takes seconds); unpickling a SeekrSFTConfig lands here too.
     if name in ("SeekrSFTConfig", "SeekrSFTTrainer"):
         return _trl_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
