@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 
 METHODS = ("sft", "replay", "replay+logits", "seekr")
+#: ``distill.logits_positions``: the rows the logits term distils (README "Deviations").
+LOGITS_POSITIONS = ("predict", "published")
 PRESETS = ("package", "official")
 RECIPES = PRESETS   # the name before the key was renamed (recipe -> preset)
 
@@ -85,6 +87,12 @@ class DistillConfig:
                                                "recommendation); not allowed with 'dense'.")
     teacher_logits_topk: int = _f(0, "Older spelling of distill.teacher_logits 'topk' with distill.teacher_logits_k "
                                      "= this (0: dense); it may be combined only with 'topk' and the same k.")
+    logits_positions: str = _f("predict", "Where the logits term distils the student against the teacher's logits: "
+                                          "'predict' (the positions that predict the answer tokens, the rows "
+                                          "of the replay CE) or 'published' (the answer tokens' own positions, the "
+                                          "one after eos included: logits[labels != -100] as published; 'answer' "
+                                          "is read as 'published'). The replay memory keeps the teacher at these "
+                                          "positions; a memory of the other option is refused.")
     fused_lm_head: Any = _f("auto", "'auto', 'true' or 'false': the replay CE and logits term from the final "
                                     "hidden states and the lm_head weight without materialising [B, L, V] "
                                     "logits. 'auto': wherever that applies (an unsharded nn.Linear lm_head, not "
@@ -287,7 +295,7 @@ OFFICIAL = {
                "outnumbered": "skip"},
     "distill": {"logits_weight": 0.5, "attn_weight": 1000.0, "query_budget": 0, "sensitivity_region": "full",
                 "attn_log_eps": 1e-8, "forgettability_norm": "official", "sensitivity_padding": "official",
-                "query_sampling": "official"},
+                "query_sampling": "official", "logits_positions": "published"},
 }
 #: The train keys of :data:`OFFICIAL` that are top-level keys of a :class:`RecipeConfig`.
 _RECIPE_TRAIN_KEYS = ("batch_size", "grad_accum", "pad_to_multiple_of")
@@ -462,11 +470,15 @@ DEFAULT_TEACHER_LOGITS_K = 256
 
 
 def _validate_teacher_logits(d, p="distill."):
-    """``teacher_logits``, ``teacher_logits_k``, the older ``teacher_logits_topk`` and
-    ``fused_lm_head``; resolves the older spelling and the default k in place (so the
-    resolved config validates again unchanged)."""
+    """``teacher_logits``, ``teacher_logits_k``, the older ``teacher_logits_topk``,
+    ``logits_positions`` and ``fused_lm_head``; resolves the older spelling, the default k
+    and ``logits_positions: answer`` in place (so the resolved config validates again
+    unchanged)."""
     _positive(p + "teacher_logits_topk", d.teacher_logits_topk, allow_zero=True)
     _choice(p + "teacher_logits", d.teacher_logits, ("dense", "topk", "sampled"))
+    if d.logits_positions == "answer":      # the positions' other name: stored as 'published'
+        d.logits_positions = "published"
+    _choice(p + "logits_positions", d.logits_positions, LOGITS_POSITIONS)
     if d.teacher_logits_k is not None:
         _positive(p + "teacher_logits_k", d.teacher_logits_k)
     K = d.teacher_logits_topk
