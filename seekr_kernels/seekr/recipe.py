@@ -58,12 +58,13 @@ query budget 0 (Q = n) 210 GB at n = 1024 — use the query budget, or DDP, with
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .config import ConfigError, RecipeConfig, recipe_from_dict
+from .config import OFFICIAL_BUDGETS, ConfigError, RecipeConfig, RunWarning, recipe_from_dict
 from . import passes, recipe_store
 from .recipe_store import FORMAT, KIND
 from .samples import PendingSample, sample_seed, task_seed  # noqa: F401  (sample_seed: part of this module's API)
@@ -161,14 +162,29 @@ class SeekrRecipe:
 
     # ---------------------------------------------------------------- shape and budgets
     def _set_shape(self, n_layers, n_heads):
+        """The model's shape and the budgets: those set, else the defaults — the package's
+        scaled to the model (3/4 of the layers, 1/8 of the heads), under ``preset:
+        official`` the published script's 24 / 128 for every shape, clamped with a
+        :class:`RunWarning` where the model has fewer layers or heads."""
         d = self.cfg.distill
-        lb = d.layer_budget or max(1, round(0.75 * n_layers))
-        hb = d.head_budget or max(1, (n_layers * n_heads) // 8)
+        if self.cfg.preset == "official":
+            lb = d.layer_budget or min(OFFICIAL_BUDGETS["layer_budget"], n_layers)
+            hb = d.head_budget or min(OFFICIAL_BUDGETS["head_budget"], lb * n_heads)
+        else:
+            lb = d.layer_budget or max(1, round(0.75 * n_layers))
+            hb = d.head_budget or max(1, (n_layers * n_heads) // 8)
         if lb > n_layers:
             raise ConfigError(f"distill.layer_budget: {lb} is more than the model's {n_layers} layers")
         if hb > lb * n_heads:
             raise ConfigError(f"distill.head_budget: {hb} is more than layer_budget x heads = "
                               f"{lb} x {n_heads}")
+        if self.cfg.preset == "official":
+            clamped = [f"distill.{k}: {OFFICIAL_BUDGETS[k]} -> {v}"
+                       for k, v in (("layer_budget", lb), ("head_budget", hb))
+                       if getattr(d, k) is None and v != OFFICIAL_BUDGETS[k]]
+            if clamped:
+                warnings.warn("; ".join(clamped) + f" (preset official's published budgets, clamped to the model's "
+                              f"{n_layers} layers x {n_heads} heads)", RunWarning, stacklevel=3)
         self.num_layers, self.num_heads = n_layers, n_heads
         self.budgets = (lb, hb)
         if self.importance is None:
@@ -562,7 +578,8 @@ class SeekrRecipe:
             self.importance += sens * forget
             from .selection import select_heads
             self.heads = {int(l): torch.as_tensor(h).long()
-                          for l, h in select_heads(self.importance, *self.budgets).items()}
+                          for l, h in select_heads(self.importance, *self.budgets,
+                                                   ties=self.cfg.distill.head_selection).items()}
             info.update(heads=self.heads, sensitivity=sens, forgettability=forget)
         if self.method in ("replay+logits", "seekr"):
             self.capture_teacher(model, st.samples, self.heads if self.uses_attention else {})

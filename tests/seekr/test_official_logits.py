@@ -300,3 +300,132 @@ def test_logits_positions_config():
     assert recipe_from_dict({"distill": {"logits_positions": "answer"}}).distill.logits_positions == "published"
     with pytest.raises(ConfigError, match="distill.logits_positions: must be one of"):
         recipe_from_dict({"distill": {"logits_positions": "shifted"}})
+
+
+# ============================================================================ item 4: ties and budgets
+
+def published_select_layer_head(attn_ipt, layer_budget, head_budget):
+    """jinghan1he/SEEKR ``select_layer_head`` (target_layers = every layer), rewritten:
+    topk of the layer sums (fp32, as its attn_ipt), sorted; topk over the kept layers'
+    heads flattened; unravelled and sorted by (layer, head)."""
+    import numpy as np
+    select_layers = attn_ipt.sum(1).topk(layer_budget)[1].sort()[0]
+    sub = attn_ipt[select_layers]
+    pos = np.array(np.unravel_index(sub.flatten().topk(head_budget)[1].numpy(), sub.shape)).transpose()
+    out = {}
+    for l, h in sorted(pos, key=lambda x: (x[0], x[1])):
+        out.setdefault(int(select_layers[l]), []).append(int(h))
+    return out
+
+
+def as_lists(d):
+    return {int(l): torch.as_tensor(h).tolist() for l, h in d.items()}
+
+
+def tie_cases():
+    g = torch.Generator().manual_seed(0)
+    rounded = torch.zeros(8, 4)                          # layer sums equal in fp32 (1 + 3e-8 -> 1), not in fp64
+    rounded[:, 0], rounded[::2, 1:] = 1.0, 1e-8
+    zero_below = torch.rand(32, 32, generator=g)
+    zero_below[:12] = 0                                   # layers whose maps did not move
+    few = torch.zeros(32, 32)
+    few[20:, :5] = torch.rand(12, 5, generator=g)        # fewer non-zero heads than the budget
+    return [(torch.zeros(40, 40), 24, 128), (torch.ones(4, 4), 2, 3),
+            (torch.randint(0, 3, (8, 6), generator=g).float(), 5, 9),
+            (torch.randint(0, 2, (32, 32), generator=g).float() * 0.5, 24, 128),
+            (rounded, 3, 5), (rounded, 1, 2),
+            (zero_below, 24, 128), (few, 24, 128)]
+
+
+def test_published_head_selection_is_the_published_code_on_ties():
+    differ = 0
+    for imp, lb, hb in tie_cases():
+        got = as_lists(sk.select_heads(imp, lb, hb, ties="published"))
+        assert got == published_select_layer_head(imp, lb, hb), (list(imp.shape), lb, hb)
+        assert sum(len(h) for h in got.values()) == hb
+        differ += got != as_lists(sk.select_heads(imp, lb, hb))
+    assert differ >= 3        # the stable rule gives other heads on these ties (the check can fail)
+    with pytest.raises(ValueError, match="ties"):
+        sk.select_heads(torch.ones(2, 2), 1, 1, ties="topk")
+
+
+def fixed_importance(rc, imp):
+    """The recipe's statistics replaced: sensitivity x forgettability = ``imp``."""
+    rc.sensitivity = lambda model, samples: imp.clone()
+    rc.forgettability = lambda model, samples, before: torch.ones_like(imp)
+
+
+def test_recipe_under_official_selects_heads_as_published():
+    """End of a task under ``preset: official`` (explicit budgets): equal importances
+    select the published heads; the package's default selects others."""
+    samples = make_samples(SPEC[:2], seed=9)
+    got = {}
+    for preset in ("official", "package"):
+        model = tiny_llama(layers=4)
+        rc = sk.SeekrRecipe({"preset": preset, "replay": {"ratio": 2, "subset": "first"},
+                             "distill": {"layer_budget": 2, "head_budget": 3, "backend": "torch"}},
+                            model=model, pad_token_id=PAD)
+        assert rc.cfg.distill.head_selection == ("published" if preset == "official" else "stable")
+        fixed_importance(rc, torch.ones(4, 4))
+        rc.begin_task(model, samples)
+        got[preset] = as_lists(rc.end_task(model)["heads"])
+    assert got["official"] == published_select_layer_head(torch.ones(4, 4), 2, 3)
+    assert got["package"] == {0: [0, 1, 2]} != got["official"]
+
+
+def test_official_budgets_are_the_published_numbers_on_any_shape():
+    """A fake 40 x 40 model: 24 / 128 under official (no warning), 30 / 200 scaled by
+    the package; the end of a task selects 24 layers' worth of 128 heads as published."""
+    import warnings
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=80, intermediate_size=16, num_hidden_layers=40,
+                                         num_attention_heads=40, num_key_value_heads=40, vocab_size=V,
+                                         max_position_embeddings=32)).eval()
+    assert sk.SeekrRecipe({}, model=model).budgets == (30, 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rc = sk.SeekrRecipe({"preset": "official", "replay": {"ratio": 1, "subset": "first"},
+                             "distill": {"backend": "torch"}}, model=model, pad_token_id=PAD)
+    assert rc.budgets == (24, 128)
+    imp = torch.rand(40, 40, generator=torch.Generator().manual_seed(1))
+    imp[torch.rand(40, 40, generator=torch.Generator().manual_seed(2)) < 0.5] = 0.0       # ties at 0
+    fixed_importance(rc, imp)
+    rc.begin_task(model, make_samples([(3, 2)], seed=10))
+    heads = as_lists(rc.end_task(model)["heads"])
+    assert heads == published_select_layer_head(imp, 24, 128)
+    assert sum(len(h) for h in heads.values()) == 128
+
+
+def test_official_budgets_clamped_with_one_warning_line():
+    from seekr_kernels.seekr.config import RunWarning
+    from seekr_kernels.run.preflight import RunWarning as PreflightWarning
+    assert RunWarning is PreflightWarning          # the command shows it on one line
+    model = tiny_llama(layers=2)
+    with pytest.warns(RunWarning) as rec:
+        rc = sk.SeekrRecipe({"preset": "official"}, model=model)
+    assert rc.budgets == (2, 8)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, RunWarning)]
+    assert len(msgs) == 1 and "\n" not in msgs[0]
+    assert msgs[0].startswith("distill.layer_budget: 24 -> 2; distill.head_budget: 128 -> 8 (preset official")
+    # only the head budget: 32 layers of 2 heads keep 24 layers, 48 heads
+    with pytest.warns(RunWarning, match=r"^distill.head_budget: 128 -> 48 \(preset official"):
+        assert sk.SeekrRecipe({"preset": "official"}, num_layers=32, num_heads=2).budgets == (24, 48)
+    # budgets set explicitly are used as given: no clamp, no warning; too large is an error
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sk.SeekrRecipe({"preset": "official", "distill": {"layer_budget": 1, "head_budget": 3}},
+                              model=model).budgets == (1, 3)
+        assert sk.SeekrRecipe({"preset": "official"}, num_layers=32, num_heads=32).budgets == (24, 128)
+    with pytest.raises(ConfigError, match="distill.layer_budget: 3 is more than the model's 2 layers"):
+        sk.SeekrRecipe({"preset": "official", "distill": {"layer_budget": 3}}, model=model)
+
+
+def test_head_selection_config():
+    assert OFFICIAL["distill"]["head_selection"] == "published"
+    assert recipe_from_dict({}).distill.head_selection == "stable"
+    assert recipe_from_dict({"preset": "official", "distill": {"head_selection": "stable"}}
+                            ).distill.head_selection == "stable"
+    with pytest.raises(ConfigError, match="distill.head_selection: must be one of"):
+        recipe_from_dict({"distill": {"head_selection": "topk"}})
