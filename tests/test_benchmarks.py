@@ -37,6 +37,7 @@ NOT_RUN = {
     "benchmarks.bench_autotune": "--quick runs the Triton interpreter on one point: ~6 s of CPU",
     "benchmarks.studies.bench_deviations": "trains the demo stream: ~12 s of CPU with --quick --stats",
     "benchmarks.studies.bench_demo_factors": "trains four demo runs in worker processes: ~15 s of CPU",
+    "benchmarks.studies.bench_logits_positions": "trains the smoke run, each replay step twice: ~5 s of CPU",
 }
 RATIO = re.compile(r"(\d+(?:\.\d+)?)x (faster|slower|less|more|smaller|larger)\b")
 

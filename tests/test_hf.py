@@ -231,6 +231,7 @@ ARGUMENT_KEYS = {
     "sensitivity_padding": ("distill", "sensitivity_padding"),
     "forgettability_norm": ("distill", "forgettability_norm"), "teacher_logits": ("distill", "teacher_logits"),
     "teacher_logits_k": ("distill", "teacher_logits_k"), "teacher_logits_topk": ("distill", "teacher_logits_topk"),
+    "logits_positions": ("distill", "logits_positions"), "head_selection": ("distill", "head_selection"),
     "fused_lm_head": ("distill", "fused_lm_head"), "attn_log_eps": ("distill", "attn_log_eps"),
     "seekr_backend": ("distill", "backend"), "capture_batch_size": ("capture_batch_size",),
 }

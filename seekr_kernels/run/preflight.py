@@ -26,14 +26,10 @@ import os
 import warnings
 from typing import Optional, Sequence
 
-from ..seekr.config import ConfigError
+from ..seekr.config import ConfigError, RunWarning
 from ..seekr.stream import replay_batch_size, replay_count, replays_in_accumulation
 from .config import RunConfig
 from .rundir import RUN_ENTRIES
-
-
-class RunWarning(UserWarning):
-    """A run that trains, but not quite as its config reads (message names the key)."""
 
 
 #: Files that make a folder a tokenizer folder.

@@ -27,12 +27,19 @@ from typing import Any, Optional
 
 
 METHODS = ("sft", "replay", "replay+logits", "seekr")
+#: ``distill.logits_positions``: the rows the logits term distils (README "Deviations").
+LOGITS_POSITIONS = ("predict", "published")
 PRESETS = ("package", "official")
 RECIPES = PRESETS   # the name before the key was renamed (recipe -> preset)
 
 
 class ConfigError(ValueError):
     """A config key that is unknown, of the wrong type or out of range (message names it)."""
+
+
+class RunWarning(UserWarning):
+    """A run that trains, but not quite as its config reads (message names the key). The
+    command shows it on one line (``seekr: warning: ...``)."""
 
 
 def _f(default=dataclasses.MISSING, help: str = "", **kw):
@@ -70,9 +77,17 @@ class DistillConfig:
     logits_weight: float = _f(0.5, "a in (1 - a) CE + a logits-KL + b attention-KL, in [0, 1].")
     attn_weight: float = _f(1000.0, "b, the attention-KL weight.")
     layer_budget: Optional[int] = _f(None, "Layers whose heads may be distilled. Default: 3/4 of the model's "
-                                           "layers (the published Llama-2-7B setting, scaled to the model).")
+                                           "layers (the published Llama-2-7B setting, scaled to the model); "
+                                           "under preset official the published script's 24 for every model "
+                                           "(all layers, with a warning, when it has fewer).")
     head_budget: Optional[int] = _f(None, "Heads distilled in total. Default: 1/8 of all heads (the published "
-                                          "Llama-2-7B setting, scaled to the model).")
+                                          "Llama-2-7B setting, scaled to the model); under preset official the "
+                                          "published script's 128 for every model (at most layer_budget x heads, "
+                                          "with a warning).")
+    head_selection: str = _f("stable", "How heads of equal importance rank: 'stable' (the lower layer and head "
+                                       "first) or 'published' (the published torch.topk calls: their order, "
+                                       "which on ties is neither the lower index nor promised across torch "
+                                       "versions).")
     query_budget: int = _f(100, "Query rows distilled per sample (0: all rows).")
     sensitivity_region: str = _f("full", "Region of the (dL/dA)^2 head sensitivity: 'full' or 'causal'.")
     sensitivity_batch_size: int = _f(1, "Samples per sensitivity pass.")
@@ -85,6 +100,12 @@ class DistillConfig:
                                                "recommendation); not allowed with 'dense'.")
     teacher_logits_topk: int = _f(0, "Older spelling of distill.teacher_logits 'topk' with distill.teacher_logits_k "
                                      "= this (0: dense); it may be combined only with 'topk' and the same k.")
+    logits_positions: str = _f("predict", "Where the logits term distils the student against the teacher's logits: "
+                                          "'predict' (the positions that predict the answer tokens, the rows "
+                                          "of the replay CE) or 'published' (the answer tokens' own positions, the "
+                                          "one after eos included: logits[labels != -100] as published; 'answer' "
+                                          "is read as 'published'). The replay memory keeps the teacher at these "
+                                          "positions; a memory of the other option is refused.")
     fused_lm_head: Any = _f("auto", "'auto', 'true' or 'false': the replay CE and logits term from the final "
                                     "hidden states and the lm_head weight without materialising [B, L, V] "
                                     "logits. 'auto': wherever that applies (an unsharded nn.Linear lm_head, not "
@@ -276,9 +297,10 @@ _LIST_TYPES: dict = {}
 
 
 #: What ``preset: official`` sets (the published code, jinghan1he/SEEKR training/seekr.py
-#: and scripts/exp_seq_seekr.sh, on 8 GPUs x 2 samples x 8 accumulation steps). Layer and
-#: head budgets stay scaled to the model (24 of 32 layers and 128 of 1024 heads at 7B are
-#: exactly the package's scaled defaults).
+#: and scripts/exp_seq_seekr.sh, on 8 GPUs x 2 samples x 8 accumulation steps). The layer
+#: and head budgets, left unset, take the published script's numbers for every model
+#: (:data:`OFFICIAL_BUDGETS`) instead of the package's scaled defaults; the recipe resolves
+#: them against the model's shape (``SeekrRecipe._set_shape``, clamped with a warning).
 OFFICIAL = {
     "train": {"batch_size": 128, "grad_accum": 8, "lr": 1e-5, "weight_decay": 0.0, "betas": [0.9, 0.95],
               "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "pad_to_multiple_of": 8,
@@ -287,8 +309,12 @@ OFFICIAL = {
                "outnumbered": "skip"},
     "distill": {"logits_weight": 0.5, "attn_weight": 1000.0, "query_budget": 0, "sensitivity_region": "full",
                 "attn_log_eps": 1e-8, "forgettability_norm": "official", "sensitivity_padding": "official",
-                "query_sampling": "official"},
+                "query_sampling": "official", "logits_positions": "published", "head_selection": "published"},
 }
+#: ``distill.layer_budget`` / ``head_budget`` under ``preset: official`` when unset: the
+#: published script's values (scripts/exp_seq_seekr.sh), whatever the model's shape (the
+#: package scales its defaults: 30 / 200 at 40 layers x 40 heads).
+OFFICIAL_BUDGETS = {"layer_budget": 24, "head_budget": 128}
 #: The train keys of :data:`OFFICIAL` that are top-level keys of a :class:`RecipeConfig`.
 _RECIPE_TRAIN_KEYS = ("batch_size", "grad_accum", "pad_to_multiple_of")
 
@@ -454,6 +480,7 @@ def _validate_distill(d, p="distill."):
     _choice(p + "forgettability_norm", d.forgettability_norm, ("sample", "official"))
     _choice(p + "sensitivity_padding", d.sensitivity_padding, ("real", "official"))
     _choice(p + "query_sampling", d.query_sampling, ("subset", "official"))
+    _choice(p + "head_selection", d.head_selection, ("stable", "published"))
 
 
 #: k of a topk / sampled logits teacher when ``distill.teacher_logits_k`` is not given:
@@ -462,11 +489,15 @@ DEFAULT_TEACHER_LOGITS_K = 256
 
 
 def _validate_teacher_logits(d, p="distill."):
-    """``teacher_logits``, ``teacher_logits_k``, the older ``teacher_logits_topk`` and
-    ``fused_lm_head``; resolves the older spelling and the default k in place (so the
-    resolved config validates again unchanged)."""
+    """``teacher_logits``, ``teacher_logits_k``, the older ``teacher_logits_topk``,
+    ``logits_positions`` and ``fused_lm_head``; resolves the older spelling, the default k
+    and ``logits_positions: answer`` in place (so the resolved config validates again
+    unchanged)."""
     _positive(p + "teacher_logits_topk", d.teacher_logits_topk, allow_zero=True)
     _choice(p + "teacher_logits", d.teacher_logits, ("dense", "topk", "sampled"))
+    if d.logits_positions == "answer":      # the positions' other name: stored as 'published'
+        d.logits_positions = "published"
+    _choice(p + "logits_positions", d.logits_positions, LOGITS_POSITIONS)
     if d.teacher_logits_k is not None:
         _positive(p + "teacher_logits_k", d.teacher_logits_k)
     K = d.teacher_logits_topk

@@ -652,9 +652,9 @@ class Importance:
         self.history.append((sensitivity.detach().float().cpu().clone(), forgettability.detach().float().cpu().clone()))
         return contrib.float()
 
-    def select(self, layer_budget: int, head_budget: int):
+    def select(self, layer_budget: int, head_budget: int, ties: str = "stable"):
         """:func:`select_heads` on the current scores."""
-        return select_heads(self._scores, layer_budget, head_budget)
+        return select_heads(self._scores, layer_budget, head_budget, ties)
 
     # ---------------------------------------------------------------- persistence
     def state_dict(self) -> dict:

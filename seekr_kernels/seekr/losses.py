@@ -53,20 +53,42 @@ def shifted_teacher(teacher):
     return teacher[:, :-1]
 
 
-def logits_kl_mean(student_logits: torch.Tensor, teacher, labels: torch.Tensor) -> torch.Tensor:
-    """Logits distillation on the positions that predict answer tokens, mean over them.
+def distilled_rows(labels: torch.Tensor, positions: str = "predict") -> torch.Tensor:
+    """``[B, L]`` bool: the rows the logits term distils (``distill.logits_positions``):
+    ``predict``, the positions whose next token is an answer token (the replay CE's
+    rows); ``published``, the answer tokens' own positions (``labels != -100``, the one
+    after eos included, as the published ``logits[labels != -100]``)."""
+    if positions == "published":
+        return labels != IGNORE_INDEX
+    if positions != "predict":
+        raise ValueError(f"positions: must be 'predict' or 'published', got {positions!r}")
+    rows = torch.zeros_like(labels, dtype=torch.bool)
+    rows[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return rows
+
+
+def logits_kl_mean(student_logits: torch.Tensor, teacher, labels: torch.Tensor,
+                   positions: str = "predict") -> torch.Tensor:
+    """Logits distillation, mean over the distilled rows (:func:`distilled_rows`):
+    ``positions="predict"`` the positions that predict answer tokens, ``"published"`` the
+    answer tokens' own positions (the published term, no shift).
 
     ``teacher`` is aligned with ``student_logits`` ([B, L, V] dense, or a TopK of it) and
     holds the teacher's logits at the same positions. Uses the fused
     ``seekr_kernels.ops.logits_kl`` when available, the plain formula otherwise.
     """
-    s, lb = shifted(student_logits, labels)
+    if positions == "published":
+        s, lb, t = student_logits, labels, teacher
+    elif positions == "predict":
+        s, lb = shifted(student_logits, labels)
+        t = shifted_teacher(teacher)
+    else:
+        raise ValueError(f"positions: must be 'predict' or 'published', got {positions!r}")
     try:
         from ..ops.logits_kl import logits_kl
     except ImportError:
         logits_kl = None
     from ..ops.teachers import TopK
-    t = shifted_teacher(teacher)
     if logits_kl is not None:
         return logits_kl(s, t, lb)
     if isinstance(t, TopK):

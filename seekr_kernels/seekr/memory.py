@@ -8,7 +8,12 @@ Per task the memory keeps (:class:`ReplayTask`):
   teacher logits of a contiguous range of positions (dense ``[A, V]`` or a
   :class:`~seekr_kernels.TopK` of them) and the teacher attention rows of the task's
   selected heads, ``{layer: [S_l, Q, n]}`` with slot ``s`` = ``heads[layer][s]``;
-* the heads selected after that task, ``{layer: sorted LongTensor}``.
+* the heads selected after that task, ``{layer: sorted LongTensor}``;
+* which positions the teacher logits are (``logits_positions``, the
+  ``distill.logits_positions`` they were captured under): ``"predict"``, the positions
+  that predict the answer tokens, or ``"published"``, the answer tokens' own positions.
+  A replay batch takes its samples from tasks of one kind and says which
+  (``batch["logits_positions"]``), so the loss never reads one as the other.
 
 Replay batches mix tasks (:meth:`ReplayMemory.batch`): every sample carries its own heads,
 so the per-layer heads are ``[B, S]`` with -1 slots and the teachers ``[B, S, Q, L]``.
@@ -74,6 +79,7 @@ from ..ops.teachers import SampledTeacher, TopK, pack_indices, unpack_indices
 from ..utils import store
 from ..utils.store import atomic_dir, clean_leftovers
 from .batching import IGNORE_INDEX
+from .config import LOGITS_POSITIONS
 from .selection import batch_heads
 from .stream import replay_count
 
@@ -85,6 +91,9 @@ FORMAT = 1
 #: each such absence is still read (tests/data/legacy/replay_v1, replay_v2), by the
 #: functions at the end of this module only.
 READS = {1: {
+    "logits positions": "layout.logits_positions (predict / published; published memories keep their starts "
+                        "as logits_answer_start, a tensor older readers refuse); a layout without it holds the "
+                        "teacher at the 'predict' positions",
     "index": "memory.json (from 3575421 on); without it (61b56de) load() needs names= and save_task() "
              "lists the tasks from their verified manifests",
     "sealed manifests": "manifest_sha256 (from 3575421 on); a manifest without it (61b56de) still has its "
@@ -202,15 +211,21 @@ class ReplaySample:
 
 @dataclass(eq=False)
 class ReplayTask:
-    """A task's replay samples, the heads selected after it, and JSON-able metadata."""
+    """A task's replay samples, the heads selected after it, JSON-able metadata, and the
+    positions its teacher logits are at (``"predict"`` or ``"published"``; module
+    docstring)."""
     name: str
     samples: List[ReplaySample]
     heads: Dict[int, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    logits_positions: str = "predict"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ReplayMemoryError(f"name: expected a non-empty str, got {self.name!r}")
+        if self.logits_positions not in LOGITS_POSITIONS:
+            raise ReplayMemoryError(f"task {self.name!r}: logits_positions must be one of {list(LOGITS_POSITIONS)}, "
+                                    f"got {self.logits_positions!r}")
         if not isinstance(self.samples, (list, tuple)) or not self.samples:
             raise ReplayMemoryError(f"task {self.name!r}: samples must be a non-empty list")
         self.samples = list(self.samples)
@@ -348,9 +363,9 @@ class ReplayMemory:
         return len(self.tasks) - 1
 
     def add_task(self, name: str, samples: Sequence[ReplaySample], heads: Optional[Mapping] = None,
-                 meta: Optional[dict] = None) -> int:
+                 meta: Optional[dict] = None, logits_positions: str = "predict") -> int:
         """Append a task built from its parts (see :class:`ReplayTask`); returns its index."""
-        return self.add(ReplayTask(name, list(samples), dict(heads or {}), dict(meta or {})))
+        return self.add(ReplayTask(name, list(samples), dict(heads or {}), dict(meta or {}), logits_positions))
 
     def __len__(self) -> int:
         return sum(len(t.samples) for t in self.tasks)
@@ -395,8 +410,9 @@ class ReplayMemory:
             except on answer tokens; positions count real tokens only);
             ``task`` ``[B]``;
             ``teacher_logits`` ``[B, L, V]`` dense, or TopK / SampledTeacher ``[B, L, k]``, with the teacher
-            at each sample's stored positions (elsewhere 0, a uniform TopK filler or zero sampled weights) and
-            ``logits_mask`` ``[B, L]`` bool marking them;
+            at each sample's stored positions (elsewhere 0, a uniform TopK filler or zero sampled weights),
+            ``logits_mask`` ``[B, L]`` bool marking them and ``logits_positions`` (str) saying which
+            positions they are (the samples' tasks must agree);
             ``heads`` ``{layer: [B, S]}`` (-1 = empty slot), ``queries`` ``[B, Q]`` absolute
             positions or None (all rows, when no sample has a query budget), and
             ``teacher_attention`` ``{layer: [B, S, Q, L]}`` — ready for
@@ -453,7 +469,12 @@ class ReplayMemory:
                "labels": labels, "task": torch.tensor([k[0] for k in keys], dtype=torch.long)}
 
         if logits and any(s.logits is not None for s in samples):
+            kinds = {t.logits_positions for t, s in zip(tasks, samples) if s.logits is not None}
+            if len(kinds) > 1:
+                raise ValueError(f"keys: the samples' teacher logits sit at different positions ({sorted(kinds)}); "
+                                 "batch tasks captured under one distill.logits_positions together")
             out.update(self._batch_logits(samples, pads, L))
+            out["logits_positions"] = kinds.pop()
 
         if want_att:
             if all_rows:
@@ -763,7 +784,8 @@ def _pack(task: ReplayTask):
     kind = _logits_kind(S[0].logits)
     layout = {"logits": None if kind is None else kind[0], "attention_layers": []}
     if kind is not None:
-        t["logits_start"] = torch.tensor([s.logits_start for s in S], dtype=torch.long)
+        layout["logits_positions"] = task.logits_positions
+        t[_start_name(task.logits_positions)] = torch.tensor([s.logits_start for s in S], dtype=torch.long)
         if kind[0] == "dense":
             t["logits_rows"] = torch.tensor([s.logits.shape[0] for s in S], dtype=torch.long)
             t["logits"] = torch.cat([s.logits for s in S]).contiguous()
@@ -790,6 +812,14 @@ def _pack(task: ReplayTask):
     return t, layout
 
 
+def _start_name(positions):
+    """The tensor of the samples' first teacher-logits positions: ``logits_start`` for
+    'predict' (what every version wrote), ``logits_answer_start`` for 'published', a name
+    older readers do not know, so they refuse such a memory instead of reading its teacher
+    at the 'predict' positions."""
+    return "logits_start" if positions == "predict" else "logits_answer_start"
+
+
 def _unpack_sparse_logits(layout, t, sl):
     V = int(layout["vocab"])
     idx = _logits_indices(t, sl, V)
@@ -812,6 +842,8 @@ def _unpack(man, t) -> ReplayTask:
         if not torch.equal(t[f"heads.{l}"], h):
             raise ReplayMemoryError(f"heads of layer {l} differ between the manifest and the data")
     att_layers = [int(l) for l in layout["attention_layers"]]
+    positions = _logits_positions(layout)
+    start_name = _start_name(positions)
     pos = {"ids": 0, "q": 0, "lg": 0, **{l: 0 for l in att_layers}}
     samples = []
     for i in range(N):
@@ -828,7 +860,7 @@ def _unpack(man, t) -> ReplayTask:
         logits, start = None, 0
         if layout["logits"] is not None:
             A = int(t["logits_rows"][i])
-            start = int(t["logits_start"][i])
+            start = int(t[start_name][i])
             sl = slice(pos["lg"], pos["lg"] + A)
             pos["lg"] += A
             if layout["logits"] == "dense":
@@ -852,7 +884,7 @@ def _unpack(man, t) -> ReplayTask:
     if any(x >= 0 for x in nq):
         used.add("queries")
     if layout["logits"] is not None:
-        used |= {"logits_start", "logits_rows"}
+        used |= {start_name, "logits_rows"}
         if layout["logits"] == "dense":
             used.add("logits")
         else:
@@ -862,7 +894,7 @@ def _unpack(man, t) -> ReplayTask:
         # e.g. a layout whose logits or attention layers were dropped: the teachers would vanish
         raise ReplayMemoryError(f"the data's tensors {sorted(set(t) ^ used)} are not what the manifest's "
                                 "layout describes")
-    return ReplayTask(man["name"], samples, heads, man.get("meta") or {})
+    return ReplayTask(man["name"], samples, heads, man.get("meta") or {}, positions)
 
 
 # ============================================================================ older writers (READS)
@@ -910,3 +942,13 @@ def _logits_indices(t, sl, V):
         return t["logits.indices"][sl]
     hi = t["logits.indices_hi"][sl] if "logits.indices_hi" in t else None
     return unpack_indices(t["logits.indices16"][sl], hi, V)
+
+
+def _logits_positions(layout):
+    """READS[1]["logits positions"]: the positions of a task's teacher logits; a layout
+    without the key (written before it existed) holds them at the 'predict' positions."""
+    p = layout.get("logits_positions", "predict")
+    if p not in LOGITS_POSITIONS:
+        raise ReplayMemoryError(f"unknown teacher logits positions {p!r} (this version reads "
+                                f"{list(LOGITS_POSITIONS)})")
+    return p

@@ -150,9 +150,11 @@ def all_head_rows(recipe, model, samples) -> list:
 def capture_teacher(recipe, model, samples: Sequence[PendingSample], heads: Optional[Mapping] = None) -> None:
     """Fill each pending sample's teacher from ``model`` (eval mode, no gradients).
 
-    ``sample.logits``: the logits at the positions that predict its answer tokens —
-    position ``len(prompt) - 1 + j`` predicts answer token ``j`` (the first answer
-    token of a sample without prompt has no predicting position) — as ``[A, V]`` fp32
+    ``sample.logits``: the logits at the positions of ``distill.logits_positions`` —
+    ``predict``: those that predict its answer tokens, position ``len(prompt) - 1 + j``
+    predicts answer token ``j`` (the first answer token of a sample without prompt has
+    no predicting position); ``published``: the answer tokens' own positions
+    ``len(prompt) .. n - 1`` (eos included) — from ``sample.logits_start`` on, as ``[A, V]`` fp32
     (``distill.teacher_logits: dense``), a TopK of kind ``"logits"`` (``topk``) or a
     :class:`~seekr_kernels.SampledTeacher` (``sampled``; sample ``j`` of ``samples``
     drawn with seed :func:`sample_seed` (run seed, its task, ``j``), so a resumed run
@@ -196,8 +198,12 @@ def capture_teacher(recipe, model, samples: Sequence[PendingSample], heads: Opti
                         position_ids=b["position_ids"], use_cache=False)
         logits = out.logits.float().cpu()
         for j, (s, p) in enumerate(zip(chunk, pads)):
-            a0 = max(p, p + len(s.prompt_ids) - 1)
-            A = len(s.answer_ids) - (0 if s.prompt_ids else 1)
+            if d.logits_positions == "published":
+                a0, A = p + len(s.prompt_ids), len(s.answer_ids)
+            else:
+                a0 = max(p, p + len(s.prompt_ids) - 1)
+                A = len(s.answer_ids) - (0 if s.prompt_ids else 1)
+            s.logits_start = a0 - p
             lg = logits[j, a0:a0 + A].clone()
             if kind == "topk":
                 from ..ops.teachers import TopK

@@ -58,20 +58,21 @@ query budget 0 (Q = n) 210 GB at n = 1024 — use the query budget, or DDP, with
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .config import ConfigError, RecipeConfig, recipe_from_dict
+from .config import OFFICIAL_BUDGETS, ConfigError, RecipeConfig, RunWarning, recipe_from_dict
 from . import passes, recipe_store
 from .recipe_store import FORMAT, KIND
 from .samples import PendingSample, sample_seed, task_seed  # noqa: F401  (sample_seed: part of this module's API)
 from .distributed import DistributedHooks, unwrap
 from .snapshot import PreTaskWeights, snapshot_from_tensors, snapshot_kind, snapshot_tensors
 from .stream import ReplaySchedule, ReplayStream, replay_batch_size, replays_in_accumulation
-from .batching import IGNORE_INDEX, as_pair, shard
-from .losses import ce_sum, logits_kl_mean, replay_objective, shifted_teacher
+from .batching import as_pair, shard
+from .losses import ce_sum, distilled_rows, logits_kl_mean, replay_objective, shifted_teacher
 
 __all__ = ["SeekrRecipe", "DistributedHooks", "PreTaskWeights", "PendingSample", "ReplaySchedule",
            "task_seed", "sample_seed"]
@@ -84,6 +85,12 @@ __all__ = ["SeekrRecipe", "DistributedHooks", "PreTaskWeights", "PendingSample",
 def _targets(rs) -> int:
     """Next-token targets of a ReplaySample: answer tokens with a token before them."""
     return int(rs.answer_mask[1:].sum())
+
+
+def _distilled(rs, positions) -> int:
+    """Rows of a ReplaySample the logits term distils (``distill.logits_positions``): the
+    targets' predicting positions, or (``published``) the answer tokens themselves."""
+    return int(rs.answer_mask.sum()) if positions == "published" else _targets(rs)
 
 
 @dataclass
@@ -155,14 +162,29 @@ class SeekrRecipe:
 
     # ---------------------------------------------------------------- shape and budgets
     def _set_shape(self, n_layers, n_heads):
+        """The model's shape and the budgets: those set, else the defaults — the package's
+        scaled to the model (3/4 of the layers, 1/8 of the heads), under ``preset:
+        official`` the published script's 24 / 128 for every shape, clamped with a
+        :class:`RunWarning` where the model has fewer layers or heads."""
         d = self.cfg.distill
-        lb = d.layer_budget or max(1, round(0.75 * n_layers))
-        hb = d.head_budget or max(1, (n_layers * n_heads) // 8)
+        if self.cfg.preset == "official":
+            lb = d.layer_budget or min(OFFICIAL_BUDGETS["layer_budget"], n_layers)
+            hb = d.head_budget or min(OFFICIAL_BUDGETS["head_budget"], lb * n_heads)
+        else:
+            lb = d.layer_budget or max(1, round(0.75 * n_layers))
+            hb = d.head_budget or max(1, (n_layers * n_heads) // 8)
         if lb > n_layers:
             raise ConfigError(f"distill.layer_budget: {lb} is more than the model's {n_layers} layers")
         if hb > lb * n_heads:
             raise ConfigError(f"distill.head_budget: {hb} is more than layer_budget x heads = "
                               f"{lb} x {n_heads}")
+        if self.cfg.preset == "official":
+            clamped = [f"distill.{k}: {OFFICIAL_BUDGETS[k]} -> {v}"
+                       for k, v in (("layer_budget", lb), ("head_budget", hb))
+                       if getattr(d, k) is None and v != OFFICIAL_BUDGETS[k]]
+            if clamped:
+                warnings.warn("; ".join(clamped) + f" (preset official's published budgets, clamped to the model's "
+                              f"{n_layers} layers x {n_heads} heads)", RunWarning, stacklevel=3)
         self.num_layers, self.num_heads = n_layers, n_heads
         self.budgets = (lb, hb)
         if self.importance is None:
@@ -298,14 +320,18 @@ class SeekrRecipe:
         """A left-padded replay batch of ``keys`` (:meth:`ReplayMemory.batch` with the
         recipe's padding and teachers) plus the normalisers of the global batch:
         ``num_items_in_batch`` (next-token targets), ``num_samples_in_batch`` and
-        ``distill_layers``. ``global_keys``: the whole global batch this process's
-        ``keys`` are part of (default: ``keys`` is the global batch)."""
+        ``distill_layers``; under ``distill.logits_positions: published`` also
+        ``num_logits_in_batch`` (the rows the logits term distils: answer tokens, eos
+        included). ``global_keys``: the whole global batch this process's ``keys`` are
+        part of (default: ``keys`` is the global batch)."""
         gk = list(keys if global_keys is None else global_keys)
         layers = self.distill_layers(gk) if self.uses_attention else []
         b = self.memory.batch(list(keys), self.pad_token_id, self.cfg.pad_to_multiple_of,
                               logits=self.method in ("replay+logits", "seekr"), attention=bool(layers),
                               layers=layers or None)
         b["num_items_in_batch"] = sum(_targets(self.memory.sample(k)) for k in gk)
+        if self.cfg.distill.logits_positions == "published":
+            b["num_logits_in_batch"] = sum(_distilled(self.memory.sample(k), "published") for k in gk)
         b["num_samples_in_batch"] = len(gk)
         b["distill_layers"] = layers
         b["counts_are_global"] = True
@@ -324,16 +350,23 @@ class SeekrRecipe:
         return b
 
     def _global_counts(self, batch):
-        """(targets, samples, layers) of the global batch for a batch built from local keys."""
+        """(targets, samples, layers, distilled logits rows) of the global batch for a
+        batch built from local keys (the rows are the targets' count unless
+        ``distill.logits_positions`` is 'published')."""
+        published = self.cfg.distill.logits_positions == "published"
         if batch.get("counts_are_global", True) or self.dist.world_size == 1:
-            return batch["num_items_in_batch"], batch["num_samples_in_batch"], list(batch["distill_layers"])
+            N = batch["num_items_in_batch"]
+            return (N, batch["num_samples_in_batch"], list(batch["distill_layers"]),
+                    batch.get("num_logits_in_batch", N) if published else N)
         L = self.num_layers or 0
-        v = torch.zeros(2 + L, dtype=torch.float64)
+        v = torch.zeros(2 + L + published, dtype=torch.float64)
         v[0], v[1] = batch["num_items_in_batch"], batch["num_samples_in_batch"]
         for l in batch["distill_layers"]:
             v[2 + l] = 1
+        if published:
+            v[-1] = batch.get("num_logits_in_batch", batch["num_items_in_batch"])
         v = self.dist.reduce(v)
-        return int(v[0]), int(v[1]), [l for l in range(L) if v[2 + l] > 0]
+        return int(v[0]), int(v[1]), [l for l in range(L) if v[2 + l] > 0], int(v[-1] if published else v[0])
 
     # ---------------------------------------------------------------- replay loss
     def replay_loss(self, model, batch: Mapping, *, num_items_in_batch: Optional[int] = None):
@@ -357,8 +390,10 @@ class SeekrRecipe:
         and gradients up to float rounding).
         """
         d = self.cfg.distill
-        N, B, layers = self._global_counts(batch)
+        N, B, layers, M = self._global_counts(batch)
         if num_items_in_batch is not None:
+            # the logits rows follow where they are the targets (every sample has a prompt)
+            M = int(num_items_in_batch) if M == N else M
             N = int(num_items_in_batch)
         dev = self._device_of(model)
         inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "position_ids", "labels")}
@@ -377,15 +412,17 @@ class SeekrRecipe:
             with cap:
                 out = _forward(model, inputs)
         uses_logits = self.method in ("replay+logits", "seekr")
+        if uses_logits:
+            self._check_positions(batch.get("logits_positions", d.logits_positions), "the replay batch's")
         combined = None
         if head is not None:
             combined, ce, lkl = self._fused_terms(head, cap.hidden(inputs["input_ids"]), inputs,
-                                                  batch["teacher_logits"] if uses_logits else None, N)
+                                                  batch["teacher_logits"] if uses_logits else None, N, M)
         else:
             ce = self.ce_loss(out, inputs, N)
             lkl = None
             if uses_logits:
-                lkl = self.logits_loss(out, {**inputs, "teacher_logits": batch["teacher_logits"]}, N)
+                lkl = self.logits_loss(out, {**inputs, "teacher_logits": batch["teacher_logits"]}, M)
         loss = replay_objective(self.method, ce, lkl, attn, d.logits_weight, d.attn_weight, combined)
         parts = {"ce": ce.detach()}
         if lkl is not None:
@@ -400,8 +437,11 @@ class SeekrRecipe:
 
     def logits_loss(self, outputs, batch: Mapping, num_items_in_batch: int) -> torch.Tensor:
         """The logits-distillation term (published: CE of the student against
-        softmax(teacher logits), mean over target tokens), as this batch's share: its mean
-        times its targets / the global target count.
+        softmax(teacher logits), mean over the distilled rows), as this batch's share: its
+        mean times its distilled rows / the global count of them (``num_items_in_batch``;
+        the target count, or under ``distill.logits_positions: published`` the answer
+        tokens' count). The rows: the positions that predict answer tokens, or
+        (``published``) the answer tokens' own positions, as ``logits[labels != -100]``.
 
         The one place that reads the student's logits for distillation (``outputs.logits``
         and ``batch["teacher_logits"]``, aligned by :meth:`batch`): a loop that computes
@@ -410,8 +450,9 @@ class SeekrRecipe:
         """
         labels = batch["labels"]
         tl = batch["teacher_logits"].to(labels.device)
-        n_loc = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        return logits_kl_mean(outputs.logits, tl, labels) * (n_loc / num_items_in_batch)
+        pos = self.cfg.distill.logits_positions
+        n_loc = int(distilled_rows(labels, pos).sum())
+        return logits_kl_mean(outputs.logits, tl, labels, pos) * (n_loc / num_items_in_batch)
 
     # ---------------------------------------------------------------- fused lm_head
     def fused_lm_head(self, model) -> Optional[torch.nn.Linear]:
@@ -432,37 +473,72 @@ class SeekrRecipe:
                               "the fused lm_head does not apply) or false")
         return head
 
-    def _fused_terms(self, head, hidden, inputs, teacher, N):
+    def _fused_terms(self, head, hidden, inputs, teacher, N, M=None):
         """(combined, ce, logits_kl) of the fused path: ``combined`` with gradients, the
-        two terms detached (for ``parts``), each this batch's share of the global batch."""
+        two terms detached (for ``parts``), each this batch's share of the global batch
+        (``N`` targets; ``M`` distilled logits rows, default ``N``). With
+        ``distill.logits_positions: published`` the logits term's rows (the answer
+        tokens' own positions, against the teacher there) are not the CE's (the
+        positions before them): one call per term over the same hidden states, the
+        answer rows' logits computed twice."""
         from ..ops.linear_logits_kl import linear_logits_kl
         d = self.cfg.distill
-        h, lb = hidden[:, :-1], inputs["labels"][:, 1:]
-        W, bias = head.weight, head.bias
-        dt = h.dtype
-        ac = torch.is_autocast_enabled(h.device.type)
-        if ac:     # as the lm_head's F.linear would run under autocast
-            dt = torch.get_autocast_dtype(h.device.type)
-        elif W.dtype != dt:
-            dt = W.dtype
-        h, W = h.to(dt), W.to(dt)
-        bias = None if bias is None else bias.to(dt)
+        M = N if M is None else M
+        W, bias, dt, ac = self._lm_head_dtype(head, hidden)
+        h, labels = hidden.to(dt), inputs["labels"]
+        hard = (h[:, :-1], labels[:, 1:], N)                 # the CE's rows, and its normaliser
         if teacher is None:
-            hw, sw, t = 1.0, 0.0, None
+            hw, sw, soft = 1.0, 0.0, None
         else:
             hw, sw = 1.0 - d.logits_weight, float(d.logits_weight)
-            t = shifted_teacher(teacher.to(h.device))
+            t = teacher.to(h.device)
+            if d.logits_positions == "published":
+                soft = (h, labels, M, t)
+            else:
+                soft = (*hard, shifted_teacher(t))
         kw = dict(bias=bias, reduction="sum", backend="triton" if d.backend == "triton" else "auto")
         parts = {}
         with torch.autocast(h.device.type, enabled=False) if ac else contextlib.nullcontext():
-            combined = linear_logits_kl(h, W, t, lb, hard_weight=hw, soft_weight=sw, _parts=parts, **kw) / N
+            if soft is None or soft[0] is hard[0]:     # one call: both terms on the same rows
+                t = None if soft is None else soft[3]
+                combined = linear_logits_kl(hard[0], W, t, hard[1], hard_weight=hw, soft_weight=sw, _parts=parts,
+                                            **kw) / N
+            else:
+                combined = 0.0
+                if hw:
+                    combined = linear_logits_kl(hard[0], W, None, hard[1], hard_weight=hw, soft_weight=0.0,
+                                                _parts=parts, **kw) / N
+                if sw:
+                    combined = combined + linear_logits_kl(soft[0], W, soft[3], soft[1], hard_weight=0.0,
+                                                           soft_weight=sw, _parts=parts, **kw) / M
             with torch.no_grad():   # a term of weight 0 is still logged
                 if "hard" not in parts:
-                    linear_logits_kl(h, W, None, lb, hard_weight=1.0, soft_weight=0.0, _parts=parts, **kw)
-                if t is not None and "soft" not in parts:
-                    linear_logits_kl(h, W, t, lb, hard_weight=0.0, soft_weight=1.0, _parts=parts, **kw)
-        lkl = None if t is None else (parts["soft"] / N).float()
+                    linear_logits_kl(hard[0], W, None, hard[1], hard_weight=1.0, soft_weight=0.0, _parts=parts, **kw)
+                if soft is not None and "soft" not in parts:
+                    linear_logits_kl(soft[0], W, soft[3], soft[1], hard_weight=0.0, soft_weight=1.0, _parts=parts,
+                                     **kw)
+        lkl = None if soft is None else (parts["soft"] / soft[2]).float()
         return combined.float(), (parts["hard"] / N).float(), lkl
+
+    def _lm_head_dtype(self, head, hidden):
+        """(weight, bias, dtype, autocast on) of the fused lm_head call: the dtype the
+        lm_head's F.linear would run in (autocast's, else the weight's)."""
+        W, bias = head.weight, head.bias
+        dt = hidden.dtype
+        ac = torch.is_autocast_enabled(hidden.device.type)
+        if ac:
+            dt = torch.get_autocast_dtype(hidden.device.type)
+        elif W.dtype != dt:
+            dt = W.dtype
+        return W.to(dt), None if bias is None else bias.to(dt), dt, ac
+
+    def _check_positions(self, positions, what):
+        """Refuse teacher logits captured at other positions than ``distill.logits_positions``."""
+        want = self.cfg.distill.logits_positions
+        if positions != want:
+            raise ConfigError(f"distill.logits_positions: {want!r}, but {what} teacher logits were captured at the "
+                              f"{positions!r} positions (a replay memory of a run under the other option); use "
+                              f"distill.logits_positions: {positions} with this memory")
 
     @staticmethod
     def _attention_targets(b, layers, dev):
@@ -502,13 +578,15 @@ class SeekrRecipe:
             self.importance += sens * forget
             from .selection import select_heads
             self.heads = {int(l): torch.as_tensor(h).long()
-                          for l, h in select_heads(self.importance, *self.budgets).items()}
+                          for l, h in select_heads(self.importance, *self.budgets,
+                                                   ties=self.cfg.distill.head_selection).items()}
             info.update(heads=self.heads, sensitivity=sens, forgettability=forget)
         if self.method in ("replay+logits", "seekr"):
             self.capture_teacher(model, st.samples, self.heads if self.uses_attention else {})
         if self.uses_memory:
             self.memory.add_task(st.name, [x.to_replay() for x in st.samples],
-                                 self.heads if self.uses_attention else {})
+                                 self.heads if self.uses_attention else {},
+                                 logits_positions=self.cfg.distill.logits_positions)
         self.num_tasks += 1
         self.task_names.append(st.name)
         self.current = None
@@ -570,6 +648,10 @@ class SeekrRecipe:
             self.importance = imp.detach().to("cpu", torch.float32).clone()
         from .memory import ReplayMemory
         self.memory = ReplayMemory(sd.get("memory") or [])
+        if self.method in ("replay+logits", "seekr"):
+            for t in self.memory.tasks:
+                if any(s.logits is not None for s in t.samples):
+                    self._check_positions(t.logits_positions, f"task {t.name!r}'s")
         self.heads = {int(l): torch.as_tensor(h).long() for l, h in (sd.get("heads") or {}).items()}
         self.num_tasks = int(sd.get("num_tasks", 0))
         self.task_names = [str(n) for n in sd.get("task_names", [])]

@@ -24,9 +24,11 @@ class PendingSample:
     """A new replay sample while its task is being learned (:meth:`to_replay` gives the
     :class:`~seekr_kernels.ReplaySample` stored in the memory).
 
-    ``logits``: teacher logits ``[A, V]`` (or a TopK) at the positions that predict the
-    A answer tokens that have a token before them; ``queries``: ``[Q]`` positions within
-    the sample (None = all rows); ``attn``: ``{layer: [S_l, Q, n]}`` teacher rows.
+    ``logits``: teacher logits ``[A, V]`` (or a TopK) at the positions of
+    ``distill.logits_positions``, from ``logits_start`` on (None: the 'predict' start,
+    the positions that predict the A answer tokens that have a token before them);
+    ``queries``: ``[Q]`` positions within the sample (None = all rows); ``attn``:
+    ``{layer: [S_l, Q, n]}`` teacher rows.
     """
     prompt_ids: list
     answer_ids: list
@@ -34,6 +36,7 @@ class PendingSample:
     logits: object = None
     queries: Optional[torch.Tensor] = None
     attn: dict = field(default_factory=dict)
+    logits_start: Optional[int] = None
 
     @property
     def length(self):
@@ -44,5 +47,5 @@ class PendingSample:
         ids = torch.tensor(self.prompt_ids + self.answer_ids, dtype=torch.long)
         mask = torch.zeros(self.length, dtype=torch.bool)
         mask[len(self.prompt_ids):] = True
-        # Teacher logits sit at the positions that predict answer tokens.
-        return ReplaySample(ids, mask, self.queries, self.logits, max(0, len(self.prompt_ids) - 1), self.attn)
+        start = max(0, len(self.prompt_ids) - 1) if self.logits_start is None else self.logits_start
+        return ReplaySample(ids, mask, self.queries, self.logits, start, self.attn)

@@ -3,11 +3,21 @@
 :func:`select_heads` turns an importance table ``[n_layers, n_heads]`` into the heads to
 distil: first the ``layer_budget`` layers with the largest summed importance, then the
 ``head_budget`` most important heads across those layers (not per layer). This is the
-rule of jinghan1he/SEEKR ``select_layer_head``, with one difference: ties are broken
-deterministically (``torch.topk`` used there makes no promise), lower index first —
-among layers with equal sums the lower layer wins; among heads with equal importance the
-lower ``(layer, head)`` pair in row-major order wins. Sums are taken in fp64 so that the
-layer ranking does not depend on the summation order of fp32 values.
+rule of jinghan1he/SEEKR ``select_layer_head``; ``ties`` says how equal importances are
+ranked (``distill.head_selection``):
+
+* ``"stable"`` (the default): lower index first — among layers with equal sums the lower
+  layer wins; among heads with equal importance the lower ``(layer, head)`` pair in
+  row-major order wins. Sums are taken in fp64 so that the layer ranking does not depend
+  on the summation order of fp32 values. A pure function of the values.
+* ``"published"``: the published calls themselves, ``torch.topk`` of the layer sums (in
+  the importance's dtype, fp32 in the recipe as published), then ``torch.topk`` of the
+  kept layers' heads flattened row-major. On ties that is whatever order ``torch.topk``
+  returns (on CPU not the lower index, and not promised across torch versions): with all
+  40 x 40 importances equal and budgets 24 / 128 it keeps layers 5-8 and 20-39 and heads
+  of layers 28-33, where ``"stable"`` takes layers 0-3 (torch 2.13).
+
+Without ties the two give the same heads.
 
 :func:`batch_heads` lays out, for a replay batch that mixes tasks, the heads each sample
 must distil at each layer: ``{layer: [B, S] LongTensor}`` with -1 in empty slots, the
@@ -34,7 +44,12 @@ def _check_budget(name, value, upper, what):
     return value
 
 
-def select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int) -> Dict[int, torch.Tensor]:
+#: ``ties`` of :func:`select_heads` (``distill.head_selection``).
+TIES = ("stable", "published")
+
+
+def select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int,
+                 ties: str = "stable") -> Dict[int, torch.Tensor]:
     """The heads to distil under a layer budget and a head budget.
 
     Args:
@@ -42,14 +57,16 @@ def select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int) 
             finite. Larger is more important.
         layer_budget: how many layers may hold distilled heads, ``1 <= layer_budget <= n_layers``.
         head_budget: how many heads in total, ``1 <= head_budget <= layer_budget * n_heads``.
+        ties: ``"stable"`` (lower index first) or ``"published"`` (``torch.topk``'s
+            order, the published calls); see the module docstring.
 
     Returns:
         ``{layer: LongTensor of head indices}`` on the CPU, keys in increasing order, heads
         sorted increasingly, only layers that received at least one head (a layer kept by
         the layer budget can end up with none). Exactly ``head_budget`` heads in total.
 
-    Ties are broken towards the lower index (see the module docstring), so the result is
-    a pure function of the values.
+    With ``ties="stable"`` ties are broken towards the lower index (see the module
+    docstring), so the result is a pure function of the values.
     """
     if not isinstance(importance, torch.Tensor):
         raise TypeError(f"importance: expected a torch.Tensor, got {type(importance).__name__}")
@@ -58,7 +75,9 @@ def select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int) 
     if importance.dim() != 2 or importance.shape[0] == 0 or importance.shape[1] == 0:
         raise ValueError(f"importance: expected a non-empty [n_layers, n_heads] tensor, got shape "
                          f"{list(importance.shape)}")
-    imp = importance.detach().to("cpu", torch.float64)
+    if ties not in TIES:
+        raise ValueError(f"ties: must be one of {list(TIES)}, got {ties!r}")
+    imp = importance.detach().to("cpu")
     if not bool(torch.isfinite(imp).all()):
         raise ValueError("importance: contains NaN or infinite values")
     n_layers, n_heads = imp.shape
@@ -66,10 +85,17 @@ def select_heads(importance: torch.Tensor, layer_budget: int, head_budget: int) 
     head_budget = _check_budget("head_budget", head_budget, layer_budget * n_heads,
                                 f"layer_budget x heads per layer = {layer_budget} x {n_heads}")
 
-    # Stable descending sort: equal keys keep their index order, so lower indices win ties.
-    layers = torch.sort(torch.argsort(-imp.sum(1), stable=True)[:layer_budget]).values
-    sub = imp[layers].reshape(-1)            # row-major over (kept layer, head)
-    picked = torch.sort(torch.argsort(-sub, stable=True)[:head_budget]).values
+    if ties == "published":
+        # select_layer_head's calls: topk of the layer sums, sorted; topk over the kept
+        # layers' heads flattened row-major (its (layer, head) sort is the flat order).
+        layers = imp.sum(1).topk(layer_budget)[1].sort()[0]
+        picked = imp[layers].reshape(-1).topk(head_budget)[1].sort()[0]
+    else:
+        # Stable descending sort: equal keys keep their index order, so lower indices win ties.
+        imp = imp.to(torch.float64)
+        layers = torch.sort(torch.argsort(-imp.sum(1), stable=True)[:layer_budget]).values
+        sub = imp[layers].reshape(-1)            # row-major over (kept layer, head)
+        picked = torch.sort(torch.argsort(-sub, stable=True)[:head_budget]).values
     out: Dict[int, torch.Tensor] = {}
     rows = layers[picked // n_heads]
     heads = picked % n_heads
