@@ -64,7 +64,7 @@ _STATE_ATTR = "_seekr_llama"
 __all__ = [
     "patch_llama", "unpatch_llama", "is_patched", "AttentionObserver", "observe_attention",
     "distill_attention", "capture_attention", "DistillAttention", "CaptureAttention",
-    "LayerInfo",
+    "LayerInfo", "padded_rows", "PADDED_ROWS",
 ]
 
 
@@ -118,6 +118,9 @@ def _seekr_attention(base_name, module, query, key, value, attention_mask, *args
     state = getattr(module, _STATE_ATTR, None)
     if state is None:  # config names us but patch_llama was not used on this model
         return out, weights
+    rows_mask = state.rows_mask_for(query, key)
+    if rows_mask is not None:   # inside padded_rows(..., mode="official"): every layer, also when recomputed
+        out = _published_padded_rows(out, value, rows_mask)
     obs = state.observer
     layer = getattr(module, "layer_idx", None)
     if obs is None or not obs.wants(layer) or _in_backward():
@@ -144,6 +147,33 @@ def _seekr_attention(base_name, module, query, key, value, attention_mask, *args
         raise TypeError(f"{type(obs).__name__}.on_attention must return attn_output (a tensor of "
                         f"shape {tuple(out.shape)}) or None")
     return new_out, weights
+
+
+def _published_padded_rows(out, value, mask):
+    """``out`` [B, L, H, D] with the rows of queries that see no real key (no real token at
+    or before them: the left padding) replaced by what transformers 4.31's eager attention
+    gives them, the published code's sensitivity and forgettability passes.
+
+    4.31 adds ``finfo.min`` to every padded key column (``_expand_mask``) and to every
+    future key (``_make_causal_mask``); the sum of the two overflows to ``-inf``. In such a
+    row every score is then ``s + finfo.min``, which rounds to ``finfo.min`` (|s| is far
+    below the ulp there), at the padded keys ``j <= i`` and the real keys ``j > i``, and
+    ``-inf`` at the padded keys after i: the softmax is uniform over ``{j <= i} + {real
+    j}``, and the output the mean of those values (GQA: of the head's kv head). Rows with
+    a real key before them are left as they are (4.31 gives them the masked softmax too).
+    """
+    B, L, H, D = out.shape
+    empty = mask.long().cumsum(-1) == 0                                  # [B, L]
+    if not bool(empty.any()):
+        return out
+    acc = torch.float64 if value.dtype == torch.float64 else torch.float32
+    v = value.to(acc)                                                    # [B, Hkv, L, D]
+    m = mask.to(acc)
+    # in such a row the keys j <= i are all padding: the two sets are disjoint
+    total = v.cumsum(2) + (v * m[:, None, :, None]).sum(2, keepdim=True)
+    count = torch.arange(1, L + 1, device=v.device, dtype=acc)[None, :] + m.sum(-1, keepdim=True)   # [B, L]
+    mean = (total / count[:, None, :, None]).repeat_interleave(H // value.shape[1], dim=1)
+    return torch.where(empty[:, :, None, None], mean.transpose(1, 2).to(out.dtype), out)
 
 
 _registered = False
@@ -198,13 +228,15 @@ class _PatchState:
         self.observer: Optional[AttentionObserver] = None
         self.padding_mask: Optional[torch.Tensor] = None
         self._mask_cache: Dict[torch.device, torch.Tensor] = {}
+        self.rows_mask: Optional[torch.Tensor] = None       # padded_rows(..., "official")
+        self._rows_cache: Dict[torch.device, torch.Tensor] = {}
         self.lock = threading.Lock()
 
     # A copy (copy.deepcopy, pickle: teacher copies, TRL reference models, EMA) is a
     # patched model at rest: no lock to copy (a lock cannot be pickled) and no context
     # of the original carried over. The registry entries are process-wide, so a model
     # unpickled in a fresh process registers them again.
-    _TRANSIENT = ("lock", "observer", "padding_mask", "_mask_cache")
+    _TRANSIENT = ("lock", "observer", "padding_mask", "_mask_cache", "rows_mask", "_rows_cache")
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
@@ -214,6 +246,8 @@ class _PatchState:
         self.observer = None
         self.padding_mask = None
         self._mask_cache = {}
+        self.rows_mask = None
+        self._rows_cache = {}
         self.lock = threading.Lock()
         _register()
 
@@ -228,6 +262,22 @@ class _PatchState:
         cached = self._mask_cache.get(query.device)
         if cached is None:
             cached = self._mask_cache[query.device] = m.to(query.device)
+        return cached
+
+    def rows_mask_for(self, query, key):
+        """The [B, L] mask of an official :func:`padded_rows` context on the query's device,
+        or None outside one."""
+        m = self.rows_mask
+        if m is None:
+            return None
+        B, L = query.shape[0], query.shape[2]
+        if tuple(m.shape) != (B, L) or key.shape[2] != L:
+            raise ValueError(f"attention_mask: padded_rows got shape {list(m.shape)} but the model runs a batch "
+                             f"of [B, L] = [{B}, {L}] with {key.shape[2]} keys (padded_rows needs one full "
+                             "forward pass of that batch, use_cache=False)")
+        cached = self._rows_cache.get(query.device)
+        if cached is None:
+            cached = self._rows_cache[query.device] = m.to(query.device).bool()
         return cached
 
 
@@ -350,7 +400,7 @@ def unpatch_llama(model):
     state = _state_of(model, required=False)
     if state is None:
         return model
-    if state.observer is not None:
+    if state.observer is not None or state.rows_mask is not None:
         raise RuntimeError("model: cannot unpatch while an attention context is active")
     for m in state.layers.values():
         if getattr(m, _STATE_ATTR, None) is state:
@@ -450,14 +500,7 @@ class observe_attention:
         state = _state_of(self.model)
         mask = self.attention_mask
         if mask is not None:
-            if not isinstance(mask, torch.Tensor):
-                raise TypeError(f"attention_mask: expected a torch.Tensor, got {type(mask).__name__}")
-            if mask.dtype.is_floating_point or mask.dtype.is_complex:
-                raise TypeError(f"attention_mask: expected bool or integer 0/1, got {mask.dtype}")
-            if mask.dim() != 2:
-                raise ValueError(f"attention_mask: expected shape [B, L], got {list(mask.shape)}")
-            if mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
-                raise ValueError("attention_mask: values must be 0 or 1")
+            _check_padding_mask(mask)
         if self.observer.needs_grad and torch.is_grad_enabled():
             _refuse_reentrant_checkpointing(self.model, type(self.observer).__name__)
         self.observer.bind(state.info, mask)
@@ -480,6 +523,76 @@ class observe_attention:
                     state.observer = None
                     state.padding_mask = None
                     state._mask_cache = {}
+        return False
+
+
+def _check_padding_mask(mask):
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"attention_mask: expected bool or integer 0/1, got {mask.dtype}")
+    if mask.dim() != 2:
+        raise ValueError(f"attention_mask: expected shape [B, L], got {list(mask.shape)}")
+    if mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask: values must be 0 or 1")
+
+
+#: What a query row that sees no key (left padding) gets: ``zero`` (what transformers'
+#: SDPA and flash attention give it) or ``official`` (transformers 4.31's eager attention,
+#: the published code's statistics passes).
+PADDED_ROWS = ("zero", "official")
+
+
+class padded_rows:
+    """Context manager: the attention output of query rows that see no real key.
+
+    ``with padded_rows(model, attention_mask, "official"): model(..., attention_mask=attention_mask)``
+
+    Such rows exist only where a sample is left padded: no loss reads them and no real
+    row attends to them, but they are the hidden states at the padding positions, whose
+    keys and values the next layers compute. transformers' SDPA (and flash attention)
+    give them 0 (``mode="zero"``, what the context leaves). The published code ran its
+    sensitivity and forgettability passes through transformers 4.31's eager attention,
+    whose mask makes such a row attend uniformly to the keys at or before it and to every
+    real key; ``mode="official"`` gives every layer that output (see
+    :func:`_published_padded_rows`), so the values at padding positions of the layers
+    after the first, and with them the published padded sensitivity, are the published
+    ones. Real rows are never changed. It may be combined with one attention context
+    (observer, distillation, capture); one :func:`padded_rows` at a time per model.
+
+    Args:
+        model: a model prepared with :func:`patch_llama`.
+        attention_mask: the ``[B, L]`` 0/1 padding mask of the batch the model runs.
+        mode: ``"official"`` or ``"zero"`` (a no-op).
+    """
+
+    def __init__(self, model, attention_mask, mode: str = "official"):
+        if mode not in PADDED_ROWS:
+            raise ValueError(f"mode: must be one of {list(PADDED_ROWS)}, got {mode!r}")
+        self.model, self.attention_mask, self.mode = model, attention_mask, mode
+        self._state = None
+
+    def __enter__(self):
+        if self.mode == "zero":
+            return self
+        state = _state_of(self.model)
+        if self.attention_mask is None:
+            raise ValueError("attention_mask: padded_rows needs the [B, L] padding mask")
+        _check_padding_mask(self.attention_mask)
+        with state.lock:
+            if state.rows_mask is not None:
+                raise RuntimeError("model: a padded_rows context is already active on it")
+            state.rows_mask = self.attention_mask
+            state._rows_cache = {}
+        self._state = state
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        state, self._state = self._state, None
+        if state is not None:
+            with state.lock:
+                state.rows_mask = None
+                state._rows_cache = {}
         return False
 
 

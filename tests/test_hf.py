@@ -228,7 +228,7 @@ ARGUMENT_KEYS = {
     "head_budget": ("distill", "head_budget"), "query_budget": ("distill", "query_budget"),
     "query_sampling": ("distill", "query_sampling"), "sensitivity_region": ("distill", "sensitivity_region"),
     "sensitivity_batch_size": ("distill", "sensitivity_batch_size"),
-    "sensitivity_padding": ("distill", "sensitivity_padding"),
+    "sensitivity_padding": ("distill", "sensitivity_padding"), "padded_rows": ("distill", "padded_rows"),
     "forgettability_norm": ("distill", "forgettability_norm"), "teacher_logits": ("distill", "teacher_logits"),
     "teacher_logits_k": ("distill", "teacher_logits_k"), "teacher_logits_topk": ("distill", "teacher_logits_topk"),
     "logits_positions": ("distill", "logits_positions"), "head_selection": ("distill", "head_selection"),

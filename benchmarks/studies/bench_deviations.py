@@ -1,6 +1,6 @@
 """Effect of each deviation from the published SEEKR code, measured on the demo stream.
 
-    python -m benchmarks.studies.bench_deviations --stats            # rows 1-4: the statistics
+    python -m benchmarks.studies.bench_deviations --stats            # rows 1-5: the statistics
     python -m benchmarks.studies.bench_deviations --runs --seeds 0 1  # rows 5-8: OP/BWT of whole runs
     python -m benchmarks.studies.bench_deviations --stats --runs --out DIR
 
@@ -110,9 +110,10 @@ def stats(seed, tmp, s):
     tr = ContinualTrainer(cfg, quiet=True)
     rc: SeekrRecipe = tr.recipe
     d = rc.cfg.distill
-    rows = {"forget": [], "sens": [], "queries": [], "select": []}
+    rows = {"forget": [], "sens": [], "queries": [], "select": [], "rows": [], "rows_select": []}
     imp_pkg = torch.zeros(cfg.model.arch["num_hidden_layers"], cfg.model.arch["num_attention_heads"])
     imp_off = imp_pkg.clone()
+    imp_zero = imp_pkg.clone()
     orig_end = rc.end_task
 
     def end_task(model):
@@ -122,7 +123,10 @@ def stats(seed, tmp, s):
         d.forgettability_norm = "sample"
         f_pkg = rc.forgettability(model, st.samples, st.before)
         d.sensitivity_padding = "official"
+        d.padded_rows = "official"
         s_off = rc.sensitivity(model, st.samples)
+        d.padded_rows = "zero"            # the padded map with SDPA's zero padding rows
+        s_zero = rc.sensitivity(model, st.samples)
         d.sensitivity_padding = "real"
         s_pkg = rc.sensitivity(model, st.samples)
         # query rows when n < Q: the published draw (with replacement, sorted) vs all rows
@@ -136,12 +140,16 @@ def stats(seed, tmp, s):
         rows["forget"].append(rel(f_off, f_pkg))
         rows["sens"].append(rel(s_off, s_pkg))
         rows["queries"].append(rel(f_dup, f_pkg))
+        rows["rows"].append(rel(s_zero, s_off))
         imp_pkg.add_(s_pkg * f_pkg)
         imp_off.add_(s_off * f_off)
+        imp_zero.add_(s_zero * f_off)
         lb, hb = rc.budgets
         a = {l: h.tolist() for l, h in select_heads(imp_pkg, lb, hb).items()}
         b = {l: h.tolist() for l, h in select_heads(imp_off, lb, hb).items()}
+        z = {l: h.tolist() for l, h in select_heads(imp_zero, lb, hb).items()}
         rows["select"].append(a != b)
+        rows["rows_select"].append(z != b)
         return orig_end(model)
 
     rc.end_task = end_task
@@ -190,6 +198,11 @@ def print_stats(rows, att, sharp, tasks):
     smed = sorted(r[1] for r in rows["sens"])[len(rows["sens"]) // 2]
     print(f"| sensitivity padding | per head (layer-normalised) up to {100 * sm:.0f}% apart (median "
           f"{100 * smed:.0f}%) |")
+    rm = max(r[0] for r in rows["rows"])
+    rmed = sorted(r[1] for r in rows["rows"])[len(rows["rows"]) // 2]
+    print(f"| padded rows | padded sensitivity with SDPA's zero padding rows vs the published (4.31 eager) "
+          f"ones: per head up to {100 * rm:.0f}% apart (median {100 * rmed:.0f}%); other heads selected after "
+          f"{sum(rows['rows_select'])} of {len(rows['rows_select'])} tasks |")
     qm = max(r[0] for r in rows["queries"])
     qmed = sorted(r[1] for r in rows["queries"])[len(rows["queries"]) // 2]
     print(f"| query rows n < Q | forgettability per head up to {100 * qm:.0f}% apart (median {100 * qmed:.0f}%) |")
@@ -262,7 +275,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         if a.stats:
             sharp = sharp_heads()
-            rows, att, _ = stats(a.seeds[0], tmp, s)
+            rows, att = {}, []
+            for seed in a.seeds:        # every seed's task ends together
+                r, at, _ = stats(seed, os.path.join(tmp, f"stats-{seed}"), s)
+                for k, v in r.items():
+                    rows.setdefault(k, []).extend(v)
+                att += at
             print_stats(rows, att, sharp, len(s["tasks"]))
             result["stats"] = {"rows": rows, "attention": att, "sharp_heads": sharp}
         if a.runs:

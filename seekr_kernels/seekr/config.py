@@ -122,6 +122,12 @@ class DistillConfig:
     sensitivity_padding: str = _f("real", "'real' (mean of (dL/dA)^2 over the sample's n x n map) or 'official' "
                                           "(over the T x T map of the sample padded to the replay set's length, "
                                           "padding keys included; published).")
+    padded_rows: str = _f("zero", "What the attention of a left-padding query row (one that sees no real key) gives "
+                                  "in the sensitivity and forgettability passes: 'zero' (transformers' SDPA and "
+                                  "flash attention) or 'official' (transformers 4.31's eager mask, uniform over "
+                                  "the keys up to it and the real keys; published). It sets the values at padding "
+                                  "positions from the second layer on, which only distill.sensitivity_padding "
+                                  "'official' reads.")
     query_sampling: str = _f("subset", "'subset' (a sample with n <= Q tokens distils all n rows) or 'official' "
                                        "(Q rows drawn with replacement, then sorted, when n < Q; published).")
 
@@ -309,7 +315,8 @@ OFFICIAL = {
                "outnumbered": "skip"},
     "distill": {"logits_weight": 0.5, "attn_weight": 1000.0, "query_budget": 0, "sensitivity_region": "full",
                 "attn_log_eps": 1e-8, "forgettability_norm": "official", "sensitivity_padding": "official",
-                "query_sampling": "official", "logits_positions": "published", "head_selection": "published"},
+                "padded_rows": "official", "query_sampling": "official", "logits_positions": "published",
+                "head_selection": "published"},
 }
 #: ``distill.layer_budget`` / ``head_budget`` under ``preset: official`` when unset: the
 #: published script's values (scripts/exp_seq_seekr.sh), whatever the model's shape (the
@@ -479,6 +486,7 @@ def _validate_distill(d, p="distill."):
         _err(p + "attn_log_eps", f"must lie in [0, 1) (0 = exact log-softmax), got {d.attn_log_eps}")
     _choice(p + "forgettability_norm", d.forgettability_norm, ("sample", "official"))
     _choice(p + "sensitivity_padding", d.sensitivity_padding, ("real", "official"))
+    _choice(p + "padded_rows", d.padded_rows, ("zero", "official"))
     _choice(p + "query_sampling", d.query_sampling, ("subset", "official"))
     _choice(p + "head_selection", d.head_selection, ("stable", "published"))
 

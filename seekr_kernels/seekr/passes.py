@@ -24,6 +24,12 @@ def _set_length(recipe, samples) -> int:
     n = max(s.length for s in samples)
     return -(-n // m) * m
 
+def _padded_rows(recipe, model, mask):
+    """``distill.padded_rows`` around one forward pass of a statistics pass (the published
+    code ran them on eager attention with transformers 4.31's mask)."""
+    from ..llama import padded_rows
+    return padded_rows(model, mask, recipe.cfg.distill.padded_rows)
+
 def _sensitivity_chunks(recipe, samples, bs):
     """This process's share of the samples in chunks of ``bs``, plus weight-0 filler
     chunks so every process runs the same number of passes (FSDP needs matched
@@ -53,7 +59,8 @@ def sensitivity(recipe, model, samples) -> torch.Tensor:
         b = collate(encoded(chunk), recipe.pad_token_id, pad_to)
         b = {k: v.to(dev) for k, v in b.items()}
         with measure_sensitivity(model, region=d.sensitivity_region,
-                                 padding="padded" if official else "real") as m:
+                                 padding="padded" if official else "real") as m, \
+                _padded_rows(recipe, model, b["attention_mask"]):
             with recipe._autocast(dev):
                 out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                             position_ids=b["position_ids"], use_cache=False)
@@ -103,7 +110,7 @@ def forgettability(recipe, model, samples, before) -> torch.Tensor:
         if any(s.queries is not None for s in chunk):
             q, qm = _query_table(chunk, Lb)
             inputs["queries"], inputs["query_mask"] = q.to(dev), qm.to(dev)
-        with recipe._autocast(dev):
+        with recipe._autocast(dev), _padded_rows(recipe, model, inputs["attention_mask"]):
             meter.update(before_model, model, inputs)
         n_local += len(chunk)
     model.train(was)
