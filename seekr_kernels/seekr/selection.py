@@ -17,7 +17,7 @@ ranked (``distill.head_selection``):
   40 x 40 importances equal and budgets 24 / 128 it keeps layers 5-8 and 20-39 and heads
   of layers 28-33, where ``"stable"`` takes layers 0-3 (torch 2.13).
 
-Without ties the two give the same heads.
+Without ties (in the fp32 layer sums too) the two give the same heads.
 
 :func:`batch_heads` lays out, for a replay batch that mixes tasks, the heads each sample
 must distil at each layer: ``{layer: [B, S] LongTensor}`` with -1 in empty slots, the

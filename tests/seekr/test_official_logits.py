@@ -153,6 +153,25 @@ def test_published_positions_reproduce_the_published_term(fused):
         float(want[n].abs().max()) for n in want)
 
 
+def test_published_positions_fused_triton_kernels():
+    """The fused lm_head's two calls on the Triton kernels (the interpreter on CPU)."""
+    from seekr_kernels._backend import available
+    if not available("triton", torch.device("cpu"))[0] and not torch.cuda.is_available():
+        pytest.skip("no Triton here")
+    samples = make_samples(SPEC[:3])
+    rc, model, teacher = recipe_after_task(samples, "published", "true", backend="triton")
+    b = rc.batch(rc.memory.keys())
+    loss, parts = rc.replay_loss(model, b)
+    loss.backward()
+    g = grads(model)
+    total, lkl, ce = reference(model, teacher, samples, b, 0.5)
+    want = grads(model)
+    torch.testing.assert_close(parts["logits_kl"], lkl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), total, rtol=1e-5, atol=1e-6)
+    for n in want:
+        torch.testing.assert_close(g[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_published_positions_without_prompt():
     """A sample without prompt (the published collator never builds one: it prepends
     bos): the published formula's rows are all its positions, one more than its
