@@ -66,7 +66,7 @@ import torch
 
 from ..utils import store
 from ..utils.store import atomic_dir
-from .config import ConfigError, RecipeConfig, recipe_from_dict
+from .config import ConfigError, RecipeConfig, check_vocabulary, recipe_from_dict
 from .distributed import DistributedHooks
 from .snapshot import PreTaskWeights, snapshot_from_tensors, snapshot_kind, snapshot_tensors
 from .stream import ReplaySchedule, ReplayStream, replay_batch_size, replays_in_accumulation
@@ -273,6 +273,7 @@ class SeekrRecipe:
             new = [PendingSample(*as_pair(task_samples[i], i), t) for i in idx]
         if self.uses_memory and self.cfg.distill.fused_lm_head == "true":
             self.fused_lm_head(model)       # refused now, not at the first replay step
+        check_vocabulary(self.cfg, _unwrap(model))     # the vocabulary is known only here
         if self.uses_attention:
             self._ensure_shape(model)
             _ensure_patched(model)
