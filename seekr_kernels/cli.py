@@ -337,7 +337,22 @@ def one_line(e: BaseException) -> str:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     # Run warnings name their key: print them as the command's own lines, not as source locations.
-    print(f"seekr: warning: {message}", file=file or sys.stderr)
+    text = str(message)
+    text = text[len("seekr_kernels: "):] if text.startswith("seekr_kernels: ") else text
+    print(f"seekr: warning: {text}", file=file or sys.stderr)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _ours(category, filename) -> bool:
+    """A warning of this package (a RunWarning, or one raised from its code: a deprecated
+    key's FutureWarning, a clamped setting), not a library's (PEFT, transformers...),
+    which prints as Python prints it."""
+    from .run.preflight import RunWarning
+    if issubclass(category, RunWarning):
+        return True
+    return os.path.abspath(str(filename)).startswith(_PACKAGE)
 
 
 def main(argv=None) -> int:
@@ -351,13 +366,12 @@ def main(argv=None) -> int:
         return 0
     debug = getattr(args, "debug", False)
     expected = expected_errors()
-    from .run.preflight import RunWarning
     shown = warnings.showwarning
     with warnings.catch_warnings():
-        def show(message, category, *a, **k):
-            if issubclass(category, (RunWarning, FutureWarning)):
-                return _show_warning(message, category, *a, **k)
-            return shown(message, category, *a, **k)
+        def show(message, category, filename, lineno, *a, **k):
+            if _ours(category, filename):
+                return _show_warning(message, category, filename, lineno, *a, **k)
+            return shown(message, category, filename, lineno, *a, **k)
         warnings.showwarning = show
         try:
             return args.func(args)
