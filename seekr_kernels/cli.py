@@ -62,6 +62,7 @@ def cmd_train(args) -> int:
     from .run import metrics as M
     from .seekr.config import ConfigError
     from .run.config import load_config
+    from .run.preflight import check_start
     from .run.trainer import ContinualTrainer
     if not os.path.isfile(args.config):
         raise ConfigError(f"--config: {args.config}: no such file")
@@ -70,7 +71,10 @@ def cmd_train(args) -> int:
         ov["output_dir"] = os.path.abspath(args.output_dir)
     if args.method:
         ov["method"] = args.method
+    if args.threads:
+        ov["train.num_threads"] = args.threads
     cfg = load_config(args.config, ov)
+    check_start(cfg.output_dir, args.resume_from or args.resume, args.overwrite)     # before the model is built
     trainer = ContinualTrainer(cfg)
     try:
         res = trainer.run(resume=args.resume_from or args.resume, overwrite=args.overwrite,
@@ -257,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "preset=package over recipe: official)")
     t.add_argument("--output-dir", help="override output_dir (relative to the working directory)")
     t.add_argument("--method", choices=["sft", "replay", "replay+logits", "seekr"], help="override method")
+    t.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch CPU threads per process (sets train.num_threads; default: the config's, where "
+                        "null takes this process's share of the cores, or 1 on a busy machine)")
     r = t.add_mutually_exclusive_group()
     r.add_argument("--resume", action="store_true",
                    help="continue the run in output_dir from its newest checkpoint (also mid-task; starts a "

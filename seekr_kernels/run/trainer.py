@@ -76,7 +76,7 @@ from .data import EncodedDataset, epoch_batches, load_task
 from .evaluate import GenerationOptions, evaluate_examples, resolve_metric_name
 from .steps import TrainSteps, build_optimizer, load_optimizer
 from .models import apply_lora, build_model, build_tokenizer, plain_state_dict, save_model, seed_everything
-from .preflight import check_run, check_tasks, eval_split, model_max_positions
+from .preflight import check_run, check_tasks, eval_split, model_max_positions, num_threads
 from .rundir import TRAINER_KIND, RunDirectory, check_resume_config, data_digests, flatten
 from .runlog import RunLogger
 
@@ -183,6 +183,7 @@ class ContinualTrainer:
         self.dist.device = self.device
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        torch.set_num_threads(num_threads(config.train.num_threads, self.device.type)[0])   # README "Threads"
         self.quiet = quiet
         self.method = config.method
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.model)

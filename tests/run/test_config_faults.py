@@ -438,3 +438,74 @@ def test_replay_with_fused_lm_head_fuses_the_replay_ce(monkeypatch):
         losses[mode] = float(rc.replay_loss(model, rc.batch(rc.memory.keys()[:4]))[0].detach())
         assert len(calls) == (mode == "true"), mode
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+
+
+def test_existing_run_is_refused_before_the_model_is_built(data_tree, tmp_path, monkeypatch, capsys):
+    """A folder that holds a run, without --resume or --overwrite: refused at once (the
+    model took about 15 s to build before the refusal)."""
+    import shutil
+
+    import seekr_kernels.run.trainer as trainer_mod
+    root = tmp_path / "w"
+    shutil.copytree(data_tree, root)
+    monkeypatch.chdir(root)
+    os.makedirs(root / "run")
+    (root / "run" / "log.jsonl").write_text("")           # a run that logged, killed before its first save
+
+    def guard(*a, **k):
+        raise AssertionError("the model was built before the refusal")
+    monkeypatch.setattr(trainer_mod, "build_model", guard)
+    monkeypatch.setattr(trainer_mod, "build_tokenizer", guard)
+    assert main(["train", "--config", _write(root, base())]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "holds a seekr run" in lines[0] and "--resume" in lines[0], lines
+
+
+def test_num_threads(monkeypatch):
+    """train.num_threads: a number as given; null: torch's count on a GPU or under
+    OMP_NUM_THREADS, else this process's share of the cores, 1 on a busy machine."""
+    from seekr_kernels.run.preflight import num_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert num_threads(3)[0] == 3
+    assert num_threads(None, "cuda")[0] == 8
+    assert num_threads(None)[0] == 8
+    assert num_threads(None, local_processes=2)[0] == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert num_threads(None)[0] == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    n, why = num_threads(None)
+    assert n == 1 and "busy" in why and "9.0" in why
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert num_threads(None)[0] == 8
+    with pytest.raises(ConfigError, match="train.num_threads: must be > 0"):
+        from_dict({**base(), "train": {**base()["train"], "num_threads": 0}})
+    with pytest.raises(ConfigError, match="train.num_threads: expected an integer"):
+        from_dict({**base(), "train": {**base()["train"], "num_threads": 1.5}})
+
+
+def test_threads_flag_and_key_set_the_trainers_threads(data_tree, tmp_path, monkeypatch, capsys):
+    """--threads N is train.num_threads; the trainer sets it when it is built."""
+    import shutil
+
+    import seekr_kernels.run.trainer as trainer_mod
+    root = tmp_path / "w"
+    shutil.copytree(data_tree, root)
+    monkeypatch.chdir(root)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_build_model(*a, **k):          # the threads are set by then
+        seen.append(torch.get_num_threads())
+        raise Stop()
+    monkeypatch.setattr(trainer_mod, "build_model", fake_build_model)
+    with pytest.raises(Stop):
+        main(["train", "--config", _write(root, base()), "--threads", "3"])
+    with pytest.raises(Stop):
+        main(["train", "--config", _write(root, {**base(), "train": {**base()["train"], "num_threads": 2}})])
+    assert seen == [3, 2]
