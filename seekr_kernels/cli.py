@@ -62,6 +62,7 @@ def cmd_train(args) -> int:
     from .run import metrics
     from .seekr.config import ConfigError
     from .run.config import load_config
+    from .run.preflight import check_start
     from .run.trainer import ContinualTrainer
     if not os.path.isfile(args.config):
         raise ConfigError(f"--config: {args.config}: no such file")
@@ -70,7 +71,10 @@ def cmd_train(args) -> int:
         ov["output_dir"] = os.path.abspath(args.output_dir)
     if args.method:
         ov["method"] = args.method
+    if args.threads:
+        ov["train.num_threads"] = args.threads
     cfg = load_config(args.config, ov)
+    check_start(cfg.output_dir, args.resume_from or args.resume, args.overwrite)     # before the model is built
     trainer = ContinualTrainer(cfg)
     try:
         res = trainer.run(resume=args.resume_from or args.resume, overwrite=args.overwrite,
@@ -257,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "preset=package over recipe: official)")
     t.add_argument("--output-dir", help="override output_dir (relative to the working directory)")
     t.add_argument("--method", choices=["sft", "replay", "replay+logits", "seekr"], help="override method")
+    t.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch CPU threads per process (sets train.num_threads; default: the config's, where "
+                        "null takes this process's share of the cores, or 1 on a busy machine)")
     r = t.add_mutually_exclusive_group()
     r.add_argument("--resume", action="store_true",
                    help="continue the run in output_dir from its newest checkpoint (also mid-task; starts a "
@@ -337,7 +344,22 @@ def one_line(e: BaseException) -> str:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     # Run warnings name their key: print them as the command's own lines, not as source locations.
-    print(f"seekr: warning: {message}", file=file or sys.stderr)
+    text = str(message)
+    text = text[len("seekr_kernels: "):] if text.startswith("seekr_kernels: ") else text
+    print(f"seekr: warning: {text}", file=file or sys.stderr)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _ours(category, filename) -> bool:
+    """A warning of this package (a RunWarning, or one raised from its code: a deprecated
+    key's FutureWarning, a clamped setting), not a library's (PEFT, transformers...),
+    which prints as Python prints it."""
+    from .run.preflight import RunWarning
+    if issubclass(category, RunWarning):
+        return True
+    return os.path.abspath(str(filename)).startswith(_PACKAGE)
 
 
 def main(argv=None) -> int:
@@ -351,13 +373,12 @@ def main(argv=None) -> int:
         return 0
     debug = getattr(args, "debug", False)
     expected = expected_errors()
-    from .run.preflight import RunWarning
     shown = warnings.showwarning
     with warnings.catch_warnings():
-        def show(message, category, *a, **k):
-            if issubclass(category, (RunWarning, FutureWarning)):
-                return _show_warning(message, category, *a, **k)
-            return shown(message, category, *a, **k)
+        def show(message, category, filename, lineno, *a, **k):
+            if _ours(category, filename):
+                return _show_warning(message, category, filename, lineno, *a, **k)
+            return shown(message, category, filename, lineno, *a, **k)
         warnings.showwarning = show
         try:
             return args.func(args)

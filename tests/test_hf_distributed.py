@@ -51,7 +51,8 @@ def run(cfg):
             rows.append({"prompt_ids": [1, t + 3] + p, "answer_ids": [(x * (t + 2)) % 37 + 3 for x in p[:2]] + [2]})
         return rows
     tasks = [(f"t{t}", task(t)) for t in range(2)]
-    kw = dict(output_dir=out, learning_rate=1e-2, num_train_epochs=2, logging_steps=1, save_strategy="no",
+    kw = dict(output_dir=out, learning_rate=1e-2, num_train_epochs=2, logging_steps=1, save_strategy="steps",
+              save_steps=2,
               report_to=[], disable_tqdm=True, use_cpu=True, seed=3, replay_ratio=4, query_budget=3,
               layer_budget=2, head_budget=3, seekr_backend="torch", replay_pad_to_multiple_of=1,
               lr_scheduler_type="constant")
@@ -67,7 +68,7 @@ def run(cfg):
     kinds = []
     tr.add_callback(type("Probe", (__import__("transformers").TrainerCallback,), {
         "on_step_end": lambda self, a, s, c, **k: kinds.append(type(tr.recipe.current.before).__name__)})())
-    tr.train_tasks(tasks)
+    tr.train_tasks(tasks, resume=True)      # a relaunch after a kill continues the sequence
     from torch.distributed.fsdp import FSDPModule
     info = {"wrapped": type(tr.model_wrapped).__name__, "world": tr.recipe.dist.world_size,
             "fsdp": any(isinstance(m, FSDPModule) for m in tr.model.modules()), "snapshot": sorted(set(kinds))}
@@ -98,7 +99,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, cfg, world=2, extra_env=None, timeout=300):
+def _start(tmp_path, cfg, world=2, extra_env=None):
+    """The worker on ``world`` processes, launched as torchrun would (env://)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = _free_port()
@@ -110,6 +112,11 @@ def _launch(tmp_path, cfg, world=2, extra_env=None, timeout=300):
                **(extra_env or {})}
         procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _launch(tmp_path, cfg, world=2, extra_env=None, timeout=300):
+    procs = _start(tmp_path, cfg, world, extra_env)
     outs = []
     for p in procs:
         try:
@@ -157,17 +164,56 @@ def _assert_matches(got, ref):
         torch.testing.assert_close(got["weights"][k], v, rtol=0, atol=2e-3, msg=k)
 
 
-def test_ddp_two_processes_match_one(tmp_path, single):
-    got = _launch(tmp_path, {"out": str(tmp_path / "out"), "per_device_train_batch_size": 2})
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """Two DDP processes, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    return _launch(tmp, {"out": str(tmp / "out"), "per_device_train_batch_size": 2})
+
+
+def test_ddp_two_processes_match_one(ddp, single):
+    got = ddp
     assert got["info"]["wrapped"] == "DistributedDataParallel" and got["info"]["world"] == 2
     assert got["info"]["snapshot"] == ["PreTaskWeights"]
     _assert_matches(got, single)
 
 
+def test_ddp_killed_mid_task_resumes_to_the_uninterrupted_run(tmp_path, ddp):
+    """Both processes SIGKILLed once the second task has a complete checkpoint, then the
+    same launch again (``train_tasks(..., resume=True)``): the first task is restored from
+    its final/, the second resumes from its newest complete checkpoint (every process its
+    own RNG state), and the job ends bit for bit where the uninterrupted one ends."""
+    import glob
+    import time
+    out = tmp_path / "out"
+    cfg = {"out": str(out), "per_device_train_batch_size": 2}
+    procs = _start(tmp_path, cfg)
+    t0 = time.monotonic()
+    try:
+        while not glob.glob(str(out / "t1" / "checkpoint-*" / "seekr_recipe" / "manifest.json")):
+            assert all(p.poll() is None for p in procs), "a process ended before the kill:\n" + (
+                procs[0].communicate()[0] or "")[-3000:]
+            assert time.monotonic() - t0 < 300, "no checkpoint of the second task"
+            time.sleep(0.01)
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert not (out / "t1" / "final").exists() and (out / "t0" / "final").is_dir()      # killed mid-task
+    got = _launch(tmp_path, cfg)
+    assert got["heads"] == ddp["heads"]
+    assert got["importance"] == ddp["importance"]
+    assert got["weights"].keys() == ddp["weights"].keys()
+    for k, v in ddp["weights"].items():
+        torch.testing.assert_close(got["weights"][k], v, rtol=0, atol=0, msg=k)
+
+
 def test_fsdp2_through_accelerate_matches_one(tmp_path, single):
     got = _launch(tmp_path, {"out": str(tmp_path / "out"), "mode": "fsdp", "per_device_train_batch_size": 2,
                              "fsdp": True, "fsdp_config": {"version": 2,
-                                                           "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}})
+                                                           "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                                           # the full state dict's gather fails on this CPU stand-in
+                                                           "state_dict_type": "SHARDED_STATE_DICT"}})
     info = got["info"]
     assert info["fsdp"] and info["world"] == 2
     assert info["snapshot"] == ["list"]          # sharded parameters: the snapshot is head rows

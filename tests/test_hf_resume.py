@@ -195,6 +195,25 @@ def test_train_tasks_resume_continues_the_sequence(full, tmp_path, kill):
     got = tr.train_tasks(tasks(), score=score, resume=True)
     assert got == want
     same(tr, ref)
+    if tr.state.log_history:          # the logs continue at the sequence's step
+        assert tr.state.log_history[-1]["step"] == ref.state.log_history[-1]["step"]
+
+
+def test_one_log_folder_and_one_step_across_tasks(tmp_path):
+    """TensorBoard: one run folder under output_dir for the sequence, train/loss at one
+    increasing step (the Trainer's global_step restarts in every task)."""
+    pytest.importorskip("tensorboard", reason="tensorboard is needed for report_to='tensorboard'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tr = trainer(tmp_path, report_to="tensorboard", logging_steps=1, save_strategy="no")
+    tr.train_tasks(tasks())
+    runs = sorted({os.path.dirname(p) for p in tmp_path.rglob("events.out.tfevents.*")})
+    assert len(runs) == 1 and os.path.dirname(runs[0]) == str(tmp_path / "runs"), runs
+    ev = EventAccumulator(runs[0])
+    ev.Reload()
+    steps = [e.step for e in ev.Scalars("train/loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == tr._seekr_step_offset
+    assert [e.step for e in ev.Scalars("train/replay_loss")]          # task b's replay steps
+    assert [h["step"] for h in tr.state.log_history if "loss" in h] == steps[4:]      # task b's own state
 
 
 def test_train_tasks_resume_refuses_another_task_list(full, tmp_path):

@@ -624,6 +624,9 @@ class SeekrTrainerMixin:
         self._seekr_sums = torch.zeros(4, dtype=torch.float64)
         self._seekr_micro = 0
         self._seekr_group = 1
+        #: optimiser steps of the tasks finished before this one: logs count one step across
+        #: the sequence (the Trainer's global_step restarts in every task)
+        self._seekr_step_offset = 0
         self._seekr_user_optimizer = getattr(self, "optimizer", None) is not None
         if _is_deepspeed(self) and _zero_stage(self) >= 3:
             raise ValueError("deepspeed: ZeRO stage 3 partitions the parameters outside the engine's forward, "
@@ -715,7 +718,8 @@ class SeekrTrainerMixin:
         """Learn one task: set ``train_dataset``, start a fresh optimiser and learning-rate
         schedule (unless the Trainer was given its own optimiser), ``train()`` with SEEKR,
         and end the task. ``name`` defaults to ``task-<index>``; the task's checkpoints go
-        to ``<output_dir>/<name>/`` (global steps restart in every task) and, unless
+        to ``<output_dir>/<name>/`` (the Trainer's global step restarts in every task; logs
+        count one step across the sequence: :meth:`log`) and, unless
         ``save_strategy="no"``, the task's end to ``<output_dir>/<name>/final/`` (the
         model as ``save_model`` writes it, the recipe state after ``end_task``, the
         manifest last), from which :meth:`train_tasks` resumes a sequence.
@@ -733,9 +737,11 @@ class SeekrTrainerMixin:
             self.optimizer, self.lr_scheduler = None, None
         self._seekr_task_name = name
         base = self.args.output_dir
+        self._seekr_one_log_dir(base)
         self.args.output_dir = os.path.join(base, name) if base else base
         try:
             out = self.train(**train_kwargs)
+            self._seekr_step_offset += int(self.state.global_step)
             if self._seekr_saves():
                 self._seekr_save_final(os.path.join(self.args.output_dir, FINAL_DIR))
             return out
@@ -792,7 +798,8 @@ class SeekrTrainerMixin:
         self._seekr_clear(d)
         self.save_model(d)
         self._save_rng_state(d)        # what the next task draws from (dropout, sampling)
-        self._seekr_seal(d, global_step=int(self.state.global_step), task_names=list(self.recipe.task_names),
+        self._seekr_seal(d, global_step=int(self.state.global_step), step_offset=self._seekr_step_offset,
+                         task_names=list(self.recipe.task_names),
                          history=self.seekr_history)
 
     def _seekr_save_scores(self, names, rows):
@@ -828,6 +835,7 @@ class SeekrTrainerMixin:
             self.recipe.load(os.path.join(last, RECIPE_DIR))
             self._load_from_checkpoint(last)
             self._load_rng_state(last)
+            self._seekr_step_offset = int(man.get("step_offset", 0))
             self.seekr_history = [dict(h, heads={int(l): v for l, v in h.get("heads", {}).items()})
                                   for h in man.get("history", [])]
         rows: list = []
@@ -950,7 +958,10 @@ class SeekrTrainerMixin:
     # ---------------------------------------------------------------- logging
     def log(self, logs, *args, **kwargs):
         """Adds ``replay_loss`` / ``replay_ce`` / ``replay_logits_kl`` / ``replay_attn_kl``
-        (mean over the replay steps since the last training log) to training logs."""
+        (mean over the replay steps since the last training log) to training logs, and
+        logs at the sequence's step: the optimiser steps of the tasks learned before plus
+        this task's ``global_step``, so ``report_to`` integrations (which read
+        ``state.global_step``) and ``log_history`` see one increasing step across tasks."""
         if self._seekr_micro and not any(str(k).startswith(("eval_", "test_")) for k in logs):
             steps = self._seekr_micro / max(1, self._seekr_group)
             s = (self._seekr_sums / steps).tolist()
@@ -963,7 +974,42 @@ class SeekrTrainerMixin:
                 logs["replay_attn_kl"] = s[2]
             self._seekr_sums.zero_()
             self._seekr_micro = 0
-        return super().log(logs, *args, **kwargs)
+        off = self._seekr_step_offset
+        self.state.global_step += off
+        try:
+            return super().log(logs, *args, **kwargs)
+        finally:
+            self.state.global_step -= off
+
+    def _seekr_one_log_dir(self, base):
+        """One TensorBoard event stream for the sequence, in ``<output_dir>/runs/<date>_<host>``
+        (HF's default name; ``TENSORBOARD_LOGGING_DIR`` still wins). transformers 5 derives
+        the folder from ``output_dir`` when training first begins, which ``train_task`` has
+        pointed at the first task's folder. And its callback closes the writer after every
+        ``train()`` and writes the arguments at step 0 into a new event file at the next
+        one: TensorBoard takes a step going back as a restart and drops every later step
+        of the earlier tasks. So the writer stays open across the tasks."""
+        try:
+            from transformers.integrations import TensorBoardCallback
+            from transformers.integrations.integration_utils import default_logdir
+        except ImportError:
+            return
+        for cb in self.callback_handler.callbacks:
+            if not isinstance(cb, TensorBoardCallback) or getattr(cb, "_seekr_sequence", False):
+                continue
+            if getattr(cb, "logging_dir", "") is None and base:
+                cb.logging_dir = os.path.join(base, default_logdir())
+            cb._seekr_sequence = True
+            first_begin = cb.on_train_begin
+
+            def on_train_begin(args, state, control, _cb=cb, _first=first_begin, **kw):
+                if _cb.tb_writer is None:          # the first task: the writer, arguments, model config
+                    return _first(args, state, control, **kw)
+
+            def on_train_end(args, state, control, _cb=cb, **kw):
+                if _cb.tb_writer is not None:
+                    _cb.tb_writer.flush()
+            cb.on_train_begin, cb.on_train_end = on_train_begin, on_train_end
 
     # ---------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial, *args, **kwargs):
@@ -979,7 +1025,7 @@ class SeekrTrainerMixin:
             super()._save_checkpoint(model, trial, *args, **kwargs)
         finally:
             self.args.save_total_limit = limit
-        self._seekr_seal(ckpt, global_step=int(self.state.global_step))
+        self._seekr_seal(ckpt, global_step=int(self.state.global_step), step_offset=self._seekr_step_offset)
         if limit and self.args.should_save:
             self._seekr_rotate(self._get_output_dir(trial=trial), limit)
 
@@ -1036,6 +1082,7 @@ class SeekrTrainerMixin:
             raise ValueError(f"resume_from_checkpoint: {ckpt} is a checkpoint of task {man['task']!r}, "
                              f"not of {name!r}")
         self.recipe.load(os.path.join(ckpt, RECIPE_DIR))
+        self._seekr_step_offset = int(man.get("step_offset", self._seekr_step_offset))
         return ckpt
 
 

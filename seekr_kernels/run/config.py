@@ -130,6 +130,7 @@ class TrainConfig:
     max_steps: int = 0                  # stop after N optimiser steps in all (a smoke run); 0: no limit
     max_shard_size: str = "5GB"         # save_pretrained's shard size of checkpoint weights
     optimizer_scope: str = "task"       # task: a fresh AdamW + schedule per task | run: one for the run (published)
+    num_threads: Optional[int] = None   # torch CPU threads per process; null: preflight.num_threads decides
     # --- logging (Hugging Face's key and values; log.jsonl is always written)
     report_to: Any = "none"             # tensorboard | wandb | mlflow | none | all, or a list of them
 
@@ -246,6 +247,7 @@ def _validate(c: RunConfig):
     if t.batch_size % t.grad_accum:
         _err("train.grad_accum", f"must divide train.batch_size={t.batch_size}, got {t.grad_accum}")
     _choice("train.order", t.order, ("reshuffle", "fixed"))
+    _positive("train.num_threads", t.num_threads)
     _validate_checkpointing(c)
     _validate_replay(c.replay, "replay.")
     _validate_distill(c.distill, "distill.")

@@ -43,6 +43,48 @@ def _warn(msg: str) -> None:
 
 # ============================================================================ before loading
 
+def num_threads(setting: Optional[int], device_type: str = "cpu", local_processes: Optional[int] = None):
+    """``(n, why)``: the torch CPU (intra-op) threads of this process for
+    ``train.num_threads``.
+
+    A number is used as it is. ``null`` keeps torch's current count (its default: the
+    cores, or ``OMP_NUM_THREADS``) on a GPU (the CPU only feeds it) and when
+    ``OMP_NUM_THREADS`` is set (torchrun sets 1 per process); on a CPU it takes this
+    process's share of the cores (cores / processes on this machine), but 1 when the
+    machine is already busy (the 1-minute load average is at least the number of
+    cores): oversubscribed threads wait on each other, and on a loaded machine the
+    default count was measured 2-30x slower than one thread. 1 vs 2 threads gave a
+    bit-identical smoke run (``examples/smoke.yaml``), so the count decides speed only."""
+    import torch
+    if setting:
+        return int(setting), "train.num_threads"
+    now = torch.get_num_threads()
+    if device_type != "cpu":
+        return now, "torch's default (the model runs on a GPU)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return now, "OMP_NUM_THREADS"
+    cores = os.cpu_count() or now
+    if local_processes is None:           # torchrun's processes on this machine
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):       # no load average on this platform
+        load = 0.0
+    if load >= cores:
+        return 1, f"the machine is busy (load average {load:.1f} on {cores} cores)"
+    share = max(1, min(now, cores // max(1, int(local_processes))))
+    return share, f"{share} of {cores} cores for each of {local_processes} process(es) here"
+
+
+def check_start(output_dir: str, resume, overwrite: bool) -> None:
+    """The run directory's start refusal (:meth:`RunDirectory.start`: a folder holding a
+    run, and neither resume nor overwrite asked), before the model is built."""
+    if resume or overwrite:
+        return
+    from .rundir import RunDirectory
+    RunDirectory(output_dir, main=False).start(resume, overwrite)
+
+
 def check_run(cfg: RunConfig) -> None:
     """Everything checkable before data and model are loaded."""
     check_device(cfg)

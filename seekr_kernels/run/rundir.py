@@ -39,12 +39,12 @@ RUN_ENTRIES = ("state.json", "results.json", "heatmap.png", "log.jsonl", "runlog
 #: Config keys (and sections) a resumed run may change without being asked: they cannot
 #: change a result (where files go, logging, progress, checkpoint cadence and shard size,
 #: how many checkpoints are kept, how many predictions are logged, what the finished run
-#: writes as its final model, and max_steps, which stops a run without touching its
-#: schedule). Every other key, the number of processes, the device type and each task's
+#: writes as its final model, max_steps, which stops a run without touching its
+#: schedule, and the CPU thread count). Every other key, the number of processes, the device type and each task's
 #: data are compared with the checkpoint's.
 RESUME_IGNORED = ("output_dir", "log", "report_to", "train.report_to", "train.save_steps",
                   "train.save_total_limit", "train.max_steps", "train.max_shard_size", "keep_checkpoints",
-                  "eval.keep_predictions", "model.lora.save")
+                  "eval.keep_predictions", "model.lora.save", "train.num_threads")
 
 
 class RunStateError(ValueError):

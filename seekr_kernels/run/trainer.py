@@ -77,7 +77,7 @@ from .evaluate import GenerationOptions, evaluate_examples, resolve_metric_name
 from .steps import TrainSteps, build_optimizer, load_optimizer
 from .models import (apply_lora, build_model, build_tokenizer, model_state_dict, plain_state_dict, prepare_model,
                      save_model, seed_everything)
-from .preflight import check_run, check_tasks, eval_split, model_max_positions
+from .preflight import check_run, check_tasks, eval_split, model_max_positions, num_threads
 from .rundir import TRAINER_KIND, RunDirectory, check_resume_config, data_digests, flatten
 from .runlog import RunLogger
 
@@ -184,6 +184,7 @@ class ContinualTrainer:
         self.dist.device = self.device
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        torch.set_num_threads(num_threads(config.train.num_threads, self.device.type)[0])   # README "Threads"
         self.quiet = quiet
         self.method = config.method
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.model)

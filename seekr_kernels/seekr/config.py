@@ -97,7 +97,9 @@ class DistillConfig:
                                       "by priority sampling with importance weights, an unbiased teacher "
                                       "seeded by the run's seed, the task and the sample).")
     teacher_logits_k: Optional[int] = _f(None, "k of a 'topk' or 'sampled' teacher (default 256, the measured "
-                                               "recommendation); not allowed with 'dense'.")
+                                               "recommendation); not allowed with 'dense'. A k above the model's "
+                                               "vocabulary is clamped to it, with a warning, when the task "
+                                               "begins.")
     teacher_logits_topk: int = _f(0, "Older spelling of distill.teacher_logits 'topk' with distill.teacher_logits_k "
                                      "= this (0: dense); it may be combined only with 'topk' and the same k.")
     logits_positions: str = _f("predict", "Where the logits term distils the student against the teacher's logits: "
@@ -108,7 +110,8 @@ class DistillConfig:
                                           "positions; a memory of the other option is refused.")
     fused_lm_head: Any = _f("auto", "'auto', 'true' or 'false': the replay CE and logits term from the final "
                                     "hidden states and the lm_head weight without materialising [B, L, V] "
-                                    "logits. 'auto': wherever that applies (an unsharded nn.Linear lm_head, not "
+                                    "logits (method replay: the replay CE alone). 'auto': wherever that "
+                                    "applies (an unsharded nn.Linear lm_head, not "
                                     "adapted by LoRA, no logits post-processing); 'true': refuse to run where it "
                                     "does not; 'false': always materialise the logits.")
     backend: str = _f("auto", "Kernel backend of the SEEKR ops: 'auto', 'triton', 'cpu', 'cuda' or 'torch'.")
@@ -530,6 +533,39 @@ def _validate_teacher_logits(d, p="distill."):
         d.fused_lm_head = "true" if f else "false"
     else:
         _err(p + "fused_lm_head", f"must be auto, true or false, got {f!r}")
+
+
+def vocabulary_size(model) -> Optional[int]:
+    """The output vocabulary of an (unwrapped) causal LM: its output embeddings' rows, else
+    ``config.vocab_size``; None when neither is known."""
+    get = getattr(model, "get_output_embeddings", None)
+    shape = getattr(getattr(get() if callable(get) else None, "weight", None), "shape", None)
+    if shape is not None and len(shape) == 2 and shape[0] > 0:
+        return int(shape[0])
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(v) if isinstance(v, int) else None
+
+
+def check_vocabulary(cfg: "RecipeConfig", model, p: str = "distill.") -> Optional[str]:
+    """Where the recipe meets the model (the vocabulary is known only then): a
+    ``teacher_logits_k`` above the vocabulary (:func:`vocabulary_size`; ``model`` may be
+    the size itself) is clamped to it, with a warning naming the key, and the message is
+    returned (None when nothing is clamped). A top-k teacher with k >= V keeps every logit
+    (the dense teacher's values, stored sparse); a sampled one draws V tokens per
+    position. Not refused: the default k (256) exceeds the vocabulary of small test
+    models, where the clamped teacher is what was asked for."""
+    d = cfg.distill
+    vocab_size = model if isinstance(model, int) else vocabulary_size(model)
+    if (cfg.method not in ("replay+logits", "seekr") or d.teacher_logits == "dense" or not vocab_size
+            or d.teacher_logits_k is None or d.teacher_logits_k <= vocab_size):
+        return None
+    what = ("keeps all of them (the dense teacher's values)" if d.teacher_logits == "topk"
+            else f"draws {vocab_size} tokens per position")
+    msg = (f"{p}teacher_logits_k: {d.teacher_logits_k} is more than the model's vocabulary ({vocab_size} tokens); "
+           f"clamped to {vocab_size}: the {d.teacher_logits} teacher {what}")
+    import warnings
+    warnings.warn(msg, UserWarning, stacklevel=3)
+    return msg
 
 
 def recipe_from_dict(data: Optional[dict] = None, validate: bool = True) -> RecipeConfig:

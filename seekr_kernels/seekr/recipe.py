@@ -64,7 +64,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .config import OFFICIAL_BUDGETS, ConfigError, RecipeConfig, RunWarning, recipe_from_dict
+from .config import OFFICIAL_BUDGETS, ConfigError, RecipeConfig, RunWarning, check_vocabulary, recipe_from_dict
 from . import passes, recipe_store
 from .recipe_store import FORMAT, KIND
 from .samples import PendingSample, sample_seed, task_seed  # noqa: F401  (sample_seed: part of this module's API)
@@ -248,6 +248,7 @@ class SeekrRecipe:
             new = [PendingSample(*as_pair(task_samples[i], i), t) for i in idx]
         if self.uses_memory and self.cfg.distill.fused_lm_head == "true":
             self.fused_lm_head(model)       # refused now, not at the first replay step
+        check_vocabulary(self.cfg, unwrap(model))     # the vocabulary is known only here
         if self.uses_attention:
             self._ensure_shape(model)
             _ensure_patched(model)

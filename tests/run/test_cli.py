@@ -176,3 +176,38 @@ def test_paths_resolve_against_the_config_and_eval_runs_from_anywhere(tmp_path, 
     assert main(["eval", "--run", str(run), "--max-answer-len", "2", "--out", "short.json"]) == 0
     short = json.loads((tmp_path / "b" / "short.json").read_text())
     assert short["tasks"][TASKS[0]]["loglik"] != pytest.approx(ev["tasks"][TASKS[0]]["loglik"], abs=1e-6)
+
+
+def test_only_the_packages_warnings_carry_its_name(monkeypatch, capsys, tmp_path):
+    """A library's warning (PEFT's FutureWarning about is_gradient_checkpointing) prints as
+    Python prints it; the package's own (a RunWarning, a warning from its code) as
+    `seekr: warning: ...`."""
+    import warnings
+
+    import seekr_kernels
+    from seekr_kernels import cli
+    from seekr_kernels.run.preflight import RunWarning
+    pkg = os.path.dirname(seekr_kernels.__file__)
+
+    def fake_eval(args):
+        warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning,
+                               "/venv/site-packages/peft/peft_model.py", 12)
+        warnings.warn_explicit("log.tensorboard is deprecated", FutureWarning, os.path.join(pkg, "run", "config.py"),
+                               3)
+        warnings.warn_explicit("replay.batch_size: larger than the memory", RunWarning, "/somewhere/else.py", 4)
+        warnings.warn_explicit("seekr_kernels: the cpu backend is not built", UserWarning,
+                               os.path.join(pkg, "_backend.py"), 5)
+        return 0
+    monkeypatch.setattr(cli, "cmd_eval", fake_eval)
+    python = []           # what Python's own display (here pytest's) receives
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, filename, lineno, *a, **k: python.append(
+            (str(message), category, filename))
+        assert main(["eval", "--model", str(tmp_path), "--task", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["seekr: warning: log.tensorboard is deprecated",
+                   "seekr: warning: replay.batch_size: larger than the memory",
+                   "seekr: warning: the cpu backend is not built"]
+    assert python == [("`is_gradient_checkpointing` is deprecated", FutureWarning,
+                       "/venv/site-packages/peft/peft_model.py")]

@@ -379,3 +379,133 @@ def test_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
     assert cfg.output_dir == str(tmp_path / "cfg" / "runs" / "x")
     assert cfg.model.tokenizer == str(tmp_path / "tok") and cfg.model.path == str(tmp_path / "home" / "m")
     assert cfg.tasks[0].path == str(tmp_path / "cfg" / "data" / TASKS[0])
+
+
+def _llama(vocab=40):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                        max_position_embeddings=32, pad_token_id=0))
+
+
+def _rows(n=8):
+    return [{"prompt_ids": [1, 3 + i % 5, 4], "answer_ids": [5 + i % 7, 2]} for i in range(n)]
+
+
+def _recipe(model, method="seekr", **distill):
+    from seekr_kernels.seekr.config import recipe_from_dict
+    from seekr_kernels.seekr.recipe import SeekrRecipe
+    cfg = recipe_from_dict({"method": method, "batch_size": 4, "replay": {"ratio": 4},
+                            "distill": {"layer_budget": 1, "head_budget": 2, "backend": "torch", **distill}})
+    return SeekrRecipe(cfg, model=model, pad_token_id=0)
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_teacher_logits_k_above_the_vocabulary_is_clamped_with_a_warning(kind):
+    """The vocabulary is known once the recipe meets the model (begin_task): a k above it
+    is clamped, saying so and naming the key; a k within it says nothing."""
+    from seekr_kernels.hf import task_samples
+    model = _llama(vocab=40)
+    rc = _recipe(model, teacher_logits=kind, teacher_logits_k=500)
+    with pytest.warns(UserWarning, match=r"^distill\.teacher_logits_k: 500 is more than the model's vocabulary "
+                                         r"\(40 tokens\); clamped to 40"):
+        rc.begin_task(model, task_samples(_rows()), name="a")
+    rc.end_task(model)
+    t = rc.memory.tasks[0].samples[0].logits
+    assert t.k == 40
+    rc = _recipe(model, teacher_logits=kind, teacher_logits_k=40)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*teacher_logits_k")
+        rc.begin_task(model, task_samples(_rows()), name="a")
+
+
+def test_replay_with_fused_lm_head_fuses_the_replay_ce(monkeypatch):
+    """method replay with fused_lm_head: true is accepted: the replay CE runs fused (no
+    [B, L, V] logits), with the materialised loss up to float rounding."""
+    import seekr_kernels.ops.linear_logits_kl as fused
+    from seekr_kernels.hf import task_samples
+    calls = []
+    orig = fused.linear_logits_kl
+    monkeypatch.setattr(fused, "linear_logits_kl", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    losses = {}
+    for mode in ("true", "false"):
+        model = _llama()
+        rc = _recipe(model, method="replay", fused_lm_head=mode, backend="cpu")
+        rc.begin_task(model, task_samples(_rows()), name="a")
+        rc.end_task(model)
+        calls.clear()
+        losses[mode] = float(rc.replay_loss(model, rc.batch(rc.memory.keys()[:4]))[0].detach())
+        assert len(calls) == (mode == "true"), mode
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+
+
+def test_existing_run_is_refused_before_the_model_is_built(data_tree, tmp_path, monkeypatch, capsys):
+    """A folder that holds a run, without --resume or --overwrite: refused at once (the
+    model took about 15 s to build before the refusal)."""
+    import shutil
+
+    import seekr_kernels.run.trainer as trainer_mod
+    root = tmp_path / "w"
+    shutil.copytree(data_tree, root)
+    monkeypatch.chdir(root)
+    os.makedirs(root / "run")
+    (root / "run" / "log.jsonl").write_text("")           # a run that logged, killed before its first save
+
+    def guard(*a, **k):
+        raise AssertionError("the model was built before the refusal")
+    monkeypatch.setattr(trainer_mod, "build_model", guard)
+    monkeypatch.setattr(trainer_mod, "build_tokenizer", guard)
+    assert main(["train", "--config", _write(root, base())]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "holds a seekr run" in lines[0] and "--resume" in lines[0], lines
+
+
+def test_num_threads(monkeypatch):
+    """train.num_threads: a number as given; null: torch's count on a GPU or under
+    OMP_NUM_THREADS, else this process's share of the cores, 1 on a busy machine."""
+    from seekr_kernels.run.preflight import num_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert num_threads(3)[0] == 3
+    assert num_threads(None, "cuda")[0] == 8
+    assert num_threads(None)[0] == 8
+    assert num_threads(None, local_processes=2)[0] == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert num_threads(None)[0] == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    n, why = num_threads(None)
+    assert n == 1 and "busy" in why and "9.0" in why
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert num_threads(None)[0] == 8
+    with pytest.raises(ConfigError, match="train.num_threads: must be > 0"):
+        from_dict({**base(), "train": {**base()["train"], "num_threads": 0}})
+    with pytest.raises(ConfigError, match="train.num_threads: expected an integer"):
+        from_dict({**base(), "train": {**base()["train"], "num_threads": 1.5}})
+
+
+def test_threads_flag_and_key_set_the_trainers_threads(data_tree, tmp_path, monkeypatch, capsys):
+    """--threads N is train.num_threads; the trainer sets it when it is built."""
+    import shutil
+
+    import seekr_kernels.run.trainer as trainer_mod
+    root = tmp_path / "w"
+    shutil.copytree(data_tree, root)
+    monkeypatch.chdir(root)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_build_model(*a, **k):          # the threads are set by then
+        seen.append(torch.get_num_threads())
+        raise Stop()
+    monkeypatch.setattr(trainer_mod, "build_model", fake_build_model)
+    with pytest.raises(Stop):
+        main(["train", "--config", _write(root, base()), "--threads", "3"])
+    with pytest.raises(Stop):
+        main(["train", "--config", _write(root, {**base(), "train": {**base()["train"], "num_threads": 2}})])
+    assert seen == [3, 2]
