@@ -30,8 +30,13 @@ def main(argv=None):
     from datasets import Dataset
     datasets.disable_progress_bars()
 
+    from transformers import set_seed
+
     from seekr_kernels.hf import SeekrSFTConfig, SeekrSFTTrainer
 
+    # Seed first: the Trainer seeds the global RNG (args.seed) only when it is created, after
+    # the model; a PEFT model (get_peft_model) draws its LoRA weights before that.
+    set_seed(0)
     tasks = make_tasks()
     tok = train_tokenizer(tasks)
     model = tiny_llama(tok)

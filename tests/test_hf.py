@@ -289,6 +289,21 @@ def test_argument_errors_name_the_fields():
             SeekrArguments(**kw)
 
 
+def test_recipe_warnings_name_the_argument_fields(tmp_path):
+    """A warning of the recipe about a key (teacher_logits_k above the vocabulary) names
+    the argument field, as the errors do."""
+    import warnings
+    args = SeekrConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[],
+                       save_strategy="no", disable_tqdm=True, max_steps=1, seekr_method="replay+logits",
+                       replay_ratio=2, teacher_logits="topk", teacher_logits_k=500, seekr_backend="torch")
+    tr = SeekrTrainer(model=_tiny_llama(), args=args)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        tr.train_task(_rows(0), "a")
+    msgs = [str(w.message) for w in seen if "vocabulary" in str(w.message)]
+    assert msgs and msgs[0].startswith("teacher_logits_k: 500 is more than the model's vocabulary (40 tokens)")
+
+
 def test_argument_parser_round_trip(tmp_path):
     from transformers import HfArgumentParser
     values = {"seekr_recipe": "official", "replay_ratio": 0.25, "replay_in_accumulation": False, "layer_budget": 2,
@@ -326,7 +341,7 @@ def test_trl_config_pickles_under_both_module_names(tmp_path):
     assert out.returncode == 0 and out.stdout.split() == [b"SeekrSFTConfig", b"3"], out.stderr[-2000:]
 
 
-def test_trl_sft_trainer_and_reference_copy(tmp_path):
+def test_trl_sft_trainer_and_reference_copy(tmp_path, monkeypatch):
     trl = pytest.importorskip("trl", reason="TRL is needed for SeekrSFTTrainer")
     from datasets import Dataset
     sys.path.insert(0, EXAMPLES)
@@ -345,8 +360,17 @@ def test_trl_sft_trainer_and_reference_copy(tmp_path):
                           layer_budget=2, head_budget=3, seekr_backend="torch")
     data = {n: Dataset.from_list([{"prompt": tok.bos_token + p, "completion": c} for p, c in t["train"]])
             for n, t in list(tasks.items())[:2]}
+    prepared = []
+    orig = SeekrSFTTrainer._prepare_dataset
+
+    def count(self, dataset, *a, **kw):
+        prepared.append(dataset)
+        return orig(self, dataset, *a, **kw)
+    monkeypatch.setattr(SeekrSFTTrainer, "_prepare_dataset", count)
     trainer = SeekrSFTTrainer(model=model, args=args, processing_class=tok, train_dataset=data["rev"])
     trainer.train_tasks(data)
+    # each task tokenised once: the constructor's dataset is not tokenised again by train_task
+    assert [id(d) for d in prepared] == [id(d) for d in data.values()]
     # every checkpoint holds the pickled arguments (training_args.bin) and is complete
     for name in data:
         cks = sorted((tmp_path / name).glob("checkpoint-*"))
@@ -393,6 +417,15 @@ def test_examples_run(tmp_path, script):
     assert sum(1 for x in lines if x.startswith("  ") and ":" in x) == 3       # the 3 x 3 matrix rows
     for task in ("rev", "rot", "ilv"):                                          # checkpoints are saved
         assert [c.name for c in (tmp_path / task).glob("checkpoint-*")], task
+
+
+@pytest.mark.parametrize("script", ["hf_trainer_seekr.py", "trl_sft_seekr.py"])
+def test_examples_seed_before_building_the_model(script):
+    """The Trainer seeds only when it is created; a model (and a PEFT model's LoRA weights)
+    made before must be seeded by the script."""
+    src = open(os.path.join(EXAMPLES, script)).read()
+    main = src[src.index("def main("):]
+    assert 0 <= main.index("set_seed(") < main.index("tiny_llama(tok)")
 
 
 def test_resume_inside_a_task_ends_where_an_uninterrupted_run_ends(tmp_path):

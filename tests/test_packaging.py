@@ -146,3 +146,27 @@ def test_seekr_version_flag(capsys):
     cpu = "built" if _backend.native_cpu() is not None else "not built"
     assert re.search(rf"cpu .*seekr_kernels\._C: {cpu}", out), out
     assert "triton" in out and "torch   plain PyTorch: always" in out
+
+
+def test_readme_lists_every_extra_as_pyproject_defines_it():
+    """The README's extras sentence names every extra of pyproject.toml, and each extra's
+    packages the README names elsewhere agree (no two lists that disagree)."""
+    import re
+    try:
+        import tomllib
+    except ImportError:            # Python < 3.11
+        tomllib = pytest.importorskip("tomli")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    text = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    sentence = re.search(r"the extras\s*\n?\(`pip install[^)]*\)\s+are (.*?)\.\n", text, re.S)
+    assert sentence, "README: the extras sentence is missing"
+    named = re.findall(r"`([a-z]+)`(?: \(([^)]*)\))?", sentence.group(1))
+    assert {n for n, _ in named} == set(extras), (sorted(n for n, _ in named), sorted(extras))
+    for name, what in named:
+        pkgs = [re.split(r"[<>=\[ ]", p)[0].lower() for p in extras[name]]
+        if name == "test" or pkgs == [name]:           # `tensorboard` is the tensorboard package
+            continue
+        for pkg in pkgs:
+            assert pkg in what.lower(), f"README: the {name} extra holds {pkg}, the README says ({what})"

@@ -69,6 +69,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -624,6 +625,7 @@ class SeekrTrainerMixin:
         self._seekr_sums = torch.zeros(4, dtype=torch.float64)
         self._seekr_micro = 0
         self._seekr_group = 1
+        self._seekr_warned: dict = {}        # warnings shown once per trainer
         #: optimiser steps of the tasks finished before this one: logs count one step across
         #: the sequence (the Trainer's global_step restarts in every task)
         self._seekr_step_offset = 0
@@ -861,7 +863,12 @@ class SeekrTrainerMixin:
             return
         if self.train_dataset is None:
             raise ValueError("train_dataset: SEEKR needs the task's training data")
-        rc.begin_task(self.model, task_samples(self.train_dataset), name=self._seekr_task_name)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            rc.begin_task(self.model, task_samples(self.train_dataset), name=self._seekr_task_name)
+        for w in seen:       # the recipe's warnings name config keys: here, the arguments' fields
+            warnings.warn_explicit(_field_message(str(w.message)), w.category, w.filename, w.lineno,
+                                   registry=self._seekr_warned)
 
     def _seekr_end(self):
         rc = self.recipe
@@ -1150,9 +1157,19 @@ def _trl_classes():
 
     class SeekrSFTTrainer(SeekrTrainerMixin, SFTTrainer):
         """TRL's ``SFTTrainer`` with SEEKR. ``train_task`` datasets in any format
-        ``SFTTrainer`` takes (text, prompt/completion, messages) are tokenised by TRL."""
+        ``SFTTrainer`` takes (text, prompt/completion, messages) are tokenised by TRL; the
+        ``train_dataset`` given to the constructor (which ``SFTTrainer`` tokenises there)
+        is not tokenised a second time when ``train_task`` gets the same object."""
+
+        def __init__(self, *args, **kwargs):
+            raw = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
+            super().__init__(*args, **kwargs)
+            self._seekr_given = None if raw is None else (raw, self.train_dataset)
 
         def _seekr_prepare_dataset(self, dataset, name):
+            given = getattr(self, "_seekr_given", None)
+            if given is not None and dataset is given[0]:
+                return given[1]
             cols = getattr(dataset, "column_names", None)
             if cols is None or "input_ids" in cols:
                 return dataset
