@@ -64,13 +64,10 @@ import subprocess
 import sys
 import time
 
+from benchmarks import common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
-
-import common  # noqa: E402
 
 METHODS = {
     "sft": {"method": "sft"},

@@ -39,14 +39,8 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
-
-import common  # noqa: E402
-import seekr_kernels as sk  # noqa: E402
+import seekr_kernels as sk
+from benchmarks import common
 
 PROMPTS = [
     "What is the capital of France?",
