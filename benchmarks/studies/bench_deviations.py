@@ -221,29 +221,42 @@ RUNS = {
     "train.max_grad_norm: 0 (package default)": {"train.max_grad_norm": 0.0},
     "train.batch_size: 128, grad_accum: 8": {"train.batch_size": 128, "train.grad_accum": 8, "replay.batch_size": 8},
     "recipe: official (batch 32, accum 4)": "official",
+    "recipe: official, train.batching: global": ("official", {"train.batching": "global"}),
 }
 
 
-def runs(seeds, tmp, s):
+def official_config(run_dir, data, seed, s, **extra):
+    """``recipe: official`` on the demo: the published recipe; the demo's model-size choices
+    (lr, head and layer budgets, sequence lengths) stay, and its batch of 32 (batch 128
+    leaves 600 samples a handful of steps) with the published accumulation structure
+    scaled down (accumulation 4)."""
+    d = config("seekr", 0.01, run_dir, data, seed, s)
+    d["recipe"] = "official"
+    for sec in ("replay", "distill"):
+        d[sec] = {k: v for k, v in d[sec].items() if k in ("layer_budget", "head_budget", "ratio")}
+    d["train"] = {k: d["train"][k] for k in ("lr", "max_prompt_len", "max_answer_len")}
+    d["train"].update(batch_size=s["batch_size"], grad_accum=4)
+    for k, v in extra.items():
+        set_dotted(d, k, v)
+    return d
+
+
+def runs(seeds, tmp, s, only=None):
     from seekr_kernels.run.trainer import ContinualTrainer
     out = {}
     for seed in seeds:
         data = os.path.join(tmp, f"data-{seed}")
         write_stream(make_stream(s["n_train"], s["n_test"], s["length"], s["tasks"], seed=seed), data)
         for name, over in RUNS.items():
+            if only and not any(o in name for o in only):
+                continue
             run_dir = os.path.join(tmp, "run")
             shutil.rmtree(run_dir, ignore_errors=True)
+            extra = {}
+            if isinstance(over, tuple):
+                over, extra = over
             if over == "official":
-                d = config("seekr", 0.01, run_dir, data, seed, s)
-                # the published recipe; the demo's model-size choices (lr, head and layer
-                # budgets, sequence lengths) stay
-                d["recipe"] = "official"
-                for sec in ("replay", "distill"):
-                    d[sec] = {k: v for k, v in d[sec].items() if k in ("layer_budget", "head_budget", "ratio")}
-                d["train"] = {k: d["train"][k] for k in ("lr", "max_prompt_len", "max_answer_len")}
-                # batch 128 leaves the demo's 600 samples a handful of steps: keep its batch of
-                # 32, with the published accumulation structure scaled down
-                d["train"].update(batch_size=s["batch_size"], grad_accum=4)
+                d = official_config(run_dir, data, seed, s, **extra)
             else:
                 d = config("seekr", 0.01, run_dir, data, seed, s, **over)
             t0 = time.time()
@@ -265,6 +278,7 @@ def main():
     ap.add_argument("--stats", action="store_true")
     ap.add_argument("--runs", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--only", nargs="+", help="--runs: only the configurations whose name contains one of these")
     common.add_common_args(ap)
     a = ap.parse_args()
     out = common.out_dir(a)
@@ -284,7 +298,7 @@ def main():
             print_stats(rows, att, sharp, len(s["tasks"]))
             result["stats"] = {"rows": rows, "attention": att, "sharp_heads": sharp}
         if a.runs:
-            result["runs"] = runs(a.seeds, tmp, s)
+            result["runs"] = runs(a.seeds, tmp, s, a.only)
     path = os.path.join(out, "deviations.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

@@ -124,6 +124,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     shuffle: bool = True
     order: str = "reshuffle"            # reshuffle: a new order every epoch | fixed: epoch 0's order every epoch
+    batching: str = "global"            # global: batches of batch_size, a short last one trained | per_device: published
     # --- checkpoints (README "Checkpoints and resume")
     save_steps: int = 0                 # a mid-task checkpoint every N optimiser steps; 0: task ends only
     save_total_limit: Optional[int] = 2  # mid-task checkpoints kept (newest); null: all
@@ -248,6 +249,10 @@ def _validate(c: RunConfig):
         _err("train.grad_accum", f"must divide train.batch_size={t.batch_size}, got {t.grad_accum}")
     _choice("train.order", t.order, ("reshuffle", "fixed"))
     _positive("train.num_threads", t.num_threads)
+    _choice("train.batching", t.batching, ("global", "per_device"))
+    if t.batching == "per_device" and t.grad_accum > 1 and c.method != "sft" and not c.replay.in_accumulation:
+        _err("train.batching", "per_device (the published DeepSpeed loop) replays inside the accumulation window: "
+                               "it needs replay.in_accumulation: true with train.grad_accum > 1")
     _validate_checkpointing(c)
     _validate_replay(c.replay, "replay.")
     _validate_distill(c.distill, "distill.")

@@ -240,17 +240,17 @@ def _check_tasks(cfg, tasks, tokenizer, world, max_positions):
     if tr.batch_size < world * A:
         raise ConfigError(f"train.batch_size: {tr.batch_size} is smaller than world size x train.grad_accum = "
                           f"{world} x {A}: every process and accumulation micro-step needs a sample")
+    if tr.batching == "per_device" and tr.batch_size % (world * A):
+        raise ConfigError(f"train.batch_size: {tr.batch_size} is not a multiple of world size x train.grad_accum = "
+                          f"{world} x {A}, which train.batching: per_device needs (a per-device batch)")
     where = [f"tasks[{i}] ({t.name})" for i, t in enumerate(tasks)]
     for w, t in zip(where, tasks):
         n = len(t.train)
         if n == 0:
             raise DataError(f"{w}: no training samples")
-        if n < world * A:
-            raise ConfigError(f"train.grad_accum: {w} has {n} training sample(s), fewer than the {world * A} "
-                              f"one step needs (world size {world} x train.grad_accum {A})")
         if n < tr.batch_size:
             _warn(f"train.batch_size: {w} has {n} training sample(s), fewer than train.batch_size="
-                  f"{tr.batch_size}: each epoch is a single step of {n - n % (world * A)} samples")
+                  f"{tr.batch_size}: each epoch is a single, short step")
         eval_split(t, cfg.eval.split, warn=True, where=w)
     if tokenizer is not None and max_positions:
         _check_lengths(cfg, tasks, where, tokenizer, max_positions)

@@ -4,9 +4,15 @@ micro-step of an accumulation window, plus the optimiser and LR schedule they st
 
 Every loss is a sum over this process's share divided by the *global* batch's counts and
 multiplied by the number of processes, so N data-parallel processes (DDP/FSDP average
-gradients) give the gradient of the single-process global batch. The loop that decides
-which step runs when is :class:`~seekr_kernels.run.trainer.ContinualTrainer` over the
-recipe's :class:`~seekr_kernels.seekr.stream.ReplayStream`.
+gradients) give the gradient of the single-process global batch. With ``per_rank``
+(``train.batching: per_device``, published) a micro-step's loss is instead this process's
+own mean, which the processes' gradient average turns into the mean of their means, as
+DeepSpeed does. A short last batch may leave a micro-step without a sample on some
+process: that process runs one sample with weight 0 so every process runs the same
+forward and backward passes (DDP's gradient all-reduce, FSDP's gathers); a micro-step
+without a sample on every process is skipped. The loop that decides which step runs
+when is :class:`~seekr_kernels.run.trainer.ContinualTrainer` over the recipe's
+:class:`~seekr_kernels.seekr.stream.ReplayStream`.
 """
 from __future__ import annotations
 
@@ -99,6 +105,8 @@ class TrainSteps:
     def __init__(self, model, recipe, tr, dist, device, pad_token_id: int, autocast=None, scaler=None):
         self.model, self.recipe, self.tr, self.dist = model, recipe, tr, dist
         self.device, self.pad_token_id, self.autocast, self.scaler = device, int(pad_token_id), autocast, scaler
+        #: Micro-step losses are each process's own mean (``train.batching: per_device``).
+        self.per_rank = getattr(tr, "batching", "global") == "per_device"
 
     @property
     def base(self):
@@ -153,20 +161,37 @@ class TrainSteps:
             rec["attn_kl"] = float(sums[2])
         return rec
 
+    def micro_plan(self, n: int) -> list:
+        """This process's micro-batches of a global batch of ``n`` items (indices; the
+        contiguous rank slice, then ``grad_accum`` micro-step slices of it), for the
+        micro-steps some process has a sample in: ``[]`` where only this one has none (it
+        runs a weight-0 sample), and a micro-step empty on every process (a short batch's
+        last ones) left out."""
+        W, A = self.dist.world, self.tr.grad_accum
+        ranks = [shard(list(range(n)), r, W) for r in range(W)]
+        steps = [[shard(m, k, A) for m in ranks] for k in range(A)]
+        return [st[self.dist.rank] for st in steps if any(st)]
+
+    def _ce_pass(self, items, idx, sync, weight: float):
+        """Forward and backward of the CE sum of ``items[idx]`` times ``weight``; an empty
+        ``idx`` runs ``items[0]`` with weight 0 (matched collectives). Returns the CE sum
+        (0 for the weight-0 pass)."""
+        b = self._batch([items[i] for i in (idx or [0])])
+        with sync, self.autocast_ctx():
+            s = ce_sum(self.forward(b).logits, b["labels"])
+        self.backward(s * (weight if idx else 0.0))
+        return s.detach().double().cpu() if idx else torch.zeros((), dtype=torch.float64)
+
     # ---------------------------------------------------------------- optimiser steps
     def train_step(self, items, opt, sched) -> float:
-        """One optimiser step on a global train batch (``Encoded`` items); returns its mean
-        next-token CE."""
-        N = sum(n_targets(e) for e in items)
+        """One optimiser step on a global train batch (``Encoded`` items; a short last
+        batch too); returns its mean next-token CE."""
+        N = max(1, sum(n_targets(e) for e in items))
         W = self.dist.world
-        micro = self.recipe.micro_batches(items, self.tr.grad_accum)
+        plan = self.micro_plan(len(items))
         total = torch.zeros((), dtype=torch.float64)
-        for k, mb in enumerate(micro):
-            b = self._batch([items[i] for i in mb])
-            with self._sync(k, len(micro)), self.autocast_ctx():
-                s = ce_sum(self.forward(b).logits, b["labels"])
-            self.backward(s * (W / N))
-            total += s.detach().double().cpu()
+        for k, mb in enumerate(plan):
+            total += self._ce_pass(items, mb, self._sync(k, len(plan)), W / N)
         self.optimizer_step(opt, sched)
         return float(self.dist.all_reduce(total)) / N
 
@@ -188,20 +213,27 @@ class TrainSteps:
     # ---------------------------------------------------------------- micro-steps (replay.in_accumulation)
     def train_micro(self, items, boundary: bool, scale: float) -> float:
         """One accumulation micro-step on a global micro-batch (this rank takes its slice);
-        its loss is its own mean times ``scale`` (1 / grad_accum, as DeepSpeed scales it)."""
-        N = sum(n_targets(e) for e in items)
+        its loss is its own mean times ``scale`` (1 / grad_accum, as DeepSpeed scales it):
+        the global micro-batch's mean, or with :attr:`per_rank` this rank's own mean (the
+        published per-device loss, averaged over processes with the gradients). Returns
+        the global micro-batch's mean CE."""
+        N = max(1, sum(n_targets(e) for e in items))
         mine = shard(list(range(len(items))), self.dist.rank, self.dist.world)
-        b = self._batch([items[i] for i in mine])
-        with self._sync(0, 1 if boundary else 2), self.autocast_ctx():
-            s = ce_sum(self.forward(b).logits, b["labels"])
-        self.backward(s * (scale * self.dist.world / N))
-        return float(self.dist.all_reduce(s.detach().double().cpu())) / N
+        if self.per_rank:
+            weight = scale / max(1, sum(n_targets(items[i]) for i in mine))
+        else:
+            weight = scale * self.dist.world / N
+        s = self._ce_pass(items, mine, self._sync(0, 1 if boundary else 2), weight)
+        return float(self.dist.all_reduce(s)) / N
 
     def replay_micro(self, keys, boundary: bool, scale: float) -> dict:
-        """One replay micro-step inside an accumulation window."""
+        """One replay micro-step inside an accumulation window (:attr:`per_rank`: this
+        rank's replay loss normalised by its own counts, as :meth:`train_micro`)."""
+        per_rank = self.per_rank
         mine = [keys[i] for i in shard(list(range(len(keys))), self.dist.rank, self.dist.world)]
-        b = self.recipe.batch(mine, global_keys=keys)
+        b = self.recipe.batch(mine, global_keys=mine if per_rank else keys)
         with self._sync(0, 1 if boundary else 2), self.autocast_ctx():
             loss, parts = self.recipe.replay_loss(self.model, b)
-        self.backward(loss * (scale * self.dist.world))
-        return self.record(parts)
+        self.backward(loss * (scale if per_rank else scale * self.dist.world))
+        rec = self.record(parts)
+        return {k: v / self.dist.world for k, v in rec.items()} if per_rank else rec

@@ -67,6 +67,7 @@ from ..seekr.batching import shard
 from ..seekr.config import ConfigError
 from ..seekr.distributed import DistributedHooks
 from ..seekr.recipe import SeekrRecipe, task_seed
+from ..seekr.stream import per_device_batches
 from ..utils import store
 from ..utils.store import atomic_save_json
 from . import checkpoint, metrics
@@ -384,17 +385,26 @@ class ContinualTrainer:
 
     # ---------------------------------------------------------------- training loop
     def _global_batches(self, n, epoch, t, bs):
+        """The global batches of one epoch (``train.batching: global``); a short last
+        batch is trained too (the steps give a process or micro-step without a sample a
+        weight-0 one)."""
         ep = 0 if self.cfg.train.order == "fixed" else epoch
-        bl = epoch_batches(n, bs, task_seed(self.cfg.seed, t), ep, shuffle=self.cfg.train.shuffle)
-        need = self.dist.world * self.cfg.train.grad_accum
-        if bl and len(bl[-1]) < need:   # every rank and micro-step needs a sample
-            bl.pop()
-        return bl
+        return epoch_batches(n, bs, task_seed(self.cfg.seed, t), ep, shuffle=self.cfg.train.shuffle)
+
+    def _device_batches(self, n, epoch, t):
+        """``train.batching: per_device`` (published): the epoch's order cut by
+        :func:`~seekr_kernels.seekr.stream.per_device_batches` into micro-batches of
+        ``batch_size / (world x grad_accum)`` per process, the last one partial."""
+        tr = self.cfg.train
+        ep = 0 if tr.order == "fixed" else epoch
+        order = epoch_batches(n, max(1, n), task_seed(self.cfg.seed, t), ep, shuffle=tr.shuffle)[0]
+        W = self.dist.world
+        return per_device_batches(order, W, tr.batch_size // (W * tr.grad_accum))
 
     def _start_loop(self, t: int, n_units: int, total_of) -> _TaskLoop:
         """The task's schedule, optimiser and LR schedule; on a resumed task, their saved
         state, the RNGs and the position (checked against the replay schedule's state)."""
-        stream = self.recipe.replay_stream(n_units)
+        stream = self.recipe.replay_stream(n_units, per_device=self.cfg.train.batching == "per_device")
         total = total_of(stream)
         opt, sched = self._optimizer(total)
         loop = _TaskLoop(t, total, opt, sched, stream)
@@ -448,33 +458,41 @@ class ContinualTrainer:
         micro-batch is then one of them, every ``grad_accum`` micro-steps (train or replay)
         make one optimiser step, each micro-step's loss its own mean / grad_accum as
         DeepSpeed scales it, and a window left incomplete at the task's end is stepped (the
-        published engine would carry it into the next task). Checkpoints fall between
-        windows, so a resumed task starts a fresh window."""
+        published engine would carry it into the next task). With ``train.batching:
+        per_device`` (published) a unit is always one micro-step, every process's
+        per-device micro-batch (:meth:`_device_batches`), and its loss the process's own
+        mean. No training sample is dropped: a short last batch makes fewer (or partly
+        filled) micro-steps. Checkpoints fall between windows, so a resumed task starts a
+        fresh window."""
         tr = self.cfg.train
         W = self.dist.world
-        A = tr.grad_accum if self.recipe.replays_in_accumulation else 1      # units per optimiser step
+        per_device = tr.batching == "per_device"
+        micro_loop = per_device or self.recipe.replays_in_accumulation
+        A = tr.grad_accum if micro_loop else 1      # units per optimiser step
         self.train_model.train()
 
         def units(epoch):
+            if per_device:
+                return self._device_batches(len(ds), epoch, t)
             batches = self._global_batches(len(ds), epoch, t, tr.batch_size)
-            if A == 1:
+            if not micro_loop:
                 return batches
             out = []      # micro-step k of a global batch: every rank's k-th micro-batch of it
             for gb in batches:
                 ranks = [shard(gb, r, W) for r in range(W)]
-                out += [[i for r in ranks for i in shard(r, k, A)] for k in range(A)]
+                steps = ([i for r in ranks for i in shard(r, k, A)] for k in range(A))
+                out += [u for u in steps if u]     # a short batch: fewer micro-steps
             return out
 
         n = len(units(0))
         if n == 0:
-            raise ValueError(f"task {self.task_names[t]}: {len(ds)} training samples make no batch of "
-                             f"{W * tr.grad_accum}+ samples")
+            raise ValueError(f"task {self.task_names[t]}: no training samples")
         loop = self._start_loop(t, n, lambda rs: -(-epochs * (n + rs.per_epoch) // A))
         opt, sched = loop.opt, loop.lr_scheduler
         bar = self._bar(t, loop.total, loop.task_step)
         losses = []
         for kind, epoch, step, x in self._fast_forward(loop, loop.replay.events(epochs, units)):
-            if A == 1:
+            if not micro_loop:
                 loop.consumed += 1
                 if kind == "replay":
                     self._after(loop, bar, "replay", epoch, step, self.steps.replay_step(x, opt, sched))

@@ -313,7 +313,8 @@ _LIST_TYPES: dict = {}
 OFFICIAL = {
     "train": {"batch_size": 128, "grad_accum": 8, "lr": 1e-5, "weight_decay": 0.0, "betas": [0.9, 0.95],
               "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "pad_to_multiple_of": 8,
-              "max_prompt_len": 1024, "max_answer_len": 512, "order": "fixed", "optimizer_scope": "run"},
+              "max_prompt_len": 1024, "max_answer_len": 512, "order": "fixed", "batching": "per_device",
+              "optimizer_scope": "run"},
     "replay": {"ratio": 0.01, "subset": "first", "in_accumulation": True, "order": "fixed",
                "outnumbered": "skip"},
     "distill": {"logits_weight": 0.5, "attn_weight": 1000.0, "query_budget": 0, "sensitivity_region": "full",

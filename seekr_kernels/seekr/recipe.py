@@ -273,17 +273,21 @@ class SeekrRecipe:
         return PreTaskWeights.capture(unwrap(model), self.snapshot_device)
 
     # ---------------------------------------------------------------- replay batches
-    def replay_stream(self, n_train_batches: int) -> ReplayStream:
+    def replay_stream(self, n_train_batches: int, per_device: bool = False) -> ReplayStream:
         """The current task's :class:`ReplayStream` (the interleaver every loop consumes)
         over :meth:`replay_schedule`."""
-        return ReplayStream(lambda: self.replay_schedule(n_train_batches))
+        return ReplayStream(lambda: self.replay_schedule(n_train_batches, per_device))
 
-    def replay_schedule(self, n_train_batches: int) -> ReplaySchedule:
+    def replay_schedule(self, n_train_batches: int, per_device: bool = False) -> ReplaySchedule:
         """The current task's :class:`ReplaySchedule` over the memory of earlier tasks.
 
         ``n_train_batches``: train steps per epoch — optimiser steps, or micro-steps when
         :attr:`replays_in_accumulation`. Replay batches hold ``replay.batch_size`` samples
         (default: the train batch, or one micro-batch of it in accumulation).
+        ``per_device``: the published per-device batching (the package trainer's
+        ``train.batching: per_device``): each process's share of a replay batch is its
+        own ``DistributedSampler`` batch (:func:`~seekr_kernels.seekr.stream.per_device_batches`),
+        the last one of a pass partial.
         """
         rc, c = self.cfg.replay, self.cfg
         t = self.current.index if self.current is not None else self.num_tasks
@@ -291,9 +295,14 @@ class SeekrRecipe:
         if bs < need:
             raise ConfigError(f"replay.batch_size: {bs} is smaller than the {need} samples a replay batch needs "
                               "(one per process and accumulation micro-step)")
+        W = self.dist.world_size
+        if per_device and bs % W:
+            raise ConfigError(f"replay.batch_size: {bs} is not a multiple of the {W} processes (per-device "
+                              "batching gives each the same share)")
         keys = self.memory.keys() if self.uses_memory else []
         return ReplaySchedule(keys, bs, n_train_batches, cycle=rc.cycle, min_batch=need, order=rc.order,
-                              outnumbered=rc.outnumbered, seed=task_seed(c.seed, t) + 3)
+                              outnumbered=rc.outnumbered, seed=task_seed(c.seed, t) + 3,
+                              per_device=W if per_device else 0)
 
     @property
     def replays_in_accumulation(self) -> bool:

@@ -25,15 +25,22 @@ class ReplaySchedule:
     queue continuing across epochs; ``"fixed"``: one seeded order, restarted at every
     epoch (:meth:`start_epoch`) as the published loader does. A trailing batch smaller
     than ``min_batch`` (world size x micro-steps: every process and micro-step needs a
-    sample) is dropped.
+    sample) is dropped. ``per_device`` > 0 (the number of processes) cuts every pass the
+    published way instead: :func:`per_device_batches` with ``batch_size / per_device``
+    samples per process, the last batch partial, nothing dropped.
     """
 
     def __init__(self, keys: Sequence, batch_size: int, n_train_batches: int, *, cycle: int = 0,
-                 min_batch: int = 1, order: str = "reshuffle", outnumbered: str = "every_step", seed: int = 0):
+                 min_batch: int = 1, order: str = "reshuffle", outnumbered: str = "every_step", seed: int = 0,
+                 per_device: int = 0):
         self.keys = list(keys)
         self.n_train_batches = int(n_train_batches)
         self.batch_size = int(batch_size)
         self.min_batch = int(min_batch)
+        self.per_device = int(per_device)
+        if self.per_device and self.batch_size % self.per_device:
+            raise ValueError(f"batch_size: {self.batch_size} is not a multiple of the {self.per_device} processes "
+                             "of per-device batching")
         self.order = order
         self._rng = random.Random(seed)
         self.cycle, self.per_epoch = 0, 0
@@ -52,6 +59,8 @@ class ReplaySchedule:
     def _pass(self):
         order = self.keys[:]
         self._rng.shuffle(order)
+        if self.per_device:
+            return per_device_batches(order, self.per_device, self.batch_size // self.per_device)
         bl = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         return bl[:-1] if bl and len(bl[-1]) < self.min_batch else bl
 
@@ -86,6 +95,26 @@ class ReplaySchedule:
         self._rng.setstate((v, tuple(st), gauss))
         self._queue = [[tuple(k) for k in b] for b in sd["queue"]]
         return self
+
+
+def per_device_batches(order: Sequence, world: int, per_device: int) -> list:
+    """The published per-device batching of one epoch's ``order``, as global micro-batches.
+
+    A ``DistributedSampler`` without ``drop_last`` pads the order with its own first items
+    to a multiple of ``world`` and gives process r every ``world``-th item from r; each
+    process's ``DataLoader`` cuts batches of ``per_device``, the last one partial. Item k
+    of the result is every process's k-th batch, process by process, so a contiguous
+    :func:`~seekr_kernels.seekr.batching.shard` of it gives each process its own (all
+    processes hold the same number of items). ``ceil(ceil(n / world) / per_device)``
+    batches; none is dropped and none is empty.
+    """
+    order = list(order)
+    if not order:
+        return []
+    per = -(-len(order) // world)
+    padded = (order * -(-per * world // len(order)))[:per * world]
+    ranks = [padded[r::world] for r in range(world)]
+    return [[x for r in ranks for x in r[i:i + per_device]] for i in range(0, per, per_device)]
 
 
 def replay_batch_size(cfg, world_size: int = 1):
