@@ -1061,6 +1061,8 @@ class SeekrTrainerMixin:
         """Every process has written its part of ``d``: the recipe state, then the manifest."""
         self._seekr_barrier()
         if self.args.should_save:
+            from ..run.models import sort_adapter_config
+            sort_adapter_config(d)          # PEFT writes target_modules in hash order
             self.recipe.save(os.path.join(d, RECIPE_DIR))
             _seal_checkpoint(d, {"task": self._seekr_task_name, **head})
         self._seekr_barrier()
