@@ -37,7 +37,10 @@ files with their SHA-256, the Trainer's files with their size (:func:`verify_che
 ``resume_from_checkpoint=True`` takes the newest complete checkpoint (one a kill left
 half-written is skipped); an incomplete one passed by path is refused, naming the newest
 complete one. ``save_total_limit`` rotates older checkpoints out only once the new one is
-complete.
+complete. ``train_task`` also saves each task's end (``<output_dir>/<task>/final``: model,
+RNG, recipe state after ``end_task``, manifest), and ``train_tasks(tasks, resume=True)``
+continues a killed sequence from those and the checkpoints (:meth:`SeekrTrainerMixin.train_tasks`).
+Logs count one step across the sequence (:meth:`SeekrTrainerMixin.log`).
 
 Loss normalisation follows transformers' convention: ``compute_loss`` keeps the
 ``num_items_in_batch`` argument and returns this process's share of the accumulated
