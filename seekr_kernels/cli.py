@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs (one seed, one method) at once, each in its own process (default 2; 1 = all "
                         "in this process)")
     d.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads per process (default 1; 0 = torch's default)")
+                   help="torch CPU threads per process (default 1; 0 = the automatic choice of "
+                        "train.num_threads: null, torch's default or 1 on a busy machine)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_demo)

@@ -191,6 +191,11 @@ def test_lora_gradient_checkpointing_sequence_and_checkpoints(tmp_path):
     assert ck and all(os.path.isdir(tmp_path / "b" / c / "seekr_recipe") for c in ck)
     saved = sk.SeekrRecipe(trainer.recipe.cfg, model=trainer.model).load(str(tmp_path / "b" / ck[-1] / "seekr_recipe"))
     assert saved.current is not None and saved.current.name == "b" and saved.num_tasks == 1
+    # the task's end: the adapter and the recipe state after end_task
+    final = tmp_path / "b" / "final"
+    assert (final / "adapter_config.json").is_file() and sk.hf.verify_checkpoint(str(final))["task"] == "b"
+    done = sk.SeekrRecipe(trainer.recipe.cfg, model=trainer.model).load(str(final / "seekr_recipe"))
+    assert done.current is None and done.task_names == ["a", "b"]
 
 
 def test_arguments_validate_and_parse(tmp_path):

@@ -37,7 +37,10 @@ files with their SHA-256, the Trainer's files with their size (:func:`verify_che
 ``resume_from_checkpoint=True`` takes the newest complete checkpoint (one a kill left
 half-written is skipped); an incomplete one passed by path is refused, naming the newest
 complete one. ``save_total_limit`` rotates older checkpoints out only once the new one is
-complete.
+complete. ``train_task`` also saves each task's end (``<output_dir>/<task>/final``: model,
+RNG, recipe state after ``end_task``, manifest), and ``train_tasks(tasks, resume=True)``
+continues a killed sequence from those and the checkpoints (:meth:`SeekrTrainerMixin.train_tasks`).
+Logs count one step across the sequence (:meth:`SeekrTrainerMixin.log`).
 
 Loss normalisation follows transformers' convention: ``compute_loss`` keeps the
 ``num_items_in_batch`` argument and returns this process's share of the accumulated
@@ -1061,6 +1064,8 @@ class SeekrTrainerMixin:
         """Every process has written its part of ``d``: the recipe state, then the manifest."""
         self._seekr_barrier()
         if self.args.should_save:
+            from ..run.models import sort_adapter_config
+            sort_adapter_config(d)          # PEFT writes target_modules in hash order
             self.recipe.save(os.path.join(d, RECIPE_DIR))
             _seal_checkpoint(d, {"task": self._seekr_task_name, **head})
         self._seekr_barrier()

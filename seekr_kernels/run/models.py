@@ -178,6 +178,7 @@ def save_model(model, tokenizer, d: str, state_dict=None, max_shard_size="5GB") 
             model.save_pretrained(d)
         else:
             model.save_pretrained(d, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
+    sort_adapter_config(d)
     tokenizer.save(d)
 
 
@@ -221,3 +222,29 @@ def model_state_dict(model, base, fsdp: bool) -> dict:
             sd.pop("lm_head.weight", None)     # its load path re-ties it
         return sd
     return {k: v.detach().cpu() for k, v in base.state_dict().items()}
+
+
+#: adapter_config.json keys PEFT keeps as sets (written as lists in hash order)
+_SET_KEYS = ("target_modules", "exclude_modules", "modules_to_save", "trainable_token_indices")
+
+
+def sort_adapter_config(d: str) -> None:
+    """Rewrite ``d/adapter_config.json`` (if any) with PEFT's set-valued lists sorted: PEFT
+    writes ``target_modules`` from a set, in an order that ``PYTHONHASHSEED`` changes from
+    process to process, so two saves of the same adapters differed byte for byte. Same
+    layout as PEFT's (indent 2, sorted keys)."""
+    from ..utils.store import atomic_write_bytes
+    p = os.path.join(d, "adapter_config.json")
+    if not os.path.isfile(p):
+        return
+    with open(p, encoding="utf-8") as f:
+        raw = f.read()
+    cfg = json.loads(raw)
+    changed = False
+    for k in _SET_KEYS:
+        v = cfg.get(k)
+        if isinstance(v, list) and all(isinstance(x, str) for x in v) and v != sorted(v):
+            cfg[k] = sorted(v)
+            changed = True
+    if changed:
+        atomic_write_bytes(p, json.dumps(cfg, indent=2, sort_keys=True).encode())

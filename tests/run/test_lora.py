@@ -125,3 +125,38 @@ def test_peft_model_through_the_api_and_adapter_save(tmp_path, data):
     full = ContinualTrainer(tiny_config(tmp_path / "run", data, "seekr", **{"train.lr": 1e-2}), quiet=True)
     with pytest.raises(CheckpointError, match="holds LoRA adapters, the run trains the full model"):
         full.run(resume=True, allow_config_change=["model"])
+
+
+_SAVE_ADAPTER = r"""
+import hashlib, sys, torch
+import peft
+from transformers import LlamaConfig, LlamaForCausalLM
+from seekr_kernels.run.models import save_model
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, vocab_size=32, max_position_embeddings=16))
+model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj"]))
+save_model(model, type("Tok", (), {"save": lambda self, d: None})(), sys.argv[1])
+print(hashlib.sha256(open(sys.argv[1] + "/adapter_config.json", "rb").read()).hexdigest())
+"""
+
+
+def test_adapter_config_is_the_same_bytes_in_every_process(tmp_path):
+    """PEFT writes target_modules (a set) in hash order, which PYTHONHASHSEED changes from
+    process to process: the saved adapter_config.json must not (a run's final/ is
+    byte-identical between an uninterrupted and a resumed run)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    digests = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        out = subprocess.run([sys.executable, "-c", _SAVE_ADAPTER, str(tmp_path / seed)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        digests.add(out.stdout.split()[-1])
+    assert len(digests) == 1, digests
+    cfg = json.loads((tmp_path / "1" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(cfg["target_modules"])
