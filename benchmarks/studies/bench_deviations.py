@@ -3,6 +3,7 @@
     python -m benchmarks.studies.bench_deviations --stats            # rows 1-5: the statistics
     python -m benchmarks.studies.bench_deviations --runs --seeds 0 1  # rows 5-8: OP/BWT of whole runs
     python -m benchmarks.studies.bench_deviations --stats --runs --out DIR
+    python -m benchmarks.studies.bench_deviations --carry            # what DeepSpeed carries across tasks
 
 ``--stats`` measures the attention-log row on synthetic heads of growing sharpness, then
 trains SEEKR (package recipe) on the demo's four rules with inputs of varying length
@@ -241,6 +242,71 @@ def official_config(run_dir, data, seed, s, **extra):
     return d
 
 
+def carry(seed, tmp, s):
+    """What the published DeepSpeed engine carries into a task's first optimiser step and
+    the package does not (``recipe: official`` on the demo): the micro-steps of the task's
+    last, incomplete accumulation window, and the gradients of the sensitivity pass (every
+    new replay sample's mean CE, backpropagated through the engine: / grad_accum, never
+    stepped or zeroed). Per task end: those micro-steps, and the sensitivity gradient's
+    norm against the median norm of the task's update gradients (before clipping at 1)."""
+    from seekr_kernels.run.steps import TrainSteps
+    from seekr_kernels.run.trainer import ContinualTrainer
+    from seekr_kernels.seekr.batching import collate, encoded
+    from seekr_kernels.seekr.importance import sensitivity_loss
+    data = os.path.join(tmp, f"carry-data-{seed}")
+    write_stream(make_stream(s["n_train"], s["n_test"], s["length"], s["tasks"], seed=seed), data)
+    tr = ContinualTrainer(from_dict(official_config(os.path.join(tmp, f"carry-{seed}"), data, seed, s)), quiet=True)
+    A = tr.cfg.train.grad_accum
+    norms, micro, rows = [], [0], []
+
+    def grad_norm(model):
+        return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)))
+
+    orig_step, orig_t, orig_r = TrainSteps.optimizer_step, TrainSteps.train_micro, TrainSteps.replay_micro
+
+    def step(self, opt, sched):
+        norms.append(grad_norm(self.base))
+        return orig_step(self, opt, sched)
+
+    def train_micro(self, *a):
+        micro[0] += 1
+        return orig_t(self, *a)
+
+    def replay_micro(self, *a):
+        micro[0] += 1
+        return orig_r(self, *a)
+
+    rc = tr.recipe
+    orig_end = rc.end_task
+
+    def end_task(model):
+        model.zero_grad(set_to_none=True)
+        for smp in rc.current.samples:
+            b = collate(encoded([smp]), rc.pad_token_id)
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                        use_cache=False)
+            (sensitivity_loss(out.logits, b["labels"]) / A).backward()
+        g = grad_norm(model)
+        model.zero_grad(set_to_none=True)
+        rows.append((micro[0] % A, len(rc.current.samples), g / sorted(norms)[len(norms) // 2]))
+        micro[0] = 0
+        norms.clear()
+        return orig_end(model)
+
+    rc.end_task = end_task
+    TrainSteps.optimizer_step, TrainSteps.train_micro, TrainSteps.replay_micro = step, train_micro, replay_micro
+    try:
+        tr.run()
+    finally:
+        TrainSteps.optimizer_step, TrainSteps.train_micro, TrainSteps.replay_micro = orig_step, orig_t, orig_r
+    print(f"\n| task end | micro-steps in the last window (of {A}) | replay samples | sensitivity gradient / "
+          "median update gradient |")
+    print("| --- | --- | --- | --- |")
+    for i, (k, n, r) in enumerate(rows):
+        print(f"| {i + 1} | {k} | {n} | {r:.2f} |")
+    return rows
+
+
 def runs(seeds, tmp, s, only=None):
     from seekr_kernels.run.trainer import ContinualTrainer
     out = {}
@@ -277,6 +343,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stats", action="store_true")
     ap.add_argument("--runs", action="store_true")
+    ap.add_argument("--carry", action="store_true", help="what DeepSpeed carries into a task's first step")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--only", nargs="+", help="--runs: only the configurations whose name contains one of these")
     common.add_common_args(ap)
@@ -299,6 +366,8 @@ def main():
             result["stats"] = {"rows": rows, "attention": att, "sharp_heads": sharp}
         if a.runs:
             result["runs"] = runs(a.seeds, tmp, s, a.only)
+        if a.carry:
+            result["carry"] = {seed: carry(seed, tmp, s) for seed in a.seeds}
     path = os.path.join(out, "deviations.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
