@@ -25,7 +25,7 @@ def _run(script, out, *extra, cwd):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, os.path.join(BENCH, script), "--quick", "--out", str(out), *extra],
-                       capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
+                       capture_output=True, text=True, env=env, timeout=1500, cwd=cwd)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p.stdout
 
