@@ -2,8 +2,8 @@
 interfering natural-language tasks, six methods, TRACE's scores (issue 20).
 
 Model: SmolLM2-135M-Instruct (30 layers, 9 heads / 3 KV heads; ``python -m
-seekr_kernels.assets smollm2``), fp32, LoRA r = 8 (alpha 16) on every layer's q_proj and
-v_proj, through the package's own trainer (``python -m seekr_kernels train --config``, one
+seekr_kernels.assets smollm2``), fp32, LoRA r = 8 (alpha 16) on q_proj and v_proj of the
+top 12 layers (18-29), through the package's own trainer (``python -m seekr_kernels train --config``, one
 generated YAML per method and seed; the merged model is its ``final/``).
 
 Tasks (TRACE's style, generated here from a fixed data seed, the same for every method and
@@ -44,14 +44,16 @@ Output (``--out DIR``, default ./bench-out/; the committed numbers only with ``-
 benchmarks/results``): ``real_continual.csv`` (one row per method and seed, plus the base
 model's row), ``real_continual.png`` and the run folders under ``DIR/real_continual_work``.
 
-Time: a full seed is 6 methods x 4 tasks x 400 training samples (50 steps of 8 per task,
-1 epoch) plus evaluation of 50 test samples per seen task and the general set. One training
-step (batch 8, ~60 tokens, all 30 layers, LoRA) costs about 2 s on two idle cores, so a
-method takes about 8-9 minutes and a seed about 50-55 minutes on two idle cores (estimate
-from the measured step cost; the shared development machine ran 4-6x slower). ``--quick``:
-the first 4 decoder layers, 8 training and 2 test samples per task, 12 general prompts, the
-methods given (default all), about a minute per method: a smoke run whose numbers mean
-nothing.
+Time (an estimate; no full seed has run yet): a full seed is 6 methods x 4 tasks x 200
+training samples (25 steps of 8 per task, 1 epoch; ~100 train steps plus 5-20 replay steps
+per method), evaluation of 40 test samples per seen task after each task (10 task
+evaluations) and the general set. A step of 8 x ~72 tokens is ~160 GFLOP forward plus
+~60 backward (top 12 layers), 3-4 s on two idle cores, so training takes ~7 minutes per
+method and the evaluations 2-3: about an hour per seed on two idle cores. On the shared
+development machine (load 10-100 from other work) one step took 120-210 s of wall time, so
+no full seed could run there. ``--quick``: the first 4 decoder layers, 8 training and 2
+test samples per task, 12 general prompts, the methods given (default all), 1 or 4 replay
+samples: a smoke run whose numbers mean nothing (about a minute per method on idle cores).
 """
 from __future__ import annotations
 
@@ -79,10 +81,15 @@ METHODS = {
 }
 DATA_SEED = 1234          # the task set; fixed, whatever --seeds says
 
-FULL = {"layers": None, "train": 400, "test": 50, "batch": 8, "epochs": 1, "lr": 1e-3, "general": None,
-        "max_new_tokens": 24, "kl_prompts": 32}
+# LoRA on the top 12 of the 30 layers: the backward pass stops at layer 18, which halves a
+# training step's cost (measured: 8.6-14 vs 25 CPU-s per step of 8 x 56 tokens on the shared
+# machine); the lower layers' attention then never changes, so SEEKR's importance (x
+# forgettability) selects heads in the adapted layers, where distillation can act.
+TOP12 = r"model\.layers\.(1[8-9]|2[0-9])\.self_attn\.(q_proj|v_proj)"
+FULL = {"layers": None, "train": 200, "test": 40, "batch": 8, "epochs": 1, "lr": 1e-3, "general": None,
+        "max_new_tokens": 24, "kl_prompts": 32, "lora_targets": TOP12}
 QUICK = {"layers": 4, "train": 8, "test": 2, "batch": 4, "epochs": 1, "lr": 1e-3, "general": 12,
-         "max_new_tokens": 8, "kl_prompts": 4}
+         "max_new_tokens": 8, "kl_prompts": 4, "lora_targets": ["q_proj", "v_proj"]}
 
 # ============================================================================ tasks
 
@@ -272,7 +279,6 @@ class General:
     def score(self, model):
         """(retention: fraction of the kept prompts still answered with the key, or None if
         the base got none right; mean per-token KL(base || model) on base generations)."""
-        import torch
         ret = None
         if self.kept:
             ans = greedy(model, self.tok, [u for u, _ in self.kept], self.max_new)
@@ -325,7 +331,7 @@ def run_config(name, seed, model_dir, paths, cfg, out_dir):
     spec = METHODS[name]
     c = {"method": spec["method"], "output_dir": out_dir, "seed": seed, "device": "cpu",
          "model": {"path": model_dir, "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
-                                               "target_modules": ["q_proj", "v_proj"], "save": "merged"}},
+                                               "target_modules": cfg["lora_targets"], "save": "merged"}},
          "tasks": [{"name": t, "path": paths[t], "metric": METRICS[t]} for t in TASKS],
          "train": {"batch_size": cfg["batch"], "grad_accum": 1, "epochs": cfg["epochs"], "lr": cfg["lr"],
                    "max_prompt_len": 128, "max_answer_len": 32, "pad_to_multiple_of": 8, "precision": "fp32"},

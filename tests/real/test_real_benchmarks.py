@@ -26,7 +26,7 @@ def _run(script, out, *extra, cwd):
     env.pop("TRITON_INTERPRET", None)
     module = "benchmarks." + script[:-len(".py")]          # run as the README says: python -m benchmarks.<name>
     p = subprocess.run([sys.executable, "-m", module, "--quick", "--out", str(out), *extra],
-                       capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
+                       capture_output=True, text=True, env=env, timeout=1500, cwd=cwd)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p.stdout
 
