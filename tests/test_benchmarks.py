@@ -38,6 +38,9 @@ NOT_RUN = {
     "benchmarks.studies.bench_deviations": "trains the demo stream: ~12 s of CPU with --quick --stats",
     "benchmarks.studies.bench_demo_factors": "trains four demo runs in worker processes: ~15 s of CPU",
     "benchmarks.studies.bench_logits_positions": "trains the smoke run, each replay step twice: ~5 s of CPU",
+    # the real-model scripts' --quick runs are in tests/real/test_real_benchmarks.py (they need the model)
+    "benchmarks.bench_real_teacher_quality": "needs the SmolLM2 folder: tests/real runs its --quick",
+    "benchmarks.bench_real_continual": "needs the SmolLM2 folder: tests/real runs its --quick",
 }
 RATIO = re.compile(r"(\d+(?:\.\d+)?)x (faster|slower|less|more|smaller|larger)\b")
 
