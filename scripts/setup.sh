@@ -42,7 +42,8 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 cflags=()
 if [ -n "$constraints" ]; then
-  have=$(python -c "import torch; print(torch.__version__.split('+')[0])")
+  have=$(python -c "import torch; print(torch.__version__)")
+  have=${have%%+*}                       # 2.13.0+cpu satisfies ==2.13.0
   if [ -n "$torch_pin" ] && [ "$have" != "$torch_pin" ]; then
     # Keep this torch: the install below must not replace it, so its pin goes.
     echo "setup.sh: torch $have is not $torch_pin, the version seekr demo's table in README.md" \
