@@ -72,7 +72,7 @@ def test_quick_demo_over_two_seeds_in_two_processes(tmp_path, capsys):
 def test_readme_demo_table_has_the_printed_format():
     """README numbers are pasted from a demo run: the table must be the one the demo prints
     (same header, every method, mean [min, max] per column) under the versions it was taken
-    with. (The numbers themselves depend on the machine's libraries.)"""
+    with. (The numbers themselves depend on the library versions and the CPU's kernels.)"""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         lines = f.read().splitlines()
     rows = _table(lines)
@@ -90,17 +90,85 @@ def test_readme_demo_table_has_the_printed_format():
         assert re.search(lib + r" \d", before), f"README demo table: no {lib} version above it"
 
 
+#: The two recorded runs of `seekr demo` (defaults: 3 seeds, 4 methods), same versions, two
+#: CPU kernel sets (benchmarks/results/README.md names the settings). README's table is the
+#: first one's; README also shows the second's.
+RECORDED = ("demo_results.json", "demo_results_kernels_default.json")
+
+
+def _recorded(name):
+    with open(os.path.join(ROOT, "benchmarks", "results", name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _pins():
+    """{name: version} of the NAME==VERSION lines of scripts/constraints.txt."""
+    pins = {}
+    with open(os.path.join(ROOT, "scripts", "constraints.txt"), encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                name, sep, version = line.partition("==")
+                assert sep and version, f"scripts/constraints.txt: not NAME==VERSION: {line!r}"
+                pins[name.strip().lower()] = version.strip()
+    return pins
+
+
 def test_readme_demo_table_is_the_recorded_run():
     """The README's table is, line for line, what `seekr demo` printed for the run recorded
-    in benchmarks/results/demo_results.json, and names that run's library versions."""
-    with open(os.path.join(ROOT, "benchmarks", "results", "demo_results.json"), encoding="utf-8") as f:
-        res = json.load(f)
+    in benchmarks/results/demo_results.json, and names that run's library versions; the
+    other recorded run's table is in the README too."""
+    res = _recorded(RECORDED[0])
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     assert res["seeds"] == [0, 1, 2] and not res["quick"] and list(res["methods"]) == NAMES
     assert demo.format_summary_table(res["methods"]) in readme
     v = res["versions"]
     assert f"torch {v['torch']}, transformers {v['transformers']}, triton {v['triton']}, python {v['python']}" in readme
+    # the table the test above reads is the first one in the README
+    assert readme.index(demo.format_summary_table(res["methods"])) == readme.index(demo.TABLE_HEADER)
+    other = _recorded(RECORDED[1])
+    assert demo.format_summary_table(other["methods"]).split("\n", 2)[2] in readme
+
+
+def test_recorded_demo_runs_use_the_pinned_versions_and_the_demo_settings():
+    """Both recorded runs were taken with the versions scripts/constraints.txt pins (the ones
+    scripts/setup.sh installs), the same python and the demo's current settings."""
+    pins = _pins()
+    assert {"torch", "transformers"} <= set(pins)
+    runs = [_recorded(n) for n in RECORDED]
+    for res in runs:
+        v = res["versions"]
+        assert v["torch"].split("+")[0] == pins["torch"] and v["transformers"] == pins["transformers"], v
+        assert res["seeds"] == [0, 1, 2] and not res["quick"] and list(res["methods"]) == NAMES
+        assert res["settings"] == json.loads(json.dumps({k: x for k, x in demo.FULL.items() if k != "tasks"}))
+        assert res["tasks"] == list(demo.FULL["tasks"])
+    assert runs[0]["versions"] == runs[1]["versions"]
+    with open(os.path.join(ROOT, "scripts", "setup.sh"), encoding="utf-8") as f:
+        setup = f.read()
+    assert "scripts/constraints.txt" in setup and "-c .venv/seekr-constraints.txt" in setup
+
+
+def test_readme_demo_claims_hold_on_both_recorded_runs():
+    """README's claims about the demo, on both recorded runs: what it says holds on every
+    seed holds on every seed of both, and its counts over the 6 runs of a seed are these."""
+    runs = [_recorded(n)["per_seed"] for n in RECORDED]
+    seeds = [r for per_seed in runs for r in per_seed.values()]
+    assert len(seeds) == 6
+    for r in seeds:
+        for key in ("OP", "BWT"):
+            assert r["seekr-1%"][key] > r["sft"][key], (key, r)
+            assert r["replay-10%"][key] > r["replay-1%"][key] and r["replay-10%"][key] > r["sft"][key], (key, r)
+        # "sequential fine-tuning keeps little more than the last task (OP 22-26%, BWT -94% or lower)"
+        assert 0.22 <= r["sft"]["OP"] <= 0.26 and r["sft"]["BWT"] <= -0.94
+    # "SEEKR-1% beats replay-1% on the mean of both tables and on 5 of the 6 runs of a seed,
+    # OP and BWT"; "SEEKR-1% leads [replay-10%] on 2 of the 6"
+    for per_seed in runs:
+        mean = lambda n: sum(per_seed[s][n]["OP"] for s in per_seed) / len(per_seed)
+        assert mean("seekr-1%") > mean("replay-1%")
+    for key in ("OP", "BWT"):
+        assert sum(r["seekr-1%"][key] > r["replay-1%"][key] for r in seeds) == 5, key
+    assert sum(r["seekr-1%"]["OP"] > r["replay-10%"]["OP"] for r in seeds) == 2
 
 
 def test_spread_makespan_and_seed_wins():
