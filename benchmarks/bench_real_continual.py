@@ -86,7 +86,7 @@ DATA_SEED = 1234          # the task set; fixed, whatever --seeds says
 # machine); the lower layers' attention then never changes, so SEEKR's importance (x
 # forgettability) selects heads in the adapted layers, where distillation can act.
 TOP12 = r"model\.layers\.(1[8-9]|2[0-9])\.self_attn\.(q_proj|v_proj)"
-FULL = {"layers": None, "train": 200, "test": 40, "batch": 8, "epochs": 1, "lr": 1e-3, "general": None,
+FULL = {"layers": None, "train": 200, "test": 30, "batch": 8, "epochs": 1, "lr": 1e-3, "general": None,
         "max_new_tokens": 24, "kl_prompts": 32, "lora_targets": TOP12}
 QUICK = {"layers": 4, "train": 8, "test": 2, "batch": 4, "epochs": 1, "lr": 1e-3, "general": 12,
          "max_new_tokens": 8, "kl_prompts": 4, "lora_targets": ["q_proj", "v_proj"]}
@@ -198,16 +198,55 @@ FACTS = [("How many days are there in a week?", "7"), ("How many legs does a spi
          ("What gas do plants absorb from the air?", "carbon dioxide"), ("How many continents are there?", "7"),
          ("What is the boiling point of water in Celsius?", "100"), ("How many sides does a square have?", "4")]
 
+CAPITALS2 = [("Brazil", "Brasilia"), ("India", "New Delhi"), ("Turkey", "Ankara"), ("Iran", "Tehran"),
+             ("Iraq", "Baghdad"), ("Chile", "Santiago"), ("Colombia", "Bogota"), ("Venezuela", "Caracas"),
+             ("Switzerland", "Bern"), ("the Czech Republic", "Prague"), ("Romania", "Bucharest"),
+             ("Bulgaria", "Sofia"), ("Croatia", "Zagreb"), ("Serbia", "Belgrade"), ("Ukraine", "Kyiv"),
+             ("Vietnam", "Hanoi"), ("the Philippines", "Manila"), ("Indonesia", "Jakarta"), ("Malaysia", "Kuala Lumpur"),
+             ("Pakistan", "Islamabad"), ("Bangladesh", "Dhaka"), ("Nepal", "Kathmandu"), ("Afghanistan", "Kabul"),
+             ("Saudi Arabia", "Riyadh"), ("Israel", "Jerusalem"), ("Lebanon", "Beirut"), ("Syria", "Damascus"),
+             ("Jordan", "Amman"), ("Morocco", "Rabat"), ("Algeria", "Algiers"), ("Nigeria", "Abuja"),
+             ("Ethiopia", "Addis Ababa"), ("Ghana", "Accra"), ("Iceland", "Reykjavik"), ("New Zealand", "Wellington"),
+             ("the United States", "Washington"), ("Scotland", "Edinburgh"), ("Wales", "Cardiff"), ("Estonia", "Tallinn"),
+             ("Latvia", "Riga"), ("Lithuania", "Vilnius"), ("Slovakia", "Bratislava"), ("Slovenia", "Ljubljana"),
+             ("Uruguay", "Montevideo"), ("Bolivia", "La Paz"), ("Ecuador", "Quito"), ("Jamaica", "Kingston"),
+             ("Qatar", "Doha"), ("Kuwait", "Kuwait City"), ("Singapore", "Singapore")]
+OPPOSITES2 = [("good", "bad"), ("yes", "no"), ("black", "white"), ("love", "hate"), ("true", "false"),
+        ("clean", "dirty"), ("thick", "thin"), ("long", "short"), ("young", "old"), ("first", "last"),
+        ("buy", "sell"), ("give", "take"), ("laugh", "cry"), ("heavy", "light"), ("cheap", "expensive"),
+        ("safe", "dangerous"), ("quiet", "loud"), ("sweet", "sour"), ("wide", "narrow"), ("deep", "shallow"),
+        ("start", "finish"), ("before", "after"), ("above", "below"), ("inside", "outside"), ("friend", "enemy"),
+        ("war", "peace"), ("north", "south"), ("east", "west"), ("summer", "winter"), ("male", "female")]
+FACTS2 = [("What color is a banana?", "yellow"), ("What color is snow?", "white"), ("What color is a ripe tomato?", "red"),
+          ("What is the closest star to Earth?", "Sun"), ("What is the largest ocean on Earth?", "Pacific"),
+          ("What is the tallest mountain in the world?", "Everest"), ("What is the longest river in Africa?", "Nile"),
+          ("Which planet is known as the Red Planet?", "Mars"), ("What do cows drink?", "water"),
+          ("What do caterpillars turn into?", "butterflies"), ("Who painted the Mona Lisa?", "Leonardo"),
+          ("Who was the first president of the United States?", "Washington"),
+          ("What is the largest mammal?", "whale"), ("What is the fastest land animal?", "cheetah"),
+          ("Which gas do humans need to breathe?", "oxygen"), ("What is the hardest natural substance?", "diamond"),
+          ("In which country are the pyramids of Giza?", "Egypt"), ("What language is spoken in Brazil?", "Portuguese"),
+          ("What is the main language spoken in Mexico?", "Spanish"), ("Which organ pumps blood through the body?", "heart"),
+          ("What is frozen water called?", "ice"), ("What is the currency of Japan?", "yen"),
+          ("What instrument has 88 keys?", "piano"), ("Who developed the theory of relativity?", "Einstein"),
+          ("What is the capital city of the state of California?", "Sacramento"),
+          ("How many wheels does a bicycle have?", "2"), ("How many days are in a leap year?", "366"),
+          ("What is the largest country by area?", "Russia"), ("Which continent is Kenya in?", "Africa"),
+          ("What is the smallest prime number?", "2")]
+
 
 def general_prompts():
-    """(prompt, key answer) pairs: 30 capitals, 60 additions, 20 opposites, 20 facts."""
-    rng = random.Random(DATA_SEED)
-    out = [(f"What is the capital of {c}?", cap) for c, cap in CAPITALS]
-    for _ in range(60):
-        a, b = rng.randint(2, 40), rng.randint(2, 40)
-        out.append((f"What is {a} + {b}?", str(a + b)))
-    out += [(f"What is the opposite of '{w}'?", o) for w, o in OPPOSITES]
-    out += FACTS
+    """(prompt, key answer) pairs: 80 capitals, 50 opposites, 50 facts and 30 one-digit
+    additions (distinct) asked for a number only (210 in all). Fixed before the first full run from
+    what the base model answers within max_new_tokens: bare "What is a + b?" prompts (an
+    earlier draft) drew a worked explanation that never reached the sum in 24 tokens (1 of
+    60 right), so the additions ask for the number only."""
+    rng = random.Random(DATA_SEED + 2)
+    out = [(f"What is the capital of {c}?", cap) for c, cap in CAPITALS + CAPITALS2]
+    out += [(f"What is the opposite of '{w}'?", o) for w, o in OPPOSITES + OPPOSITES2]
+    out += FACTS + FACTS2
+    pairs = rng.sample([(a, b) for a in range(1, 10) for b in range(1, 10)], 30)
+    out += [(f"What is {a} + {b}? Answer with a number only.", str(a + b)) for a, b in pairs]
     return out
 
 
@@ -327,14 +366,15 @@ def base_scores(model_dir, paths, cfg, work):
     return scores
 
 
-def run_config(name, seed, model_dir, paths, cfg, out_dir):
+def run_config(name, seed, model_dir, paths, cfg, out_dir, threads=0):
     spec = METHODS[name]
     c = {"method": spec["method"], "output_dir": out_dir, "seed": seed, "device": "cpu",
          "model": {"path": model_dir, "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
                                                "target_modules": cfg["lora_targets"], "save": "merged"}},
          "tasks": [{"name": t, "path": paths[t], "metric": METRICS[t]} for t in TASKS],
          "train": {"batch_size": cfg["batch"], "grad_accum": 1, "epochs": cfg["epochs"], "lr": cfg["lr"],
-                   "max_prompt_len": 128, "max_answer_len": 32, "pad_to_multiple_of": 8, "precision": "fp32"},
+                   "max_prompt_len": 128, "max_answer_len": 32, "pad_to_multiple_of": 8, "precision": "fp32",
+                   **({"num_threads": threads} if threads else {})},
          "replay": {"batch_size": max(1, cfg["batch"] // 2), **spec.get("replay", {})},
          "eval": {"batch_size": 16, "max_new_tokens": cfg["max_new_tokens"]},
          "log": {"progress": False}}
@@ -346,14 +386,39 @@ def run_config(name, seed, model_dir, paths, cfg, out_dir):
     return c
 
 
-def run_method(name, seed, model_dir, paths, cfg, work, general, max_steps=0):
+def time_split(log_path):
+    """Where a run's wall time went, from its log.jsonl: each event's time since the one
+    before it is charged to the event's kind -- ``train`` and ``replay`` steps, ``passes``
+    (the end-of-task passes: memory, importance/sensitivity, forgettability, teacher
+    capture and head selection, which end in the ``heads`` event), ``eval`` (generation and
+    scoring, ``samples`` and ``eval``) and ``save`` (checkpoints). What precedes the first
+    step (start-up, model load) and follows the last event (final save) is the rest of the
+    wall time. Methods without head selection have no ``heads`` event: their end-of-task
+    work (memory, teacher capture) is charged to ``eval``."""
+    kinds = {"train": "train", "replay": "replay", "heads": "passes", "samples": "eval", "eval": "eval",
+             "saved": "save"}
+    out = {k: 0.0 for k in ("train", "replay", "passes", "eval", "save")}
+    prev = None
+    with open(log_path) as f:
+        for line in f:
+            ev = json.loads(line)
+            t = ev.get("time")
+            if t is None:
+                continue
+            if prev is not None and ev.get("kind") in kinds:
+                out[kinds[ev["kind"]]] += t - prev
+            prev = t
+    return {f"time_{k}_s": round(v, 1) for k, v in out.items()}
+
+
+def run_method(name, seed, model_dir, paths, cfg, work, general, max_steps=0, threads=0):
     import torch
     import yaml
     from transformers import AutoModelForCausalLM
     run_dir = os.path.join(work, f"{name}-seed{seed}")
     cfg_path = run_dir + ".yaml"
     with open(cfg_path, "w") as f:
-        c = run_config(name, seed, model_dir, paths, cfg, run_dir)
+        c = run_config(name, seed, model_dir, paths, cfg, run_dir, threads)
         if max_steps:
             c["train"]["max_steps"] = max_steps
         yaml.safe_dump(c, f, sort_keys=False)
@@ -365,6 +430,7 @@ def run_method(name, seed, model_dir, paths, cfg, work, general, max_steps=0):
         return row
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
+    row.update(time_split(os.path.join(run_dir, "log.jsonl")))
     row.update({"OP": res["OP"], "BWT": res["BWT"], "steps": res["global_step"],
                 "matrix": json.dumps([[None if v is None else round(v, 4) for v in r] for r in res["matrix"]])})
     row.update({f"final_{t}": res["matrix"][-1][j] for j, t in enumerate(TASKS)})
@@ -379,11 +445,11 @@ def plot(path, rows):
     plt = common.pyplot()
     if plt is None:
         return
-    rows = [r for r in rows if r["method"] != "base" and "OP" in r]
+    rows = [r for r in rows if r["method"] != "base" and r.get("OP") not in (None, "")]
     methods = list(dict.fromkeys(r["method"] for r in rows))
 
     def mean(m, k):
-        v = [r[k] for r in rows if r["method"] == m and r.get(k) is not None]
+        v = [float(r[k]) for r in rows if r["method"] == m and r.get(k) not in (None, "")]
         return sum(v) / len(v) if v else float("nan")
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     for a, (k, title) in zip(ax, (("OP", "OP (%)"), ("BWT", "BWT (%)"), ("general", "general retention"))):
@@ -403,17 +469,71 @@ def _fmt(v, pct=False):
     return f"{v:.1f}" if pct else f"{v:.3f}"
 
 
+def summary(rows):
+    """Markdown table over seeds: per method the mean [min, max] of OP, BWT, general
+    retention and KL, mean wall and CPU seconds with the ratio to sft's (same seeds), and
+    where the wall time went (means)."""
+    runs = [r for r in rows if r["method"] != "base" and r.get("OP") not in (None, "")]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+
+    def vals(m, k):
+        return [float(r[k]) for r in runs if r["method"] == m and r.get(k) not in (None, "")]
+
+    def mmm(v, pct):
+        if not v:
+            return "-"
+        f = (lambda x: f"{x:.1f}") if pct else (lambda x: f"{x:.3f}")
+        return f"{f(sum(v) / len(v))} [{f(min(v))}, {f(max(v))}]"
+    mean = (lambda v: sum(v) / len(v) if v else float("nan"))
+    sft_cpu, sft_wall = mean(vals("sft", "cpu_s")), mean(vals("sft", "wall_s"))
+    lines = ["| method | seeds | OP % | BWT % | general retention | general KL | wall s (x sft) | CPU s (x sft) "
+             "| train / replay / passes / eval / save s |",
+             "| --- | ---: | --- | --- | --- | --- | ---: | ---: | --- |"]
+    for m in methods:
+        w, c = mean(vals(m, "wall_s")), mean(vals(m, "cpu_s"))
+        split = " / ".join(f"{mean(vals(m, f'time_{k}_s')):.0f}" for k in ("train", "replay", "passes", "eval", "save"))
+        lines.append(f"| {m} | {len(vals(m, 'OP'))} | {mmm(vals(m, 'OP'), True)} | {mmm(vals(m, 'BWT'), True)} | "
+                     f"{mmm(vals(m, 'general'), False)} | {mmm(vals(m, 'general_kl'), False)} | "
+                     f"{w:.0f} ({w / sft_wall:.2f}) | {c:.0f} ({c / sft_cpu:.2f}) | {split} |")
+    return "\n".join(lines)
+
+
+def combine(folders, out):
+    """One CSV, plot and summary from the real_continual.csv of several harness runs
+    (e.g. two with --threads 1 on disjoint methods): the base row once, every run row."""
+    rows, base = [], None
+    for d in folders:
+        for r in common.read_csv(os.path.join(d, "real_continual.csv")):
+            if r["method"] == "base":
+                base = base or r
+            else:
+                rows.append(r)
+    rows = [base] + rows if base else rows
+    common.write_csv(os.path.join(out, "real_continual.csv"), rows)
+    plot(os.path.join(out, "real_continual.png"), rows)
+    print(summary(rows))
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(ap)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="run seeds (LoRA init, data order)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads of each training run (train.num_threads; 0: the package's choice). "
+                         "Two harnesses with --threads 1 each, on disjoint --methods, use two cores better "
+                         "than one with 2")
+    ap.add_argument("--combine", nargs="+", metavar="DIR", default=None,
+                    help="no runs: combine the real_continual.csv of these output folders into --out")
     ap.add_argument("--base-only", action="store_true",
                     help="score the base model only (tasks and general prompts), no training")
     args = ap.parse_args(argv)
     if args.base_only:
         args.methods = []
     out = common.out_dir(args)
+    if args.combine:
+        return combine(args.combine, out)
     cfg = QUICK if args.quick else FULL
     work = os.path.join(out, "real_continual_work")
     os.makedirs(work, exist_ok=True)
@@ -424,6 +544,8 @@ def main(argv=None):
 
     from seekr_kernels.assets import smollm2_path
     logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     src = smollm2_path()
     tok = AutoTokenizer.from_pretrained(src)
     model_dir = src
@@ -448,7 +570,7 @@ def main(argv=None):
              "general_prompts": len(general.eval)}]
     for seed in args.seeds:
         for name in args.methods:
-            row = run_method(name, seed, model_dir, paths, cfg, work, general)
+            row = run_method(name, seed, model_dir, paths, cfg, work, general, threads=args.threads)
             rows.append(row)
             if "error" in row:
                 print(f"[{name} seed {seed}] ERROR {row['error']}", flush=True)
@@ -457,7 +579,8 @@ def main(argv=None):
                   + "  ".join(f"{t}={row['final_' + t]:.3f}" for t in TASKS)
                   + f"  general {_fmt(row['general'])}  KL {row['general_kl']:.4f}  {row['wall_s']:.0f} s  "
                   f"(CPU {row['cpu_s']:.0f} s)  {row['peak_rss_mib']} MiB peak", flush=True)
-    meta = {"model": os.path.basename(model_dir), "quick": args.quick, "machine": common.machine(), **{
+    meta = {"model": os.path.basename(model_dir), "quick": args.quick, "machine": common.machine(),
+            "threads": args.threads, **{
         f"cfg_{k}": v for k, v in cfg.items()}}
     for r in rows:
         r.update(meta)
@@ -469,6 +592,7 @@ def main(argv=None):
         if r["method"] != "sft" and sft:
             print(f"{r['method']} (seed {r['seed']}) vs sft: wall time {common.ratio(r['wall_s'], sft[0]['wall_s'])}, "
                   f"peak memory {common.ratio(r['peak_rss_mib'], sft[0]['peak_rss_mib'], 'memory')}")
+    print(summary(rows))
     print(f"wrote {os.path.join(out, 'real_continual.csv')} and real_continual.png ({time.time() - t0:.0f} s)")
     return 1 if any("error" in r for r in rows) else 0
 
