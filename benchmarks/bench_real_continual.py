@@ -32,28 +32,30 @@ log(p + 1e-8), the published statistics, all query rows).
 
 Scores per method and seed: the accuracy matrix (task j after training task i), OP and BWT
 (percent, TRACE's definitions, BWT over T - 1 tasks), and TRACE's general-ability retention
-on a fixed set of general prompts (capitals, additions, opposites, everyday facts; 130 in
-all): the base model's greedy answers are scored for the key answer, the prompts it gets
-right are kept, and a model's ``general`` score is the fraction of those it still answers
-with the key answer (exact match of the key in the greedy answer); ``general_kl`` is the
-mean per-token KL(base || model) on the base model's own greedy answers to 32 held-out
-general prompts. Wall time and peak resident memory (the training process's, ``wait4``)
-per method.
+on a fixed set of general prompts (capitals, opposites, everyday facts and one-digit
+additions asked for a number only; 210 in all, ``general_prompts``): 32 of them (shuffled
+with a fixed seed) are held out for the KL, the base model's greedy answers to the others
+are scored for the key answer, the prompts it gets right are kept (about 110), and a
+model's ``general`` score is the fraction of those it still answers with the key answer
+(exact match of the key in the greedy answer); ``general_kl`` is the mean per-token
+KL(base || model) on the base model's own greedy answers to the 32 held-out prompts. Wall
+time, CPU time and peak resident memory (the training process's, ``wait4``) per method,
+and where the wall time went (``time_split``: training steps, replay steps, end-of-task
+passes, evaluation, checkpoints).
 
 Output (``--out DIR``, default ./bench-out/; the committed numbers only with ``--out
 benchmarks/results``): ``real_continual.csv`` (one row per method and seed, plus the base
 model's row), ``real_continual.png`` and the run folders under ``DIR/real_continual_work``.
 
-Time (an estimate; no full seed has run yet): a full seed is 6 methods x 4 tasks x 200
-training samples (25 steps of 8 per task, 1 epoch; ~100 train steps plus 5-20 replay steps
-per method), evaluation of 40 test samples per seen task after each task (10 task
-evaluations) and the general set. A step of 8 x ~72 tokens is ~160 GFLOP forward plus
-~60 backward (top 12 layers), 3-4 s on two idle cores, so training takes ~7 minutes per
-method and the evaluations 2-3: about an hour per seed on two idle cores. On the shared
-development machine (load 10-100 from other work) one step took 120-210 s of wall time, so
-no full seed could run there. ``--quick``: the first 4 decoder layers, 8 training and 2
-test samples per task, 12 general prompts, the methods given (default all), 1 or 4 replay
-samples: a smoke run whose numbers mean nothing (about a minute per method on idle cores).
+Time: a full seed is 6 methods x 4 tasks x 200 training samples (25 steps of 8 per task,
+1 epoch; 100 train steps plus the replay steps), evaluation of 30 test samples per seen task
+after each task (10 task evaluations) and the general set. A training step of 8 x ~64
+tokens (LoRA on the top 12 layers) takes about 2 s on two idle cores (measured). The
+recorded run used two harnesses at once with ``--threads 1`` on disjoint methods (what
+``benchmarks/results/README.md`` gives) and ``--combine`` to join them. ``--quick``: the
+first 4 decoder layers, 8 training and 2 test samples per task, 12 general prompts, the
+methods given (default all), 1 or 4 replay samples: a smoke run whose numbers mean nothing
+(about a minute per method on idle cores).
 """
 from __future__ import annotations
 

@@ -57,3 +57,42 @@ def test_continual_quick(smollm2_dir, tmp_path):
     assert "base model" in stdout and "ERROR" not in stdout
     assert (tmp_path / "out" / "real_continual.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _digest() == before and not (tmp_path / "bench-out").exists()
+    split = [float(rows[1][f"time_{k}_s"]) for k in ("train", "replay", "passes", "eval", "save")]
+    assert split[0] > 0 and split[2] > 0 and sum(split) <= float(rows[1]["wall_s"]), split
+    assert "| seekr-1% | 1 |" in stdout          # the summary table
+
+
+def test_continual_combine(tmp_path):
+    """--combine joins the CSVs of harnesses run on disjoint methods: one base row, every
+    run row, and the summary's ratios against sft."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_real_continual as b
+    from benchmarks import common
+    split = {f"time_{k}_s": 1.0 for k in ("train", "replay", "passes", "eval", "save")}
+    for d, m, cpu in (("a", "sft", 100.0), ("b", "seekr-1%", 120.0)):
+        rows = [{"method": "base", "seed": "", "OP": ""}] + [
+            {"method": m, "seed": s, "OP": 50.0 + s, "BWT": -10.0, "general": 0.9, "general_kl": 0.01,
+             "wall_s": cpu, "cpu_s": cpu, **split} for s in (0, 1)]
+        common.write_csv(str(tmp_path / d / "real_continual.csv"), rows, say=False)
+    assert b.main(["--combine", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
+    rows = _rows(tmp_path / "c" / "real_continual.csv")
+    assert [r["method"] for r in rows] == ["base", "sft", "sft", "seekr-1%", "seekr-1%"]
+    table = b.summary(common.read_csv(str(tmp_path / "c" / "real_continual.csv")))
+    assert "| seekr-1% | 2 | 50.5 [50.0, 51.0] |" in table and "120 (1.20)" in table, table
+
+
+def test_llama_step_real(smollm2_dir, tmp_path):
+    """bench_llama_step --real runs the real model's replay step, the patched and the
+    published way, and both distil the same loss (log(p + 1e-8) against the exact log)."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.bench_llama_step", "--real", "--lengths", "32", "--reps",
+                        "1", "--queries", "8", "--methods", "patched", "published", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=1500, cwd=tmp_path)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    rows = {r["method"]: r for r in _rows(tmp_path / "llama_step_cpu_real.csv")}
+    assert set(rows) == {"patched", "published"} and all(not r.get("error") for r in rows.values())
+    assert rows["patched"]["model"] == "SmolLM2-135M-Instruct" and rows["patched"]["kernel"] == "cpu"
+    a, b = float(rows["patched"]["attn_loss"]), float(rows["published"]["attn_loss"])
+    assert a > 0.1 and abs(a - b) < 1e-2 * a, (a, b)
+    assert "33 heads on" in p.stdout
