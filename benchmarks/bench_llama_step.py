@@ -35,7 +35,9 @@ layers = 22, distill.head_budget = 1/8 of the heads = 33), placed at random (see
 the step's cost depends on how many heads each layer distils, not on which -- and --queries
 rows per sample (default all L; SEEKR's default query budget is 100). The input is random
 tokens and the teacher rows random causal softmax rows: the work is the same as with real
-text and captured rows. Writes llama_step_<device>_real.csv / .png.
+text and captured rows. Writes llama_step_<device>_real.csv / .png. On a CPU a step at
+L = 2048 takes about a minute: ``--one-step`` times the one step each fresh-process memory
+run measures instead of separate interleaved rounds (half the cost; one step per point).
 
 Peak memory: each (variant, L) runs in a fresh subprocess (common.run_isolated). It builds
 the model, the batch and the teacher, runs one warm-up step (allocating the .grad buffers
@@ -199,9 +201,13 @@ def memory_point(method, L, Q, S=4, device="cpu", backend="auto", threads=0, qui
     """Peak extra memory of one step of one variant, in a fresh process (module docstring)."""
     shape = _setup(device, threads, quick, real)
     step, kernel, used = _stepper(method, L, Q, S, device, shape, backend, batch)
-    peak = common.peak_mib(step, device, warmup=1)      # warm-up: .grad buffers, one-time state
+    took = {}
+
+    def timed():
+        took["ms"], took["cpu_ms"] = common.time_call(step, device)
+    peak = common.peak_mib(timed, device, warmup=1)      # warm-up: .grad buffers, one-time state
     return {"method": method, "kernel": kernel, "peak_mib": round(peak, 1), "ce": used["ce"],
-            "attn_loss": used["attn"]}
+            "attn_loss": used["attn"], "step_ms": round(took["ms"], 1), "step_cpu_ms": round(took["cpu_ms"], 1)}
 
 
 def timing_point(methods, L, Q, S=4, device="cpu", backend="auto", reps=3, threads=0, quick=False, real=False,
@@ -241,6 +247,10 @@ def main():
     ap.add_argument("--real", action="store_true",
                     help="the real SmolLM2-135M-Instruct, default-budget heads, L in 512 1024 2048 (docstring)")
     ap.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    ap.add_argument("--one-step", action="store_true",
+                    help="no interleaved timing rounds: each variant's time is that of the one step its "
+                         "fresh-process memory run measures (after one warm-up); halves the cost where a "
+                         "step takes a minute (--real at L = 2048 on a CPU)")
     common.add_common_args(ap)
     args = ap.parse_args()
     if args.real and args.quick:
@@ -274,22 +284,26 @@ def main():
     rows = []
     for L in lengths:
         Q = L if args.queries is None else min(args.queries, L)
-        t = common.run_isolated("benchmarks.bench_llama_step", "timing_point",
-                                dict(methods=args.methods, L=L, Q=Q, S=args.heads, device=device,
-                                     reps=reps, threads=args.threads, quick=args.quick, real=args.real,
-                                     batch=args.batch),
-                                isolated=not args.quick)
+        t = {} if args.one_step else common.run_isolated(
+            "benchmarks.bench_llama_step", "timing_point",
+            dict(methods=args.methods, L=L, Q=Q, S=args.heads, device=device, reps=reps, threads=args.threads,
+                 quick=args.quick, real=args.real, batch=args.batch),
+            isolated=not args.quick)
         for m in args.methods:
             r = common.run_isolated("benchmarks.bench_llama_step", "memory_point",
                                     dict(method=m, L=L, Q=Q, S=args.heads, device=device,
                                          threads=args.threads, quick=args.quick, real=args.real,
                                          batch=args.batch),
                                     isolated=not args.quick)
-            if "error" in t:
+            if args.one_step:
+                if "step_ms" in r:
+                    r.update(ms=r["step_ms"], cpu_ms=r["step_cpu_ms"])
+            elif "error" in t:
                 r.setdefault("error", "timing: " + t["error"])
             else:
                 r.update(t[m])
             r.update(method=m, L=L, Q=Q, S="default" if args.real else args.heads, B=args.batch,
+                     timing="one step" if args.one_step else f"median of {reps}",
                      model="SmolLM2-135M-Instruct" if args.real else "random", threads=args.threads,
                      layers=shape["layers"], H=shape["heads"], D=shape["head_dim"], hidden=shape["hidden"], dtype=shape["dtype"], device=device)
             rows.append(common.report(r, f"L={L:5d} {m:14s}",

@@ -88,7 +88,7 @@ DATA_SEED = 1234          # the task set; fixed, whatever --seeds says
 # machine); the lower layers' attention then never changes, so SEEKR's importance (x
 # forgettability) selects heads in the adapted layers, where distillation can act.
 TOP12 = r"model\.layers\.(1[8-9]|2[0-9])\.self_attn\.(q_proj|v_proj)"
-FULL = {"layers": None, "train": 200, "test": 30, "batch": 8, "epochs": 1, "lr": 1e-3, "general": None,
+FULL = {"layers": None, "train": 200, "test": 30, "batch": 4, "epochs": 1, "lr": 2e-3, "general": None,
         "max_new_tokens": 24, "kl_prompts": 32, "lora_targets": TOP12}
 QUICK = {"layers": 4, "train": 8, "test": 2, "batch": 4, "epochs": 1, "lr": 1e-3, "general": 12,
          "max_new_tokens": 8, "kl_prompts": 4, "lora_targets": ["q_proj", "v_proj"]}

@@ -87,7 +87,7 @@ def test_llama_step_real(smollm2_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, "-m", "benchmarks.bench_llama_step", "--real", "--lengths", "32", "--reps",
-                        "1", "--queries", "8", "--methods", "patched", "published", "--out", str(tmp_path)],
+                        "1", "--queries", "8", "--methods", "patched", "published", "--one-step", "--out", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=1500, cwd=tmp_path)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     rows = {r["method"]: r for r in _rows(tmp_path / "llama_step_cpu_real.csv")}
@@ -95,4 +95,4 @@ def test_llama_step_real(smollm2_dir, tmp_path):
     assert rows["patched"]["model"] == "SmolLM2-135M-Instruct" and rows["patched"]["kernel"] == "cpu"
     a, b = float(rows["patched"]["attn_loss"]), float(rows["published"]["attn_loss"])
     assert a > 0.1 and abs(a - b) < 1e-2 * a, (a, b)
-    assert "33 heads on" in p.stdout
+    assert "33 heads on" in p.stdout and all(float(r["ms"]) > 0 for r in rows.values())
