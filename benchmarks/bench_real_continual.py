@@ -47,10 +47,16 @@ Output (``--out DIR``, default ./bench-out/; the committed numbers only with ``-
 benchmarks/results``): ``real_continual.csv`` (one row per method and seed, plus the base
 model's row), ``real_continual.png`` and the run folders under ``DIR/real_continual_work``.
 
-Time: a full seed is 6 methods x 4 tasks x 200 training samples (25 steps of 8 per task,
-1 epoch; 100 train steps plus the replay steps), evaluation of 30 test samples per seen task
+Optimisation, the same for every method: batch 4, AdamW lr 2e-3, 1 epoch (50 steps per
+task), replay batches of 2. Chosen before any other method ran, from one sft seed at batch 8
+and lr 1e-3 (25 steps per task), which left ``route`` at its majority label (0.37) and
+``count`` at 0.17 after their own task: too little learnt for forgetting to mean much.
+
+Time: a full seed is 6 methods x 4 tasks x 200 training samples (50 steps of 4 per task,
+1 epoch; 200 train steps plus the replay steps), evaluation of 30 test samples per seen task
 after each task (10 task evaluations) and the general set. A training step of 8 x ~64
-tokens (LoRA on the top 12 layers) takes about 2 s on two idle cores (measured). The
+tokens (LoRA on the top 12 layers) takes about 2 s on two idle cores and 4 s on one
+(measured). The
 recorded run used two harnesses at once with ``--threads 1`` on disjoint methods (what
 ``benchmarks/results/README.md`` gives) and ``--combine`` to join them. ``--quick``: the
 first 4 decoder layers, 8 training and 2 test samples per task, 12 general prompts, the
