@@ -31,7 +31,7 @@ the preset sets the rest: fixed orders, one optimiser for the run, the first 1% 
 log(p + 1e-8), the published statistics, all query rows).
 
 Scores per method and seed: the accuracy matrix (task j after training task i), OP and BWT
-(percent, TRACE's definitions, BWT over T - 1 tasks), and TRACE's general-ability retention
+(TRACE's definitions, BWT over T - 1 tasks; fractions in the CSV, percent in the printed table), and TRACE's general-ability retention
 on a fixed set of general prompts (capitals, opposites, everyday facts and one-digit
 additions asked for a number only; 210 in all, ``general_prompts``): 32 of them (shuffled
 with a fixed seed) are held out for the KL, the base model's greedy answers to the others
@@ -490,7 +490,8 @@ def summary(rows):
     def mmm(v, pct):
         if not v:
             return "-"
-        f = (lambda x: f"{x:.1f}") if pct else (lambda x: f"{x:.3f}")
+        # OP and BWT are fractions in results.json and the CSV; the table gives percent.
+        f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
         return f"{f(sum(v) / len(v))} [{f(min(v))}, {f(max(v))}]"
     mean = (lambda v: sum(v) / len(v) if v else float("nan"))
     sft_cpu, sft_wall = mean(vals("sft", "cpu_s")), mean(vals("sft", "wall_s"))
@@ -583,7 +584,7 @@ def main(argv=None):
             if "error" in row:
                 print(f"[{name} seed {seed}] ERROR {row['error']}", flush=True)
                 continue
-            print(f"[{name} seed {seed}] OP {row['OP']:.1f}  BWT {row['BWT']:.1f}  "
+            print(f"[{name} seed {seed}] OP {100 * row['OP']:.1f}%  BWT {100 * row['BWT']:.1f}%  "
                   + "  ".join(f"{t}={row['final_' + t]:.3f}" for t in TASKS)
                   + f"  general {_fmt(row['general'])}  KL {row['general_kl']:.4f}  {row['wall_s']:.0f} s  "
                   f"(CPU {row['cpu_s']:.0f} s)  {row['peak_rss_mib']} MiB peak", flush=True)

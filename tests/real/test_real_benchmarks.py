@@ -71,7 +71,7 @@ def test_continual_combine(tmp_path):
     split = {f"time_{k}_s": 1.0 for k in ("train", "replay", "passes", "eval", "save")}
     for d, m, cpu in (("a", "sft", 100.0), ("b", "seekr-1%", 120.0)):
         rows = [{"method": "base", "seed": "", "OP": ""}] + [
-            {"method": m, "seed": s, "OP": 50.0 + s, "BWT": -10.0, "general": 0.9, "general_kl": 0.01,
+            {"method": m, "seed": s, "OP": 0.5 + s / 100, "BWT": -0.1, "general": 0.9, "general_kl": 0.01,
              "wall_s": cpu, "cpu_s": cpu, **split} for s in (0, 1)]
         common.write_csv(str(tmp_path / d / "real_continual.csv"), rows, say=False)
     assert b.main(["--combine", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
