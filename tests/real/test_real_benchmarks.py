@@ -83,7 +83,11 @@ def test_continual_combine(tmp_path):
 
 def test_llama_step_real(smollm2_dir, tmp_path):
     """bench_llama_step --real runs the real model's replay step, the patched and the
-    published way, and both distil the same loss (log(p + 1e-8) against the exact log)."""
+    published way, on the same distillation problem. The losses differ by the published
+    log(p + 1e-8) alone (the patched step takes the exact log): on a real model's sharp
+    heads some student probabilities fall far below 1e-8, where the clipped log is larger,
+    so the published KL is the smaller one, by a little (1.6% here; the exact equality of
+    the two formulas with the same log is tests/real/test_real_attention.py's)."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, "-m", "benchmarks.bench_llama_step", "--real", "--lengths", "32", "--reps",
@@ -94,5 +98,5 @@ def test_llama_step_real(smollm2_dir, tmp_path):
     assert set(rows) == {"patched", "published"} and all(not r.get("error") for r in rows.values())
     assert rows["patched"]["model"] == "SmolLM2-135M-Instruct" and rows["patched"]["kernel"] == "cpu"
     a, b = float(rows["patched"]["attn_loss"]), float(rows["published"]["attn_loss"])
-    assert a > 0.1 and abs(a - b) < 1e-2 * a, (a, b)
+    assert a > 0.1 and 0.9 * a < b <= a * (1 + 1e-5), (a, b)
     assert "33 heads on" in p.stdout and all(float(r["ms"]) > 0 for r in rows.values())
