@@ -419,20 +419,49 @@ def time_split(log_path):
     return {f"time_{k}_s": round(v, 1) for k, v in out.items()}
 
 
-def run_method(name, seed, model_dir, paths, cfg, work, general, max_steps=0, threads=0):
+def parse_variant(text):
+    """``LABEL:KEY=VALUE[,KEY=VALUE...]`` -> (label, {dotted key: YAML value}): a factor-study
+    variant, e.g. ``attn100:distill.attn_weight=100``."""
+    import yaml
+    label, sep, body = text.partition(":")
+    if not sep or not label or not body:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected LABEL:KEY=VALUE[,KEY=VALUE...]")
+    sets = {}
+    for item in body.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise argparse.ArgumentTypeError(f"--variant {text!r}: {item!r} is not KEY=VALUE")
+        sets[key.strip()] = yaml.safe_load(value)
+    return label, sets
+
+
+def apply_sets(config, sets):
+    """Set dotted keys (``distill.attn_weight``) in a run config, making sections as needed."""
+    for key, value in sets.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return config
+
+
+def run_method(name, seed, model_dir, paths, cfg, work, general, max_steps=0, threads=0, variant=None):
     import torch
     import yaml
     from transformers import AutoModelForCausalLM
-    run_dir = os.path.join(work, f"{name}-seed{seed}")
+    label, sets = variant or (None, {})
+    run_dir = os.path.join(work, f"{name}-seed{seed}" + (f"-{label}" if label else ""))
     cfg_path = run_dir + ".yaml"
     with open(cfg_path, "w") as f:
-        c = run_config(name, seed, model_dir, paths, cfg, run_dir, threads)
+        c = apply_sets(run_config(name, seed, model_dir, paths, cfg, run_dir, threads), sets)
         if max_steps:
             c["train"]["max_steps"] = max_steps
         yaml.safe_dump(c, f, sort_keys=False)
     cmd = [sys.executable, "-m", "seekr_kernels", "train", "--config", cfg_path, "--overwrite"]
     rc, wall, peak, cpu = run_timed(cmd, run_dir + ".log")
-    row = {"method": name, "seed": seed, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mib": round(peak)}
+    row = {"method": name + (f" [{label}]" if label else ""), "seed": seed,
+           "variant": json.dumps(sets, sort_keys=True) if sets else "", "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mib": round(peak)}
     if rc:
         row["error"] = f"seekr train exited {rc}; see {run_dir}.log"
         return row
@@ -533,6 +562,9 @@ def main(argv=None):
                     help="torch CPU threads of each training run (train.num_threads; 0: the package's choice). "
                          "Two harnesses with --threads 1 each, on disjoint --methods, use two cores better "
                          "than one with 2")
+    ap.add_argument("--variant", type=parse_variant, action="append", default=None, metavar="LABEL:KEY=VALUE,...",
+                    help="a factor-study variant: run every method with these config keys set (repeatable; "
+                         "e.g. attn100:distill.attn_weight=100); rows are labelled 'method [LABEL]'")
     ap.add_argument("--combine", nargs="+", metavar="DIR", default=None,
                     help="no runs: combine the real_continual.csv of these output folders into --out")
     ap.add_argument("--base-only", action="store_true",
@@ -577,10 +609,19 @@ def main(argv=None):
              "general": 1.0 if general.kept else None, "general_kl": 0.0,
              "general_base_correct": general.base_correct, "general_kept": len(general.kept),
              "general_prompts": len(general.eval)}]
+    meta = {"model": os.path.basename(model_dir), "quick": args.quick, "machine": common.machine(),
+            "threads": args.threads, **{
+        f"cfg_{k}": v for k, v in cfg.items()}}
+    rows[0].update(meta)
     for seed in args.seeds:
-        for name in args.methods:
-            row = run_method(name, seed, model_dir, paths, cfg, work, general, threads=args.threads)
+        for name, variant in [(m, v) for m in args.methods for v in (args.variant or [None])]:
+            row = run_method(name, seed, model_dir, paths, cfg, work, general, threads=args.threads,
+                             variant=variant)
+            row.update(meta)
             rows.append(row)
+            # After every run, so that a killed or crashed harness keeps what it measured.
+            common.write_csv(os.path.join(out, "real_continual.csv"), rows, say=False)
+            name = row["method"]
             if "error" in row:
                 print(f"[{name} seed {seed}] ERROR {row['error']}", flush=True)
                 continue
@@ -588,11 +629,6 @@ def main(argv=None):
                   + "  ".join(f"{t}={row['final_' + t]:.3f}" for t in TASKS)
                   + f"  general {_fmt(row['general'])}  KL {row['general_kl']:.4f}  {row['wall_s']:.0f} s  "
                   f"(CPU {row['cpu_s']:.0f} s)  {row['peak_rss_mib']} MiB peak", flush=True)
-    meta = {"model": os.path.basename(model_dir), "quick": args.quick, "machine": common.machine(),
-            "threads": args.threads, **{
-        f"cfg_{k}": v for k, v in cfg.items()}}
-    for r in rows:
-        r.update(meta)
     common.write_csv(os.path.join(out, "real_continual.csv"), rows)
     plot(os.path.join(out, "real_continual.png"), rows)
     done = [r for r in rows if "OP" in r]
