@@ -100,3 +100,20 @@ def test_llama_step_real(smollm2_dir, tmp_path):
     a, b = float(rows["patched"]["attn_loss"]), float(rows["published"]["attn_loss"])
     assert a > 0.1 and 0.9 * a < b <= a * (1 + 1e-5), (a, b)
     assert "33 heads on" in p.stdout and all(float(r["ms"]) > 0 for r in rows.values())
+
+
+def test_continual_variants_parse_and_set_dotted_keys():
+    """--variant LABEL:KEY=VALUE,... sets dotted config keys (YAML values) in every run's
+    config; a malformed one is an argparse error naming it."""
+    import argparse
+
+    import pytest
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_real_continual as b
+    label, sets = b.parse_variant("cyc:replay.cycle=1,distill.attn_weight=100.0,preset=official")
+    assert label == "cyc" and sets == {"replay.cycle": 1, "distill.attn_weight": 100.0, "preset": "official"}
+    c = b.apply_sets({"replay": {"ratio": 0.01}}, sets)
+    assert c == {"replay": {"ratio": 0.01, "cycle": 1}, "distill": {"attn_weight": 100.0}, "preset": "official"}
+    for bad in ("nolabel", ":a=1", "x:", "x:a", "x:=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
+            b.parse_variant(bad)
