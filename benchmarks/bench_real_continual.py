@@ -56,7 +56,9 @@ Time: a full seed is 6 methods x 4 tasks x 200 training samples (50 steps of 4 p
 1 epoch; 200 train steps plus the replay steps), evaluation of 30 test samples per seen task
 after each task (10 task evaluations) and the general set. A training step of 8 x ~64
 tokens (LoRA on the top 12 layers) takes about 2 s on two idle cores and 4 s on one
-(measured). The
+(measured). Measured per run: 650-860 CPU-s with one thread (about 300 s of it evaluation),
+so a seed of the six methods is about 75 CPU-minutes, plus about 6 for the base model's
+pass; two harnesses with ``--threads 1`` finish a seed in about 40 minutes on two idle cores. The
 recorded run used two harnesses at once with ``--threads 1`` on disjoint methods (what
 ``benchmarks/results/README.md`` gives) and ``--combine`` to join them. ``--quick``: the
 first 4 decoder layers, 8 training and 2 test samples per task, 12 general prompts, the
