@@ -40,3 +40,14 @@ def tiny_config(out, paths, method="seekr", **over):
 def read_log(out):
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(x) for x in f]
+
+
+def shift_weights(model, scale=0.2, seed=1):
+    """Add seeded Gaussian noise (std ``scale``) to every parameter in place: a "later"
+    model whose attention has drifted from a captured teacher."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model

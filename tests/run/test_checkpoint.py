@@ -59,15 +59,10 @@ def data(tmp_path_factory):
 
 
 # 13 optimiser steps: task 1 = 3 train steps; task 2 = 3 + 1 replay; task 3 = 3 + 3 replays.
-@pytest.mark.parametrize("method,over,crash", [
-    ("seekr", {}, 7),                                       # mid task 2 (resumes from step 6)
-    ("replay+logits", {"train.grad_accum": 2, "replay.in_accumulation": True, "replay.batch_size": 4}, 6),
-    ("replay", {"train.optimizer_scope": "run", "train.schedule": "constant"}, 12),
-    # a sampled teacher (seeded per sample) and the fused lm_head in the replay steps
-    ("replay+logits", {"distill.teacher_logits": "sampled", "distill.teacher_logits_k": 8,
-                       "distill.backend": "auto", "distill.fused_lm_head": True}, 9),
-])
-def test_killed_mid_task_resumes_bit_identical(tmp_path, data, monkeypatch, method, over, crash):
+def kill_and_resume(tmp_path, data, monkeypatch, method, over, crash):
+    """Run ``a`` uninterrupted, kill ``b`` at train step ``crash`` (after a mid-task
+    checkpoint, save_steps 2), resume ``b``; check both end at the same matrix, step and
+    weights. Returns (a, ra, b, rb) for the caller's further checks."""
     over = {"train.save_steps": 2, **over}
     a = ContinualTrainer(tiny_config(tmp_path / "a", data, method, **over), quiet=True)
     ra = a.run()
@@ -81,6 +76,19 @@ def test_killed_mid_task_resumes_bit_identical(tmp_path, data, monkeypatch, meth
     rb = b.run(resume=True)
     assert rb["matrix"] == ra["matrix"] and rb["global_step"] == ra["global_step"]
     same_weights(a, b)
+    return a, ra, b, rb
+
+
+@pytest.mark.parametrize("method,over,crash", [
+    ("seekr", {}, 7),                                       # mid task 2 (resumes from step 6)
+    ("replay+logits", {"train.grad_accum": 2, "replay.in_accumulation": True, "replay.batch_size": 4}, 6),
+    ("replay", {"train.optimizer_scope": "run", "train.schedule": "constant"}, 12),
+    # a sampled teacher (seeded per sample) and the fused lm_head in the replay steps
+    ("replay+logits", {"distill.teacher_logits": "sampled", "distill.teacher_logits_k": 8,
+                       "distill.backend": "auto", "distill.fused_lm_head": True}, 9),
+])
+def test_killed_mid_task_resumes_bit_identical(tmp_path, data, monkeypatch, method, over, crash):
+    a, ra, b, rb = kill_and_resume(tmp_path, data, monkeypatch, method, over, crash)
     assert torch.equal(a.importance, b.importance)
     assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
     assert tree_bytes(tmp_path / "a" / "final") == tree_bytes(tmp_path / "b" / "final")

@@ -15,7 +15,7 @@ from seekr_kernels.run.data import EncodedDataset
 from seekr_kernels.seekr.batching import collate
 from seekr_kernels.seekr.memory import ReplayMemory
 
-from tiny_runs import read_log, tiny_config, tiny_tasks  # noqa: E402
+from tiny_runs import read_log, shift_weights, tiny_config, tiny_tasks  # noqa: E402
 
 
 def tiny_llama(layers=2, seed=0):
@@ -181,10 +181,7 @@ def test_forgettability_official_normalisation(budget):
                          "distill": {"query_budget": budget, "backend": "torch"}}, model=model)
     rc.begin_task(model, sl)
     before = eager_copy(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    shift_weights(model)
     st = rc.current
     got = rc.forgettability(model, st.samples, st.before)
     T = 16                                                  # 13 tokens padded to a multiple of 8

@@ -9,7 +9,6 @@ partial last one, ``replay_cycle = len(train_loader) // len(replay_loader)``, De
 micro-step counting and 1 / accumulation loss scaling) as a list of micro-steps.
 """
 import copy
-import math
 
 import pytest
 import torch
@@ -206,10 +205,7 @@ def test_official_forgettability_with_padded_rows_is_the_published():
                          "distill": {"backend": "torch"}}, model=model)
     rc.begin_task(model, sl)
     before = eager_431(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    shift_weights(model)
     st = rc.current
     got = rc.forgettability(model, st.samples, st.before)
     torch.testing.assert_close(got, published_forgettability_431(before, eager_431(model), sl, 16),
@@ -229,7 +225,7 @@ from seekr_kernels.run.trainer import ContinualTrainer  # noqa: E402
 from seekr_kernels.seekr.recipe import task_seed  # noqa: E402
 from seekr_kernels.seekr.stream import per_device_batches  # noqa: E402
 
-from tiny_runs import tiny_config, tiny_tasks  # noqa: E402
+from tiny_runs import shift_weights, tiny_config, tiny_tasks  # noqa: E402
 
 
 def published_rank_batches(order, world, per_device):
@@ -498,23 +494,10 @@ def test_two_processes_with_short_batches_match_one(tmp_path):
     ("seekr", {**OFFICIAL_LOOP, "train.grad_accum": 2, "train.epochs": 2}, 9),
 ])
 def test_killed_mid_task_with_short_batches_resumes_bit_identical(tmp_path, monkeypatch, method, over, crash):
-    import json
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run"))
-    from test_checkpoint import _Crash, crash_at, records, same_weights, tree_bytes
+    from test_checkpoint import kill_and_resume, records, tree_bytes
     data = tiny_tasks(tmp_path / "data", n_train=19)
-    over = {"train.save_steps": 2, **over}
-    a = ContinualTrainer(tiny_config(tmp_path / "a", data, method, **over), quiet=True)
-    ra = a.run()
-    with monkeypatch.context() as mp:
-        crash_at(mp, crash)
-        with pytest.raises(_Crash):
-            ContinualTrainer(tiny_config(tmp_path / "b", data, method, **over), quiet=True).run()
-    st = json.loads((tmp_path / "b" / "state.json").read_text())
-    assert st["checkpoint"].startswith("checkpoints/step-") and st["global_step"] < crash
-    b = ContinualTrainer(tiny_config(tmp_path / "b", data, method, **over), quiet=True)
-    rb = b.run(resume=True)
-    assert rb["matrix"] == ra["matrix"] and rb["global_step"] == ra["global_step"]
-    same_weights(a, b)
+    kill_and_resume(tmp_path, data, monkeypatch, method, over, crash)
     assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
     assert tree_bytes(tmp_path / "a" / "final") == tree_bytes(tmp_path / "b" / "final")
     assert records(tmp_path / "b") == records(tmp_path / "a")
