@@ -487,17 +487,22 @@ def plot(path, rows):
     rows = [r for r in rows if r["method"] != "base" and r.get("OP") not in (None, "")]
     methods = list(dict.fromkeys(r["method"] for r in rows))
 
-    def mean(m, k):
-        v = [float(r[k]) for r in rows if r["method"] == m and r.get(k) not in (None, "")]
-        return sum(v) / len(v) if v else float("nan")
+    def vals(m, k, scale):
+        return [scale * float(r[k]) for r in rows if r["method"] == m and r.get(k) not in (None, "")]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    for a, (k, title) in zip(ax, (("OP", "OP (%)"), ("BWT", "BWT (%)"), ("general", "general retention"))):
-        a.bar(range(len(methods)), [mean(m, k) for m in methods])
+    # OP and BWT are fractions in the CSV; the axes give percent, as the tables do.
+    for a, (k, title, scale) in zip(ax, (("OP", "OP (%)", 100), ("BWT", "BWT (%)", 100),
+                                         ("general", "general retention", 1))):
+        v = [vals(m, k, scale) for m in methods]
+        means = [sum(x) / len(x) if x else float("nan") for x in v]
+        err = [[mu - min(x) if x else 0 for mu, x in zip(means, v)],
+               [max(x) - mu if x else 0 for mu, x in zip(means, v)]]
+        a.bar(range(len(methods)), means, yerr=err, capsize=3)
         a.set_xticks(range(len(methods)))
         a.set_xticklabels(methods, rotation=30, ha="right")
         a.set_title(title)
         a.axhline(0, color="k", lw=0.5)
-    fig.suptitle("SmolLM2-135M-Instruct + LoRA, 4 tasks (mean over seeds)")
+    fig.suptitle("SmolLM2-135M-Instruct + LoRA, 4 tasks (mean over seeds, bars: min to max)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -52,7 +52,10 @@ class ReplayConfig:
     """Replay memory and schedule (the ``replay`` section)."""
     ratio: float = _f(0.01, "Replay samples kept per task: < 1 a fraction of its training set, >= 1 a count.")
     cycle: int = _f(0, "A replay step before every N-th train step; 0: the published default, train batches "
-                       "per epoch // replay batches.")
+                       "per epoch // replay batches (one pass over the memory per epoch). With a memory of a few "
+                       "samples per task that is a handful of replay steps per task; 1 replays before every "
+                       "train step (README, 'SEEKR on a real model': measured there, SEEKR with a 1% memory needs "
+                       "it).")
     batch_size: Optional[int] = _f(None, "Samples per replay batch (global). Default: the global train batch "
                                          "(one micro-batch of it with replay.in_accumulation).")
     subset: str = _f("random", "Which samples of a task are kept: 'random' (a seeded random subset of at "
