@@ -78,7 +78,14 @@ class Zygote:
 
     def close(self):
         self.p.stdin.close()
-        self.p.wait(timeout=30)
+        try:
+            self.p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            # Cleanup, not a check: every test has already asserted its own run's exit code. The
+            # zygote has nothing left to do here, but interpreter shutdown with torch loaded can
+            # take over 30 s on a starved machine (seen under a niced suite beside two trainings).
+            self.p.kill()
+            self.p.wait()
 
 
 @pytest.fixture(scope="module")
