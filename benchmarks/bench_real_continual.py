@@ -56,8 +56,8 @@ Time: a full seed is 6 methods x 4 tasks x 200 training samples (50 steps of 4 p
 1 epoch; 200 train steps plus the replay steps), evaluation of 30 test samples per seen task
 after each task (10 task evaluations) and the general set. A training step of 8 x ~64
 tokens (LoRA on the top 12 layers) takes about 2 s on two idle cores and 4 s on one
-(measured). Measured per run: 650-860 CPU-s with one thread (about 300 s of it evaluation),
-so a seed of the six methods is about 75 CPU-minutes, plus about 6 for the base model's
+(measured). Measured per run: 580-860 CPU-s with one thread (160-390 s of it evaluation),
+so a seed of the six methods is about 70 CPU-minutes, plus about 5-7 for the base model's
 pass; two harnesses with ``--threads 1`` finish a seed in about 40 minutes on two idle cores. The
 recorded run used two harnesses at once with ``--threads 1`` on disjoint methods (what
 ``benchmarks/results/README.md`` gives) and ``--combine`` to join them. ``--quick``: the
@@ -480,6 +480,11 @@ def run_method(name, seed, model_dir, paths, cfg, work, general, max_steps=0, th
 
 # ============================================================================ output
 
+def _values(rows, method, key):
+    """The recorded values of ``key`` over the rows (seeds) of ``method``."""
+    return [float(r[key]) for r in rows if r["method"] == method and r.get(key) not in (None, "")]
+
+
 def plot(path, rows):
     plt = common.pyplot()
     if plt is None:
@@ -487,13 +492,11 @@ def plot(path, rows):
     rows = [r for r in rows if r["method"] != "base" and r.get("OP") not in (None, "")]
     methods = list(dict.fromkeys(r["method"] for r in rows))
 
-    def vals(m, k, scale):
-        return [scale * float(r[k]) for r in rows if r["method"] == m and r.get(k) not in (None, "")]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     # OP and BWT are fractions in the CSV; the axes give percent, as the tables do.
     for a, (k, title, scale) in zip(ax, (("OP", "OP (%)", 100), ("BWT", "BWT (%)", 100),
                                          ("general", "general retention", 1))):
-        v = [vals(m, k, scale) for m in methods]
+        v = [[scale * x for x in _values(rows, m, k)] for m in methods]
         means = [sum(x) / len(x) if x else float("nan") for x in v]
         err = [[mu - min(x) if x else 0 for mu, x in zip(means, v)],
                [max(x) - mu if x else 0 for mu, x in zip(means, v)]]
@@ -521,7 +524,7 @@ def summary(rows):
     methods = list(dict.fromkeys(r["method"] for r in runs))
 
     def vals(m, k):
-        return [float(r[k]) for r in runs if r["method"] == m and r.get(k) not in (None, "")]
+        return _values(runs, m, k)
 
     def mmm(v, pct):
         if not v:
