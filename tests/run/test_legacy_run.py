@@ -5,6 +5,7 @@ import os
 import shutil
 
 import torch
+from safetensors.torch import load_file
 
 from seekr_kernels.run.config import from_dict
 from seekr_kernels.run.demo import make_stream, write_stream
@@ -13,6 +14,7 @@ from seekr_kernels.run.trainer import ContinualTrainer
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "..", "data", "legacy", "run_28f1659")
 LEGACY_ROOT = "/tmp/seekr-legacy-run-28f1659"      # where the old run's config says its data is
+KILL_STEP = 5                                      # make_run.py's train.max_steps
 
 
 def _config(out, paths):
@@ -29,8 +31,38 @@ def _config(out, paths):
         "eval": {"batch_size": 16}, "log": {"progress": False}})
 
 
-def test_run_written_before_the_move_resumes_bit_identical(tmp_path):
+def _kill_step(tmp_path, paths):
+    """This machine's own run of the fixture's steps (killed where the fixture was), and
+    whether its weights there equal the fixture's bit for bit."""
+    cfg = _config(tmp_path / "here", paths)
+    cfg.train.max_steps = KILL_STEP
+    ContinualTrainer(cfg, quiet=True).run()
+    name = os.path.join("checkpoints", f"step-{KILL_STEP:06d}", "model.safetensors")
+    a, b = load_file(str(tmp_path / "here" / name)), load_file(os.path.join(FIXTURE, name))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_written_before_the_move_loads_exactly(tmp_path):
+    """Resumed at its own kill step, the old run holds the fixture's weights bit for bit (any machine)."""
     paths = write_stream(make_stream(24, 6, 3, ("rev", "rot", "swp"), seed=1), os.path.join(LEGACY_ROOT, "data"))
+    shutil.copytree(FIXTURE, tmp_path / "old")
+    cfg = _config(tmp_path / "old", paths)
+    cfg.train.max_steps = KILL_STEP
+    t = ContinualTrainer(cfg, quiet=True)
+    r = t.run(resume=True)
+    assert not r["complete"] and r["global_step"] == KILL_STEP
+    saved = load_file(os.path.join(FIXTURE, "checkpoints", f"step-{KILL_STEP:06d}", "model.safetensors"))
+    sd = t.base.state_dict()
+    assert all(torch.equal(sd[k], saved[k]) for k in saved)
+
+
+def test_run_written_before_the_move_resumes_as_the_uninterrupted_run(tmp_path):
+    """Bit-identical to the uninterrupted run where this machine's float kernels reproduce the
+    fixture's first steps. The fixture was written on an AVX2 x86; an AVX-512 one rounds those
+    steps differently (2e-6 at the kill step, 4e-5 at the end), so there the final weights are
+    compared within 5e-4: a resume that dropped the optimiser state lands 2e-2 away."""
+    paths = write_stream(make_stream(24, 6, 3, ("rev", "rot", "swp"), seed=1), os.path.join(LEGACY_ROOT, "data"))
+    same_kernels = _kill_step(tmp_path, paths)
     old = tmp_path / "old"
     shutil.copytree(FIXTURE, old)
     resumed = ContinualTrainer(_config(old, paths), quiet=True)
@@ -39,5 +71,11 @@ def test_run_written_before_the_move_resumes_bit_identical(tmp_path):
     rf = full.run()
     assert rr["complete"] and rr["matrix"] == rf["matrix"] and rr["global_step"] == rf["global_step"]
     sa, sb = resumed.base.state_dict(), full.base.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert torch.equal(resumed.importance, full.importance)
+    assert sa.keys() == sb.keys()
+    if same_kernels:
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert torch.equal(resumed.importance, full.importance)
+    else:
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=5e-4, msg=k)
+        torch.testing.assert_close(resumed.importance, full.importance, rtol=1e-2, atol=0)
