@@ -224,12 +224,16 @@ def versions() -> dict:
         pass
     v["cpu"] = cpu
     v["cpu_cores"] = os.cpu_count()
+    # The vector ISA ATen dispatches to (AVX2 / AVX512 / DEFAULT; ATEN_CPU_CAPABILITY caps it):
+    # the demo's numbers move with it by tens of points (README), the CPU's name does not say it.
+    v["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return v
 
 
 def format_versions(v: dict) -> str:
+    cap = f", {v['cpu_capability']}" if v.get("cpu_capability") else ""
     return (f"torch {v['torch']}, transformers {v['transformers']}, triton {v['triton'] or 'none'}, "
-            f"python {v['python']}, {v['cpu']} ({v['cpu_cores']} cores)")
+            f"python {v['python']}, {v['cpu']} ({v['cpu_cores']} cores{cap})")
 
 
 def spread(values) -> dict:
