@@ -197,17 +197,12 @@ def matmul_gflops(device="cpu", dtype=None, n=1024, d=128, reps=20):
 
 
 def machine():
-    import platform
-
     import torch
-    import transformers
-    # cpu_capability: the vector ISA ATen dispatches to (AVX2 / AVX512 / DEFAULT, capped by
-    # ATEN_CPU_CAPABILITY); float-rounding-dependent results move with it and with the
-    # transformers release, so a recorded row names both.
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_threads": torch.get_num_threads()}
+
+    from seekr_kernels.run.demo import versions
+    # The demo's record (library versions, CPU and the ISA ATen dispatches to): what
+    # float-rounding-dependent numbers move with.
+    info = {**versions(), "cpu_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return json.dumps(info)

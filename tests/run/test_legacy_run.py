@@ -31,6 +31,11 @@ def _config(out, paths):
         "eval": {"batch_size": 16}, "log": {"progress": False}})
 
 
+def _data():
+    """The old run's task files, written again where its config says they are."""
+    return write_stream(make_stream(24, 6, 3, ("rev", "rot", "swp"), seed=1), os.path.join(LEGACY_ROOT, "data"))
+
+
 def _kill_step(tmp_path, paths):
     """This machine's own run of the fixture's steps (killed where the fixture was), and
     whether its weights there equal the fixture's bit for bit."""
@@ -44,7 +49,7 @@ def _kill_step(tmp_path, paths):
 
 def test_run_written_before_the_move_loads_exactly(tmp_path):
     """Resumed at its own kill step, the old run holds the fixture's weights bit for bit (any machine)."""
-    paths = write_stream(make_stream(24, 6, 3, ("rev", "rot", "swp"), seed=1), os.path.join(LEGACY_ROOT, "data"))
+    paths = _data()
     shutil.copytree(FIXTURE, tmp_path / "old")
     cfg = _config(tmp_path / "old", paths)
     cfg.train.max_steps = KILL_STEP
@@ -61,7 +66,7 @@ def test_run_written_before_the_move_resumes_as_the_uninterrupted_run(tmp_path):
     fixture's first steps. The fixture was written on an AVX2 x86; an AVX-512 one rounds those
     steps differently (2e-6 at the kill step, 4e-5 at the end), so there the final weights are
     compared within 5e-4: a resume that dropped the optimiser state lands 2e-2 away."""
-    paths = write_stream(make_stream(24, 6, 3, ("rev", "rot", "swp"), seed=1), os.path.join(LEGACY_ROOT, "data"))
+    paths = _data()
     same_kernels = _kill_step(tmp_path, paths)
     old = tmp_path / "old"
     shutil.copytree(FIXTURE, old)
