@@ -1,6 +1,6 @@
 """SEEKR with the Hugging Face Trainer: three tiny tasks in sequence, OP/BWT at the end.
 
-    python examples/hf_trainer_seekr.py [--out DIR] [--epochs N]
+    python examples/hf_trainer_seekr.py [--out DIR] [--epochs N] [--resume]
 
 A tiny Llama (built from a LlamaConfig) and a tokenizer trained here learn three tasks
 that overwrite each other (see tiny_tasks.py). ``SeekrTrainer.train_tasks`` runs each
@@ -18,15 +18,18 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_tasks import encode, exact_match, make_tasks, report, tiny_llama, train_tokenizer  # noqa: E402
+from tiny_tasks import encode, exact_match, make_tasks, report, require_hf_extra, tiny_llama, train_tokenizer  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="seekr-hf-example")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a killed run in --out from its newest checkpoint (train_tasks(resume=True))")
     ap.add_argument("--method", default="seekr", choices=["sft", "replay", "replay+logits", "seekr"])
     a = ap.parse_args(argv)
+    require_hf_extra("examples/hf_trainer_seekr.py")
     warnings.filterwarnings("ignore", message=".*falls back to the plain-PyTorch backend.*")
     torch.set_num_threads(1)          # a tiny model: one thread is the fastest
 
@@ -52,7 +55,8 @@ def main(argv=None):
         layer_budget=2, head_budget=4, query_budget=4)
     trainer = SeekrTrainer(model=model, args=args, processing_class=tok)
     data = {name: Dataset.from_list(encode(tok, t["train"])) for name, t in tasks.items()}
-    res = trainer.train_tasks(data, score=lambda tr, name: exact_match(tr.model, tok, tasks[name]["test"]))
+    res = trainer.train_tasks(data, score=lambda tr, name: exact_match(tr.model, tok, tasks[name]["test"]),
+                              resume=a.resume)
     trainer.recipe.save(os.path.join(a.out, "seekr"))
     report(trainer, res)
     return res

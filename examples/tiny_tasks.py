@@ -6,6 +6,7 @@ permutation of them, announced by a tag (``rev:cadb=`` -> ``bdac``); learning a 
 overwrites the old ones unless something keeps them. Nothing is downloaded: the tokenizer
 is trained here with ``tokenizers`` and the model is built from a ``LlamaConfig``.
 """
+import importlib.util
 import random
 
 import torch
@@ -16,6 +17,15 @@ RULES = {
     "ilv": lambda x: x[0::2] + x[1::2],       # even positions, then odd ones
 }
 LETTERS = "abcdefgh"
+
+
+def require_hf_extra(example, modules=("datasets", "accelerate", "trl", "peft")):
+    """Exit with the install line when the ``hf`` extra is missing (``scripts/setup.sh``
+    installs only ``triton`` by default), rather than a traceback from an import."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"{example}: needs the hf extra (missing: {', '.join(missing)}): "
+                         "pip install -e '.[hf]' or bash scripts/setup.sh triton,hf")
 
 
 def make_tasks(n_train=160, n_test=24, length=3, seed=0):

@@ -1,6 +1,6 @@
 """SEEKR with TRL's SFTTrainer: three tiny tasks in sequence, OP/BWT at the end.
 
-    python examples/trl_sft_seekr.py [--out DIR] [--epochs N]
+    python examples/trl_sft_seekr.py [--out DIR] [--epochs N] [--resume]
 
 The same tiny tasks as hf_trainer_seekr.py, given to TRL as prompt/completion text:
 ``SeekrSFTTrainer`` tokenises each task with TRL (completion-only loss) and runs SEEKR
@@ -15,14 +15,17 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_tasks import exact_match, make_tasks, report, tiny_llama, train_tokenizer  # noqa: E402
+from tiny_tasks import exact_match, make_tasks, report, require_hf_extra, tiny_llama, train_tokenizer  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="seekr-trl-example")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a killed run in --out from its newest checkpoint (train_tasks(resume=True))")
     a = ap.parse_args(argv)
+    require_hf_extra("examples/trl_sft_seekr.py")
     warnings.filterwarnings("ignore", message=".*falls back to the plain-PyTorch backend.*")
     torch.set_num_threads(1)
 
@@ -52,7 +55,8 @@ def main(argv=None):
             for name, t in tasks.items()}
     first = next(iter(data))
     trainer = SeekrSFTTrainer(model=model, args=args, processing_class=tok, train_dataset=data[first])
-    res = trainer.train_tasks(data, score=lambda tr, name: exact_match(tr.model, tok, tasks[name]["test"]))
+    res = trainer.train_tasks(data, score=lambda tr, name: exact_match(tr.model, tok, tasks[name]["test"]),
+                              resume=a.resume)
     report(trainer, res)
     return res
 

@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -422,6 +423,32 @@ def test_examples_run(tmp_path, script):
     assert sum(1 for x in lines if x.startswith("  ") and ":" in x) == 3       # the 3 x 3 matrix rows
     for task in ("rev", "rot", "ilv"):                                          # checkpoints are saved
         assert [c.name for c in (tmp_path / task).glob("checkpoint-*")], task
+
+
+@pytest.mark.parametrize("script", ["hf_trainer_seekr.py", "trl_sft_seekr.py"])
+def test_examples_resume_a_killed_run(tmp_path, script):
+    """Killed (SIGKILL) once its last task has started, the example run with --resume prints
+    the uninterrupted run's matrix and OP/BWT."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.path.join(EXAMPLES, script), "--epochs", "4", "--out"]
+    full = subprocess.run(cmd + [str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    out = tmp_path / "killed"
+    p = subprocess.Popen(cmd + [str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not (out / "ilv").exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        p.kill()
+        p.wait()
+    again = subprocess.run(cmd + [str(out), "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    tail = lambda res: [x for x in res.stdout.splitlines() if x.startswith(("  ", "OP="))]
+    assert len(tail(full)) == 4 and tail(again) == tail(full)
+    # it resumed: the tasks finished before the kill are not trained again
+    assert full.stdout.count("'train_runtime'") == 3 and again.stdout.count("'train_runtime'") <= 1
 
 
 @pytest.mark.parametrize("script", ["hf_trainer_seekr.py", "trl_sft_seekr.py"])
